@@ -1,0 +1,86 @@
+"""A deterministic engine simulator for tests, benchmarks and GPU-less clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from chatfleet.serving.config import FakeEngineConfig, ModelConfig
+from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.errors import EngineError
+from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
+
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while streaming tokens arrive in order"
+    " and every answer is made of plain words chosen from this short fixed list so"
+    " that tests can predict exactly what a prompt will produce"
+).split()
+
+
+def _prompt_tokens(request: GenerationRequest) -> int:
+    return sum(len(m.content.split()) + 4 for m in request.messages)
+
+
+class FakeEngine(Engine):
+    """Streams words picked deterministically from the prompt and the seed.
+
+    The same request always gives the same answer. ``tokens_per_second`` paces
+    the stream (0: no pacing at all); ``fail_after_tokens`` raises an
+    `EngineError` after that many tokens, to exercise error paths.
+    """
+
+    def __init__(self, model: ModelConfig) -> None:
+        super().__init__(model)
+        settings = model.fake
+        assert settings is not None
+        self.settings: FakeEngineConfig = settings
+        #: Requests whose generation stopped because the consumer went away.
+        self.cancelled: list[str] = []
+        self.active = 0
+
+    def words(self, request: GenerationRequest, count: int, *, offset: int = 0) -> list[str]:
+        digest = hashlib.sha256(
+            f"{self.settings.seed}:{request.messages[-1].content if request.messages else ''}".encode()
+        ).digest()
+        start = int.from_bytes(digest[:4], "big")
+        return [_WORDS[(start + offset + i) % len(_WORDS)] for i in range(count)]
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        s = self.settings
+        delay = 1.0 / s.tokens_per_second if s.tokens_per_second > 0 else 0.0
+        answer = min(s.reply_tokens, request.max_tokens)
+        finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
+        plan: list[tuple[str, str]] = [
+            ("thinking", w) for w in self.words(request, s.thinking_tokens, offset=7)
+        ]
+        plan += [("text", w) for w in self.words(request, answer)]
+        self.active += 1
+        emitted = 0
+        try:
+            if s.time_to_first_token_s:
+                await asyncio.sleep(s.time_to_first_token_s)
+            for i, (kind, word) in enumerate(plan):
+                if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
+                    raise EngineError(f"fake engine failure after {emitted} tokens")
+                if delay and i:
+                    await asyncio.sleep(delay)
+                elif not delay and i % 64 == 63:
+                    await asyncio.sleep(0)  # stay cancellable at full speed
+                emitted += 1
+                text = word if i == 0 or plan[i - 1][0] != kind else " " + word
+                yield Chunk(kind=kind, text=text)  # type: ignore[arg-type]
+            if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
+                raise EngineError(f"fake engine failure after {emitted} tokens")
+            yield Chunk(
+                kind="text",
+                text="",
+                tokens=0,
+                finish_reason=finish,  # type: ignore[arg-type]
+                usage=Usage(prompt_tokens=_prompt_tokens(request), completion_tokens=emitted),
+            )
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled.append(request.request_id)
+            raise
+        finally:
+            self.active -= 1

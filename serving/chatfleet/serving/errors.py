@@ -1,0 +1,81 @@
+"""The serving exception tree, and how each error reaches a client.
+
+    ChatfleetError                     500 internal_error
+    ├── RequestError                   400 invalid_request_error
+    │   ├── ModelNotFound              404 model_not_found
+    │   └── PayloadTooLarge            413 payload_too_large
+    ├── EngineError                    502 engine_error
+    │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
+    │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
+    └── Overloaded                     429 rate_limited
+
+Each class carries its HTTP status and a stable machine-readable ``code``; the
+ingress maps them to OpenAI-shaped JSON bodies, SSE ``error`` events and
+WebSocket ``error`` frames in one place (``chatfleet.serving.api``). Messages
+are written for clients: they never contain stack traces or secrets.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChatfleetError",
+    "EngineError",
+    "EngineUnavailable",
+    "ModelNotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestError",
+    "UpstreamError",
+]
+
+
+class ChatfleetError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self) -> tuple[type[ChatfleetError], tuple[str], dict[str, str | None]]:
+        # Crosses Ray handles: keep the message and param through pickling.
+        return (type(self), (self.message,), {"param": self.param})
+
+
+class RequestError(ChatfleetError):
+    status_code = 400
+    code = "invalid_request_error"
+    type = "invalid_request_error"
+
+
+class ModelNotFound(RequestError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class EngineError(ChatfleetError):
+    status_code = 502
+    code = "engine_error"
+
+
+class EngineUnavailable(EngineError):
+    status_code = 503
+    code = "engine_unavailable"
+
+
+class UpstreamError(EngineError):
+    status_code = 502
+    code = "upstream_error"
+
+
+class Overloaded(ChatfleetError):
+    status_code = 429
+    code = "rate_limited"
+    type = "rate_limit_error"
