@@ -342,8 +342,6 @@ class AppConfig(_Model):
         return cls(models=models, **fields)
 
 
-
-
 def load_config(
     path: str | Path | None = None, *, environ: bool = True, overrides: dict[str, Any] | None = None
 ) -> AppConfig:
@@ -358,7 +356,7 @@ def load_config(
         raise FileNotFoundError(f"config file not found: {path}")
     yaml_file = Path(path) if path is not None else None
 
-    class _Settings(AppConfig, BaseSettings):  # type: ignore[misc]
+    class _Settings(AppConfig, BaseSettings):
         model_config = SettingsConfigDict(
             env_prefix=ENV_PREFIX,
             env_nested_delimiter="__",

@@ -32,7 +32,7 @@ __all__ = [
 class ChatfleetError(Exception):
     status_code: int = 500
     code: str = "internal_error"
-    type: str = "server_error"
+    error_type: str = "server_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -47,7 +47,7 @@ class ChatfleetError(Exception):
 class RequestError(ChatfleetError):
     status_code = 400
     code = "invalid_request_error"
-    type = "invalid_request_error"
+    error_type = "invalid_request_error"
 
 
 class ModelNotFound(RequestError):
@@ -78,4 +78,4 @@ class UpstreamError(EngineError):
 class Overloaded(ChatfleetError):
     status_code = 429
     code = "rate_limited"
-    type = "rate_limit_error"
+    error_type = "rate_limit_error"

@@ -12,10 +12,10 @@ from chatfleet.serving.errors import EngineError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
 
 _WORDS = (
-    "the quick brown fox jumps over a lazy dog while streaming tokens arrive in order"
-    " and every answer is made of plain words chosen from this short fixed list so"
-    " that tests can predict exactly what a prompt will produce"
-).split()
+    "the quick brown fox jumps over a lazy dog while streaming tokens arrive in order and"
+    " every answer is made of plain words chosen from this short fixed list so that tests"
+    " can predict exactly what a prompt will produce"
+).split(" ")
 
 
 def _prompt_tokens(request: GenerationRequest) -> int:
@@ -40,9 +40,8 @@ class FakeEngine(Engine):
         self.active = 0
 
     def words(self, request: GenerationRequest, count: int, *, offset: int = 0) -> list[str]:
-        digest = hashlib.sha256(
-            f"{self.settings.seed}:{request.messages[-1].content if request.messages else ''}".encode()
-        ).digest()
+        last = request.messages[-1].content if request.messages else ""
+        digest = hashlib.sha256(f"{self.settings.seed}:{last}".encode()).digest()
         start = int.from_bytes(digest[:4], "big")
         return [_WORDS[(start + offset + i) % len(_WORDS)] for i in range(count)]
 

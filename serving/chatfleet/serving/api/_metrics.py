@@ -1,0 +1,72 @@
+"""Prometheus metrics of one ingress replica, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Time to first token spans 5 ms (a warm fake engine) to 30 s (a cold GPU).
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The serving metrics. Labels are bounded: route templates, models, codes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "chatfleet_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "chatfleet_http_request_duration_seconds",
+            "Time to the end of the response (streams included).",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "chatfleet_errors_total",
+            "Errors returned to clients, by machine-readable code.",
+            ["code"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "chatfleet_time_to_first_token_seconds",
+            "From request accepted to the first generated token, per model.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "chatfleet_inter_token_latency_seconds",
+            "Mean gap between tokens within each delivered batch, per model.",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "chatfleet_tokens_total",
+            "Tokens processed per model; type is input (prompt) or output (completion).",
+            ["model", "type"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "chatfleet_active_streams",
+            "Generations currently streaming, per model.",
+            ["model"],
+            registry=r,
+        )
+        self.generations = Counter(
+            "chatfleet_generations_total",
+            "Finished generations per model and finish reason (stop, length, cancelled, error).",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,111 @@
+"""Request bodies of the public API (validated at the boundary)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chatfleet.serving.protocol import Message
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="Part type; only 'text' parts are read.")
+    text: str | None = Field(None, description="The text of a 'text' part.")
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message (string or list-of-parts content)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def to_message(self) -> Message:
+        if isinstance(self.content, list):
+            text = "".join(p.text or "" for p in self.content if p.type == "text")
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content=text)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int | None = Field(None, ge=1, description="Answer length cap.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
+    seed: int | None = Field(None, description="Sampling seed, where the engine supports it.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`; fields the server doesn't use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="A served model's name.")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
+
+    @model_validator(mode="after")
+    def _alias(self) -> ChatCompletionRequest:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class GenerateRequest(SamplingFields):
+    """`POST /api/generate`: a prompt or a message list, streamed back as SSE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model name; empty means the default model.")
+    prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
+    system: str | None = Field(None, description="An optional system prompt.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="A conversation, instead of prompt."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def to_messages(self) -> list[Message]:
+        out: list[Message] = []
+        if self.system:
+            out.append(Message(role="system", content=self.system))
+        if self.prompt is not None:
+            out.append(Message(role="user", content=self.prompt))
+        else:
+            assert self.messages is not None
+            out.extend(m.to_message() for m in self.messages)
+        return out
+
+
+def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

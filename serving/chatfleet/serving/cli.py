@@ -1,0 +1,145 @@
+"""``chatfleet`` command line: run the serving application locally."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from pydantic import ValidationError
+
+from chatfleet.serving.config import AppConfig, load_config
+
+logger = logging.getLogger("chatfleet")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatfleet", description="chatfleet: a streaming LLM chat gateway on Ray Serve."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="Run the serving application on this machine (CPU by default).",
+        description=(
+            "Start Ray locally, deploy the chatfleet application and serve it until"
+            " Ctrl-C. Settings come from --config, then CHATFLEET_* variables, then"
+            " these flags (highest)."
+        ),
+    )
+    serve.add_argument("--config", type=Path, help="YAML or JSON AppConfig file.")
+    serve.add_argument(
+        "--engine",
+        choices=["fake", "transformers"],
+        help="Serve one model on this engine instead of the configured models"
+        " (transformers: the embedded SmolLM2-135M-Instruct).",
+    )
+    serve.add_argument("--host", help="Address to bind (default 127.0.0.1).")
+    serve.add_argument("--port", type=int, help="Port to bind (default 8000).")
+    serve.add_argument(
+        "--num-cpus", type=float, help="CPUs Ray may use (default: all of this machine's)."
+    )
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> AppConfig:
+    config = load_config(args.config)
+    if args.engine:
+        config = config.model_copy(
+            update={"models": AppConfig.for_engine(args.engine).models, "default_model": None}
+        )
+    server: dict[str, object] = {}
+    if args.host:
+        server["host"] = args.host
+    if args.port:
+        server["port"] = args.port
+    if server:
+        # Re-validate so a bad flag (port 0) is reported like a bad file value.
+        config = AppConfig.model_validate(
+            {**config.model_dump(), "server": {**config.server.model_dump(), **server}}
+        )
+    return config
+
+
+def _prepare_models(config: AppConfig) -> None:
+    """Do slow one-time work (model conversion) here, where progress is visible."""
+    if any(m.engine == "transformers" and m.transformers and not m.transformers.model
+           for m in config.models):
+        from chatfleet.serving.embedded import ensure_embedded_model
+
+        ensure_embedded_model(progress=lambda line: print(line, flush=True))
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = _serve_config(args)
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"chatfleet: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    _prepare_models(config)
+
+    import ray
+    from ray import serve as ray_serve
+
+    from chatfleet.serving.app import APP_NAME, build_app
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    print("chatfleet: starting Ray (about 20 s)...", flush=True)
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    try:
+        ray_serve.start(http_options={"host": config.server.host, "port": config.server.port})
+        models = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
+        print(f"chatfleet: deploying {models}...", flush=True)
+        ray_serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{config.server.host}:{config.server.port}"
+        print(
+            f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
+            f"  try: curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'"
+            f" -d '{{\"model\": \"{config.default_model_name}\", \"stream\": true,"
+            f" \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+            "  Ctrl-C to stop.",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        print("chatfleet: shutting down...", flush=True)
+    finally:
+        try:
+            ray_serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("chatfleet: stopped.", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    parser.print_help()
+    return 0 if args.command is None else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
