@@ -1,0 +1,362 @@
+"""Pure builders: a ChatDeployment's spec in, Kubernetes manifests (dicts) out.
+
+No I/O and no clock here: the handlers apply what these return (and add owner
+references with `kopf.adopt`), the tests check them without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from chatfleet.operator._models import (
+    GPU_RESOURCE,
+    ChatDeploymentSpec,
+    ComputeResources,
+    Resources,
+    Toleration,
+)
+from chatfleet.serving.config import ModelConfig
+
+IMPORT_PATH = "chatfleet.serving.app:build_app"
+APPLICATION_NAME = "chatfleet"
+SERVE_PORT = 8000
+RAY_METRICS_PORT = 8080
+OLLAMA_PORT = 11434
+JWT_SECRET_KEY = "signing-key"
+# Environment variables the serving image reads its secrets from.
+ENV_JWT_SECRET = "CHATFLEET_JWT_SECRET"
+ENV_DATABASE_URL = "CHATFLEET_DATABASE_URL"
+
+OWNER_LABEL = "chatfleet.dev/chatdeployment"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "chatfleet-operator"}
+
+
+def labels_for(name: str) -> dict[str, str]:
+    """Labels on everything the operator creates for the ChatDeployment ``name``."""
+    return {
+        "app.kubernetes.io/name": "chatfleet",
+        "app.kubernetes.io/instance": name,
+        **MANAGED_BY,
+        OWNER_LABEL: name,
+    }
+
+
+def rayservice_name(name: str) -> str:
+    return name
+
+
+def service_name(name: str) -> str:
+    return f"{name}-chat"
+
+
+def jwt_secret_name(name: str) -> str:
+    return f"{name}-jwt"
+
+
+def endpoint_for(name: str, namespace: str, spec: ChatDeploymentSpec) -> str:
+    """The in-cluster URL of the chat API (the Service `build_service` renders)."""
+    return f"http://{service_name(name)}.{namespace}.svc:{spec.serving.server.port}"
+
+
+def _meta(name: str, namespace: str, owner: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": labels_for(owner)}
+
+
+# --- RayService ------------------------------------------------------------------
+
+
+def serve_config(spec: ChatDeploymentSpec) -> dict[str, Any]:
+    """The Ray Serve config (serveConfigV2) as a dict: one application at route "/"."""
+    serving = spec.serving
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": serving.server.port},
+        "applications": [
+            {
+                "name": APPLICATION_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                # The args ARE the serving config: build_app validates them again.
+                "args": serving.model_dump(mode="json", exclude_none=True),
+            }
+        ],
+    }
+
+
+def _is_local_ollama(model: ModelConfig) -> bool:
+    if model.engine != "ollama" or model.ollama is None:
+        return False
+    return urlsplit(model.ollama.base_url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def ollama_models_by_group(spec: ChatDeploymentSpec) -> dict[str, list[str]]:
+    """Which Ray groups get an Ollama sidecar, and which Ollama models each pulls.
+
+    A model that asks for GPUs runs on the GPU group; one that does not may be
+    scheduled on the head or any CPU worker, so those all get the sidecar.
+    """
+    groups: dict[str, list[str]] = {}
+    for model in spec.serving.models:
+        if not _is_local_ollama(model):
+            continue
+        assert model.ollama is not None
+        targets = ["gpu"] if model.num_gpus > 0 else ["head", "cpu"]
+        for group in targets:
+            tags = groups.setdefault(group, [])
+            if model.ollama.model not in tags:
+                tags.append(model.ollama.model)
+    return groups
+
+
+def _quantities(res: ComputeResources) -> dict[str, str]:
+    return {"cpu": res.cpu, "memory": res.memory}
+
+
+def _container_resources(res: Resources, gpus: int = 0) -> dict[str, Any]:
+    out = {"requests": _quantities(res.requests), "limits": _quantities(res.limits)}
+    if gpus:
+        out["requests"][GPU_RESOURCE] = str(gpus)
+        out["limits"][GPU_RESOURCE] = str(gpus)
+    return out
+
+
+def _toleration(t: Toleration) -> dict[str, Any]:
+    return t.model_dump(by_alias=True, exclude_none=True)
+
+
+def _env(name: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
+    jwt = spec.cluster.jwt_secret_ref
+    env: list[dict[str, Any]] = [
+        {
+            "name": ENV_JWT_SECRET,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": jwt.name if jwt else jwt_secret_name(name),
+                    "key": jwt.key if jwt else JWT_SECRET_KEY,
+                }
+            },
+        }
+    ]
+    db = spec.cluster.database_secret_ref
+    if db is not None:
+        env.append(
+            {
+                "name": ENV_DATABASE_URL,
+                "valueFrom": {"secretKeyRef": {"name": db.name, "key": db.key}},
+            }
+        )
+    return env
+
+
+def _ollama_sidecar(spec: ChatDeploymentSpec, tags: list[str], gpu: bool) -> dict[str, Any]:
+    pulls = " && ".join(f"ollama pull {shlex.quote(tag)}" for tag in tags)
+    script = (
+        "ollama serve & pid=$!; "
+        "until ollama list >/dev/null 2>&1; do sleep 1; done; "
+        f"{pulls}; wait $pid"
+    )
+    env = [{"name": "OLLAMA_HOST", "value": f"127.0.0.1:{OLLAMA_PORT}"}]
+    if gpu:
+        # The device plugin hands the pod's GPUs to the Ray container; the NVIDIA
+        # runtime exposes them to this container too through this variable.
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
+    container: dict[str, Any] = {
+        "name": "ollama",
+        "image": spec.cluster.ollama.image,
+        "imagePullPolicy": spec.cluster.image_pull_policy,
+        "command": ["/bin/sh", "-c", script],
+        "env": env,
+        "ports": [{"name": "ollama", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/api/version", "port": OLLAMA_PORT},
+            "periodSeconds": 10,
+        },
+        "volumeMounts": [{"name": "ollama-models", "mountPath": "/root/.ollama"}],
+    }
+    if spec.cluster.ollama.resources is not None:
+        container["resources"] = {"requests": _quantities(spec.cluster.ollama.resources)}
+    return container
+
+
+def _pod_template(
+    name: str,
+    spec: ChatDeploymentSpec,
+    *,
+    container_name: str,
+    resources: dict[str, Any],
+    ports: list[dict[str, Any]],
+    node_selector: Mapping[str, str],
+    tolerations: list[Toleration],
+    ollama_tags: list[str] | None,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    cluster = spec.cluster
+    ray: dict[str, Any] = {
+        "name": container_name,
+        "image": cluster.image,
+        "imagePullPolicy": cluster.image_pull_policy,
+        "resources": resources,
+        "env": _env(name, spec),
+    }
+    if cluster.env_from_secrets:
+        ray["envFrom"] = [{"secretRef": {"name": s}} for s in cluster.env_from_secrets]
+    if ports:
+        ray["ports"] = ports
+    pod: dict[str, Any] = {"containers": [ray]}
+    if ollama_tags:
+        pod["containers"].append(_ollama_sidecar(spec, ollama_tags, gpu))
+        pod["volumes"] = [{"name": "ollama-models", "emptyDir": {}}]
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [_toleration(t) for t in tolerations]
+    return {"metadata": {"labels": labels_for(name)}, "spec": pod}
+
+
+def build_rayservice(name: str, namespace: str, spec: ChatDeploymentSpec) -> dict[str, Any]:
+    """The KubeRay ``RayService`` (ray.io/v1) that runs the serving application."""
+    cluster = spec.cluster
+    ollama = ollama_models_by_group(spec)
+    head_ports = [
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": spec.serving.server.port},
+        {"name": "metrics", "containerPort": RAY_METRICS_PORT},
+    ]
+    head = {
+        "rayStartParams": {"dashboard-host": "0.0.0.0"},
+        "template": _pod_template(
+            name,
+            spec,
+            container_name="ray-head",
+            resources=_container_resources(cluster.head.resources),
+            ports=head_ports,
+            node_selector=cluster.head.node_selector,
+            tolerations=cluster.head.tolerations,
+            ollama_tags=ollama.get("head"),
+        ),
+    }
+    workers: list[dict[str, Any]] = []
+    if cluster.cpu_workers is not None:
+        group = cluster.cpu_workers
+        workers.append(
+            {
+                "groupName": "cpu",
+                "replicas": group.replicas,
+                "minReplicas": group.min_replicas,
+                "maxReplicas": group.max_replicas,
+                "rayStartParams": {},
+                "template": _pod_template(
+                    name,
+                    spec,
+                    container_name="ray-worker",
+                    resources=_container_resources(group.resources),
+                    ports=[],
+                    node_selector=group.node_selector,
+                    tolerations=group.tolerations,
+                    ollama_tags=ollama.get("cpu"),
+                ),
+            }
+        )
+    if cluster.gpu_workers is not None:
+        gpu_group = cluster.gpu_workers
+        workers.append(
+            {
+                "groupName": "gpu",
+                "replicas": gpu_group.replicas,
+                "minReplicas": gpu_group.min_replicas,
+                "maxReplicas": gpu_group.max_replicas,
+                "rayStartParams": {"num-gpus": str(gpu_group.gpus_per_pod)},
+                "template": _pod_template(
+                    name,
+                    spec,
+                    container_name="ray-worker",
+                    resources=_container_resources(gpu_group.resources, gpu_group.gpus_per_pod),
+                    ports=[],
+                    node_selector=gpu_group.node_selector,
+                    tolerations=gpu_group.tolerations,
+                    ollama_tags=ollama.get("gpu"),
+                    gpu=True,
+                ),
+            }
+        )
+    autoscale = bool(workers) and any(w["minReplicas"] != w["maxReplicas"] for w in workers)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _meta(rayservice_name(name), namespace, name),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(spec), sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": cluster.ray_version,
+                "enableInTreeAutoscaling": autoscale,
+                "headGroupSpec": head,
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
+
+
+# --- Secret, Service, ServiceMonitor -----------------------------------------------
+
+
+def build_jwt_secret(name: str, namespace: str, signing_key: str) -> dict[str, Any]:
+    """The Secret holding the JWT signing key (the handler creates it once)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(jwt_secret_name(name), namespace, name),
+        "type": "Opaque",
+        "data": {JWT_SECRET_KEY: base64.b64encode(signing_key.encode()).decode()},
+    }
+
+
+def build_service(name: str, namespace: str, spec: ChatDeploymentSpec) -> dict[str, Any]:
+    """The Service in front of the Ray Serve proxies (the chat API and its /metrics)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(service_name(name), namespace, name),
+        "spec": {
+            "type": spec.cluster.service_type,
+            # KubeRay labels the pods whose Serve proxy is ready with ray.io/serve=true.
+            "selector": {OWNER_LABEL: name, "ray.io/serve": "true"},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": spec.serving.server.port,
+                    "targetPort": spec.serving.server.port,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": "ray-metrics",
+                    "port": RAY_METRICS_PORT,
+                    "targetPort": RAY_METRICS_PORT,
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
+    """A Prometheus-operator ServiceMonitor scraping the app's and Ray's metrics."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _meta(service_name(name), namespace, name),
+        "spec": {
+            "selector": {"matchLabels": {OWNER_LABEL: name, **MANAGED_BY}},
+            "endpoints": [
+                {"port": "http", "path": "/metrics", "interval": "30s"},
+                {"port": "ray-metrics", "path": "/metrics", "interval": "30s"},
+            ],
+        },
+    }

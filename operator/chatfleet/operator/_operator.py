@@ -1,0 +1,311 @@
+"""Kopf handlers: parse the spec, call the builders, apply, patch the status.
+
+Everything is registered on an `kopf.OperatorRegistry` built by `build_registry`
+(no import-time registration, no module state): the CLI passes it to
+``kopf.run``, the tests to `kopf.testing.KopfRunner`.
+
+Error classes at this boundary:
+
+- the spec does not validate → ``InvalidSpec`` condition + Warning Event,
+  `kopf.PermanentError` (no retries until the spec changes);
+- a referenced Secret (or its key) is missing → ``InvalidSpec`` + Event,
+  `kopf.TemporaryError` (re-checked every ``missing_secret_retry_s``);
+- an API conflict, throttling or server error → `kopf.TemporaryError` with a
+  short delay; anything else → Kopf's own retry with backoff.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+from prometheus_client import start_http_server
+
+from chatfleet.operator import _builders as b
+from chatfleet.operator._kube import Kube, KubeError, load_api_client
+from chatfleet.operator._metrics import OperatorMetrics
+from chatfleet.operator._models import API_VERSION, GROUP, KIND, PLURAL, VERSION, ChatDeploymentSpec
+from chatfleet.operator._settings import OperatorSettings
+from chatfleet.operator._status import (
+    conditions_from_rayservice,
+    invalid_spec_conditions,
+    stamp_transitions,
+)
+
+FINALIZER = f"{GROUP}/finalizer"
+
+
+class InvalidSpecError(Exception):
+    """The ChatDeployment's spec can't be reconciled as written."""
+
+
+class MissingSecretError(InvalidSpecError):
+    """The spec references a Secret (or key) that does not exist (yet)."""
+
+
+def describe_validation_error(exc: ValidationError, root: str = "spec") -> str:
+    """One line per problem, each naming the field (``spec.serving.models[0].vllm: ...``)."""
+    lines = []
+    for err in exc.errors():
+        where = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_spec(raw: Mapping[str, Any] | None) -> ChatDeploymentSpec:
+    """Validate a ChatDeployment's ``spec``; raises `InvalidSpecError` naming the fields."""
+    try:
+        return ChatDeploymentSpec.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        raise InvalidSpecError(describe_validation_error(exc)) from None
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    """The operator's behaviour, bound to one API client, settings and metrics."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics | None = None,
+        kube_factory: Callable[[], Kube] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or OperatorMetrics()
+        self._kube_factory = kube_factory or (
+            lambda: Kube(load_api_client(settings.kubeconfig), settings.api_timeout_s)
+        )
+        self._kube: Kube | None = None
+        self._metrics_server: Any = None
+
+    @property
+    def kube(self) -> Kube:
+        if self._kube is None:
+            self._kube = self._kube_factory()
+        return self._kube
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def startup(self, settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
+        prefix = GROUP
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=prefix, key="last-handled-configuration"
+        )
+        settings.posting.enabled = self.settings.post_events
+        settings.posting.level = 20  # INFO and up become Events
+        settings.execution.max_workers = 8
+        settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+        if self.settings.metrics_enabled and self._metrics_server is None:
+            server, _thread = start_http_server(
+                self.settings.metrics_port,
+                addr=self.settings.metrics_host,
+                registry=self.metrics.registry,
+            )
+            self._metrics_server = server
+            logger.info("Serving metrics on %s:%s", *server.server_address[:2])
+        self.kube  # noqa: B018 - fail at start-up, not on the first object
+
+    def cleanup(self, **_: Any) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port (useful with ``metrics_port=0``)."""
+        if self._metrics_server is None:
+            return None
+        return int(self._metrics_server.server_address[1])
+
+    # --- reconcile -----------------------------------------------------------------
+
+    def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str) -> None:
+        refs = [("spec.cluster.jwtSecretRef", spec.cluster.jwt_secret_ref),
+                ("spec.cluster.databaseSecretRef", spec.cluster.database_secret_ref)]
+        for field, ref in refs:
+            if ref is None:
+                continue
+            secret = self.kube.get("v1", "Secret", namespace, ref.name)
+            if secret is None:
+                raise MissingSecretError(f"{field}: Secret {ref.name!r} not found in {namespace}")
+            if ref.key not in (secret.get("data") or {}) | (secret.get("stringData") or {}):
+                raise MissingSecretError(f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
+        for i, secret_name in enumerate(spec.cluster.env_from_secrets):
+            if self.kube.get("v1", "Secret", namespace, secret_name) is None:
+                raise MissingSecretError(
+                    f"spec.cluster.envFromSecrets[{i}]: Secret {secret_name!r} not found"
+                )
+
+    def _ensure_jwt_secret(self, name: str, namespace: str, body: Mapping[str, Any],
+                           logger: Any) -> None:
+        # Created once with a fresh key, then left alone: rotating it would log
+        # every user out, so that is a human's decision (delete the Secret).
+        secret_name = b.jwt_secret_name(name)
+        if self.kube.get("v1", "Secret", namespace, secret_name) is not None:
+            return
+        secret = b.build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
+        kopf.adopt(secret, owner=dict(body))
+        if self.kube.create(secret) is not None:
+            logger.info("Created the JWT signing key Secret %s", secret_name)
+
+    def _render(self, name: str, namespace: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
+        objects = [b.build_rayservice(name, namespace, spec), b.build_service(name, namespace, spec)]
+        if spec.cluster.service_monitor and self.kube.serves("monitoring.coreos.com/v1",
+                                                             "servicemonitors"):
+            objects.append(b.build_service_monitor(name, namespace))
+        return objects
+
+    def _invalid(self, exc: InvalidSpecError, body: Mapping[str, Any], patch: kopf.Patch,
+                 generation: int | None, logger: Any) -> None:
+        kind = "missing_secret" if isinstance(exc, MissingSecretError) else "invalid_spec"
+        self.metrics.errors.labels(kind).inc()
+        previous = (body.get("status") or {}).get("conditions")
+        conditions = stamp_transitions(invalid_spec_conditions(str(exc), generation), previous,
+                                       _now())
+        patch.status["conditions"] = conditions
+        patch.status["observedGeneration"] = generation
+        if self.settings.post_events:
+            kopf.warn(dict(body), reason="InvalidSpec", message=str(exc))
+        logger.warning("Invalid spec: %s", exc)
+
+    def reconcile(self, *, body: Mapping[str, Any], name: str, namespace: str,
+                  patch: kopf.Patch, logger: Any, trigger: str) -> None:
+        """Render, apply and report one ChatDeployment (create/update/resume/timer)."""
+        started = time.perf_counter()
+        meta = body.get("metadata") or {}
+        generation = meta.get("generation")
+        result = "error"
+        try:
+            try:
+                spec = parse_spec(body.get("spec"))
+                self._check_secrets(spec, namespace)
+            except InvalidSpecError as exc:
+                result = "invalid"
+                self._invalid(exc, body, patch, generation, logger)
+                if trigger == "timer":
+                    return
+                if isinstance(exc, MissingSecretError):
+                    raise kopf.TemporaryError(str(exc), delay=self.settings.missing_secret_retry_s)
+                raise kopf.PermanentError(str(exc)) from None
+            try:
+                if spec.cluster.jwt_secret_ref is None:
+                    self._ensure_jwt_secret(name, namespace, body, logger)
+                applied: dict[str, Any] | None = None
+                for obj in self._render(name, namespace, spec):
+                    kopf.adopt(obj, owner=dict(body))
+                    out = self.kube.apply(obj)
+                    if obj["kind"] == "RayService":
+                        applied = out
+            except KubeError as exc:
+                self.metrics.errors.labels("api").inc()
+                delay = 2 if exc.status in (409, 429) or exc.status >= 500 else 30
+                raise kopf.TemporaryError(str(exc), delay=delay) from exc
+            status = body.get("status") or {}
+            conditions = stamp_transitions(
+                conditions_from_rayservice(applied, generation), status.get("conditions"), _now()
+            )
+            patch.status["observedGeneration"] = generation
+            patch.status["conditions"] = conditions
+            patch.status["endpoint"] = b.endpoint_for(name, namespace, spec)
+            patch.status["models"] = ",".join(m.name for m in spec.serving.models)
+            patch.status["rayService"] = b.rayservice_name(name)
+            rs_status = (applied or {}).get("status") or {}
+            if rs_status.get("serviceStatus"):
+                patch.status["serviceStatus"] = rs_status["serviceStatus"]
+            result = "applied"
+        finally:
+            self.metrics.reconciles.labels(trigger, result).inc()
+            self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
+
+    def on_rayservice_event(self, *, body: Mapping[str, Any], namespace: str, type: str | None,
+                            logger: Any, **_: Any) -> None:
+        """Mirror a RayService's status into its ChatDeployment's conditions."""
+        owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
+        if not owner or type == "DELETED":
+            return
+        cd = self.kube.get(API_VERSION, KIND, namespace, owner)
+        if cd is None or (cd.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        status = cd.get("status") or {}
+        if any(c.get("type") == "InvalidSpec" and c.get("status") == "True"
+               for c in status.get("conditions") or []):
+            return  # the spec's problem is the news; the old RayService's is not
+        generation = status.get("observedGeneration")
+        new = stamp_transitions(conditions_from_rayservice(body, generation),
+                                status.get("conditions"), _now())
+        update: dict[str, Any] = {}
+        if new != status.get("conditions"):
+            update["conditions"] = new
+        service_status = (body.get("status") or {}).get("serviceStatus")
+        if service_status and service_status != status.get("serviceStatus"):
+            update["serviceStatus"] = service_status
+        if update:
+            self.kube.patch_status(API_VERSION, KIND, namespace, owner, update)
+            self.metrics.status_updates.inc()
+            logger.debug("Mirrored RayService status into %s/%s", namespace, owner)
+
+    def delete(self, *, body: Mapping[str, Any], name: str, namespace: str, logger: Any,
+               **_: Any) -> None:
+        """Delete what the ChatDeployment owned (owner references would also GC it)."""
+        spec_raw = body.get("spec") or {}
+        owned = [
+            ("ray.io/v1", "RayService", b.rayservice_name(name)),
+            ("v1", "Service", b.service_name(name)),
+        ]
+        jwt_ref = ((spec_raw.get("cluster") or {}).get("jwtSecretRef"))
+        if not jwt_ref:
+            owned.append(("v1", "Secret", b.jwt_secret_name(name)))
+        if self.kube.serves("monitoring.coreos.com/v1", "servicemonitors"):
+            owned.append(("monitoring.coreos.com/v1", "ServiceMonitor", b.service_name(name)))
+        for api_version, kind, obj_name in owned:
+            try:
+                if self.kube.delete(api_version, kind, namespace, obj_name):
+                    logger.info("Deleted %s %s", kind, obj_name)
+            except KubeError as exc:
+                raise kopf.TemporaryError(str(exc), delay=5) from exc
+
+
+def build_registry(
+    settings: OperatorSettings | None = None, reconciler: Reconciler | None = None
+) -> kopf.OperatorRegistry:
+    """A Kopf registry with the ChatDeployment handlers of one `Reconciler`."""
+    settings = settings or OperatorSettings()
+    rec = reconciler or Reconciler(settings)
+    registry = kopf.OperatorRegistry()
+    cd = (GROUP, VERSION, PLURAL)
+
+    kopf.on.startup(registry=registry)(rec.startup)
+    kopf.on.cleanup(registry=registry)(rec.cleanup)
+
+    def make(trigger: str) -> Callable[..., None]:
+        def handler(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch,
+                    logger: Any, **_: Any) -> None:
+            rec.reconcile(body=body, name=name, namespace=namespace, patch=patch,
+                          logger=logger, trigger=trigger)
+        handler.__name__ = f"reconcile_on_{trigger}"
+        return handler
+
+    kopf.on.create(*cd, registry=registry, id="reconcile")(make("create"))
+    kopf.on.update(*cd, registry=registry, id="reconcile")(make("update"))
+    kopf.on.resume(*cd, registry=registry, id="reconcile")(make("resume"))
+    kopf.timer(
+        *cd, registry=registry, id="drift", interval=settings.drift_interval_s,
+        initial_delay=settings.drift_interval_s, idle=None,
+    )(make("timer"))
+    kopf.on.delete(*cd, registry=registry, id="cleanup")(rec.delete)
+    kopf.on.event(
+        "ray.io", "v1", "rayservices", registry=registry, id="mirror-status",
+        labels={b.OWNER_LABEL: kopf.PRESENT},
+    )(rec.on_rayservice_event)
+    return registry

@@ -1,0 +1,39 @@
+"""Operator settings: environment variables under ``CHATFLEET_OPERATOR_``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CHATFLEET_OPERATOR_"
+
+
+class OperatorSettings(BaseSettings):
+    """How the operator runs (not what it deploys: that is the ChatDeployment)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch (JSON list); empty watches the whole cluster.",
+    )
+    peering: str | None = Field(
+        None,
+        description="Kopf peering name for more than one replica; empty runs standalone.",
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address of the /metrics server.")
+    metrics_port: int = Field(
+        8080, ge=0, le=65535, description="Port of the /metrics server; 0 picks a free one."
+    )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics.")
+    drift_interval_s: float = Field(
+        60.0, gt=0, description="How often owned objects are re-applied to repair drift."
+    )
+    missing_secret_retry_s: float = Field(
+        30.0, gt=0, description="Retry delay while a referenced Secret does not exist."
+    )
+    kubeconfig: str | None = Field(
+        None, description="Kubeconfig path outside a cluster; empty uses the default."
+    )
+    api_timeout_s: float = Field(30.0, gt=0, description="Timeout of one API request.")
+    post_events: bool = Field(True, description="Post Kubernetes Events for the objects.")

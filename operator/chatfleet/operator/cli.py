@@ -1,0 +1,75 @@
+"""``chatfleet-operator``: run the operator, or write the CRD.
+
+    chatfleet-operator crd [--output PATH|-]   write the ChatDeployment CRD YAML
+    chatfleet-operator run [kopf run options]  run the operator (Kopf)
+
+Settings come from ``CHATFLEET_OPERATOR_*`` variables (`OperatorSettings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CRD_PATH = Path("crds") / "chatfleet.dev_chatdeployments.yaml"
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from chatfleet.operator._crd import render_crd_yaml
+
+    text = render_crd_yaml()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}", file=sys.stderr)  # noqa: T201 - CLI output
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from chatfleet.operator._operator import build_registry
+    from chatfleet.operator._settings import OperatorSettings
+
+    settings = OperatorSettings()
+    registry = build_registry(settings)
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        registry=registry,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chatfleet-operator", description="The chatfleet Kubernetes operator."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    crd = sub.add_parser("crd", help="write the ChatDeployment CRD (generated from the models)")
+    crd.add_argument(
+        "--output", "-o", default=str(DEFAULT_CRD_PATH), help="file to write, or - for stdout"
+    )
+    crd.set_defaults(func=_crd)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    run.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="Kopf's liveness endpoint URL",
+    )
+    run.set_defaults(func=_run)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
