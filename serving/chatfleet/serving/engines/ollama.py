@@ -1,0 +1,215 @@
+"""An Ollama server as an engine: ``POST /api/chat`` streamed as NDJSON.
+
+In a cluster Ollama runs as a sidecar of the GPU worker pod; locally it is
+whatever ``ollama serve`` listens on. Each streamed line is a JSON object;
+``message.thinking`` (when ``think`` is on) is reasoning, ``message.content``
+the answer, which may itself carry ``<think>`` tags for models Ollama does not
+parse. The line with ``"done": true`` ends the answer with ``done_reason`` and
+the token counts.
+
+Failures::
+
+    Ollama unreachable (connect error or connect timeout)   -> EngineUnavailable
+    non-200 status, an {"error": ...} line, bad JSON,
+    read timeout, connection lost, stream ended before done -> UpstreamError
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from chatfleet.serving.config import ModelConfig, OllamaEngineConfig
+from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._thinking import ThinkSplitter
+from chatfleet.serving.errors import EngineUnavailable, UpstreamError
+from chatfleet.serving.protocol import (
+    Chunk,
+    ChunkKind,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    Usage,
+)
+
+__all__ = ["OllamaEngine"]
+
+logger = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 10.0
+_DETAIL_LIMIT = 300
+
+
+class OllamaEngine(Engine):
+    """Streams chat answers from an Ollama server."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        super().__init__(model)
+        settings = model.ollama
+        assert settings is not None  # guaranteed by ModelConfig's validation
+        self.settings: OllamaEngineConfig = settings
+        self._client: httpx.AsyncClient | None = None
+        self._where = f"Ollama at {_public_url(settings.base_url)}"
+
+    async def start(self) -> None:
+        self._connect()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        client = self._connect()
+        try:
+            async with client.stream("POST", "/api/chat", json=self._body(request)) as response:
+                if response.status_code != 200:
+                    detail = _detail(await response.aread())
+                    logger.warning(
+                        "model %s: %s returned HTTP %s: %s",
+                        self.name,
+                        self._where,
+                        response.status_code,
+                        detail,
+                    )
+                    raise UpstreamError(
+                        f"{self._where} returned HTTP {response.status_code}"
+                        + (f": {detail}" if detail else "")
+                    )
+                async with aclosing(self._chunks(response, request)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            logger.warning("model %s: %s unreachable: %s", self.name, self._where, exc)
+            raise EngineUnavailable(f"{self._where} is unreachable") from None
+        except httpx.TimeoutException:
+            raise UpstreamError(
+                f"{self._where} did not answer within {self.settings.timeout_s:g}s"
+            ) from None
+        except httpx.HTTPError as exc:
+            logger.warning("model %s: %s: %s", self.name, self._where, exc)
+            raise UpstreamError(f"{self._where}: connection lost mid-answer") from None
+
+    async def _chunks(
+        self, response: httpx.Response, request: GenerationRequest
+    ) -> AsyncGenerator[Chunk]:
+        splitter = ThinkSplitter()
+        lines = 0
+        async for line in response.aiter_lines():
+            if not line.strip():
+                continue
+            event = self._parse(line)
+            message = event.get("message") or {}
+            thinking, content = message.get("thinking"), message.get("content")
+            parts: list[tuple[ChunkKind, str]] = []
+            if isinstance(thinking, str) and thinking:
+                parts.append(("thinking", thinking))
+            if isinstance(content, str) and content:
+                parts += splitter.feed(content)
+            if parts:
+                lines += 1  # one streamed line is one generated token
+            for i, (kind, text) in enumerate(parts):
+                yield Chunk(kind=kind, text=text, tokens=1 if i == 0 else 0)
+            if event.get("done"):
+                tail = splitter.flush()
+                prompt, generated = event.get("prompt_eval_count"), event.get("eval_count")
+                yield Chunk(
+                    kind=tail[0][0] if tail else "text",
+                    text=tail[0][1] if tail else "",
+                    tokens=0,
+                    finish_reason=_finish_reason(event.get("done_reason")),
+                    usage=Usage(
+                        prompt_tokens=(
+                            prompt
+                            if isinstance(prompt, int)
+                            else _estimate_prompt_tokens(request.messages)
+                        ),
+                        completion_tokens=generated if isinstance(generated, int) else lines,
+                    ),
+                )
+                return
+        raise UpstreamError(f"{self._where} ended the stream before the answer was done")
+
+    def _parse(self, line: str) -> dict[str, Any]:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            logger.warning("model %s: malformed line from %s: %.200r", self.name, self._where, line)
+            raise UpstreamError(f"{self._where} sent a malformed line")
+        if "error" in event:
+            detail = _detail(event["error"])
+            logger.warning("model %s: %s reported: %s", self.name, self._where, detail)
+            raise UpstreamError(f"{self._where} reported an error: {detail}")
+        return event
+
+    def _connect(self) -> httpx.AsyncClient:
+        if self._client is None:
+            timeout = self.settings.timeout_s
+            self._client = httpx.AsyncClient(
+                base_url=self.settings.base_url,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S)),
+            )
+        return self._client
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        s = self.settings
+        options: dict[str, Any] = {
+            **s.options,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "num_predict": request.max_tokens,
+        }
+        if request.seed is not None:
+            options["seed"] = request.seed
+        if request.stop:
+            options["stop"] = list(request.stop)
+        body: dict[str, Any] = {
+            "model": s.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": True,
+            "options": options,
+        }
+        if s.think is not None:
+            body["think"] = s.think
+        if s.keep_alive is not None:
+            body["keep_alive"] = s.keep_alive
+        return body
+
+
+def _finish_reason(reason: object) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _estimate_prompt_tokens(messages: Iterable[Message]) -> int:
+    """Rough prompt size when Ollama reports none (cached prompt): ~4 characters a token."""
+    return sum(len(m.content) // 4 + 4 for m in messages)
+
+
+def _detail(body: object) -> str:
+    """The human part of an Ollama error (``{"error": "..."}``), kept short."""
+    if isinstance(body, bytes):
+        text = body.decode("utf-8", "replace")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = text
+    if isinstance(body, dict):
+        error = body.get("error")
+        body = error if isinstance(error, str) else json.dumps(body)
+    text = " ".join(str(body).split())
+    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 1] + "…"
+
+
+def _public_url(url: str) -> str:
+    """``url`` without credentials, query or fragment: safe for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")

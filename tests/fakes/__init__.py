@@ -1,0 +1,1 @@
+"""Real local servers that stand in for upstream APIs in tests."""
