@@ -106,3 +106,17 @@ def test_importing_config_pulls_no_heavy_dependencies() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_inline_api_key_survives_json_but_not_repr() -> None:
+    model = ModelConfig(
+        name="r",
+        engine="openai",
+        openai={"base_url": "http://x/v1", "model": "m", "api_key": "sk-1"},
+    )
+    config = AppConfig(models=[model])
+    assert "sk-1" not in repr(config)
+    again = AppConfig.model_validate_json(config.model_dump_json())
+    assert again.models[0].openai is not None
+    assert again.models[0].openai.api_key is not None
+    assert again.models[0].openai.api_key.get_secret_value() == "sk-1"

@@ -69,8 +69,10 @@ def _serve_config(args: argparse.Namespace) -> AppConfig:
 
 def _prepare_models(config: AppConfig) -> None:
     """Do slow one-time work (model conversion) here, where progress is visible."""
-    if any(m.engine == "transformers" and m.transformers and not m.transformers.model
-           for m in config.models):
+    if any(
+        m.engine == "transformers" and m.transformers and not m.transformers.model
+        for m in config.models
+    ):
         from chatfleet.serving.embedded import ensure_embedded_model
 
         ensure_embedded_model(progress=lambda line: print(line, flush=True))
@@ -100,6 +102,8 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     print("chatfleet: starting Ray (about 20 s)...", flush=True)
     ray.init(
+        # A private local instance, unless RAY_ADDRESS names a cluster to join.
+        address=os.environ.get("RAY_ADDRESS") or "local",
         num_cpus=args.num_cpus,
         include_dashboard=False,
         configure_logging=True,
@@ -114,8 +118,8 @@ def serve(args: argparse.Namespace) -> int:
         print(
             f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
             f"  try: curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'"
-            f" -d '{{\"model\": \"{config.default_model_name}\", \"stream\": true,"
-            f" \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+            f' -d \'{{"model": "{config.default_model_name}", "stream": true,'
+            f' "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
             "  Ctrl-C to stop.",
             flush=True,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -146,7 +146,11 @@ class OpenAIEngineConfig(_Model):
     base_url: str = Field(..., min_length=1, description="API base URL, e.g. .../v1.")
     model: str = Field(..., min_length=1, description="Upstream model name.")
     api_key: SecretStr | None = Field(
-        None, description="API key; prefer api_key_env so it stays out of config files."
+        None,
+        description=(
+            "API key written inline. In a cluster prefer api_key_env, filled from a Secret:"
+            " an inline key is stored in plain text wherever the config is."
+        ),
     )
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key."
@@ -157,6 +161,12 @@ class OpenAIEngineConfig(_Model):
     extra_body: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Extra fields sent in every request body."
     )
+
+    @field_serializer("api_key", when_used="json")
+    def _reveal_in_json(self, key: SecretStr | None) -> str | None:
+        # The JSON form is how the config travels (Ray Serve args, serveConfigV2):
+        # it must round-trip. Python reprs and logs still show it masked.
+        return key.get_secret_value() if key is not None else None
 
 
 class GenerationDefaults(_Model):
