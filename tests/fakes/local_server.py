@@ -104,6 +104,17 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
         return True
 
+    async def write_split(self, data: bytes, *, split: bool) -> bool:
+        """`write`, optionally as two halves with a pause so they arrive apart."""
+        if not split:
+            return await self.write(data)
+        half = len(data) // 2
+        return (
+            await self.write(data[:half])
+            and await self.pause(0.02)
+            and await self.write(data[half:])
+        )
+
     async def pause(self, seconds: float) -> bool:
         """Wait between pieces, but wake up at once if the client goes away."""
         if seconds > 0:
@@ -141,6 +152,7 @@ class LocalServer:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[RecordedRequest] = []
+        self.active = 0  # exchanges in progress (touched only by the server's thread)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -150,6 +162,14 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def reset(self) -> None:
+        """Forget what was seen, once the exchanges still running have ended.
+
+        Waiting first keeps a stream that a previous test abandoned from
+        reporting its disconnect into the next test's record.
+        """
+        deadline = time.monotonic() + 10
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.requests.clear()
         self.disconnects.clear()
 
@@ -160,11 +180,13 @@ class LocalServer:
         if scope["type"] != "http":
             return
         exchange = Exchange(self, scope, receive, send)
-        self.requests.append(await exchange.read())
+        self.active += 1
         try:
+            self.requests.append(await exchange.read())
             await self.handle(exchange)
         finally:
             exchange.stop_watching()
+            self.active -= 1
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -2,9 +2,10 @@
 
 Each line is a JSON object; content lines carry ``message.content``, reasoning
 lines ``message.thinking`` (``think: true``); the last has ``done: true``,
-``done_reason`` and the token counts. As in Ollama 0.9+: with ``think`` unset, a
-thinking model's reasoning stays inline in the content between ``<think>``
-tags; with ``think: false`` it does not think. ``options.num_predict`` caps the
+``done_reason`` and the token counts. With ``think`` unset, the reasoning stays
+inline in the content between ``<think>`` tags (what Ollama sends for models it
+has no reasoning parser for, and sent for all before 0.9); with ``think: false``
+the model does not think. ``options.num_predict`` caps the
 answer (``done_reason: length``). An unknown model gets Ollama's 404 body.
 ``GET /api/version`` answers too.
 
@@ -37,12 +38,15 @@ class OllamaAnswer:
     prompt_eval_count: int | None = 9
     eval_count: int | None = -1  # -1: count the pieces
     delay_s: float = 0.0
+    #: Send each line in two TCP writes, cut mid-JSON, a moment apart.
+    split_lines: bool = False
     #: Faults: end the stream cleanly but without the done line; after this many
-    #: lines, cut the connection, send an error line, send a line that is not JSON.
+    #: lines, cut the connection, send an error line, send ``malformed_line``.
     send_done: bool = True
     drop_after: int | None = None
     error_after: int | None = None
     malformed_after: int | None = None
+    malformed_line: bytes = b'{"message": {"role": "assistant", "content": \n'
 
 
 class FakeOllamaServer(LocalServer):
@@ -111,13 +115,13 @@ class FakeOllamaServer(LocalServer):
                 await exchange.end()
                 return
             if sent == answer.malformed_after:
-                await exchange.write(b'{"message": {"role": "assistant", "content": \n')
+                await exchange.write(answer.malformed_line)
                 await exchange.end()
                 return
             if sent and not await exchange.pause(answer.delay_s):
                 return
             line = {**_head(body), "message": {"role": "assistant", **message}, "done": False}
-            if not await exchange.write(_line(line)):
+            if not await exchange.write_split(_line(line), split=answer.split_lines):
                 return
         if not answer.send_done:
             await exchange.end()

@@ -40,6 +40,10 @@ class Answer:
     #: Reported (prompt_tokens, completion_tokens); None: the server reports no usage.
     usage: tuple[int, int] | None = (11, -1)  # -1: count the pieces
     delay_s: float = 0.0
+    #: Send each piece's event in two TCP writes, cut mid-JSON, a moment apart.
+    split_events: bool = False
+    #: Interleave SSE comment lines, as OpenRouter does while it waits.
+    comments: bool = False
     #: Faults, after this many streamed pieces: cut the connection (no [DONE]),
     #: send an error event, send ``malformed_event`` (by default not even JSON).
     drop_after: int | None = None
@@ -145,7 +149,9 @@ class FakeOpenAIServer(LocalServer):
             if sent and not await exchange.pause(answer.delay_s):
                 return
             delta = {answer.reasoning_field: piece} if name == "reasoning" else {"content": piece}
-            if not await exchange.write(event(delta)):
+            if answer.comments and not await exchange.write(b": OPENROUTER PROCESSING\n\n"):
+                return
+            if not await exchange.write_split(event(delta), split=answer.split_events):
                 return
         if not await exchange.write(event({}, finish)):
             return

@@ -165,6 +165,18 @@ async def test_inline_think_tags_are_split_when_think_is_unset(
     assert "<" not in "".join(c.text for c in chunks)
 
 
+async def test_tags_cut_across_lines_still_count_every_token(
+    engine: OllamaEngine, upstream: FakeOllamaServer
+) -> None:
+    upstream.queue(OllamaAnswer(content=["<thi", "nk>Plan", " it.</th", "ink>", "Done", "."]))
+
+    chunks = await collect(engine)
+
+    assert joined(chunks, "thinking") == "Plan it."
+    assert joined(chunks, "text") == "Done."
+    assert sum(c.tokens for c in chunks) == 6
+
+
 async def test_think_false_gives_no_thinking(upstream: FakeOllamaServer) -> None:
     upstream.queue(OllamaAnswer(thinking=["hidden"], content=["Just", " this"]))
 
@@ -215,14 +227,30 @@ async def test_missing_counts_are_estimated(
 async def test_slow_stream_yields_each_chunk_as_it_arrives(
     engine: OllamaEngine, upstream: FakeOllamaServer
 ) -> None:
-    upstream.queue(OllamaAnswer(content=["a", "b", "c"], delay_s=0.15))
+    upstream.queue(OllamaAnswer(content=["a", "b", "c"], delay_s=0.3))
     arrivals = []
     start = time.monotonic()
     async for chunk in engine.stream(ask()):
         arrivals.append((chunk.text, time.monotonic() - start))
 
     assert [text for text, _ in arrivals] == ["a", "b", "c", ""]
-    assert arrivals[1][1] - arrivals[0][1] > 0.1  # nothing is buffered
+    assert arrivals[1][1] - arrivals[0][1] > 0.15  # nothing is buffered
+
+
+async def test_lines_cut_across_reads_are_reassembled(
+    upstream: FakeOllamaServer,
+) -> None:
+    upstream.queue(OllamaAnswer(thinking=["why"], content=["one", " two"], split_lines=True))
+
+    async with running(upstream, think=True) as engine:
+        chunks = await collect(engine)
+
+    assert [(c.kind, c.text) for c in chunks[:-1]] == [
+        ("thinking", "why"),
+        ("text", "one"),
+        ("text", " two"),
+    ]
+    assert chunks[-1].usage == Usage(9, 3)
 
 
 async def test_concurrent_streams_share_one_engine(
@@ -272,10 +300,20 @@ async def test_error_line_mid_stream_is_an_upstream_error(
     assert joined(received, "text") == "partial"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"message": {"role": "assistant", "content": \n',
+        b"42\n",
+        b'{"message": "text", "done": false}\n',
+        b'{"message": {"role": "assistant", "content": 5}, "done": false}\n',
+    ],
+    ids=["not-json", "not-an-object", "bad-message", "bad-content"],
+)
 async def test_malformed_line_is_an_upstream_error(
-    engine: OllamaEngine, upstream: FakeOllamaServer
+    engine: OllamaEngine, upstream: FakeOllamaServer, line: bytes
 ) -> None:
-    upstream.queue(OllamaAnswer(content=["ok", "then"], malformed_after=1))
+    upstream.queue(OllamaAnswer(content=["ok", "then"], malformed_after=1, malformed_line=line))
     with pytest.raises(UpstreamError, match="malformed"):
         await collect(engine)
 
@@ -294,7 +332,7 @@ async def test_connection_cut_mid_stream_is_an_upstream_error(
     upstream.queue(OllamaAnswer(content=["one", " two", " three"], drop_after=2))
     received: list[Chunk] = []
 
-    with pytest.raises(UpstreamError, match="connection lost mid-answer"):
+    with pytest.raises(UpstreamError, match="connection lost"):
         async for chunk in engine.stream(ask()):
             received.append(chunk)
 
@@ -371,6 +409,7 @@ async def test_engine_keeps_working_after_a_cancelled_stream(
     stream = engine.stream(ask())
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
+    await wait_until(lambda: len(upstream.disconnects) == 1)
 
     chunks = await collect(engine)
 

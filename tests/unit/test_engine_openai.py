@@ -214,7 +214,7 @@ async def test_usage_is_counted_when_upstream_reports_none(
 async def test_slow_stream_yields_each_chunk_as_it_arrives(
     engine: OpenAIEngine, upstream: FakeOpenAIServer
 ) -> None:
-    upstream.queue(Answer(content=["a", "b", "c"], delay_s=0.15))
+    upstream.queue(Answer(content=["a", "b", "c"], delay_s=0.3))
     arrivals = []
     start = time.monotonic()
     async for chunk in engine.stream(ask()):
@@ -222,7 +222,24 @@ async def test_slow_stream_yields_each_chunk_as_it_arrives(
 
     assert [text for text, _ in arrivals] == ["a", "b", "c", ""]
     # "a" arrives before the server has even produced "b": nothing is buffered.
-    assert arrivals[1][1] - arrivals[0][1] > 0.1
+    assert arrivals[1][1] - arrivals[0][1] > 0.15
+
+
+async def test_events_cut_across_reads_and_sse_comments_are_handled(
+    engine: OpenAIEngine, upstream: FakeOpenAIServer
+) -> None:
+    upstream.queue(
+        Answer(reasoning=["why"], content=["one", " two"], split_events=True, comments=True)
+    )
+
+    chunks = await collect(engine)
+
+    assert [(c.kind, c.text) for c in chunks[:-1]] == [
+        ("thinking", "why"),
+        ("text", "one"),
+        ("text", " two"),
+    ]
+    assert chunks[-1].finish_reason == "stop"
 
 
 async def test_concurrent_streams_share_one_engine(
@@ -505,6 +522,7 @@ async def test_engine_keeps_working_after_a_cancelled_stream(
     stream = engine.stream(ask())
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
+    await wait_until(lambda: len(upstream.disconnects) == 1)
 
     chunks = await collect(engine)
 

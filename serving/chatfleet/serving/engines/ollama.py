@@ -5,7 +5,8 @@ whatever ``ollama serve`` listens on. Each streamed line is a JSON object;
 ``message.thinking`` (when ``think`` is on) is reasoning, ``message.content``
 the answer, which may itself carry ``<think>`` tags for models Ollama does not
 parse. The line with ``"done": true`` ends the answer with ``done_reason`` and
-the token counts.
+the token counts. The request's sampling (temperature, top_p, max_tokens as
+``num_predict``, seed, stop) goes into ``options`` over the configured ones.
 
 Failures::
 
@@ -20,7 +21,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import httpx
@@ -94,43 +95,46 @@ class OllamaEngine(Engine):
             ) from None
         except httpx.HTTPError as exc:
             logger.warning("model %s: %s: %s", self.name, self._where, exc)
-            raise UpstreamError(f"{self._where}: connection lost mid-answer") from None
+            raise UpstreamError(f"{self._where}: connection lost ({type(exc).__name__})") from None
 
     async def _chunks(
         self, response: httpx.Response, request: GenerationRequest
     ) -> AsyncGenerator[Chunk]:
         splitter = ThinkSplitter()
-        lines = 0
+        generated = 0  # streamed lines with text: one generated token each
+        owed = 0  # tokens of text the splitter holds back, paid with the next chunk
         async for line in response.aiter_lines():
             if not line.strip():
                 continue
             event = self._parse(line)
             message = event.get("message") or {}
+            if not isinstance(message, dict):
+                raise self._malformed(line)
             thinking, content = message.get("thinking"), message.get("content")
-            parts: list[tuple[ChunkKind, str]] = []
-            if isinstance(thinking, str) and thinking:
-                parts.append(("thinking", thinking))
-            if isinstance(content, str) and content:
+            if not (_is_text(thinking) and _is_text(content)):
+                raise self._malformed(line)
+            parts: list[tuple[ChunkKind, str]] = [("thinking", thinking)] if thinking else []
+            if content:
                 parts += splitter.feed(content)
-            if parts:
-                lines += 1  # one streamed line is one generated token
-            for i, (kind, text) in enumerate(parts):
-                yield Chunk(kind=kind, text=text, tokens=1 if i == 0 else 0)
+            if thinking or content:
+                generated += 1
+                owed += 1
+            for kind, text in parts:
+                yield Chunk(kind=kind, text=text, tokens=owed)
+                owed = 0
             if event.get("done"):
                 tail = splitter.flush()
-                prompt, generated = event.get("prompt_eval_count"), event.get("eval_count")
+                prompt_count, eval_count = event.get("prompt_eval_count"), event.get("eval_count")
+                if not isinstance(prompt_count, int):  # left out when the prompt was cached
+                    prompt_count = _estimate_prompt_tokens(request.messages)
                 yield Chunk(
                     kind=tail[0][0] if tail else "text",
                     text=tail[0][1] if tail else "",
-                    tokens=0,
+                    tokens=owed,
                     finish_reason=_finish_reason(event.get("done_reason")),
                     usage=Usage(
-                        prompt_tokens=(
-                            prompt
-                            if isinstance(prompt, int)
-                            else _estimate_prompt_tokens(request.messages)
-                        ),
-                        completion_tokens=generated if isinstance(generated, int) else lines,
+                        prompt_tokens=prompt_count,
+                        completion_tokens=eval_count if isinstance(eval_count, int) else generated,
                     ),
                 )
                 return
@@ -142,13 +146,16 @@ class OllamaEngine(Engine):
         except ValueError:
             event = None
         if not isinstance(event, dict):
-            logger.warning("model %s: malformed line from %s: %.200r", self.name, self._where, line)
-            raise UpstreamError(f"{self._where} sent a malformed line")
+            raise self._malformed(line)
         if "error" in event:
             detail = _detail(event["error"])
             logger.warning("model %s: %s reported: %s", self.name, self._where, detail)
             raise UpstreamError(f"{self._where} reported an error: {detail}")
         return event
+
+    def _malformed(self, line: str) -> UpstreamError:
+        logger.warning("model %s: malformed line from %s: %.200r", self.name, self._where, line)
+        return UpstreamError(f"{self._where} sent a malformed line")
 
     def _connect(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -182,6 +189,10 @@ class OllamaEngine(Engine):
         if s.keep_alive is not None:
             body["keep_alive"] = s.keep_alive
         return body
+
+
+def _is_text(value: object) -> TypeGuard[str | None]:
+    return value is None or isinstance(value, str)
 
 
 def _finish_reason(reason: object) -> FinishReason:
