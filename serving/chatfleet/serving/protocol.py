@@ -14,6 +14,8 @@ from typing import Literal
 __all__ = [
     "Chunk",
     "ChunkKind",
+    "Classification",
+    "Compression",
     "FinishReason",
     "GenerationRequest",
     "Message",
@@ -70,3 +72,34 @@ class Chunk:
     tokens: int = 1
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Classification:
+    """Scores of one prompt for every label, best first."""
+
+    labels: list[str]
+    scores: list[float]
+    multi_label: bool = False
+
+    @property
+    def top(self) -> tuple[str, float]:
+        return self.labels[0], self.scores[0]
+
+    def score(self, label: str) -> float:
+        return self.scores[self.labels.index(label)] if label in self.labels else 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class Compression:
+    """The outcome of compressing a text; ``skipped`` when it was left unchanged."""
+
+    text: str
+    original_tokens: int
+    compressed_tokens: int
+    skipped: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """Achieved ratio: compressed tokens / original tokens (1.0 = unchanged)."""
+        return self.compressed_tokens / self.original_tokens if self.original_tokens else 1.0
