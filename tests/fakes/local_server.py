@@ -38,7 +38,10 @@ class RecordedRequest:
 
 @dataclass(frozen=True)
 class Failure:
-    """A scripted HTTP error response: ``body`` is sent as JSON unless it is a str."""
+    """A scripted one-shot response, usually an HTTP error (or a 200 with a bad body).
+
+    ``body`` is sent as JSON unless it is a str (then as text/html).
+    """
 
     status: int
     body: Any = None
