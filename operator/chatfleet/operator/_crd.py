@@ -81,7 +81,9 @@ _RULES: dict[str, list[dict[str, str]]] = {
     ],
     "ModelConfig": [
         _rule(
-            " && ".join(f"(self.engine != '{e}' || has(self.{e}))" for e in _ENGINES_NEEDING_SETTINGS),
+            " && ".join(
+                f"(self.engine != '{e}' || has(self.{e}))" for e in _ENGINES_NEEDING_SETTINGS
+            ),
             "engines vllm, ollama and openai need their settings block"
             " (e.g. engine: vllm with vllm: {model: ...})",
         ),
@@ -139,7 +141,9 @@ def _dump_default(value: Any) -> Any:
     # Defaults in the CRD are in pruned form: camelCase where the model aliases,
     # no nulls, and nothing the nested schema defaults anyway.
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
+        return value.model_dump(
+            mode="json", by_alias=True, exclude_defaults=True, exclude_none=True
+        )
     if isinstance(value, list):
         return [_dump_default(v) for v in value]
     if isinstance(value, dict):
@@ -216,7 +220,11 @@ def _structural(node: Any, defs: dict[str, Any], def_name: str | None = None) ->
                     target[k] = v
         if def_name in _RULES:
             out["x-kubernetes-validations"] = copy.deepcopy(_RULES[def_name])
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    if (
+        out.get("type") == "object"
+        and "properties" not in out
+        and "additionalProperties" not in out
+    ):
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 

@@ -84,8 +84,9 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self._api.call_api(method, url, header_params=headers, body=body,
-                                      _request_timeout=self._timeout)
+        response = self._api.call_api(
+            method, url, header_params=headers, body=body, _request_timeout=self._timeout
+        )
         raw = response.read()
         try:
             data = json.loads(raw) if raw else None
@@ -111,8 +112,7 @@ class Kube:
         """Create ``obj``; ``None`` when it exists already (409)."""
         meta = obj["metadata"]
         path = _collection(obj["apiVersion"], obj["kind"], meta["namespace"])
-        status, data = self._call("POST", path, body=obj,
-                                  query=[("fieldManager", FIELD_MANAGER)])
+        status, data = self._call("POST", path, body=obj, query=[("fieldManager", FIELD_MANAGER)])
         if status == 409:
             return None
         return self._check(status, data)  # type: ignore[no-any-return]
@@ -120,7 +120,8 @@ class Kube:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply ``obj`` (creates it when absent)."""
         meta = obj["metadata"]
-        path = f"{_collection(obj['apiVersion'], obj['kind'], meta['namespace'])}/{quote(meta['name'])}"
+        collection = _collection(obj["apiVersion"], obj["kind"], meta["namespace"])
+        path = f"{collection}/{quote(meta['name'])}"
         status, data = self._call(
             "PATCH",
             path,
@@ -134,7 +135,9 @@ class Kube:
         """Delete an object (background propagation); ``False`` when it was not there."""
         path = f"{_collection(api_version, kind, namespace)}/{quote(name)}"
         status, data = self._call(
-            "DELETE", path, body={"propagationPolicy": "Background"},
+            "DELETE",
+            path,
+            body={"propagationPolicy": "Background"},
             content_type="application/json",
         )
         if status == 404:
@@ -147,8 +150,9 @@ class Kube:
     ) -> dict[str, Any] | None:
         """Merge-patch the status subresource; ``None`` when the object is gone."""
         path = f"{_collection(api_version, kind, namespace)}/{quote(name)}/status"
-        code, data = self._call("PATCH", path, body={"status": status},
-                                content_type="application/merge-patch+json")
+        code, data = self._call(
+            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
+        )
         if code == 404:
             return None
         return self._check(code, data)  # type: ignore[no-any-return]

@@ -29,7 +29,10 @@ DEFAULT_OLLAMA_IMAGE = "docker.io/ollama/ollama:0.12.3"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # A Kubernetes quantity ("500m", "2", "1.5Gi"), the API server's own pattern.
-_QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+_QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 # DNS-1123 subdomain (Secret names) and label-ish keys.
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
@@ -143,10 +146,12 @@ class GPUWorkerGroup(_WorkerGroup):
 class SecretKeyRef(_Model):
     """A key of a Secret in the ChatDeployment's namespace."""
 
-    name: str = Field(..., min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN,
-                      description="Secret name.")
-    key: str = Field(..., min_length=1, max_length=253, pattern=_SECRET_KEY,
-                     description="Key inside the Secret.")
+    name: str = Field(
+        ..., min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN, description="Secret name."
+    )
+    key: str = Field(
+        ..., min_length=1, max_length=253, pattern=_SECRET_KEY, description="Key inside the Secret."
+    )
 
 
 class OllamaSidecar(_Model):

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 from prometheus_client import start_http_server
+from pydantic import ValidationError
 
 from chatfleet.operator import _builders as b
 from chatfleet.operator._kube import Kube, KubeError, load_api_client
@@ -131,8 +131,10 @@ class Reconciler:
     # --- reconcile -----------------------------------------------------------------
 
     def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str) -> None:
-        refs = [("spec.cluster.jwtSecretRef", spec.cluster.jwt_secret_ref),
-                ("spec.cluster.databaseSecretRef", spec.cluster.database_secret_ref)]
+        refs = [
+            ("spec.cluster.jwtSecretRef", spec.cluster.jwt_secret_ref),
+            ("spec.cluster.databaseSecretRef", spec.cluster.database_secret_ref),
+        ]
         for field, ref in refs:
             if ref is None:
                 continue
@@ -147,8 +149,9 @@ class Reconciler:
                     f"spec.cluster.envFromSecrets[{i}]: Secret {secret_name!r} not found"
                 )
 
-    def _ensure_jwt_secret(self, name: str, namespace: str, body: Mapping[str, Any],
-                           logger: Any) -> None:
+    def _ensure_jwt_secret(
+        self, name: str, namespace: str, body: Mapping[str, Any], logger: Any
+    ) -> None:
         # Created once with a fresh key, then left alone: rotating it would log
         # every user out, so that is a human's decision (delete the Secret).
         secret_name = b.jwt_secret_name(name)
@@ -160,27 +163,46 @@ class Reconciler:
             logger.info("Created the JWT signing key Secret %s", secret_name)
 
     def _render(self, name: str, namespace: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
-        objects = [b.build_rayservice(name, namespace, spec), b.build_service(name, namespace, spec)]
-        if spec.cluster.service_monitor and self.kube.serves("monitoring.coreos.com/v1",
-                                                             "servicemonitors"):
+        objects = [
+            b.build_rayservice(name, namespace, spec),
+            b.build_service(name, namespace, spec),
+        ]
+        if spec.cluster.service_monitor and self.kube.serves(
+            "monitoring.coreos.com/v1", "servicemonitors"
+        ):
             objects.append(b.build_service_monitor(name, namespace))
         return objects
 
-    def _invalid(self, exc: InvalidSpecError, body: Mapping[str, Any], patch: kopf.Patch,
-                 generation: int | None, logger: Any) -> None:
+    def _invalid(
+        self,
+        exc: InvalidSpecError,
+        body: Mapping[str, Any],
+        patch: kopf.Patch,
+        generation: int | None,
+        logger: Any,
+    ) -> None:
         kind = "missing_secret" if isinstance(exc, MissingSecretError) else "invalid_spec"
         self.metrics.errors.labels(kind).inc()
         previous = (body.get("status") or {}).get("conditions")
-        conditions = stamp_transitions(invalid_spec_conditions(str(exc), generation), previous,
-                                       _now())
+        conditions = stamp_transitions(
+            invalid_spec_conditions(str(exc), generation), previous, _now()
+        )
         patch.status["conditions"] = conditions
         patch.status["observedGeneration"] = generation
         if self.settings.post_events:
             kopf.warn(dict(body), reason="InvalidSpec", message=str(exc))
         logger.warning("Invalid spec: %s", exc)
 
-    def reconcile(self, *, body: Mapping[str, Any], name: str, namespace: str,
-                  patch: kopf.Patch, logger: Any, trigger: str) -> None:
+    def reconcile(
+        self,
+        *,
+        body: Mapping[str, Any],
+        name: str,
+        namespace: str,
+        patch: kopf.Patch,
+        logger: Any,
+        trigger: str,
+    ) -> None:
         """Render, apply and report one ChatDeployment (create/update/resume/timer)."""
         started = time.perf_counter()
         meta = body.get("metadata") or {}
@@ -196,7 +218,9 @@ class Reconciler:
                 if trigger == "timer":
                     return
                 if isinstance(exc, MissingSecretError):
-                    raise kopf.TemporaryError(str(exc), delay=self.settings.missing_secret_retry_s)
+                    raise kopf.TemporaryError(
+                        str(exc), delay=self.settings.missing_secret_retry_s
+                    ) from None
                 raise kopf.PermanentError(str(exc)) from None
             try:
                 if spec.cluster.jwt_secret_ref is None:
@@ -228,8 +252,9 @@ class Reconciler:
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
 
-    def on_rayservice_event(self, *, body: Mapping[str, Any], namespace: str, type: str | None,
-                            logger: Any, **_: Any) -> None:
+    def on_rayservice_event(
+        self, *, body: Mapping[str, Any], namespace: str, type: str | None, logger: Any, **_: Any
+    ) -> None:
         """Mirror a RayService's status into its ChatDeployment's conditions."""
         owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
         if not owner or type == "DELETED":
@@ -238,12 +263,15 @@ class Reconciler:
         if cd is None or (cd.get("metadata") or {}).get("deletionTimestamp"):
             return
         status = cd.get("status") or {}
-        if any(c.get("type") == "InvalidSpec" and c.get("status") == "True"
-               for c in status.get("conditions") or []):
+        if any(
+            c.get("type") == "InvalidSpec" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        ):
             return  # the spec's problem is the news; the old RayService's is not
         generation = status.get("observedGeneration")
-        new = stamp_transitions(conditions_from_rayservice(body, generation),
-                                status.get("conditions"), _now())
+        new = stamp_transitions(
+            conditions_from_rayservice(body, generation), status.get("conditions"), _now()
+        )
         update: dict[str, Any] = {}
         if new != status.get("conditions"):
             update["conditions"] = new
@@ -255,15 +283,16 @@ class Reconciler:
             self.metrics.status_updates.inc()
             logger.debug("Mirrored RayService status into %s/%s", namespace, owner)
 
-    def delete(self, *, body: Mapping[str, Any], name: str, namespace: str, logger: Any,
-               **_: Any) -> None:
+    def delete(
+        self, *, body: Mapping[str, Any], name: str, namespace: str, logger: Any, **_: Any
+    ) -> None:
         """Delete what the ChatDeployment owned (owner references would also GC it)."""
         spec_raw = body.get("spec") or {}
         owned = [
             ("ray.io/v1", "RayService", b.rayservice_name(name)),
             ("v1", "Service", b.service_name(name)),
         ]
-        jwt_ref = ((spec_raw.get("cluster") or {}).get("jwtSecretRef"))
+        jwt_ref = (spec_raw.get("cluster") or {}).get("jwtSecretRef")
         if not jwt_ref:
             owned.append(("v1", "Secret", b.jwt_secret_name(name)))
         if self.kube.serves("monitoring.coreos.com/v1", "servicemonitors"):
@@ -276,6 +305,12 @@ class Reconciler:
                 raise kopf.TemporaryError(str(exc), delay=5) from exc
 
 
+def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # A fresh registry has none of Kopf's default login handlers: in a pod the
+    # service account, elsewhere $KUBECONFIG / ~/.kube/config (no client library).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 def build_registry(
     settings: OperatorSettings | None = None, reconciler: Reconciler | None = None
 ) -> kopf.OperatorRegistry:
@@ -285,14 +320,23 @@ def build_registry(
     registry = kopf.OperatorRegistry()
     cd = (GROUP, VERSION, PLURAL)
 
+    kopf.on.login(registry=registry)(_login)
     kopf.on.startup(registry=registry)(rec.startup)
     kopf.on.cleanup(registry=registry)(rec.cleanup)
 
     def make(trigger: str) -> Callable[..., None]:
-        def handler(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch,
-                    logger: Any, **_: Any) -> None:
-            rec.reconcile(body=body, name=name, namespace=namespace, patch=patch,
-                          logger=logger, trigger=trigger)
+        def handler(
+            body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, logger: Any, **_: Any
+        ) -> None:
+            rec.reconcile(
+                body=body,
+                name=name,
+                namespace=namespace,
+                patch=patch,
+                logger=logger,
+                trigger=trigger,
+            )
+
         handler.__name__ = f"reconcile_on_{trigger}"
         return handler
 
@@ -300,12 +344,20 @@ def build_registry(
     kopf.on.update(*cd, registry=registry, id="reconcile")(make("update"))
     kopf.on.resume(*cd, registry=registry, id="reconcile")(make("resume"))
     kopf.timer(
-        *cd, registry=registry, id="drift", interval=settings.drift_interval_s,
-        initial_delay=settings.drift_interval_s, idle=None,
+        *cd,
+        registry=registry,
+        id="drift",
+        interval=settings.drift_interval_s,
+        initial_delay=settings.drift_interval_s,
+        idle=None,
     )(make("timer"))
     kopf.on.delete(*cd, registry=registry, id="cleanup")(rec.delete)
     kopf.on.event(
-        "ray.io", "v1", "rayservices", registry=registry, id="mirror-status",
+        "ray.io",
+        "v1",
+        "rayservices",
+        registry=registry,
+        id="mirror-status",
         labels={b.OWNER_LABEL: kopf.PRESENT},
     )(rec.on_rayservice_event)
     return registry

@@ -27,7 +27,9 @@ def _condition(conditions: Iterable[Mapping[str, Any]], type_: str) -> Mapping[s
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
-def _make(type_: str, ok: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+def _make(
+    type_: str, ok: bool, reason: str, message: str, generation: int | None
+) -> dict[str, Any]:
     cond: dict[str, Any] = {
         "type": type_,
         "status": "True" if ok else "False",
@@ -45,7 +47,13 @@ def conditions_from_rayservice(
     """Our Ready/Progressing/Degraded/InvalidSpec conditions (no timestamps yet)."""
     if rayservice is None:
         return [
-            _make("Ready", False, "RayServiceMissing", "The RayService does not exist yet.", generation),
+            _make(
+                "Ready",
+                False,
+                "RayServiceMissing",
+                "The RayService does not exist yet.",
+                generation,
+            ),
             _make("Progressing", True, "Creating", "Creating the RayService.", generation),
             _make("Degraded", False, "AsExpected", "", generation),
             _make("InvalidSpec", False, "SpecValid", "", generation),
@@ -82,7 +90,10 @@ def conditions_from_rayservice(
     if upgrading:
         progressing_reason, progressing_message = "Upgrading", "KubeRay is upgrading the cluster."
     elif stale:
-        progressing_reason, progressing_message = "Reconciling", "KubeRay has not observed the change yet."
+        progressing_reason, progressing_message = (
+            "Reconciling",
+            "KubeRay has not observed the change yet.",
+        )
     elif progressing:
         app = apps.get(APPLICATION_NAME) or {}
         progressing_reason = "Deploying"
@@ -92,8 +103,13 @@ def conditions_from_rayservice(
     return [
         _make("Ready", ready, ready_reason, ready_message, generation),
         _make("Progressing", progressing, progressing_reason, progressing_message, generation),
-        _make("Degraded", bool(failed), "ApplicationFailed" if failed else "AsExpected",
-              degraded_message, generation),
+        _make(
+            "Degraded",
+            bool(failed),
+            "ApplicationFailed" if failed else "AsExpected",
+            degraded_message,
+            generation,
+        ),
         _make("InvalidSpec", False, "SpecValid", "", generation),
     ]
 
@@ -116,8 +132,10 @@ def stamp_transitions(
     out = []
     for cond in new:
         before = old.get(cond["type"])
-        if before is not None and before.get("status") == cond["status"] and before.get(
-            "lastTransitionTime"
+        if (
+            before is not None
+            and before.get("status") == cond["status"]
+            and before.get("lastTransitionTime")
         ):
             stamp = before["lastTransitionTime"]
         else:

@@ -25,7 +25,7 @@ def _crd(args: argparse.Namespace) -> int:
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    print(f"wrote {path}", file=sys.stderr)  # noqa: T201 - CLI output
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

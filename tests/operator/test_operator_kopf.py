@@ -1,0 +1,401 @@
+"""Kopf end to end: the operator against kmock's Kubernetes emulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from kopf.testing import KopfRunner
+
+from chatfleet.operator import OperatorSettings, Reconciler, build_registry
+from conftest import CD_RESOURCE, RS_RESOURCE, SM_RESOURCE, eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+
+NS = "team-a"
+
+
+def chat_deployment(name: str = "demo", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "chatfleet.dev/v1alpha1",
+        "kind": "ChatDeployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec or {"serving": {"models": [{"name": "fake", "engine": "fake"}]}},
+    }
+
+
+@contextlib.asynccontextmanager
+async def operator(kubeconfig: Path, **overrides: Any) -> AsyncIterator[Reconciler]:
+    """Kopf in a thread (KopfRunner); kmock serves on this test's event loop."""
+    settings = OperatorSettings(
+        kubeconfig=str(kubeconfig),
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        **({"drift_interval_s": 3600.0} | overrides),
+    )
+    reconciler = Reconciler(settings)
+    registry = build_registry(settings, reconciler)
+    runner = KopfRunner(["run", "--standalone", "-A", "--verbose"], registry=registry, timeout=60)
+    runner.__enter__()
+    try:
+        yield reconciler
+    finally:
+        # Stopping joins Kopf's thread, whose handlers may still be calling kmock:
+        # join it off the loop so kmock keeps answering.
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+    assert runner.exit_code == 0, runner.output
+    assert runner.exception is None
+
+
+class Api:
+    """A plain HTTP client of the emulator, standing in for kubectl and KubeRay."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.s = session
+
+    @staticmethod
+    def _path(resource: str, name: str | None = None, sub: str | None = None) -> str:
+        group_version, plural = resource.rsplit("/", 1)
+        base = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        path = f"{base}/namespaces/{NS}/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    async def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
+        async with self.s.post(self._path(resource), json=obj) as r:
+            assert r.status < 300, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def patch(
+        self, resource: str, name: str, patch: dict[str, Any], sub: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self.s.patch(self._path(resource, name, sub), json=patch, headers=headers) as r:
+            assert r.status < 300, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def delete(self, resource: str, name: str) -> None:
+        async with self.s.delete(self._path(resource, name)) as r:
+            assert r.status < 300, await r.text()
+
+
+@pytest.fixture
+async def api(emulator: Any) -> Any:
+    async with aiohttp.ClientSession(base_url=str(emulator.url)) as session:
+        yield Api(session)
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    if not obj:
+        return None
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None
+    )
+
+
+async def test_create_renders_owned_objects_and_status(kubeconfig, api, objects):
+    async with operator(kubeconfig):
+        cd = await api.create(CD_RESOURCE, chat_deployment())
+        rs = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        svc = await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        secret = await eventually(lambda: objects("v1/secrets", NS, "demo-jwt"))
+        status_cd = await eventually(
+            lambda: (
+                (o := objects(CD_RESOURCE, NS, "demo"))
+                and o.get("status", {}).get("observedGeneration") == 1
+                and o
+            )
+        )
+
+    uid = cd["metadata"]["uid"]
+    for obj in (rs, svc, secret):
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["uid"], r.get("controller")) for r in refs] == [
+            ("ChatDeployment", uid, True)
+        ]
+    assert "chatfleet.serving.app:build_app" in rs["spec"]["serveConfigV2"]
+    assert len(base64.b64decode(secret["data"]["signing-key"])) >= 48
+    status = status_cd["status"]
+    assert status["endpoint"] == f"http://demo-chat.{NS}.svc:8000"
+    assert status["models"] == "fake"
+    assert condition(status_cd, "Ready")["status"] == "False"
+    assert condition(status_cd, "Progressing")["status"] == "True"
+    assert condition(status_cd, "InvalidSpec")["status"] == "False"
+
+
+async def test_update_changes_rayservice_but_keeps_secret(kubeconfig, api, objects):
+    async with operator(kubeconfig):
+        await api.create(CD_RESOURCE, chat_deployment())
+        rs1 = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        key1 = (await eventually(lambda: objects("v1/secrets", NS, "demo-jwt")))["data"]
+        await eventually(
+            lambda: (
+                (objects(CD_RESOURCE, NS, "demo").get("status") or {}).get("observedGeneration")
+                == 1
+            )
+        )
+        await api.patch(
+            CD_RESOURCE,
+            "demo",
+            {
+                "spec": {
+                    "serving": {
+                        "models": [
+                            {"name": "fake", "engine": "fake"},
+                            {"name": "fast", "engine": "fake", "fake": {"tokens_per_second": 500}},
+                        ]
+                    }
+                }
+            },
+        )
+        rs2 = await eventually(
+            lambda: (
+                (o := objects(RS_RESOURCE, NS, "demo"))
+                and "fast" in o["spec"]["serveConfigV2"]
+                and o
+            )
+        )
+        cd = await eventually(
+            lambda: (
+                (o := objects(CD_RESOURCE, NS, "demo"))
+                and (o.get("status") or {}).get("observedGeneration") == 2
+                and o
+            )
+        )
+    assert rs1["spec"]["serveConfigV2"] != rs2["spec"]["serveConfigV2"]
+    assert objects("v1/secrets", NS, "demo-jwt")["data"] == key1
+    assert cd["status"]["models"] == "fake,fast"
+
+
+async def test_restart_keeps_secret_and_resumes(kubeconfig, api, objects):
+    async with operator(kubeconfig):
+        await api.create(CD_RESOURCE, chat_deployment())
+        key1 = (await eventually(lambda: objects("v1/secrets", NS, "demo-jwt")))["data"]
+    # A second operator process (a restart) resumes the object and keeps the key.
+    async with operator(kubeconfig) as rec:
+        await eventually(lambda: rec.metrics.reconciles.labels("resume", "applied")._value.get())
+    assert objects("v1/secrets", NS, "demo-jwt")["data"] == key1
+
+
+async def test_rayservice_status_is_mirrored(kubeconfig, api, objects):
+    async with operator(kubeconfig):
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(
+            lambda: (
+                (objects(CD_RESOURCE, NS, "demo").get("status") or {}).get("observedGeneration")
+                == 1
+            )
+        )
+        rs = objects(RS_RESOURCE, NS, "demo")
+        # KubeRay reports the service healthy.
+        await api.patch(
+            RS_RESOURCE,
+            "demo",
+            {
+                "status": {
+                    "observedGeneration": rs["metadata"]["generation"],
+                    "serviceStatus": "Running",
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "RayServiceReady",
+                            "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z",
+                        }
+                    ],
+                    "activeServiceStatus": {
+                        "applicationStatuses": {"chatfleet": {"status": "RUNNING"}}
+                    },
+                }
+            },
+            sub="status",
+        )
+        ready = await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "Ready"))
+                and c["status"] == "True"
+            )
+        )
+        assert ready
+        cd = objects(CD_RESOURCE, NS, "demo")
+        assert condition(cd, "Progressing")["status"] == "False"
+        assert cd["status"]["serviceStatus"] == "Running"
+        # Then an application fails.
+        await api.patch(
+            RS_RESOURCE,
+            "demo",
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "False",
+                            "reason": "Unhealthy",
+                            "message": "replica crashed",
+                            "lastTransitionTime": "2026-01-01T00:01:00Z",
+                        }
+                    ],
+                    "activeServiceStatus": {
+                        "applicationStatuses": {
+                            "chatfleet": {
+                                "status": "DEPLOY_FAILED",
+                                "message": "ImportError: no module",
+                            }
+                        }
+                    },
+                }
+            },
+            sub="status",
+        )
+        degraded = await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "Degraded"))
+                and c["status"] == "True"
+                and c
+            )
+        )
+    assert "DEPLOY_FAILED" in degraded["message"]
+    assert condition(objects(CD_RESOURCE, NS, "demo"), "Ready")["status"] == "False"
+
+
+def events_for(emulator: Any, name: str) -> list[dict[str, Any]]:
+    import kmock
+
+    res = kmock.resource("v1/events")
+    return [
+        obj.raw
+        for (r, _ns, _n), obj in emulator.objects.items()
+        if r == res and not obj.deleted and obj.raw.get("involvedObject", {}).get("name") == name
+    ]
+
+
+async def test_invalid_spec_is_reported_not_retried(kubeconfig, api, objects, emulator):
+    bad = chat_deployment(
+        serving={
+            "models": [
+                {"name": "big", "engine": "vllm"},  # no vllm block
+            ]
+        }
+    )
+    async with operator(kubeconfig) as rec:
+        await api.create(CD_RESOURCE, bad)
+        cond = await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "InvalidSpec"))
+                and c["status"] == "True"
+                and c
+            )
+        )
+        await eventually(lambda: events_for(emulator, "demo"))
+        await asyncio.sleep(1.0)  # no retries: a permanent error
+        assert rec.metrics.reconciles.labels("create", "invalid")._value.get() == 1
+        assert objects(RS_RESOURCE, NS, "demo") is None
+        # Fixing the spec recovers.
+        await api.patch(
+            CD_RESOURCE,
+            "demo",
+            {
+                "spec": {
+                    "serving": {
+                        "models": [
+                            {
+                                "name": "big",
+                                "engine": "vllm",
+                                "vllm": {"model": "Qwen/Qwen3-8B"},
+                                "num_gpus": 1,
+                            }
+                        ]
+                    },
+                    "cluster": {"gpuWorkers": {"gpusPerPod": 1}},
+                }
+            },
+        )
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        fixed = await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "InvalidSpec"))
+                and c["status"] == "False"
+            )
+        )
+    assert "spec.serving.models[0]" in cond["message"]
+    assert fixed
+    event = events_for(emulator, "demo")[0]
+    assert event["reason"] == "InvalidSpec"
+    assert event["type"] == "Warning"
+
+
+async def test_missing_secret_reference_is_invalid_until_created(kubeconfig, api, objects):
+    spec = {
+        "serving": {"models": [{"name": "fake", "engine": "fake"}]},
+        "cluster": {"databaseSecretRef": {"name": "pg", "key": "url"}},
+    }
+    async with operator(kubeconfig, missing_secret_retry_s=0.5):
+        await api.create(CD_RESOURCE, chat_deployment(**spec))
+        cond = await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "InvalidSpec"))
+                and c["status"] == "True"
+                and c
+            )
+        )
+        assert "spec.cluster.databaseSecretRef" in cond["message"]
+        await api.create(
+            "v1/secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "pg", "namespace": NS},
+                "data": {"url": base64.b64encode(b"postgresql://x").decode()},
+            },
+        )
+        rs = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"), within=15)
+    env = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert {
+        "name": "CHATFLEET_DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "pg", "key": "url"}},
+    } in env
+
+
+async def test_delete_removes_everything(kubeconfig, api, objects):
+    async with operator(kubeconfig):
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects("v1/secrets", NS, "demo-jwt"))
+        await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        await api.delete(CD_RESOURCE, "demo")
+        await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
+    assert objects(RS_RESOURCE, NS, "demo") is None
+    assert objects("v1/services", NS, "demo-chat") is None
+    assert objects("v1/secrets", NS, "demo-jwt") is None
+
+
+@pytest.mark.service_monitors
+async def test_drift_is_repaired_and_service_monitor_created(kubeconfig, api, objects):
+    async with operator(kubeconfig, drift_interval_s=0.5) as rec:
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(SM_RESOURCE, NS, "demo-chat"))
+        await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        await api.delete("v1/services", "demo-chat")
+        assert objects("v1/services", NS, "demo-chat") is None
+        await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        # Operator metrics are served over HTTP.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{rec.metrics_port}/metrics") as r,
+        ):
+            text = await r.text()
+    assert 'chatfleet_operator_reconciles_total{result="applied",trigger="timer"}' in text
+    assert "chatfleet_operator_reconcile_duration_seconds_bucket" in text
