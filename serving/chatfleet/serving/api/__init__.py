@@ -1,6 +1,23 @@
 """The ingress HTTP API (OpenAI-compatible and chatfleet-native), built from plain objects."""
 
-from chatfleet.serving.api._app import EngineClient, LocalEngineClient, create_app
+from chatfleet.serving.api._app import create_app
+from chatfleet.serving.api._gateway import (
+    ClassifierClient,
+    CompressorClient,
+    EngineClient,
+    LocalEngineClient,
+    LocalRouterClient,
+    RouterClient,
+)
 from chatfleet.serving.api._metrics import Metrics
 
-__all__ = ["EngineClient", "LocalEngineClient", "Metrics", "create_app"]
+__all__ = [
+    "ClassifierClient",
+    "CompressorClient",
+    "EngineClient",
+    "LocalEngineClient",
+    "LocalRouterClient",
+    "Metrics",
+    "RouterClient",
+    "create_app",
+]

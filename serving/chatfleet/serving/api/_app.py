@@ -7,12 +7,11 @@ under Ray Serve they wrap deployment handles (`chatfleet.serving.app`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,59 +19,28 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatfleet.serving.api._gateway import (
+    AUTO_MODEL,
+    CONVERSATION_HEADER,
+    ROUTE_HEADER,
+    VERSION,
+    ClassifierClient,
+    CompressorClient,
+    EngineClient,
+    Gateway,
+    RouterClient,
+    generate_events,
+    openai_completion,
+    openai_events,
+)
 from chatfleet.serving.api._metrics import Metrics
-from chatfleet.serving.api._schemas import (
-    ChatCompletionRequest,
-    GenerateRequest,
-    SamplingFields,
-    error_body,
-)
-from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
-from chatfleet.serving.engines import Engine, coalesce
-from chatfleet.serving.errors import (
-    ChatfleetError,
-    ModelNotFound,
-    PayloadTooLarge,
-    RequestError,
-)
-from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
-from chatfleet.serving.protocol import Message as ChatMessage
+from chatfleet.serving.api._routing_api import add_routing_routes
+from chatfleet.serving.api._schemas import ChatCompletionRequest, GenerateRequest, error_body
+from chatfleet.serving.api._streaming import EventStream
+from chatfleet.serving.config import AppConfig
+from chatfleet.serving.errors import ChatfleetError, PayloadTooLarge, RequestError
 
 logger = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
-
-
-class EngineClient(Protocol):
-    """How the ingress reaches one model: batches of chunks, and readiness."""
-
-    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]: ...
-
-    async def is_ready(self) -> bool: ...
-
-
-class LocalEngineClient:
-    """An engine in this process, with the same token batching as over Ray."""
-
-    def __init__(self, engine: Engine, coalescing: CoalesceConfig | None = None) -> None:
-        self.engine = engine
-        self.coalescing = coalescing or CoalesceConfig()
-        self.started = False
-
-    async def start(self) -> None:
-        await self.engine.start()
-        self.started = True
-
-    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
-        return coalesce(
-            self.engine.stream(request),
-            max_tokens=self.coalescing.max_tokens,
-            max_delay=self.coalescing.max_delay_ms / 1000,
-        )
-
-    async def is_ready(self) -> bool:
-        return self.started
 
 
 class _BodyLimit:
@@ -130,12 +98,6 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -149,131 +111,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-class _Gateway:
-    """The request handlers' shared state: config, engines, metrics."""
-
-    def __init__(
-        self, config: AppConfig, engines: Mapping[str, EngineClient], metrics: Metrics
-    ) -> None:
-        missing = [m.name for m in config.models if m.name not in engines]
-        if missing:
-            raise ValueError(f"no engine client for models: {', '.join(missing)}")
-        self.config = config
-        self.engines = engines
-        self.metrics = metrics
-        self.created = int(time.time())
-
-    def resolve(self, name: str | None) -> ModelConfig:
-        model = self.config.model(name or self.config.default_model_name)
-        if model is None:
-            served = ", ".join(m.name for m in self.config.models)
-            raise ModelNotFound(
-                f"model {name!r} is not served here (served: {served})", param="model"
-            )
-        return model
-
-    def generation_request(
-        self, model: ModelConfig, messages: list[ChatMessage], sampling: SamplingFields
-    ) -> GenerationRequest:
-        if len(messages) > self.config.server.max_messages:
-            raise RequestError(
-                f"at most {self.config.server.max_messages} messages per request",
-                param="messages",
-            )
-        limits = model.defaults
-        max_tokens = sampling.max_tokens or limits.max_tokens
-        if max_tokens > limits.max_tokens_limit:
-            raise RequestError(
-                f"max_tokens {max_tokens} exceeds this model's limit of {limits.max_tokens_limit}",
-                param="max_tokens",
-            )
-        return GenerationRequest(
-            model=model.name,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=limits.temperature
-            if sampling.temperature is None
-            else sampling.temperature,
-            top_p=limits.top_p if sampling.top_p is None else sampling.top_p,
-            stop=sampling.stop_list(),
-            seed=sampling.seed,
-        )
-
-    async def open_stream(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
-        """Start generating; errors before the first token raise here, not mid-stream.
-
-        The returned iterator replays the first batch, records metrics, and stops
-        the engine when it is closed early.
-        """
-        model = request.model
-        m = self.metrics
-        started = time.perf_counter()
-        source = self.engines[model].batches(request)
-        m.active_streams.labels(model).inc()
-        try:
-            first = await anext(source)
-        except StopAsyncIteration:
-            first = []
-        except BaseException:
-            m.active_streams.labels(model).dec()
-            m.generations.labels(model, "error").inc()
-            await _aclose(source)
-            raise
-        m.time_to_first_token.labels(model).observe(time.perf_counter() - started)
-        return self._instrumented(model, first, source)
-
-    async def _instrumented(
-        self, model: str, first: list[Chunk], source: AsyncIterator[list[Chunk]]
-    ) -> AsyncIterator[list[Chunk]]:
-        m = self.metrics
-        finish = "cancelled"
-        last = time.perf_counter()
-        try:
-            batch: list[Chunk] | None = first
-            while batch is not None:
-                tokens = sum(c.tokens for c in batch)
-                now = time.perf_counter()
-                if batch is not first and tokens:
-                    m.inter_token_latency.labels(model).observe((now - last) / tokens)
-                last = now
-                if tokens:
-                    m.tokens.labels(model, "output").inc(tokens)
-                for chunk in batch:
-                    if chunk.usage is not None:
-                        m.tokens.labels(model, "input").inc(chunk.usage.prompt_tokens)
-                    if chunk.finish_reason is not None:
-                        finish = chunk.finish_reason
-                yield batch
-                try:
-                    batch = await anext(source)
-                except StopAsyncIteration:
-                    batch = None
-        except ChatfleetError:
-            finish = "error"
-            raise
-        finally:
-            m.active_streams.labels(model).dec()
-            m.generations.labels(model, finish).inc()
-            await _aclose(source)
-
-    def error_event(self, exc: BaseException) -> dict[str, Any]:
-        err = exc if isinstance(exc, ChatfleetError) else ChatfleetError("generation failed")
-        if not isinstance(exc, ChatfleetError):
-            logger.exception("stream failed", exc_info=exc)
-        self.metrics.errors.labels(err.code).inc()
-        return error_body(err.message, type_=err.error_type, code=err.code, param=err.param)
-
-
 def create_app(
     config: AppConfig,
     engines: Mapping[str, EngineClient],
     *,
+    router: RouterClient | None = None,
+    classifier: ClassifierClient | None = None,
+    compressor: CompressorClient | None = None,
     metrics: Metrics | None = None,
     on_startup: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """Build the ingress ASGI app. ``on_startup`` runs once before serving."""
     metrics = metrics or Metrics()
-    gw = _Gateway(config, engines, metrics)
+    gw = Gateway(
+        config, engines, metrics, router=router, classifier=classifier, compressor=compressor
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -381,33 +233,58 @@ def create_app(
 
     @app.get("/v1/models", tags=["openai"], summary="The served models.")
     async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": gw.created,
+                "owned_by": "chatfleet",
+                "engine": m.engine,
+                "description": m.description,
+            }
+            for m in config.models
+        ]
+        if router is not None:
+            data.append(
                 {
-                    "id": m.name,
+                    "id": AUTO_MODEL,
                     "object": "model",
                     "created": gw.created,
                     "owned_by": "chatfleet",
-                    "engine": m.engine,
-                    "description": m.description,
+                    "engine": "router",
+                    "description": "Chooses a model from the prompt's category.",
                 }
-                for m in config.models
-            ],
-        }
+            )
+        return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completion, streamed or not.")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        model = gw.resolve(body.model)
-        request = gw.generation_request(model, [m.to_message() for m in body.messages], body)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        accepted_at = time.perf_counter()
+        messages = [m.to_message() for m in body.messages]
+        route: dict[str, Any] | None = None
+        if body.model == AUTO_MODEL:
+            conversation_id = raw.headers.get(CONVERSATION_HEADER) or body.conversation_id()
+            decision = await gw.decide(messages, conversation_id)
+            decision, request, batches = await gw.open_routed(decision, body, accepted_at)
+            gw.remember_route(conversation_id, decision)
+            route = decision.explain()
+            headers = {ROUTE_HEADER: decision.header()}
+        else:
+            model = gw.resolve(body.model)
+            request = gw.generation_request(model, messages, body)
+            batches = await gw.open_stream(request, accepted_at=accepted_at)
+            headers = {}
         completion_id = f"chatcmpl-{request.request_id}"
-        batches = await gw.open_stream(request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(
-                _openai_events(gw, batches, completion_id, model.name, include_usage)
+                openai_events(gw, batches, completion_id, request.model, include_usage, route),
+                headers=headers,
             )
-        return JSONResponse(await _openai_completion(batches, completion_id, model.name))
+        completion = await openai_completion(batches, completion_id, request.model)
+        if route is not None:
+            completion["chatfleet_route"] = route
+        return JSONResponse(completion, headers=headers)
 
     # ---- chatfleet native --------------------------------------------------------
 
@@ -424,114 +301,7 @@ def create_app(
         model = gw.resolve(body.model)
         request = gw.generation_request(model, body.to_messages(), body)
         batches = await gw.open_stream(request)
-        return EventStream(_generate_events(gw, batches, model.name, request.request_id))
+        return EventStream(generate_events(gw, batches, model.name, request.request_id))
 
+    add_routing_routes(app, gw)
     return app
-
-
-async def _openai_completion(
-    batches: AsyncIterator[list[Chunk]], completion_id: str, model: str
-) -> dict[str, Any]:
-    text: list[str] = []
-    thinking: list[str] = []
-    finish: str | None = None
-    usage: Usage | None = None
-    tokens = 0
-    try:
-        async for batch in batches:
-            for chunk in batch:
-                (thinking if chunk.kind == "thinking" else text).append(chunk.text)
-                tokens += chunk.tokens
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-    finally:
-        await _aclose(batches)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    usage = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop"}],
-        "usage": _usage_dict(usage),
-    }
-
-
-def _usage_dict(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-async def _openai_events(
-    gw: _Gateway,
-    batches: AsyncIterator[list[Chunk]],
-    completion_id: str,
-    model: str,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    created = int(time.time())
-    head = (
-        f'{{"id":"{completion_id}","object":"chat.completion.chunk",'
-        f'"created":{created},"model":{json.dumps(model)},"choices":'
-    )
-
-    def event(choices: str, extra: str = "") -> str:
-        return f"data: {head}{choices}{extra}}}\n\n"
-
-    usage: Usage | None = None
-    finish: str | None = None
-    tokens = 0
-    try:
-        yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
-        async for batch in batches:
-            for chunk in batch:
-                tokens += chunk.tokens
-                usage = chunk.usage or usage
-                finish = chunk.finish_reason or finish
-                if chunk.text:
-                    key = "reasoning_content" if chunk.kind == "thinking" else "content"
-                    delta = json.dumps({key: chunk.text})
-                    yield event(f'[{{"index":0,"delta":{delta},"finish_reason":null}}]')
-        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{finish or "stop"}"}}]')
-        if include_usage:
-            final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-            yield event("[]", f',"usage":{json.dumps(_usage_dict(final))}')
-    except ChatfleetError as exc:
-        # OpenAI's own streams report late failures as an event with an "error" key.
-        yield sse(gw.error_event(exc))
-    except Exception as exc:
-        yield sse(gw.error_event(exc))
-    finally:
-        await _aclose(batches)
-    yield "data: [DONE]\n\n"
-
-
-async def _generate_events(
-    gw: _Gateway, batches: AsyncIterator[list[Chunk]], model: str, request_id: str
-) -> AsyncIterator[str]:
-    usage: Usage | None = None
-    finish: str | None = None
-    tokens = 0
-    try:
-        yield sse({"model": model, "request_id": request_id}, "metadata")
-        async for batch in batches:
-            for chunk in batch:
-                tokens += chunk.tokens
-                usage = chunk.usage or usage
-                finish = chunk.finish_reason or finish
-                if chunk.text:
-                    kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
-                    yield sse({"text": chunk.text}, kind)
-    except Exception as exc:
-        yield sse(gw.error_event(exc), "error")
-        finish = "error"
-    finally:
-        await _aclose(batches)
-    final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-    yield sse({"finish_reason": finish or "stop", "usage": _usage_dict(final)}, "end_stream")

@@ -68,5 +68,42 @@ class Metrics:
             registry=r,
         )
 
+        self.routing_duration = Histogram(
+            "chatfleet_routing_duration_seconds",
+            "Time to a routing decision (classification and compression included).",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.routing_decisions = Counter(
+            "chatfleet_routing_decisions_total",
+            "Routed requests by category, chosen model and reason.",
+            ["category", "model", "reason"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "chatfleet_routing_fallbacks_total",
+            "Models skipped because they failed before their first token.",
+            ["from_model", "to_model"],
+            registry=r,
+        )
+        self.classifier_duration = Histogram(
+            "chatfleet_classifier_duration_seconds",
+            "Latency of /api/classify calls to the classifier.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.compressor_duration = Histogram(
+            "chatfleet_compressor_duration_seconds",
+            "Latency of /api/compress calls to the compressor.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.compression_ratio = Histogram(
+            "chatfleet_compression_ratio",
+            "Compressed tokens / original tokens of compressed prompts.",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

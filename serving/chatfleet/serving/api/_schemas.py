@@ -69,6 +69,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
     n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
 
+    def conversation_id(self) -> str | None:
+        """A chatfleet extension: routes of one conversation stick together."""
+        value = (self.model_extra or {}).get("conversation_id")
+        return str(value) if value else None
+
     @model_validator(mode="after")
     def _alias(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -104,6 +109,84 @@ class GenerateRequest(SamplingFields):
             assert self.messages is not None
             out.extend(m.to_message() for m in self.messages)
         return out
+
+
+class ClassifyRequest(BaseModel):
+    """`POST /api/classify`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="The text to classify.")
+    possible_categories: list[str] | None = Field(
+        None, description="Labels to score; empty means the configured categories."
+    )
+    descriptions: dict[str, str] | None = Field(
+        None, description="Optional label descriptions, compared along with the names."
+    )
+    multi_label: bool = Field(False, description="Score labels independently.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("possible_categories")
+    @classmethod
+    def _categories(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one category, or leave the field out")
+        if any(not v.strip() for v in value):
+            raise ValueError("categories must not be empty strings")
+        duplicates = sorted({v for v in value if value.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate categories: {', '.join(duplicates)}")
+        if len(value) > 64:
+            raise ValueError("at most 64 categories")
+        return value
+
+
+class CompressRequest(BaseModel):
+    """`POST /api/compress`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="The context to compress.")
+    question: str = Field("", description="A question kept verbatim; guides what is kept.")
+    ratio: float | None = Field(
+        None, gt=0, le=1, description="Fraction of tokens to keep; empty: the configured one."
+    )
+
+
+class SelectRequest(SamplingFields):
+    """`POST /api/models/select`: route a prompt, then stream the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="A conversation, instead of prompt."
+    )
+    conversation_id: str | None = Field(
+        None, max_length=200, description="Keeps a conversation on its model (hysteresis)."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> SelectRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def to_messages(self) -> list[Message]:
+        if self.prompt is not None:
+            return [Message(role="user", content=self.prompt)]
+        assert self.messages is not None
+        return [m.to_message() for m in self.messages]
 
 
 def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,418 @@
+"""What the request handlers share: engine/router clients and the gateway state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any, Protocol
+
+from chatfleet.serving.api._metrics import Metrics
+from chatfleet.serving.api._schemas import SamplingFields, error_body
+from chatfleet.serving.api._streaming import sse
+from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
+from chatfleet.serving.engines import Engine, coalesce
+from chatfleet.serving.errors import (
+    ChatfleetError,
+    EngineError,
+    ModelNotFound,
+    RequestError,
+)
+from chatfleet.serving.protocol import (
+    Chunk,
+    Classification,
+    Compression,
+    GenerationRequest,
+    Usage,
+)
+from chatfleet.serving.protocol import Message as ChatMessage
+from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+
+logger = logging.getLogger(__name__)
+
+_ROUTE_MEMORY = 10_000
+
+VERSION = "0.1.0"
+AUTO_MODEL = "auto"
+ROUTE_HEADER = "x-chatfleet-route"
+CONVERSATION_HEADER = "x-chatfleet-conversation-id"
+
+
+class EngineClient(Protocol):
+    """How the ingress reaches one model: batches of chunks, and readiness."""
+
+    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]: ...
+
+    async def is_ready(self) -> bool: ...
+
+
+class RouterClient(Protocol):
+    """How the ingress asks for a routing decision (one call per request)."""
+
+    async def decide(
+        self, messages: list[ChatMessage], previous: PreviousRoute | None, compress: bool
+    ) -> RoutingDecision: ...
+
+    async def rankings(self) -> dict[str, Any]: ...
+
+
+class ClassifierClient(Protocol):
+    async def classify(
+        self,
+        prompt: str,
+        labels: list[str] | None,
+        descriptions: dict[str, str] | None,
+        multi_label: bool,
+    ) -> Classification: ...
+
+
+class CompressorClient(Protocol):
+    async def compress(self, context: str, question: str, ratio: float | None) -> Compression: ...
+
+
+class LocalRouterClient:
+    """A `Router` in this process."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def decide(
+        self, messages: list[ChatMessage], previous: PreviousRoute | None, compress: bool
+    ) -> RoutingDecision:
+        return await self.router.decide(messages, previous, compress)
+
+    async def rankings(self) -> dict[str, Any]:
+        return self.router.rankings()
+
+
+class LocalEngineClient:
+    """An engine in this process, with the same token batching as over Ray."""
+
+    def __init__(self, engine: Engine, coalescing: CoalesceConfig | None = None) -> None:
+        self.engine = engine
+        self.coalescing = coalescing or CoalesceConfig()
+        self.started = False
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.started = True
+
+    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
+        return coalesce(
+            self.engine.stream(request),
+            max_tokens=self.coalescing.max_tokens,
+            max_delay=self.coalescing.max_delay_ms / 1000,
+        )
+
+    async def is_ready(self) -> bool:
+        return self.started
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class Gateway:
+    """The request handlers' shared state: config, engines, metrics."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        engines: Mapping[str, EngineClient],
+        metrics: Metrics,
+        *,
+        router: RouterClient | None = None,
+        classifier: ClassifierClient | None = None,
+        compressor: CompressorClient | None = None,
+    ) -> None:
+        missing = [m.name for m in config.models if m.name not in engines]
+        if missing:
+            raise ValueError(f"no engine client for models: {', '.join(missing)}")
+        self.config = config
+        self.engines = engines
+        self.metrics = metrics
+        self.router = router
+        self.classifier = classifier
+        self.compressor = compressor
+        # Conversation -> its last route, for hysteresis. Bounded; replica-local
+        # until conversations are stored (then the store holds it).
+        self.routes: OrderedDict[str, PreviousRoute] = OrderedDict()
+        self.created = int(time.time())
+
+    def remember_route(self, conversation_id: str | None, decision: RoutingDecision) -> None:
+        if not conversation_id:
+            return
+        self.routes[conversation_id] = decision.as_previous()
+        self.routes.move_to_end(conversation_id)
+        while len(self.routes) > _ROUTE_MEMORY:
+            self.routes.popitem(last=False)
+
+    async def decide(
+        self, messages: list[ChatMessage], conversation_id: str | None = None
+    ) -> RoutingDecision:
+        if self.router is None:
+            raise ModelNotFound(
+                "model 'auto' needs routing: this server has no routing configured",
+                param="model",
+            )
+        previous = self.routes.get(conversation_id) if conversation_id else None
+        started = time.perf_counter()
+        decision = await self.router.decide(messages, previous, True)
+        self.metrics.routing_duration.observe(time.perf_counter() - started)
+        return decision
+
+    async def open_routed(
+        self, decision: RoutingDecision, sampling: SamplingFields, accepted_at: float
+    ) -> tuple[RoutingDecision, GenerationRequest, AsyncIterator[list[Chunk]]]:
+        """Open a stream on the decided model, falling back while none has started."""
+        current: RoutingDecision | None = decision
+        while True:
+            assert current is not None
+            model = self.resolve(current.model)
+            request = self.generation_request(model, current.messages, sampling)
+            try:
+                batches = await self.open_stream(request, accepted_at=accepted_at)
+            except EngineError as exc:
+                following = current.next_fallback()
+                if following is None:
+                    raise
+                logger.warning(
+                    "model %s failed before its first token (%s); falling back to %s",
+                    current.model,
+                    exc.code,
+                    following.model,
+                )
+                self.metrics.fallbacks.labels(current.model, following.model).inc()
+                current = following
+                continue
+            self.metrics.routing_decisions.labels(
+                current.category or "none", current.model, current.reason
+            ).inc()
+            if current.compression is not None and not current.compression.skipped:
+                self.metrics.compression_ratio.observe(current.compression.ratio)
+            return current, request, batches
+
+    def resolve(self, name: str | None) -> ModelConfig:
+        model = self.config.model(name or self.config.default_model_name)
+        if model is None:
+            served = ", ".join(m.name for m in self.config.models)
+            raise ModelNotFound(
+                f"model {name!r} is not served here (served: {served})", param="model"
+            )
+        return model
+
+    def generation_request(
+        self, model: ModelConfig, messages: list[ChatMessage], sampling: SamplingFields
+    ) -> GenerationRequest:
+        if len(messages) > self.config.server.max_messages:
+            raise RequestError(
+                f"at most {self.config.server.max_messages} messages per request",
+                param="messages",
+            )
+        limits = model.defaults
+        max_tokens = sampling.max_tokens or limits.max_tokens
+        if max_tokens > limits.max_tokens_limit:
+            raise RequestError(
+                f"max_tokens {max_tokens} exceeds this model's limit of {limits.max_tokens_limit}",
+                param="max_tokens",
+            )
+        return GenerationRequest(
+            model=model.name,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=limits.temperature
+            if sampling.temperature is None
+            else sampling.temperature,
+            top_p=limits.top_p if sampling.top_p is None else sampling.top_p,
+            stop=sampling.stop_list(),
+            seed=sampling.seed,
+        )
+
+    async def open_stream(
+        self, request: GenerationRequest, *, accepted_at: float | None = None
+    ) -> AsyncIterator[list[Chunk]]:
+        """Start generating; errors before the first token raise here, not mid-stream.
+
+        The returned iterator replays the first batch, records metrics, and stops
+        the engine when it is closed early.
+        """
+        model = request.model
+        m = self.metrics
+        started = accepted_at if accepted_at is not None else time.perf_counter()
+        source = self.engines[model].batches(request)
+        m.active_streams.labels(model).inc()
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            first = []
+        except BaseException:
+            m.active_streams.labels(model).dec()
+            m.generations.labels(model, "error").inc()
+            await _aclose(source)
+            raise
+        m.time_to_first_token.labels(model).observe(time.perf_counter() - started)
+        return self._instrumented(model, first, source)
+
+    async def _instrumented(
+        self, model: str, first: list[Chunk], source: AsyncIterator[list[Chunk]]
+    ) -> AsyncIterator[list[Chunk]]:
+        m = self.metrics
+        finish = "cancelled"
+        last = time.perf_counter()
+        try:
+            batch: list[Chunk] | None = first
+            while batch is not None:
+                tokens = sum(c.tokens for c in batch)
+                now = time.perf_counter()
+                if batch is not first and tokens:
+                    m.inter_token_latency.labels(model).observe((now - last) / tokens)
+                last = now
+                if tokens:
+                    m.tokens.labels(model, "output").inc(tokens)
+                for chunk in batch:
+                    if chunk.usage is not None:
+                        m.tokens.labels(model, "input").inc(chunk.usage.prompt_tokens)
+                    if chunk.finish_reason is not None:
+                        finish = chunk.finish_reason
+                yield batch
+                try:
+                    batch = await anext(source)
+                except StopAsyncIteration:
+                    batch = None
+        except ChatfleetError:
+            finish = "error"
+            raise
+        finally:
+            m.active_streams.labels(model).dec()
+            m.generations.labels(model, finish).inc()
+            await _aclose(source)
+
+    def error_event(self, exc: BaseException) -> dict[str, Any]:
+        err = exc if isinstance(exc, ChatfleetError) else ChatfleetError("generation failed")
+        if not isinstance(exc, ChatfleetError):
+            logger.exception("stream failed", exc_info=exc)
+        self.metrics.errors.labels(err.code).inc()
+        return error_body(err.message, type_=err.error_type, code=err.code, param=err.param)
+
+
+async def openai_completion(
+    batches: AsyncIterator[list[Chunk]], completion_id: str, model: str
+) -> dict[str, Any]:
+    text: list[str] = []
+    thinking: list[str] = []
+    finish: str | None = None
+    usage: Usage | None = None
+    tokens = 0
+    try:
+        async for batch in batches:
+            for chunk in batch:
+                (thinking if chunk.kind == "thinking" else text).append(chunk.text)
+                tokens += chunk.tokens
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+    finally:
+        await _aclose(batches)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
+    usage = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop"}],
+        "usage": _usage_dict(usage),
+    }
+
+
+def _usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+async def openai_events(
+    gw: Gateway,
+    batches: AsyncIterator[list[Chunk]],
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    route: dict[str, Any] | None = None,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    head = (
+        f'{{"id":"{completion_id}","object":"chat.completion.chunk",'
+        f'"created":{created},"model":{json.dumps(model)},"choices":'
+    )
+
+    def event(choices: str, extra: str = "") -> str:
+        return f"data: {head}{choices}{extra}}}\n\n"
+
+    usage: Usage | None = None
+    finish: str | None = None
+    tokens = 0
+    try:
+        if route is not None:
+            # The route first, in a chunk with no choices (as OpenAI's usage chunk):
+            # clients that don't know the field skip it.
+            yield event("[]", f',"chatfleet_route":{json.dumps(route)}')
+        yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
+        async for batch in batches:
+            for chunk in batch:
+                tokens += chunk.tokens
+                usage = chunk.usage or usage
+                finish = chunk.finish_reason or finish
+                if chunk.text:
+                    key = "reasoning_content" if chunk.kind == "thinking" else "content"
+                    delta = json.dumps({key: chunk.text})
+                    yield event(f'[{{"index":0,"delta":{delta},"finish_reason":null}}]')
+        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{finish or "stop"}"}}]')
+        if include_usage:
+            final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
+            yield event("[]", f',"usage":{json.dumps(_usage_dict(final))}')
+    except ChatfleetError as exc:
+        # OpenAI's own streams report late failures as an event with an "error" key.
+        yield sse(gw.error_event(exc))
+    except Exception as exc:
+        yield sse(gw.error_event(exc))
+    finally:
+        await _aclose(batches)
+    yield "data: [DONE]\n\n"
+
+
+async def generate_events(
+    gw: Gateway,
+    batches: AsyncIterator[list[Chunk]],
+    model: str,
+    request_id: str,
+    *,
+    metadata: bool = True,
+) -> AsyncGenerator[str, None]:
+    usage: Usage | None = None
+    finish: str | None = None
+    tokens = 0
+    try:
+        if metadata:
+            yield sse({"model": model, "request_id": request_id}, "metadata")
+        async for batch in batches:
+            for chunk in batch:
+                tokens += chunk.tokens
+                usage = chunk.usage or usage
+                finish = chunk.finish_reason or finish
+                if chunk.text:
+                    kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
+                    yield sse({"text": chunk.text}, kind)
+    except Exception as exc:
+        yield sse(gw.error_event(exc), "error")
+        finish = "error"
+    finally:
+        await _aclose(batches)
+    final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
+    yield sse({"finish_reason": finish or "stop", "usage": _usage_dict(final)}, "end_stream")

@@ -1,0 +1,113 @@
+"""Routing endpoints: classify, compress, select a model and stream, rankings."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway, generate_events
+from chatfleet.serving.api._schemas import ClassifyRequest, CompressRequest, SelectRequest
+from chatfleet.serving.api._streaming import EventStream, sse
+from chatfleet.serving.errors import RequestError
+from chatfleet.serving.routing import RoutingDecision
+
+
+class _NotConfigured(RequestError):
+    status_code = 404
+    code = "not_configured"
+
+
+def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.post(
+        "/api/classify",
+        tags=["routing"],
+        summary="Zero-shot classification of a prompt.",
+        description="Scores every label; single-label scores sum to 1.",
+    )
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        if gw.classifier is None:
+            raise _NotConfigured("no classifier is configured on this server")
+        started = time.perf_counter()
+        result = await gw.classifier.classify(
+            body.prompt, body.possible_categories, body.descriptions, body.multi_label
+        )
+        gw.metrics.classifier_duration.observe(time.perf_counter() - started)
+        category, confidence = result.top
+        return {
+            "category": category,
+            "confidence": confidence,
+            "labels": result.labels,
+            "scores": result.scores,
+            "multi_label": result.multi_label,
+        }
+
+    @app.post(
+        "/api/compress",
+        tags=["routing"],
+        summary="Compress a text with LLMLingua.",
+        description="Texts under the configured token threshold come back unchanged.",
+    )
+    async def compress(body: CompressRequest) -> dict[str, Any]:
+        if gw.compressor is None:
+            raise _NotConfigured("no compressor is configured on this server")
+        started = time.perf_counter()
+        result = await gw.compressor.compress(body.text, body.question, body.ratio)
+        gw.metrics.compressor_duration.observe(time.perf_counter() - started)
+        if not result.skipped:
+            gw.metrics.compression_ratio.observe(result.ratio)
+        return {
+            "compressed_text": result.text,
+            "original_tokens": result.original_tokens,
+            "compressed_tokens": result.compressed_tokens,
+            "ratio": result.ratio,
+            "requested_ratio": body.ratio,
+            "skipped": result.skipped,
+        }
+
+    @app.get(
+        "/api/model-rankings",
+        tags=["routing"],
+        summary="For each category, the models in the order they are tried.",
+    )
+    async def model_rankings() -> dict[str, Any]:
+        if gw.router is None:
+            raise _NotConfigured("no routing is configured on this server")
+        return await gw.router.rankings()
+
+    @app.post(
+        "/api/models/select",
+        tags=["routing"],
+        summary="Route a prompt to a model and stream its answer (SSE).",
+        description=(
+            "Events: `metadata` {selected_model, category, confidence, reason, scores,"
+            " compression, fallbacks}; `thinking_chunk` and `text_chunk` {text}; `error`;"
+            " `end_stream` {finish_reason, usage}."
+        ),
+    )
+    async def select(body: SelectRequest) -> Response:
+        accepted_at = time.perf_counter()
+        decision = await gw.decide(body.to_messages(), body.conversation_id)
+        decision, request, batches = await gw.open_routed(decision, body, accepted_at)
+        gw.remember_route(body.conversation_id, decision)
+        return EventStream(
+            _select_events(gw, decision, batches, request.request_id),
+            headers={ROUTE_HEADER: decision.header()},
+        )
+
+
+async def _select_events(
+    gw: Gateway, decision: RoutingDecision, batches: Any, request_id: str
+) -> AsyncIterator[str]:
+    info = decision.explain()
+    info["selected_model"] = info.pop("model")
+    info["request_id"] = request_id
+    yield sse(info, "metadata")
+    events = generate_events(gw, batches, decision.model, request_id, metadata=False)
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield event
