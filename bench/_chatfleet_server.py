@@ -1,0 +1,60 @@
+"""Run the chatfleet app on a private Ray instance until stdin closes (bench helper).
+
+Usage: ``python bench/_chatfleet_server.py CONFIG_JSON PORT``. Starts Ray the way
+``chatfleet serve`` does (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless already set,
+``ray.init``, ``serve.start(http_options)``, ``serve.run(build_app(config),
+route_prefix="/")``), prints ``READY`` on stdout, and shuts Ray down when its
+stdin reaches EOF (the bench closes it) or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def main() -> int:
+    config_json, port = sys.argv[1], int(sys.argv[2])
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+
+    import ray
+    from ray import serve
+
+    from chatfleet.serving.app import APP_NAME, build_app
+    from chatfleet.serving.config import AppConfig
+
+    config = AppConfig.model_validate(json.loads(config_json))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = time.perf_counter()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"READY {time.perf_counter() - started:.1f}", flush=True)
+
+        def wait_stdin() -> None:
+            sys.stdin.read()
+            stop.set()
+
+        threading.Thread(target=wait_stdin, daemon=True).start()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The baseline for bench/gateway.py: one FastAPI + uvicorn process, one token per event.
+
+Usage: ``python bench/_naive_server.py ENGINES_JSON PORT`` (``{model name: fake
+engine settings}``). Serves
+``POST /api/generate`` with the same request body and SSE events as chatfleet
+(``text_chunk`` {text} per token, then ``end_stream``) straight from a
+`FakeEngine` in this process: no Ray, no coalescing, no metrics, no middleware.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from chatfleet.serving.config import ModelConfig
+from chatfleet.serving.engines.fake import FakeEngine
+from chatfleet.serving.protocol import GenerationRequest, Message
+
+
+class Body(BaseModel):
+    model: str | None = None
+    prompt: str
+    max_tokens: int = 256
+
+
+def build(models: dict[str, dict[str, object]]) -> FastAPI:
+    engines = {
+        name: FakeEngine(ModelConfig(name=name, engine="fake", fake=fake))
+        for name, fake in models.items()
+    }
+    default = next(iter(engines))
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/generate")
+    async def generate(body: Body) -> StreamingResponse:
+        engine = engines[body.model or default]
+        request = GenerationRequest(
+            model=engine.name, messages=[Message("user", body.prompt)], max_tokens=body.max_tokens
+        )
+
+        async def events() -> AsyncIterator[str]:
+            finish = "stop"
+            async for chunk in engine.stream(request):
+                if chunk.text:
+                    yield f"event: text_chunk\ndata: {json.dumps({'text': chunk.text})}\n\n"
+                finish = chunk.finish_reason or finish
+            yield f"event: end_stream\ndata: {json.dumps({'finish_reason': finish})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def main() -> int:
+    models, port = json.loads(sys.argv[1]), int(sys.argv[2])
+    uvicorn.run(build(models), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
