@@ -66,10 +66,15 @@ _ENGINES_NEEDING_SETTINGS = ("vllm", "ollama", "openai")
 _RULES: dict[str, list[dict[str, str]]] = {
     "ChatDeploymentSpec": [
         _rule(
-            "!has(self.serving) || !has(self.serving.models)"
-            " || !self.serving.models.exists(m, has(m.num_gpus) && m.num_gpus > 0)"
-            " || (has(self.cluster) && has(self.cluster.gpuWorkers))",
-            "models that ask for GPUs (num_gpus > 0) need spec.cluster.gpuWorkers",
+            "!has(self.serving) || has(self.cluster) && has(self.cluster.gpuWorkers) || !("
+            "(has(self.serving.models) && self.serving.models.exists(m,"
+            " has(m.num_gpus) && m.num_gpus > 0.0))"
+            " || (has(self.serving.classifier) && has(self.serving.classifier.num_gpus)"
+            " && self.serving.classifier.num_gpus > 0.0)"
+            " || (has(self.serving.compressor) && has(self.serving.compressor.num_gpus)"
+            " && self.serving.compressor.num_gpus > 0.0))",
+            "models, classifier or compressor asking for GPUs (num_gpus > 0) need"
+            " spec.cluster.gpuWorkers",
         ),
     ],
     "AppConfig": [
@@ -77,6 +82,38 @@ _RULES: dict[str, list[dict[str, str]]] = {
             "!has(self.default_model) || self.models.exists(m, m.name == self.default_model)",
             "default_model must name a declared model",
             ".default_model",
+        ),
+        _rule("!has(self.routing) || has(self.classifier)", "routing needs a classifier"),
+        _rule(
+            "!has(self.routing) || !has(self.routing.routes) || self.routing.routes.all(r,"
+            " self.models.exists(m, m.name == r.model))",
+            "every route must target a declared model",
+            ".routing.routes",
+        ),
+        _rule(
+            "!has(self.routing) || !has(self.routing.routes) || self.routing.routes.all(r,"
+            " !has(r.fallbacks) || r.fallbacks.all(f, self.models.exists(m, m.name == f)))",
+            "every route fallback must be a declared model",
+            ".routing.routes",
+        ),
+        _rule(
+            "!has(self.routing) || !has(self.routing.fallbacks) || self.routing.fallbacks.all(f,"
+            " self.models.exists(m, m.name == f))",
+            "routing.fallbacks must be declared models",
+            ".routing.fallbacks",
+        ),
+        _rule(
+            "!has(self.routing) || !has(self.routing.default_model)"
+            " || self.models.exists(m, m.name == self.routing.default_model)",
+            "routing.default_model must be a declared model",
+            ".routing.default_model",
+        ),
+        _rule(
+            "!has(self.routing) || !has(self.classifier) || !has(self.routing.routes)"
+            " || self.routing.routes.all(r,"
+            " self.classifier.categories.exists(c, c.name == r.category))",
+            "every route must name a category of the classifier",
+            ".routing.routes",
         ),
     ],
     "ModelConfig": [
@@ -129,6 +166,20 @@ _BOUNDS: dict[str, dict[str, dict[str, Any]]] = {
     "AppConfig": {
         "default_model": {"maxLength": 63},
         "models": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    },
+    "ClassifierConfig": {
+        "categories": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    },
+    "CategoryConfig": {"name": {"maxLength": 63}},
+    "RoutingConfig": {
+        "routes": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["category"]},
+        "default_model": {"maxLength": 63},
+        "fallbacks": {"items": {"maxLength": 63}},
+    },
+    "RouteConfig": {
+        "category": {"maxLength": 63},
+        "model": {"maxLength": 63},
+        "fallbacks": {"items": {"maxLength": 63}},
     },
     "ClusterSpec": {"envFromSecrets": {"items": {"maxLength": 253}}},
     "HeadGroup": {"nodeSelector": {"maxProperties": 32}},

@@ -73,6 +73,12 @@ class Toleration(_Model):
         None, ge=0, description="With NoExecute: how long the pod stays after the taint."
     )
 
+    @model_validator(mode="after")
+    def _value_needs_equal(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("value must be empty with Exists")
+        return self
+
 
 class _PodPlacement(_Model):
     node_selector: dict[str, str] = Field(
@@ -218,10 +224,22 @@ class ChatDeploymentSpec(_Model):
 
     @model_validator(mode="after")
     def _placement_exists(self) -> ChatDeploymentSpec:
-        needs_gpu = [m.name for m in self.serving.models if m.num_gpus > 0]
+        serving = self.serving
+        needs_gpu = [f"model {m.name}" for m in serving.models if m.num_gpus > 0]
+        for part in ("classifier", "compressor"):
+            config = getattr(serving, part)
+            if config is not None and config.num_gpus > 0:
+                needs_gpu.append(part)
         if needs_gpu and self.cluster.gpu_workers is None:
             raise ValueError(
-                f"models {', '.join(needs_gpu)} ask for GPUs but spec.cluster.gpuWorkers is empty"
+                f"{', '.join(needs_gpu)} ask for GPUs (num_gpus > 0)"
+                " but spec.cluster.gpuWorkers is empty"
+            )
+        inline_keys = [m.name for m in serving.models if m.openai and m.openai.api_key]
+        if inline_keys:
+            raise ValueError(
+                f"models {', '.join(inline_keys)}: an inline openai.api_key would be stored in"
+                " plain text; set api_key_env and load it with spec.cluster.envFromSecrets"
             )
         return self
 

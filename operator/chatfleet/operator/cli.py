@@ -12,20 +12,23 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_CRD_PATH = Path("crds") / "chatfleet.dev_chatdeployments.yaml"
+CRD_FILE = "chatfleet.dev_chatdeployments.yaml"
+# The CRD lives at the repository root and, identical, in the Helm chart.
+DEFAULT_CRD_PATHS = (Path("crds") / CRD_FILE, Path("charts") / "chatfleet" / "crds" / CRD_FILE)
 
 
 def _crd(args: argparse.Namespace) -> int:
     from chatfleet.operator._crd import render_crd_yaml
 
     text = render_crd_yaml()
-    if args.output == "-":
-        sys.stdout.write(text)
-        return 0
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}", file=sys.stderr)
+    for output in args.output or [str(p) for p in DEFAULT_CRD_PATHS]:
+        if output == "-":
+            sys.stdout.write(text)
+            continue
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -56,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     crd = sub.add_parser("crd", help="write the ChatDeployment CRD (generated from the models)")
     crd.add_argument(
-        "--output", "-o", default=str(DEFAULT_CRD_PATH), help="file to write, or - for stdout"
+        "--output",
+        "-o",
+        action="append",
+        help="file to write, or - for stdout; repeatable"
+        f" (default: {' and '.join(map(str, DEFAULT_CRD_PATHS))})",
     )
     crd.set_defaults(func=_crd)
     run = sub.add_parser("run", help="run the operator")
