@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from ray import serve
@@ -21,16 +22,40 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving.api import create_app
-from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig, load_config
+from chatfleet.serving.config import (
+    AppConfig,
+    ClassifierConfig,
+    CoalesceConfig,
+    CompressorConfig,
+    ModelConfig,
+    load_config,
+)
 from chatfleet.serving.engines import coalesce, create_engine
 from chatfleet.serving.errors import ChatfleetError, EngineError
-from chatfleet.serving.protocol import Chunk, GenerationRequest
+from chatfleet.serving.protocol import (
+    Chunk,
+    Classification,
+    Compression,
+    GenerationRequest,
+    Message,
+)
+from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
 
-__all__ = ["APP_NAME", "EngineDeployment", "Ingress", "build_app"]
+__all__ = [
+    "APP_NAME",
+    "ClassifierDeployment",
+    "CompressorDeployment",
+    "EngineDeployment",
+    "Ingress",
+    "RouterDeployment",
+    "build_app",
+]
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "chatfleet"
+_T = TypeVar("_T")
+Handle = DeploymentHandle[Any]
 # Replicas drain for this long on shutdown or redeploy; streams past it are cut.
 _GRACEFUL_SHUTDOWN_S = 10.0
 
@@ -39,7 +64,7 @@ _GRACEFUL_SHUTDOWN_S = 10.0
 class EngineDeployment:
     """One model's engine. Streams batched chunks to the ingress."""
 
-    async def __init__(self, model: ModelConfig, coalescing: CoalesceConfig) -> None:
+    async def __init__(self, model: ModelConfig, coalescing: CoalesceConfig) -> None:  # type: ignore[misc]
         logging.basicConfig(level=logging.INFO)
         self._engine = create_engine(model)
         self._coalescing = coalescing
@@ -71,7 +96,7 @@ class EngineDeployment:
         finally:
             self._stats["active"] -= 1
             self._stats[outcome] += 1
-            await batches.aclose()
+            await batches.aclose()  # type: ignore[attr-defined]
 
     async def ready(self) -> bool:
         return True
@@ -84,16 +109,181 @@ class EngineDeployment:
         await self._engine.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _ClassifyJob:
+    prompt: str
+    labels: tuple[str, ...] | None
+    descriptions: tuple[tuple[str, str], ...] | None
+    multi_label: bool
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (self.labels, self.descriptions, self.multi_label)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
+class ClassifierDeployment:
+    """The zero-shot classifier; concurrent requests are batched (``@serve.batch``)."""
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        from chatfleet.serving.routing.classifier import create_classifier
+
+        logging.basicConfig(level=logging.INFO)
+        self._classifier = create_classifier(config)
+        self._classifier.load()
+        batched: Any = self._batched  # @serve.batch adds these setters
+        batched.set_max_batch_size(config.max_batch_size)
+        batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, jobs: list[_ClassifyJob]) -> list[Classification | Exception]:
+        # Jobs with the same labels share one forward pass; a group's failure (bad
+        # labels) goes back to that group's callers only, not the whole batch.
+        results: list[Classification | Exception] = [RuntimeError("unclassified")] * len(jobs)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(i)
+        for indices in groups.values():
+            first = jobs[indices[0]]
+            try:
+                out = await asyncio.to_thread(
+                    self._classifier.classify_batch,
+                    [jobs[i].prompt for i in indices],
+                    list(first.labels) if first.labels else None,
+                    dict(first.descriptions) if first.descriptions else None,
+                    first.multi_label,
+                )
+                for i, result in zip(indices, out, strict=True):
+                    results[i] = result
+            except Exception as exc:
+                for i in indices:
+                    results[i] = exc
+        return results
+
+    async def classify(
+        self,
+        prompt: str,
+        labels: list[str] | None = None,
+        descriptions: dict[str, str] | None = None,
+        multi_label: bool = False,
+    ) -> Classification:
+        job = _ClassifyJob(
+            prompt,
+            tuple(labels) if labels else None,
+            tuple(sorted(descriptions.items())) if descriptions else None,
+            multi_label,
+        )
+        result = await self._batched(job)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+@serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
+class CompressorDeployment:
+    """LLMLingua prompt compression (CPU- or GPU-bound; one call at a time per thread)."""
+
+    def __init__(self, config: CompressorConfig) -> None:
+        from chatfleet.serving.routing.compressor import Compressor
+
+        logging.basicConfig(level=logging.INFO)
+        self._compressor = Compressor(config)
+        self._compressor.load()
+
+    async def compress(
+        self, context: str, question: str = "", ratio: float | None = None
+    ) -> Compression:
+        return await asyncio.to_thread(self._compressor.compress, context, question, ratio)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
+class RouterDeployment:
+    """Turns a request into a `RoutingDecision` (classifier and compressor inside)."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        classifier: Handle,
+        compressor: Handle | None = None,
+    ) -> None:
+        async def classify(prompt: str) -> Classification:
+            result: Classification = await classifier.classify.remote(prompt)
+            return result
+
+        async def compress(context: str, question: str) -> Compression:
+            assert compressor is not None
+            result: Compression = await compressor.compress.remote(context, question)
+            return result
+
+        self._router = Router(config, classify, compress if compressor is not None else None)
+
+    async def decide(
+        self, messages: list[Message], previous: PreviousRoute | None, compress: bool
+    ) -> RoutingDecision:
+        return await _unwrapped(self._router.decide(messages, previous, compress))
+
+    async def rankings(self) -> dict[str, Any]:
+        return self._router.rankings()
+
+
+async def _unwrapped(call: Awaitable[_T]) -> _T:
+    """Await a handle call; re-raise our own errors as themselves, not RayTaskError."""
+    try:
+        return await call
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ChatfleetError):
+            raise exc.cause from None
+        raise
+
+
+class HandleRouterClient:
+    def __init__(
+        self,
+        router: Handle | None,
+        classifier: Handle | None,
+        compressor: Handle | None,
+    ) -> None:
+        self._router = router
+        self._classifier = classifier
+        self._compressor = compressor
+
+    async def decide(
+        self, messages: list[Message], previous: PreviousRoute | None, compress: bool
+    ) -> RoutingDecision:
+        assert self._router is not None
+        return await _unwrapped(self._router.decide.remote(messages, previous, compress))
+
+    async def rankings(self) -> dict[str, Any]:
+        assert self._router is not None
+        return await _unwrapped(self._router.rankings.remote())
+
+    async def classify(
+        self,
+        prompt: str,
+        labels: list[str] | None,
+        descriptions: dict[str, str] | None,
+        multi_label: bool,
+    ) -> Classification:
+        assert self._classifier is not None
+        return await _unwrapped(
+            self._classifier.classify.remote(prompt, labels, descriptions, multi_label)
+        )
+
+    async def compress(self, context: str, question: str, ratio: float | None) -> Compression:
+        assert self._compressor is not None
+        return await _unwrapped(self._compressor.compress.remote(context, question, ratio))
+
+
 class HandleEngineClient:
     """The ingress's view of an `EngineDeployment`: one streaming handle call."""
 
-    def __init__(self, handle: DeploymentHandle, ready_timeout_s: float = 5.0) -> None:
+    def __init__(self, handle: Handle, ready_timeout_s: float = 5.0) -> None:
         self._stream = handle.options(stream=True)
         self._handle = handle
         self._ready_timeout_s = ready_timeout_s
 
     async def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
-        response: DeploymentResponseGenerator = self._stream.generate.remote(request)
+        response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
         finished = False
         try:
             async for batch in response:
@@ -107,7 +297,7 @@ class HandleEngineClient:
         finally:
             if not finished:
                 # The client went away (or we failed): stop the engine's generation.
-                response.cancel()
+                response.cancel()  # type: ignore[no-untyped-call]
 
     async def is_ready(self) -> bool:
         ready: bool = await asyncio.wait_for(
@@ -121,23 +311,44 @@ class HandleEngineClient:
 class Ingress:
     """HTTP, SSE and WebSocket front door: the FastAPI app over engine handles."""
 
-    def __init__(self, config: AppConfig, engines: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        engines: Mapping[str, Handle],
+        router: Handle | None = None,
+        classifier: Handle | None = None,
+        compressor: Handle | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
+        routing = HandleRouterClient(router, classifier, compressor)
         self._app = create_app(
-            config, {name: HandleEngineClient(handle) for name, handle in engines.items()}
+            config,
+            {name: HandleEngineClient(handle) for name, handle in engines.items()},
+            router=routing if router is not None else None,
+            classifier=routing if classifier is not None else None,
+            compressor=routing if compressor is not None else None,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
 
 
+def _deployment(decorated: object) -> Any:
+    """A ``@serve.deployment`` class as Ray sees it (its stubs keep the bare class)."""
+    return decorated
+
+
 def _engine_deployment(model: ModelConfig, coalescing: CoalesceConfig) -> Any:
-    return EngineDeployment.options(
-        name=f"engine-{model.name}",
-        num_replicas=model.num_replicas,
-        max_ongoing_requests=model.max_ongoing_requests,
-        ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
-    ).bind(model, coalescing)
+    return (
+        _deployment(EngineDeployment)
+        .options(
+            name=f"engine-{model.name}",
+            num_replicas=model.num_replicas,
+            max_ongoing_requests=model.max_ongoing_requests,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        )
+        .bind(model, coalescing)
+    )
 
 
 def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
@@ -153,9 +364,42 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
     else:
         config = load_config(overrides=dict(args or {}))
     engines = {m.name: _engine_deployment(m, config.coalesce) for m in config.models}
-    return Ingress.options(
-        name="ingress",
-        num_replicas=config.ingress.num_replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    ).bind(config, engines)
+    classifier = compressor = router = None
+    if config.classifier is not None:
+        c = config.classifier
+        classifier = (
+            _deployment(ClassifierDeployment)
+            .options(
+                name="classifier",
+                num_replicas=c.num_replicas,
+                ray_actor_options={"num_cpus": c.num_cpus, "num_gpus": c.num_gpus},
+            )
+            .bind(c)
+        )
+    if config.compressor is not None:
+        z = config.compressor
+        compressor = (
+            _deployment(CompressorDeployment)
+            .options(
+                name="compressor",
+                num_replicas=z.num_replicas,
+                ray_actor_options={"num_cpus": z.num_cpus, "num_gpus": z.num_gpus},
+            )
+            .bind(z)
+        )
+    if config.routing is not None:
+        router = (
+            _deployment(RouterDeployment)
+            .options(name="router", ray_actor_options={"num_cpus": config.routing.num_cpus})
+            .bind(config, classifier, compressor)
+        )
+    return (
+        _deployment(Ingress)
+        .options(
+            name="ingress",
+            num_replicas=config.ingress.num_replicas,
+            max_ongoing_requests=config.ingress.max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        )
+        .bind(config, engines, router, classifier, compressor)
+    )
