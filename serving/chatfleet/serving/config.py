@@ -25,8 +25,10 @@ from pydantic_settings import (
 __all__ = [
     "ENV_PREFIX",
     "AppConfig",
+    "AuthConfig",
     "CategoryConfig",
     "ClassifierConfig",
+    "ClientCredential",
     "CoalesceConfig",
     "CompressorConfig",
     "EngineKind",
@@ -36,11 +38,14 @@ __all__ = [
     "ModelConfig",
     "OllamaEngineConfig",
     "OpenAIEngineConfig",
+    "RateLimitConfig",
     "RouteConfig",
     "RoutingConfig",
     "ServerConfig",
+    "StoreConfig",
     "TransformersEngineConfig",
     "VLLMEngineConfig",
+    "WebSocketConfig",
     "load_config",
 ]
 
@@ -432,6 +437,110 @@ class RoutingConfig(_Model):
     num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs the router replica reserves.")
 
 
+class StoreConfig(_Model):
+    """Where conversations, sessions, logs and revoked tokens are kept."""
+
+    url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy async URL (postgresql+asyncpg://..., sqlite+aiosqlite:///...)."
+        " Empty: a SQLite file under the data directory. In a cluster, set url_env instead.",
+    )
+    url_env: str | None = Field(
+        None, description="Name of the environment variable holding the URL (from a Secret)."
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Folder of the default SQLite file; empty: $CHATFLEET_DATA_DIR or"
+        " ~/.local/share/chatfleet.",
+    )
+    migrate_on_start: bool = Field(
+        True, description="Apply Alembic migrations when the server starts."
+    )
+    history_limit: int = Field(
+        200, ge=1, le=100_000, description="Most stored messages prepended to a conversation."
+    )
+    pool_size: int = Field(5, ge=1, le=200, description="Connections per replica (PostgreSQL).")
+
+    @field_serializer("url", when_used="json")
+    def _reveal_url(self, url: SecretStr | None) -> str | None:
+        return url.get_secret_value() if url is not None else None
+
+
+class ClientCredential(_Model):
+    """A registered API client allowed to obtain tokens."""
+
+    client_id: str = Field(..., min_length=1, max_length=200, description="The client's id.")
+    secret_env: str | None = Field(
+        None, description="Environment variable holding the client secret (from a Secret)."
+    )
+    secret_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Hex SHA-256 of the client secret, for config files.",
+    )
+    scopes: list[str] = Field(
+        default_factory=lambda: ["chat"], description="Scopes granted in its tokens."
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ClientCredential:
+        if (self.secret_env is None) == (self.secret_sha256 is None):
+            raise ValueError(
+                f"client {self.client_id!r}: give exactly one of secret_env or secret_sha256"
+            )
+        return self
+
+
+class RateLimitConfig(_Model):
+    """Per-client token bucket."""
+
+    requests_per_minute: float = Field(
+        600, gt=0, le=1_000_000, description="Sustained requests per minute per client."
+    )
+    burst: int = Field(60, ge=1, le=100_000, description="Requests a client may send at once.")
+
+
+class AuthConfig(_Model):
+    """JWT bearer authentication (on by default)."""
+
+    enabled: bool = Field(True, description="Require a bearer token on every API call.")
+    signing_key_env: str = Field(
+        "CHATFLEET_JWT_SIGNING_KEY",
+        description="Environment variable with the HS256 signing key (the operator fills it"
+        " from a Secret). Locally, a key is generated once and kept in the data directory.",
+    )
+    issuer: str = Field("chatfleet", description="The tokens' iss claim.")
+    access_token_ttl_s: int = Field(
+        900, ge=30, le=86_400, description="Lifetime of access tokens, seconds."
+    )
+    refresh_token_ttl_s: int = Field(
+        1_209_600, ge=60, le=31_536_000, description="Lifetime of refresh tokens, seconds."
+    )
+    clients: list[ClientCredential] = Field(
+        default_factory=list, max_length=1000, description="Clients that may obtain tokens."
+    )
+    rate_limit: RateLimitConfig | None = Field(
+        default_factory=RateLimitConfig, description="Per-client rate limit; empty: none."
+    )
+
+
+class WebSocketConfig(_Model):
+    """WebSocket chat and event streams."""
+
+    ping_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="Server ping period on /ws/chat and /ws."
+    )
+    pong_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="A peer that doesn't pong in time is dropped."
+    )
+    max_message_bytes: int = Field(
+        65_536, ge=256, le=16_777_216, description="Largest accepted client frame."
+    )
+    max_connections: int = Field(
+        10_000, ge=1, le=1_000_000, description="WebSocket connections per ingress replica."
+    )
+
+
 def _default_models() -> list[ModelConfig]:
     return [
         ModelConfig(
@@ -470,6 +579,13 @@ class AppConfig(_Model):
     )
     routing: RoutingConfig | None = Field(
         None, description="Automatic model selection; needs a classifier."
+    )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig, description="Conversation and session storage."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Authentication.")
+    websocket: WebSocketConfig = Field(
+        default_factory=WebSocketConfig, description="WebSocket options."
     )
 
     @model_validator(mode="after")
