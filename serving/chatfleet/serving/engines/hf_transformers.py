@@ -1,0 +1,520 @@
+"""A Hugging Face causal LM run in-process with transformers, on CPU or GPU.
+
+`TransformersEngine.stream` renders the conversation with the tokenizer's chat
+template and runs ``model.generate`` in a thread of its own. A streamer decodes
+the new tokens incrementally in that thread (stop strings are matched there
+too) and hands text pieces to the event loop with ``call_soon_threadsafe``;
+the event loop splits ``<think>`` reasoning from the answer and yields chunks.
+When the consumer closes the stream, a flag checked by a stopping criterion
+after every token ends the generation, and the stream waits for the thread
+before it releases its concurrency slot.
+
+Without ``model`` the engine serves the embedded SmolLM2-135M-Instruct
+(`chatfleet.serving.embedded`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatfleet.serving.config import ModelConfig, TransformersEngineConfig
+from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._thinking import OPEN_TAG, ThinkSplitter
+from chatfleet.serving.errors import (
+    ChatfleetError,
+    EngineError,
+    EngineUnavailable,
+    PayloadTooLarge,
+)
+from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, Usage
+
+try:
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
+    from transformers.generation.streamers import BaseStreamer
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise EngineUnavailable(
+        "the transformers engine needs torch and transformers: pip install 'chatfleet[serving]'"
+    ) from exc
+
+__all__ = ["TransformersEngine"]
+
+logger = logging.getLogger(__name__)
+
+#: Prompt tokens decoded in front of the first new token, so that tokenizers
+#: which drop a word's leading space at the start of a text keep it (as vLLM does).
+_DETOKENIZE_CONTEXT = 5
+
+
+class TransformersEngine(Engine):
+    """Streams chat completions from a local causal LM (``model.transformers`` settings)."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        super().__init__(model)
+        self.settings: TransformersEngineConfig = model.transformers or TransformersEngineConfig()
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._device = "cpu"
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id: int | None = None
+        self._context_length: int | None = None
+        self._slots = asyncio.Semaphore(self.settings.max_concurrency)
+        self._active: set[threading.Event] = set()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    async def start(self) -> None:
+        if self.loaded:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._load)
+
+    async def close(self) -> None:
+        for stop in list(self._active):
+            stop.set()
+        self._model = None
+        self._tokenizer = None
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if not self.loaded:
+            raise EngineUnavailable(f"model {self.name!r} is not loaded")
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            job = _Job(loop, asyncio.Queue())
+            thread = threading.Thread(
+                target=self._generate,
+                args=(request, job),
+                name=f"chatfleet-generate-{request.request_id}",
+                daemon=True,
+            )
+            self._active.add(job.stop)
+            thread.start()
+            try:
+                async with contextlib.aclosing(self._chunks(request, job)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                # Reached on completion, on errors, and when the consumer closes the
+                # stream (GeneratorExit) or is cancelled: stop the thread and wait for
+                # it, so that the slot is only freed once the model is really idle.
+                job.stop.set()
+                self._active.discard(job.stop)
+                if not job.finished.done():
+                    try:
+                        await asyncio.shield(job.finished)
+                    except asyncio.CancelledError:
+                        logger.debug("stopped waiting for %s to finish", thread.name)
+                        raise
+
+    async def _chunks(self, request: GenerationRequest, job: _Job) -> AsyncGenerator[Chunk, None]:
+        splitter: ThinkSplitter | None = None
+        prompt_tokens = 0
+        unreported = 0  # tokens whose text has not been yielded yet
+        reported = 0
+        while True:
+            event = await job.events.get()
+            if isinstance(event, _Prompt):
+                prompt_tokens = event.tokens
+                splitter = ThinkSplitter(start_in_thinking=event.starts_in_thinking)
+            elif isinstance(event, _Piece):
+                assert splitter is not None
+                unreported += event.tokens
+                for kind, text in splitter.feed(event.text):
+                    yield Chunk(kind=kind, text=text, tokens=unreported)
+                    reported += unreported
+                    unreported = 0
+            elif isinstance(event, _Done):
+                if splitter is not None:
+                    for kind, text in splitter.flush():
+                        yield Chunk(kind=kind, text=text, tokens=unreported)
+                        reported += unreported
+                        unreported = 0
+                # The rest: tokens without text (end of sequence, a stop string).
+                yield Chunk(
+                    kind="text",
+                    text="",
+                    tokens=event.tokens - reported,
+                    finish_reason=event.finish_reason,
+                    usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=event.tokens),
+                )
+                return
+            elif isinstance(event, ChatfleetError):
+                raise event
+            else:
+                raise EngineError(
+                    f"model {self.name!r} failed while generating:"
+                    f" {type(event).__name__}: {_first_line(event)}"
+                ) from event
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _generate(self, request: GenerationRequest, job: _Job) -> None:
+        """Runs in the generation thread; reports through ``job`` only."""
+        try:
+            tokenizer, model = self._tokenizer, self._model
+            if model is None:
+                raise EngineUnavailable(f"model {self.name!r} was closed")
+            inputs, starts_in_thinking = self._encode(request)
+            prompt_ids = inputs["input_ids"]
+            prompt_tokens = int(prompt_ids.shape[1])
+            max_new_tokens = request.max_tokens
+            if self._context_length is not None:
+                room = self._context_length - prompt_tokens
+                if room < 1:
+                    raise PayloadTooLarge(
+                        f"the prompt has {prompt_tokens} tokens; model {self.name!r}"
+                        f" takes at most {self._context_length} including the answer"
+                    )
+                max_new_tokens = min(max_new_tokens, room)
+            job.emit(_Prompt(prompt_tokens, starts_in_thinking))
+
+            streamer = _PieceStreamer(
+                tokenizer,
+                job,
+                context=prompt_ids[0, -_DETOKENIZE_CONTEXT:].tolist(),
+                eos_ids=self._eos_ids,
+                stop_strings=request.stop,
+            )
+            logits_processor = LogitsProcessorList()
+            if request.temperature > 0:
+                logits_processor.append(
+                    _Sampler(request.temperature, request.top_p, request.seed, self._device)
+                )
+            generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+                max_new_tokens=max_new_tokens,
+                do_sample=False,  # _Sampler draws from its own seeded generator
+                repetition_penalty=self.settings.repetition_penalty,
+                eos_token_id=sorted(self._eos_ids) or None,
+                pad_token_id=self._pad_id,
+            )
+            started = time.monotonic()
+            with torch.inference_mode():
+                model.generate(
+                    **inputs,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(job.stop)]),
+                    streamer=streamer,
+                    # Only what we set: a model's sampling defaults must not sneak in.
+                    use_model_defaults=False,
+                )
+            streamer.flush()
+            elapsed = time.monotonic() - started
+            logger.debug(
+                "%s: %d prompt + %d new tokens in %.2f s (%.1f tokens/s)",
+                self.name,
+                prompt_tokens,
+                streamer.generated,
+                elapsed,
+                streamer.generated / elapsed if elapsed > 0 else 0.0,
+            )
+            finish: FinishReason = "stop"
+            if (
+                not streamer.hit_stop
+                and not streamer.hit_eos
+                and streamer.generated >= max_new_tokens
+            ):
+                finish = "length"
+            job.emit(_Done(finish, streamer.generated))
+        except BaseException as exc:
+            if not isinstance(exc, ChatfleetError):
+                logger.exception("%s: generation failed", self.name)
+            job.emit(exc)
+        finally:
+            job.mark_finished()
+
+    def _encode(self, request: GenerationRequest) -> tuple[Any, bool]:
+        tokenizer = self._tokenizer
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        try:
+            prompt: str = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja2 errors: a template rejecting this conversation
+            raise EngineError(
+                f"model {self.name!r} cannot render this conversation with its chat"
+                f" template: {_first_line(exc)}"
+            ) from exc
+        # The template writes the special tokens itself.
+        inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        # Templates of reasoning models may open the think block for the model.
+        starts_in_thinking = prompt.rstrip().endswith(OPEN_TAG)
+        return inputs.to(self._device), starts_in_thinking
+
+    # -- loading -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        s = self.settings
+        if s.torch_threads is not None:
+            torch.set_num_threads(s.torch_threads)
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise EngineUnavailable(f"model {self.name!r} asks for device cuda; no GPU is visible")
+        dtype = {
+            "auto": torch.float32 if device == "cpu" else torch.bfloat16,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[s.dtype]
+        if s.model is None:
+            from chatfleet.serving.embedded import ensure_embedded_model
+
+            source: str | Path = ensure_embedded_model()
+        else:
+            source = s.model
+        started = time.monotonic()
+        try:
+            tokenizer: Any = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+                source, trust_remote_code=s.trust_remote_code
+            )
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=s.trust_remote_code
+            )
+        except Exception as exc:
+            logger.exception("%s: loading %s failed", self.name, source)
+            raise EngineUnavailable(
+                f"model {self.name!r} could not load {source}: {_first_line(exc)}"
+            ) from exc
+        if not getattr(tokenizer, "chat_template", None):
+            raise EngineUnavailable(
+                f"model {self.name!r}: {source} has no chat template (not a chat model?)"
+            )
+        model.to(device)
+        model.eval()
+
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = model.generation_config.pad_token_id
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        self._context_length = getattr(model.config, "max_position_embeddings", None)
+        self._eos_ids, self._pad_id = eos_ids, pad
+        self._device = device
+        self._tokenizer, self._model = tokenizer, model
+        logger.info(
+            "%s: loaded %s on %s (%s) in %.1f s",
+            self.name,
+            source,
+            device,
+            str(dtype).removeprefix("torch."),
+            time.monotonic() - started,
+        )
+
+
+# -- what the generation thread reports ---------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class _Prompt:
+    tokens: int
+    starts_in_thinking: bool
+
+
+@dataclass(slots=True, frozen=True)
+class _Piece:
+    text: str
+    tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class _Done:
+    finish_reason: FinishReason
+    tokens: int
+
+
+_Event = _Prompt | _Piece | _Done | BaseException
+
+
+class _Job:
+    """The link between one stream (event loop) and its generation thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[_Event]) -> None:
+        self.loop = loop
+        self.events = events
+        #: Set by the event loop to end the generation after the current token.
+        self.stop = threading.Event()
+        #: Resolved (in the event loop) when the thread is done.
+        self.finished: asyncio.Future[None] = loop.create_future()
+
+    def emit(self, event: _Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.stop.set()
+
+    def mark_finished(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(_resolve, self.finished)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _PieceStreamer(BaseStreamer):
+    """Incremental detokenizer called by ``generate`` with every new token.
+
+    Decodes a small window of recent tokens and emits only text that is final:
+    nothing while the window ends in an incomplete UTF-8 sequence, and nothing
+    that could still become one of the stop strings. On a stop string it
+    emits the text before it and sets the job's stop flag.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        job: _Job,
+        *,
+        context: list[int],
+        eos_ids: frozenset[int],
+        stop_strings: Sequence[str],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.job = job
+        self.eos_ids = eos_ids
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids = list(context)
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.prompt_seen = False
+        self.generated = 0
+        self.unsent_tokens = 0
+        self.held = ""  # decoded text that might be the start of a stop string
+        self.hit_eos = False
+        self.hit_stop = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first echoes the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.generated += 1
+            self.unsent_tokens += 1
+            if self.hit_stop:
+                continue
+            if token in self.eos_ids:
+                self.hit_eos = True
+                continue
+            self.ids.append(token)
+            self._accept(self._decode_new())
+
+    def end(self) -> None:
+        """Called by ``generate`` when it returns; `flush` does the work."""
+
+    def flush(self) -> None:
+        if not self.hit_stop:
+            tail = self.tokenizer.decode(self.ids[self.read_offset :], skip_special_tokens=True)
+            self._send(self.held + tail.rstrip("\ufffd"))
+            self.held = ""
+
+    def _decode_new(self) -> str:
+        decode = self.tokenizer.decode
+        before: str = decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
+        after: str = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # no complete character yet
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]
+
+    def _accept(self, text: str) -> None:
+        if not self.stop_strings:
+            self._send(text)
+            return
+        text = self.held + text
+        hits = [at for s in self.stop_strings if (at := text.find(s)) >= 0]
+        if hits:
+            self.hit_stop = True
+            self.job.stop.set()
+            self.held = ""
+            self._send(text[: min(hits)])
+            return
+        keep = max(_partial_suffix(text, s) for s in self.stop_strings)
+        self.held = text[len(text) - keep :] if keep else ""
+        self._send(text[: len(text) - keep])
+
+    def _send(self, text: str) -> None:
+        if text:
+            self.job.emit(_Piece(text, self.unsent_tokens))
+            self.unsent_tokens = 0
+
+
+def _partial_suffix(text: str, target: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``target``."""
+    for n in range(min(len(target) - 1, len(text)), 0, -1):
+        if text.endswith(target[:n]):
+            return n
+    return 0
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once ``flag`` is set (consumer gone, or a stop string)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return torch.full(
+            (input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+class _Sampler(LogitsProcessor):
+    """Temperature + nucleus sampling from a per-request generator.
+
+    ``generate`` samples from torch's global RNG, which concurrent requests
+    share; this processor draws the token itself (generate then runs greedy
+    over a one-hot score), so a request's ``seed`` reproduces its answer.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None, device: str) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True, dim=-1)
+            probs = ordered.softmax(dim=-1)
+            # Drop a token when the more likely ones already cover top_p (keep the first).
+            drop = probs.cumsum(dim=-1) - probs >= self.top_p
+            ordered = ordered.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+        chosen = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
