@@ -1,0 +1,234 @@
+"""The Helm chart, rendered and linted offline with Helm's own engine (helm-python-sdk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import DATA, ROOT
+
+CHART = ROOT / "charts" / "chatfleet"
+VALUES = sorted((DATA / "chart-values").glob("*.yaml"))
+K8S_VERSION = kubernetes_validate.latest_version()
+CORE_KINDS = {
+    "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+    "Service", "ConfigMap",
+}  # fmt: skip
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render(values: dict[str, Any], namespace: str = "chatfleet-system") -> list[dict[str, Any]]:
+    chart = helm_python.Chart.load(str(CHART))
+    try:
+        out = chart.render(values, name="cf", namespace=namespace, is_install=True)
+    finally:
+        chart.close()
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def notes(values: dict[str, Any]) -> str:
+    chart = helm_python.Chart.load(str(CHART))
+    try:
+        out = chart.render(values, name="cf", namespace="chatfleet-system")
+    finally:
+        chart.close()
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+# What the operator calls (see chatfleet.operator._kube / _operator and Kopf itself).
+MANAGED = (
+    {("chatfleet.dev", "chatdeployments", v) for v in ("get", "list", "watch", "patch")}
+    | {("chatfleet.dev", "chatdeployments/status", v) for v in ("get", "patch")}
+    | {("ray.io", "rayservices", v) for v in ("get", "list", "watch", "create", "patch", "delete")}
+    | {("", "services", v) for v in ("get", "create", "patch", "delete")}
+    | {("", "secrets", v) for v in ("get", "create", "delete")}
+    | {
+        ("monitoring.coreos.com", "servicemonitors", v)
+        for v in ("get", "create", "patch", "delete")
+    }
+    | {("", "events", "create"), ("events.k8s.io", "events", "create")}
+)
+DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+
+
+@pytest.mark.parametrize("values_file", VALUES, ids=lambda p: p.stem)
+def test_renders_lints_and_validates(values_file: Path) -> None:
+    values = load_values(values_file)
+    result = helm_python.lint(str(CHART), values, strict=True, kube_version="1.32.0")
+    assert result["errors"] == [], result
+    docs = render(values)
+    assert by_kind(docs, "Deployment"), "no operator Deployment"
+    for doc in docs:
+        if doc["kind"] in CORE_KINDS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "cf"
+
+
+def test_default_install_is_cluster_wide_and_least_privilege() -> None:
+    docs = render({})
+    (role,) = by_kind(docs, "ClusterRole")
+    assert rules_of(role) == MANAGED | DISCOVERY
+    assert not by_kind(docs, "Role")
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CHATFLEET_OPERATOR_NAMESPACES"] == "[]"
+    assert "CHATFLEET_OPERATOR_PEERING" not in env
+    assert container["args"][0] == "run"
+    assert container["image"] == "ghcr.io/chatfleet/chatfleet-operator:0.1.0"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (dashboard,) = by_kind(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    json.loads(dashboard["data"]["chatfleet-operator.json"])
+    assert not [d for d in docs if d["kind"] == "PodMonitor"]
+
+
+def test_namespaced_ha_uses_roles_and_peering() -> None:
+    docs = render(load_values(DATA / "chart-values" / "namespaced-ha.yaml"))
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert rules_of(role) == MANAGED | {
+            ("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")
+        }
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert rules_of(cluster_role) == DISCOVERY | {
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+    }
+    bindings = by_kind(docs, "RoleBinding")
+    assert {b["subjects"][0]["namespace"] for b in bindings} == {"chatfleet-system"}
+    (deployment,) = by_kind(docs, "Deployment")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert json.loads(env["CHATFLEET_OPERATOR_NAMESPACES"]) == ["team-a", "team-b"]
+    assert env["CHATFLEET_OPERATOR_PEERING"] == "chatfleet"
+    assert deployment["spec"]["replicas"] == 2
+
+
+def test_env_matches_operator_settings() -> None:
+    # Every CHATFLEET_OPERATOR_* variable the chart sets is a real setting.
+    from chatfleet.operator import OperatorSettings
+
+    docs = render(load_values(DATA / "chart-values" / "namespaced-ha.yaml"))
+    (deployment,) = by_kind(docs, "Deployment")
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"].startswith("CHATFLEET_OPERATOR_")
+    }
+    fields = {f"CHATFLEET_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
+    assert set(env) <= fields
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env):
+        settings = OperatorSettings()
+    assert settings.namespaces == ["team-a", "team-b"]
+    assert settings.peering == "chatfleet"
+    assert settings.drift_interval_s == 120
+
+
+def test_pod_monitor_and_minimal() -> None:
+    docs = render(load_values(DATA / "chart-values" / "monitoring.yaml"))
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
+    docs = render(load_values(DATA / "chart-values" / "minimal.yaml"))
+    assert {d["kind"] for d in docs} == {"Deployment"}
+    (deployment,) = docs
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operators"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": -1},
+        {"unknownKey": True},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"watchNamespaces": ["Not_A_Namespace"]},
+        {"metrics": {"port": 8081}},  # clashes with the liveness port
+        {"operator": {"driftIntervalSeconds": 0}},
+    ],
+)
+def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
+    chart = helm_python.Chart.load(str(CHART))
+    try:
+        with pytest.raises(helm_python.HelmError):
+            chart.render(values, name="cf", namespace="x")
+    finally:
+        chart.close()
+
+
+def test_notes_print_the_next_command() -> None:
+    text = notes({})
+    assert "kubectl apply -f" in text and "kubectl get chatd" in text
+    assert "watching all namespaces" in text
+    assert "team-a, team-b" in notes({"watchNamespaces": ["team-a", "team-b"]})
+
+
+def test_chart_crds() -> None:
+    crds = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert crds == ["chatfleet.dev_chatdeployments.yaml", "kopf.dev_clusterkopfpeerings.yaml"]
+    for path in (CHART / "crds").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] == "CustomResourceDefinition"
+
+
+def test_values_are_documented() -> None:
+    # helm-docs style: every value has a `# --` comment above it or above an ancestor.
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j = i - 1
+        while (
+            j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --")
+        ):
+            j -= 1  # helm-docs continues a `# --` comment over the following `#` lines
+        own = j >= 0 and lines[j].strip().startswith("# --")
+        documented = own or any(d for _, d in stack)
+        key, _, rest = stripped.partition(":")
+        if rest.strip() and not documented:
+            undocumented.append(key)
+        stack.append((indent, documented))
+    assert not undocumented
