@@ -3,10 +3,13 @@
     ChatfleetError                     500 internal_error
     ├── RequestError                   400 invalid_request_error
     │   ├── ModelNotFound              404 model_not_found
+    │   ├── NotFound                   404 not_found (unknown conversation or session)
+    │   ├── Conflict                   409 conflict (e.g. cancelling a finished session)
     │   └── PayloadTooLarge            413 payload_too_large
     ├── EngineError                    502 engine_error
     │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
     │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
+    ├── StoreUnavailable               503 store_unavailable (database unreachable)
     └── Overloaded                     429 rate_limited
 
 Each class carries its HTTP status and a stable machine-readable ``code``; the
@@ -19,12 +22,15 @@ from __future__ import annotations
 
 __all__ = [
     "ChatfleetError",
+    "Conflict",
     "EngineError",
     "EngineUnavailable",
     "ModelNotFound",
+    "NotFound",
     "Overloaded",
     "PayloadTooLarge",
     "RequestError",
+    "StoreUnavailable",
     "UpstreamError",
 ]
 
@@ -55,6 +61,16 @@ class ModelNotFound(RequestError):
     code = "model_not_found"
 
 
+class NotFound(RequestError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(RequestError):
+    status_code = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(RequestError):
     status_code = 413
     code = "payload_too_large"
@@ -73,6 +89,11 @@ class EngineUnavailable(EngineError):
 class UpstreamError(EngineError):
     status_code = 502
     code = "upstream_error"
+
+
+class StoreUnavailable(ChatfleetError):
+    status_code = 503
+    code = "store_unavailable"
 
 
 class Overloaded(ChatfleetError):
