@@ -548,6 +548,9 @@ def _default_models() -> list[ModelConfig]:
             engine="transformers",
             description="SmolLM2-135M-Instruct on CPU (embedded default)",
             num_cpus=0.5,
+            # A 135M model drifts into other languages at temperature 0.7; its
+            # authors recommend 0.2 with top_p 0.9.
+            defaults=GenerationDefaults(temperature=0.2, top_p=0.9),
         )
     ]
 
