@@ -130,7 +130,12 @@ def test_serve_config_imports_build_app_with_the_serving_config(make: Any) -> No
     assert app["route_prefix"] == "/"
     assert config["http_options"] == {"host": "0.0.0.0", "port": spec.serving.server.port}
     # The args are the serving config, JSON-compatible and lossless.
-    assert AppConfig.model_validate(app["args"]) == spec.serving
+    args = AppConfig.model_validate(app["args"])
+    if spec.cluster.database_secret_ref is None:
+        assert args == spec.serving
+    else:  # the operator points the store at the variable it fills from the Secret
+        assert args.store.url_env == "CHATFLEET_DATABASE_URL"
+        assert args.model_copy(update={"store": spec.serving.store}) == spec.serving
 
 
 def test_default_runs_everything_on_the_head() -> None:
@@ -175,7 +180,7 @@ def test_gpu_group_gets_gpus_placement_and_ollama_sidecar() -> None:
         "name": "chatfleet-db",
         "key": "url",
     }
-    assert env["CHATFLEET_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+    assert env["CHATFLEET_JWT_SIGNING_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "chat-gpu-jwt",
         "key": "signing-key",
     }

@@ -263,6 +263,7 @@ CLASSIFIER = {"backend": "embedding"}
             "inline openai.api_key",
         ),
         ({"serving": {"models": [FAKE], "default_model": "nope"}}, "default_model must name"),
+        ({"serving": {"store": {"url": "postgresql://u:pw@db/x"}}}, "inline store.url"),
         (
             {
                 "serving": {

@@ -21,7 +21,7 @@ from chatfleet.operator._models import (
     Resources,
     Toleration,
 )
-from chatfleet.serving.config import ModelConfig
+from chatfleet.serving.config import AppConfig, ModelConfig
 
 IMPORT_PATH = "chatfleet.serving.app:build_app"
 APPLICATION_NAME = "chatfleet"
@@ -29,9 +29,9 @@ SERVE_PORT = 8000
 RAY_METRICS_PORT = 8080
 OLLAMA_PORT = 11434
 JWT_SECRET_KEY = "signing-key"
-# Environment variables the serving image reads its secrets from.
-ENV_JWT_SECRET = "CHATFLEET_JWT_SECRET"
-ENV_DATABASE_URL = "CHATFLEET_DATABASE_URL"
+# The variable the database URL goes in when spec.serving.store.url_env names none
+# (the JWT key's variable is spec.serving.auth.signing_key_env).
+DEFAULT_DATABASE_URL_ENV = "CHATFLEET_DATABASE_URL"
 
 OWNER_LABEL = "chatfleet.dev/chatdeployment"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "chatfleet-operator"}
@@ -71,9 +71,27 @@ def _meta(name: str, namespace: str, owner: str) -> dict[str, Any]:
 # --- RayService ------------------------------------------------------------------
 
 
+def database_url_env(spec: ChatDeploymentSpec) -> str | None:
+    """The variable holding the database URL in the pods, when a Secret provides one."""
+    if spec.cluster.database_secret_ref is None:
+        return None
+    return spec.serving.store.url_env or DEFAULT_DATABASE_URL_ENV
+
+
+def serving_args(spec: ChatDeploymentSpec) -> AppConfig:
+    """The serving config handed to ``build_app``: ``spec.serving``, wired to the Secrets."""
+    serving = spec.serving
+    url_env = database_url_env(spec)
+    if url_env is not None and serving.store.url_env != url_env:
+        serving = serving.model_copy(
+            update={"store": serving.store.model_copy(update={"url_env": url_env})}
+        )
+    return serving
+
+
 def serve_config(spec: ChatDeploymentSpec) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2) as a dict: one application at route "/"."""
-    serving = spec.serving
+    serving = serving_args(spec)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": serving.server.port},
@@ -134,7 +152,7 @@ def _env(name: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
     jwt = spec.cluster.jwt_secret_ref
     env: list[dict[str, Any]] = [
         {
-            "name": ENV_JWT_SECRET,
+            "name": spec.serving.auth.signing_key_env,
             "valueFrom": {
                 "secretKeyRef": {
                     "name": jwt.name if jwt else jwt_secret_name(name),
@@ -144,10 +162,11 @@ def _env(name: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
         }
     ]
     db = spec.cluster.database_secret_ref
-    if db is not None:
+    url_env = database_url_env(spec)
+    if db is not None and url_env is not None:
         env.append(
             {
-                "name": ENV_DATABASE_URL,
+                "name": url_env,
                 "valueFrom": {"secretKeyRef": {"name": db.name, "key": db.key}},
             }
         )

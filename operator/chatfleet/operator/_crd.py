@@ -85,6 +85,12 @@ _RULES: dict[str, list[dict[str, str]]] = {
         ),
         _rule("!has(self.routing) || has(self.classifier)", "routing needs a classifier"),
         _rule(
+            "!has(self.store) || !has(self.store.url)",
+            "an inline store.url would be stored in plain text: reference a Secret with"
+            " spec.cluster.databaseSecretRef",
+            ".store.url",
+        ),
+        _rule(
             "!has(self.routing) || !has(self.routing.routes) || self.routing.routes.all(r,"
             " self.models.exists(m, m.name == r.model))",
             "every route must target a declared model",

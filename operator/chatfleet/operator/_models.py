@@ -235,6 +235,11 @@ class ChatDeploymentSpec(_Model):
                 f"{', '.join(needs_gpu)} ask for GPUs (num_gpus > 0)"
                 " but spec.cluster.gpuWorkers is empty"
             )
+        if serving.store.url is not None:
+            raise ValueError(
+                "spec.serving.store.url would be stored in plain text: put the URL in a Secret"
+                " and reference it with spec.cluster.databaseSecretRef"
+            )
         inline_keys = [m.name for m in serving.models if m.openai and m.openai.api_key]
         if inline_keys:
             raise ValueError(
