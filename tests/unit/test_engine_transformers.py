@@ -36,7 +36,7 @@ from chatfleet.serving.engines.hf_transformers import (
     _PieceStreamer,
     _Prompt,
 )
-from chatfleet.serving.errors import EngineError, EngineUnavailable, PayloadTooLarge
+from chatfleet.serving.errors import EngineError, EngineUnavailable, PayloadTooLarge, RequestError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
 
 torch.set_num_threads(1)
@@ -203,6 +203,26 @@ async def test_sampling_is_reproducible_with_a_seed(engine: TransformersEngine) 
     assert answer(await collect(engine, sampled(7))) == first
     assert answer(await collect(engine, sampled(8))) != first
     assert answer(await collect(engine, request(max_tokens=12))) != first  # greedy
+
+
+async def test_nucleus_sampling_with_top_p_zero_is_greedy(engine: TransformersEngine) -> None:
+    greedy = answer(await collect(engine, request(max_tokens=12)))
+    nucleus = request(max_tokens=12, temperature=1.5, top_p=0.0, seed=3)
+    assert answer(await collect(engine, nucleus)) == greedy
+
+
+async def test_a_conversation_the_template_rejects_is_a_request_error(
+    engine: TransformersEngine,
+) -> None:
+    engine._tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        + engine._tokenizer.chat_template
+    )
+    conversation = [Message("system", "Be brief."), *QUESTION]
+    with pytest.raises(RequestError, match=r"does not accept .*: System role not supported"):
+        await collect(engine, request(messages=conversation))
+    assert answer(await collect(engine, request(max_tokens=2)))  # other requests still work
 
 
 async def test_a_prompt_longer_than_the_context_is_refused(engine: TransformersEngine) -> None:

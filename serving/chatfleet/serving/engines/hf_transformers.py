@@ -33,10 +33,12 @@ from chatfleet.serving.errors import (
     EngineError,
     EngineUnavailable,
     PayloadTooLarge,
+    RequestError,
 )
 from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, Usage
 
 try:
+    import jinja2
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -174,10 +176,10 @@ class TransformersEngine(Engine):
             tokenizer, model = self._tokenizer, self._model
             if model is None:
                 raise EngineUnavailable(f"model {self.name!r} was closed")
-            inputs, starts_in_thinking = self._encode(request)
+            inputs, starts_in_thinking = self._encode(tokenizer, request)
             prompt_ids = inputs["input_ids"]
             prompt_tokens = int(prompt_ids.shape[1])
-            max_new_tokens = request.max_tokens
+            max_new_tokens = max(1, request.max_tokens)
             if self._context_length is not None:
                 room = self._context_length - prompt_tokens
                 if room < 1:
@@ -243,17 +245,18 @@ class TransformersEngine(Engine):
         finally:
             job.mark_finished()
 
-    def _encode(self, request: GenerationRequest) -> tuple[Any, bool]:
-        tokenizer = self._tokenizer
+    def _encode(self, tokenizer: Any, request: GenerationRequest) -> tuple[Any, bool]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         try:
             prompt: str = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
-        except Exception as exc:  # jinja2 errors: a template rejecting this conversation
-            raise EngineError(
-                f"model {self.name!r} cannot render this conversation with its chat"
-                f" template: {_first_line(exc)}"
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations they cannot express ("roles must
+            # alternate user/assistant", no system role...): the client's to fix.
+            raise RequestError(
+                f"model {self.name!r} does not accept this conversation: {_first_line(exc)}",
+                param="messages",
             ) from exc
         # The template writes the special tokens itself.
         inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
@@ -509,6 +512,7 @@ class _Sampler(LogitsProcessor):
             probs = ordered.softmax(dim=-1)
             # Drop a token when the more likely ones already cover top_p (keep the first).
             drop = probs.cumsum(dim=-1) - probs >= self.top_p
+            drop[..., 0] = False
             ordered = ordered.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
         chosen = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)
