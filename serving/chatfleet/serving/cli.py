@@ -45,7 +45,37 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--num-cpus", type=float, help="CPUs Ray may use (default: all of this machine's)."
     )
+    db = commands.add_parser("db", help="Manage the conversation/session database.")
+    db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    upgrade = db_commands.add_parser(
+        "upgrade",
+        help="Apply the database migrations (the server also does on start by default).",
+        description="Migrate the store of --config (store.url, store.url_env or the local"
+        " SQLite file) to the newest schema.",
+    )
+    upgrade.add_argument("--config", type=Path, help="YAML or JSON AppConfig file.")
+    upgrade.add_argument("--revision", default="head", help="Target revision (default: head).")
     return parser
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from chatfleet.serving.errors import StoreUnavailable
+    from chatfleet.serving.store import Store
+
+    try:
+        store = Store(load_config(args.config).store)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"chatfleet: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        revision = asyncio.run(store.upgrade(args.revision))
+    except StoreUnavailable as exc:
+        print(f"chatfleet: {exc}", file=sys.stderr)
+        return 1
+    print(f"chatfleet: database {store.url} is at revision {revision}", flush=True)
+    return 0
 
 
 def _serve_config(args: argparse.Namespace) -> AppConfig:
@@ -140,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "db" and args.db_command == "upgrade":
+        return db_upgrade(args)
     parser.print_help()
     return 0 if args.command is None else 2
 

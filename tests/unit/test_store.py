@@ -1,0 +1,259 @@
+"""The store against SQLite and a real PostgreSQL server (started in a temp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from pydantic import SecretStr
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
+
+import chatfleet.serving.store as store_pkg
+from chatfleet.serving.config import StoreConfig
+from chatfleet.serving.errors import Conflict, NotFound, StoreUnavailable
+from chatfleet.serving.store import Store, head_revision, resolve_url
+from chatfleet.serving.store._models import Base
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster | None]:
+    yield from postgres_cluster()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/store.db"
+    cluster: PostgresCluster | None = request.getfixturevalue("pg_cluster")
+    if cluster is None:
+        pytest.skip(MISSING_REASON)
+    return await cluster.new_database()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = Store.from_url(store_url)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def test_public_surface() -> None:
+    assert set(store_pkg.__all__) == {
+        "FINISHED_SESSION_STATUSES",
+        "Conversation",
+        "LogEntry",
+        "MessageRole",
+        "MessageStatus",
+        "Session",
+        "SessionStatus",
+        "Store",
+        "StoredMessage",
+        "head_revision",
+        "resolve_url",
+    }
+
+
+async def test_migrations_build_exactly_the_models(store: Store, store_url: str) -> None:
+    assert await store.revision() == head_revision() == "0001"
+    engine = create_async_engine(store_url)
+
+    def diff(conn: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
+
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(diff) == []
+    finally:
+        await engine.dispose()
+    assert await store.upgrade() == "0001"  # again: a no-op
+
+
+async def test_conversation_messages_and_history(store: Store) -> None:
+    conv = await store.create_conversation(title="greetings", model="fake")
+    await store.add_user_message(conv.id, "hello")
+    answer = await store.begin_assistant_message(conv.id, model="fake")
+    assert answer.status == "partial"
+    assert answer.content == ""
+    await store.update_message(answer.id, content="hi the", thinking="hmm")
+    done = await store.finish_message(
+        answer.id,
+        status="cancelled",
+        content="hi there",
+        thinking="hmm",
+        prompt_tokens=5,
+        completion_tokens=2,
+    )
+    assert (done.status, done.content, done.thinking) == ("cancelled", "hi there", "hmm")
+    failed = await store.begin_assistant_message(conv.id)
+    await store.finish_message(failed.id, status="failed", content="", error="boom")
+    await store.append_message(conv.id, "user", "and then?")
+
+    got = await store.get_conversation(conv.id)
+    assert got is not None
+    assert (got.title, got.model, got.message_count) == ("greetings", "fake", 4)
+    assert got.created_at.tzinfo is not None
+    assert [m.status for m in await store.messages(conv.id)] == [
+        "complete",
+        "cancelled",
+        "failed",
+        "complete",
+    ]
+    # The empty failed answer is left out of the prompt; the partial one stays.
+    history = await store.history(conv.id)
+    assert [(m.role, m.content) for m in history] == [
+        ("user", "hello"),
+        ("assistant", "hi there"),
+        ("user", "and then?"),
+    ]
+    assert [m.content for m in await store.history(conv.id, limit=2)] == ["hi there", "and then?"]
+
+    other = await store.create_conversation()
+    await store.add_user_message(other.id, "newer")
+    listed = await store.list_conversations()
+    assert [c.id for c in listed] == [other.id, conv.id]
+    assert [c.message_count for c in listed] == [1, 4]
+    assert [c.id for c in await store.list_conversations(limit=1, offset=1)] == [conv.id]
+
+    assert await store.delete_conversation(conv.id) is True
+    assert await store.delete_conversation(conv.id) is False
+    assert await store.get_conversation(conv.id) is None
+    assert await store.messages(conv.id) == []
+    with pytest.raises(NotFound):
+        await store.add_user_message(conv.id, "too late")
+    with pytest.raises(NotFound):
+        await store.update_message(answer.id, content="x")
+
+
+async def test_concurrent_writers(store: Store) -> None:
+    conv = await store.create_conversation()
+    await asyncio.gather(*(store.add_user_message(conv.id, f"m{i}") for i in range(20)))
+    assert sorted(m.content for m in await store.messages(conv.id)) == sorted(
+        f"m{i}" for i in range(20)
+    )
+
+
+async def test_everything_survives_a_restart(store_url: str) -> None:
+    async with Store.from_url(store_url) as first:
+        conv = await first.create_conversation()
+        await first.add_user_message(conv.id, "remember me")
+        await first.revoke("jti-1", time.time() + 60)
+        session = await first.create_session("background")
+    async with Store.from_url(store_url) as second:
+        assert [m.content for m in await second.history(conv.id)] == ["remember me"]
+        assert await second.is_revoked("jti-1")
+        got = await second.get_session(session.id)
+        assert got is not None
+        assert got.message == "background"
+
+
+async def test_session_lifecycle(store: Store) -> None:
+    first = await store.create_session("one", model="fake")
+    assert (first.status, first.started_at, first.finished) == ("pending", None, False)
+    running = await store.update_session(first.id, status="running")
+    assert running.started_at is not None
+    await store.update_session(first.id, thinking="let me see", response="The answ")
+    done = await store.finish_session(
+        first.id, "completed", response="The answer", prompt_tokens=3, completion_tokens=2
+    )
+    assert (done.status, done.thinking, done.response) == ("completed", "let me see", "The answer")
+    assert done.finished
+    assert done.finished_at is not None
+    assert done.completion_tokens == 2
+    with pytest.raises(Conflict, match="already completed"):
+        await store.finish_session(first.id, "cancelled")
+    with pytest.raises(NotFound):
+        await store.finish_session("nope", "cancelled")
+    with pytest.raises(NotFound):
+        await store.update_session("nope", status="running")
+    with pytest.raises(ValueError, match="not a final"):
+        await store.finish_session(first.id, "running")
+
+    second = await store.create_session("two")
+    failed = await store.finish_session(second.id, "failed", error="engine crashed")
+    assert failed.error == "engine crashed"
+    assert [s.id for s in await store.list_sessions()] == [second.id, first.id]
+    assert [s.id for s in await store.list_sessions(status="completed")] == [first.id]
+    assert await store.get_session("nope") is None
+
+
+async def test_logs(store: Store) -> None:
+    await store.add_log("request", data={"path": "/v1/messages", "n": [1, 2]})
+    await store.add_log("engine.error", level="error", conversation_id="c1", data={"e": "x"})
+    await store.add_log("session.completed", session_id="s1")
+    logs = await store.list_logs()
+    assert [entry.event for entry in logs] == ["session.completed", "engine.error", "request"]
+    assert logs[2].data == {"path": "/v1/messages", "n": [1, 2]}
+    assert [e.event for e in await store.list_logs(level="error")] == ["engine.error"]
+    assert [e.event for e in await store.list_logs(conversation_id="c1")] == ["engine.error"]
+    assert [e.event for e in await store.list_logs(session_id="s1")] == ["session.completed"]
+    assert await store.purge_logs(datetime.now(UTC) + timedelta(seconds=1)) == 3
+    assert await store.list_logs() == []
+
+
+async def test_revoked_tokens(store: Store) -> None:
+    now = datetime.now(UTC)
+    await store.revoke("old", now - timedelta(seconds=5))
+    await store.revoke("new", (now + timedelta(hours=1)).timestamp())
+    await store.revoke("new", now + timedelta(hours=1))  # idempotent
+    assert await store.is_revoked("old")
+    assert await store.is_revoked("new")
+    assert not await store.is_revoked("other")
+    assert await store.purge_expired() == 1
+    assert not await store.is_revoked("old")
+    assert await store.is_revoked("new")
+    with pytest.raises(ValueError, match="naive"):
+        await store.revoke("naive", datetime.now())
+
+
+async def test_ping_and_lifecycle(tmp_path: object) -> None:
+    s = Store(StoreConfig(data_dir=str(tmp_path)))
+    assert not await s.ping()
+    with pytest.raises(RuntimeError, match="not started"):
+        await s.get_session("x")
+    await s.start()
+    await s.start()  # idempotent
+    assert await s.ping()
+    await s.close()
+    assert not await s.ping()
+
+
+async def test_unreachable_postgres_is_store_unavailable() -> None:
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        store = Store.from_url(f"postgresql+asyncpg://nobody@127.0.0.1:{port}/none")
+        with pytest.raises(StoreUnavailable, match=r"cannot open the store at postgresql"):
+            await store.start()
+
+
+def test_url_resolution(tmp_path: object) -> None:
+    default = resolve_url(StoreConfig(), {"CHATFLEET_DATA_DIR": str(tmp_path)})
+    assert default.drivername == "sqlite+aiosqlite"
+    assert default.database == f"{tmp_path}/chatfleet.db"
+    home = resolve_url(StoreConfig(), {})
+    assert str(home.database).endswith(".local/share/chatfleet/chatfleet.db")
+    assert resolve_url(StoreConfig(data_dir="/srv/x"), {}).database == "/srv/x/chatfleet.db"
+
+    from_env = resolve_url(
+        StoreConfig(url_env="DB_URL"), {"DB_URL": "postgresql://u:hunter2@db:5432/chat"}
+    )
+    assert from_env.drivername == "postgresql+asyncpg"
+    with pytest.raises(ValueError, match="DB_URL"):
+        resolve_url(StoreConfig(url_env="DB_URL"), {})
+    with pytest.raises(ValueError, match="unsupported database 'mysql'"):
+        resolve_url(StoreConfig(url=SecretStr("mysql://u@h/d")), {})
+    with pytest.raises(ValueError, match="not a valid database URL") as info:
+        resolve_url(StoreConfig(url=SecretStr("::hunter2::")), {})
+    assert "hunter2" not in str(info.value)
+    masked = Store(StoreConfig(url=SecretStr("postgres://u:hunter2@db/chat")))
+    assert "hunter2" not in masked.url
+    assert masked.dialect == "postgresql"
