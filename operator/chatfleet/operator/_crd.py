@@ -240,12 +240,12 @@ def _structural(node: Any, defs: dict[str, Any], def_name: str | None = None) ->
             return {**_structural(options[0], defs), **_structural(node, defs)}
         if all(o.get("type") in ("string", "integer", "number", "boolean") for o in options):
             types = sorted(o["type"] for o in options)
-            out = _structural(node, defs)
-            out["x-kubernetes-preserve-unknown-fields"] = True
-            out["description"] = (
-                out.get("description", "") + f" (one of: {', '.join(types)})"
+            scalar: dict[str, Any] = _structural(node, defs)
+            scalar["x-kubernetes-preserve-unknown-fields"] = True
+            scalar["description"] = (
+                scalar.get("description", "") + f" (one of: {', '.join(types)})"
             ).strip()
-            return out
+            return scalar
         raise ValueError(f"cannot express anyOf {options!r} in a structural schema")
 
     out: dict[str, Any] = {}

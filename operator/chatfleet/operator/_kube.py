@@ -49,9 +49,9 @@ def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClien
     """An API client from the in-cluster service account, else from a kubeconfig file."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=kubeconfig, client_configuration=configuration
         )
     return kubernetes.client.ApiClient(configuration)
@@ -87,7 +87,7 @@ class Kube:
         response = self._api.call_api(
             method, url, header_params=headers, body=body, _request_timeout=self._timeout
         )
-        raw = response.read()
+        raw = response.read()  # type: ignore[no-untyped-call]
         try:
             data = json.loads(raw) if raw else None
         except ValueError:

@@ -149,16 +149,14 @@ class Reconciler:
                     f"spec.cluster.envFromSecrets[{i}]: Secret {secret_name!r} not found"
                 )
 
-    def _ensure_jwt_secret(
-        self, name: str, namespace: str, body: Mapping[str, Any], logger: Any
-    ) -> None:
+    def _ensure_jwt_secret(self, name: str, namespace: str, body: kopf.Body, logger: Any) -> None:
         # Created once with a fresh key, then left alone: rotating it would log
         # every user out, so that is a human's decision (delete the Secret).
         secret_name = b.jwt_secret_name(name)
         if self.kube.get("v1", "Secret", namespace, secret_name) is not None:
             return
         secret = b.build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
-        kopf.adopt(secret, owner=dict(body))
+        kopf.adopt(secret, owner=body)
         if self.kube.create(secret) is not None:
             logger.info("Created the JWT signing key Secret %s", secret_name)
 
@@ -176,7 +174,7 @@ class Reconciler:
     def _invalid(
         self,
         exc: InvalidSpecError,
-        body: Mapping[str, Any],
+        body: kopf.Body,
         patch: kopf.Patch,
         generation: int | None,
         logger: Any,
@@ -190,13 +188,13 @@ class Reconciler:
         patch.status["conditions"] = conditions
         patch.status["observedGeneration"] = generation
         if self.settings.post_events:
-            kopf.warn(dict(body), reason="InvalidSpec", message=str(exc))
+            kopf.warn(body, reason="InvalidSpec", message=str(exc))
         logger.warning("Invalid spec: %s", exc)
 
     def reconcile(
         self,
         *,
-        body: Mapping[str, Any],
+        body: kopf.Body,
         name: str,
         namespace: str,
         patch: kopf.Patch,
@@ -227,7 +225,7 @@ class Reconciler:
                     self._ensure_jwt_secret(name, namespace, body, logger)
                 applied: dict[str, Any] | None = None
                 for obj in self._render(name, namespace, spec):
-                    kopf.adopt(obj, owner=dict(body))
+                    kopf.adopt(obj, owner=body)
                     out = self.kube.apply(obj)
                     if obj["kind"] == "RayService":
                         applied = out
@@ -253,11 +251,11 @@ class Reconciler:
             self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
 
     def on_rayservice_event(
-        self, *, body: Mapping[str, Any], namespace: str, type: str | None, logger: Any, **_: Any
+        self, *, body: kopf.Body, namespace: str | None, type: str, logger: Any, **_: Any
     ) -> None:
         """Mirror a RayService's status into its ChatDeployment's conditions."""
         owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
-        if not owner or type == "DELETED":
+        if not owner or not namespace or type == "DELETED":
             return
         cd = self.kube.get(API_VERSION, KIND, namespace, owner)
         if cd is None or (cd.get("metadata") or {}).get("deletionTimestamp"):
@@ -284,9 +282,10 @@ class Reconciler:
             logger.debug("Mirrored RayService status into %s/%s", namespace, owner)
 
     def delete(
-        self, *, body: Mapping[str, Any], name: str, namespace: str, logger: Any, **_: Any
+        self, *, body: kopf.Body, name: str, namespace: str | None, logger: Any, **_: Any
     ) -> None:
         """Delete what the ChatDeployment owned (owner references would also GC it)."""
+        assert namespace is not None  # ChatDeployments are namespaced
         spec_raw = body.get("spec") or {}
         owned = [
             ("ray.io/v1", "RayService", b.rayservice_name(name)),
