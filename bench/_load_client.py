@@ -2,7 +2,7 @@
 
 Usage: ``python bench/_load_client.py SPEC_JSON``. SPEC keys: ``host``, ``port``,
 ``path``, ``body`` (JSON object sent as the POST body; ``prompt`` gets a per-request
-suffix), ``concurrency``, ``warmup_s``, ``duration_s``, ``read_timeout_s``.
+suffix), ``concurrency``, ``warmup_s``, ``duration_s``, ``read_timeout_s``, ``result_path``.
 
 Each of ``concurrency`` workers keeps one HTTP/1.1 keep-alive connection (raw
 asyncio streams, no HTTP library) and sends requests back to back until the
@@ -12,7 +12,8 @@ here is what the client actually sees arrive: several SSE events landing in one
 read count as one arrival.
 
 Stdout protocol: a line ``START`` when the window opens, ``END`` when it closes
-(the bench samples server CPU time at both), then one JSON line with the results.
+(the bench samples server CPU time at both), then ``DONE`` once the results are
+written as JSON to ``result_path``.
 Only tokens that arrive inside the window count; TTFT is kept for requests sent
 inside the window; a gap is the time between two token-bearing arrivals of one
 stream, kept when the later one is inside the window.
@@ -225,7 +226,9 @@ def main() -> int:
         result = uvloop.run(_run(spec))
     except ImportError:
         result = asyncio.run(_run(spec))
-    print(json.dumps(result), flush=True)
+    with open(spec["result_path"], "w") as out:
+        json.dump(result, out)
+    print("DONE", flush=True)
     return 0
 
 

@@ -274,6 +274,7 @@ def measure(
         "duration_s": duration_s,
         "read_timeout_s": 30.0,
         "drain_timeout_s": 60.0 if drain else 0.0,
+        "result_path": tempfile.mktemp(prefix="chatfleet-bench-", suffix=".json"),
     }
     client = subprocess.Popen(
         [PYTHON, str(HERE / "_load_client.py"), json.dumps(spec)],
@@ -293,8 +294,10 @@ def measure(
             table = _proc_table()
             after = server.tree(table)
             others_after = sum(sum(o.tree(table).values()) for o in others)
-        elif line.startswith("{"):
-            result = json.loads(line)
+        elif line.startswith("DONE"):
+            with open(spec["result_path"]) as done:
+                result = json.load(done)
+            os.unlink(spec["result_path"])
     client.wait(120)
     if result is None:
         raise RuntimeError(f"load client failed (exit {client.returncode})")
@@ -476,7 +479,7 @@ class Cell:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -581,7 +584,7 @@ def scenario_ttft(
     ratio_rows = []
     for conc in args.s1_concurrency:
         for name in names:
-            if name == "naive":
+            if name == "naive" or ("naive", conc) not in cells:
                 continue
             c, n = cells[(name, conc)], cells[("naive", conc)]
             ratio_rows.append(
@@ -612,12 +615,12 @@ def scenario_ttft(
     top = max(args.s1_concurrency)
     lines.append("Targets:")
     target_results = {}
-    if ("chatfleet", top) in cells and top == 32:
+    if ("chatfleet", top) in cells and ("naive", top) in cells and top == 32:
         ratio = cells[("chatfleet", top)].tok_s() / cells[("naive", top)].tok_s()
         ok = ratio >= 1.0
         target_results["throughput_32_ratio"] = {"value": ratio, "met": ok}
         lines.append(f"  [{verdict(ok)}] chatfleet tok/s at 32 streams >= 1.0x naive: {ratio:.2f}x")
-    if ("chatfleet", 1) in cells:
+    if ("chatfleet", 1) in cells and ("naive", 1) in cells:
         cf = pct(cells[("chatfleet", 1)].ttft(), 50) * 1e3
         added = cf - inproc["first_chunk_p50_ms"]
         ok = added <= 15.0
@@ -650,14 +653,14 @@ def scenario_paced(
         f" streams {args.s2_concurrency}, {args.rounds} round(s) x {args.s2_duration:g} s ==",
         flush=True,
     )
-    rate1 = inproc_paced_rate(args.tps, args.tokens, 4)
-    print(
-        f"  .. in-process fake engine alone: {rate1:.2f} tok/s per stream (nominal {args.tps:g})",
-        flush=True,
-    )
     cells: dict[tuple[str, int], Cell] = {}
+    calibrated: dict[int, list[float]] = {}
     for conc in args.s2_concurrency:
         for rnd in rounds_of(targets, args.rounds):
+            # Calibrate right before each round: the engine's own pace drifts with load.
+            rate = inproc_paced_rate(args.tps, args.tokens, 4)
+            calibrated.setdefault(conc, []).append(rate)
+            print(f"  .. in-process fake engine alone: {rate:.2f} tok/s per stream", flush=True)
             for server, port in rnd:
                 run = measure(
                     server,
@@ -672,25 +675,25 @@ def scenario_paced(
                 )
                 cells.setdefault((run.server, conc), Cell()).runs.append(run)
                 print(
-                    f"  .. {run.server:>16} c={conc:<3} {run.tokens_per_s / (conc * rate1):6.1%} of"
+                    f"  .. {run.server:>16} c={conc:<3} {run.tokens_per_s / (conc * rate):6.1%} of"
                     f" calibrated offer, gap p99 {pct(run.gaps_s, 99) * 1e3:7.1f} ms"
                     f"  errors {run.error_count}",
                     flush=True,
                 )
                 time.sleep(args.pause)
+    rate1 = {conc: statistics.median(v) for conc, v in calibrated.items()}
     names = [n for n in dict.fromkeys(k[0] for k in cells)]
     rows = []
-    capacity: dict[str, int] = {n: 0 for n in names}
-    passing: dict[tuple[str, int], bool] = {}
+    passing: dict[tuple[str, int], tuple[float, float]] = {}
     for conc in args.s2_concurrency:
         for name in names:
             c = cells[(name, conc)]
             gaps = c.gaps()
             offered_nominal = conc * args.tps
-            offered_cal = conc * rate1
+            offered_cal = conc * rate1[conc]
             delivered = c.tok_s()
+            passing[(name, conc)] = (delivered / offered_cal, pct(gaps, 99))
             ok = delivered / offered_cal >= DELIVERY_TARGET and pct(gaps, 99) <= GAP_LIMIT_S
-            passing[(name, conc)] = ok
             rows.append(
                 [
                     str(conc),
@@ -702,6 +705,7 @@ def scenario_paced(
                     f(pct(gaps, 50) * 1e3, 1),
                     f(pct(gaps, 99) * 1e3, 1),
                     f(pct(gaps, 100) * 1e3, 0),
+                    f(pct(c.ttft(), 50) * 1e3, 1),
                     f(pct(c.ttft(), 99) * 1e3, 1),
                     f(c.server_cores(), 2),
                     f(c.client_cores(), 2),
@@ -709,14 +713,19 @@ def scenario_paced(
                     "yes" if ok else "no",
                 ]
             )
-    for name in names:
+
+    def capacity_at(name: str, delivery: float) -> int:
         best = 0
         for conc in sorted(args.s2_concurrency):
-            if passing[(name, conc)]:
+            share, gap99 = passing[(name, conc)]
+            if share >= delivery and gap99 <= GAP_LIMIT_S:
                 best = conc
             else:
                 break
-        capacity[name] = best
+        return best
+
+    capacity = {n: capacity_at(n, DELIVERY_TARGET) for n in names}
+    capacity_95 = {n: capacity_at(n, 0.95) for n in names}
     lines = [
         table(
             [
@@ -729,6 +738,7 @@ def scenario_paced(
                 "gap p50 ms",
                 "gap p99 ms",
                 "gap max ms",
+                "TTFT p50 ms",
                 "TTFT p99 ms",
                 "server cores",
                 "client cores",
@@ -739,15 +749,16 @@ def scenario_paced(
         )
     ]
     lines.append(
-        f"(offered = streams x {args.tps:g} tok/s; calibrated = streams x {rate1:.2f} tok/s, what"
-        " the fake engine reaches alone in-process;"
+        f"(offered = streams x {args.tps:g} tok/s; calibrated = streams x the tok/s one fake"
+        " stream reaches alone in-process, measured before each round:"
+        f" {', '.join(f'{c}: {r:.2f}' for c, r in rate1.items())};"
         " ok = >= 99 % of calibrated and gap p99 <= 100 ms)"
     )
     lines.append("\nRatios chatfleet/naive:")
     ratio_rows = []
     for conc in args.s2_concurrency:
         for name in names:
-            if name == "naive":
+            if name == "naive" or ("naive", conc) not in cells:
                 continue
             c, n = cells[(name, conc)], cells[("naive", conc)]
             ratio_rows.append(
@@ -771,19 +782,25 @@ def scenario_paced(
         "\nCapacity (highest streams with every lower level also ok): "
         + ", ".join(f"{n} {capacity[n] or '< ' + str(min(args.s2_concurrency))}" for n in names)
     )
+    lines.append(
+        "  (looser, >= 95 % delivered, for a shared machine: "
+        + ", ".join(f"{n} {capacity_95[n]}" for n in names)
+        + ")"
+    )
     lines.append("Targets:")
-    ok = capacity.get("chatfleet", 0) >= capacity["naive"]
+    ok = capacity.get("chatfleet", 0) >= capacity.get("naive", 0)
     lines.append(
         f"  [{verdict(ok)}] chatfleet capacity >= naive capacity:"
-        f" {capacity.get('chatfleet', 0)} vs {capacity['naive']}"
+        f" {capacity.get('chatfleet', 0)} vs {capacity.get('naive', 0)}"
         + ("  (0 = below the lowest level tried)" if 0 in capacity.values() else "")
     )
     text = "\n".join(lines)
     print(text, flush=True)
     results["paced"] = {
-        "calibrated_tokens_per_s_per_stream": rate1,
+        "calibrated_tokens_per_s_per_stream": {str(k): v for k, v in calibrated.items()},
         "cells": {f"{k[0]}@{k[1]}": v.summary() for k, v in cells.items()},
         "capacity": capacity,
+        "capacity_95": capacity_95,
         "targets": {"capacity_ge_naive": {"value": capacity, "met": ok}},
     }
     return [text]
@@ -849,9 +866,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s1-concurrency", type=ints, default=[1, 8, 32])
     p.add_argument("--s1-warmup", type=float, default=2.0)
     p.add_argument("--s1-duration", type=float, default=8.0)
-    p.add_argument("--s2-concurrency", type=ints, default=[16, 64, 256])
+    p.add_argument("--s2-concurrency", type=ints, default=[16, 32, 64, 128, 256])
     p.add_argument("--s2-warmup", type=float, default=5.0)
-    p.add_argument("--s2-duration", type=float, default=12.0)
+    p.add_argument("--s2-duration", type=float, default=10.0)
     p.add_argument("--pause", type=float, default=1.0, help="Seconds of rest between runs.")
     p.add_argument("--inproc-samples", type=int, default=300)
     p.add_argument("--coalesce-tokens", type=int, default=16, help="AppConfig.coalesce.max_tokens")
@@ -887,7 +904,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = 1
         args.s1_warmup, args.s1_duration = 1.0, 3.0
         args.s2_warmup, args.s2_duration = 2.0, 5.0
-        if args.s2_concurrency == [16, 64, 256]:
+        if args.s2_concurrency == [16, 32, 64, 128, 256]:
             args.s2_concurrency = [16, 64]
         args.inproc_samples = 100
         args.pause = 0.5
