@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ def test_no_command_prints_help() -> None:
 def test_serve_streams_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = _free_port()
     log = (tmp_path / "serve.log").open("w+")
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # The local signing key lands in the data folder: keep it in the test's.
+    env = {**os.environ, "RAY_ADDRESS": "", "CHATFLEET_DATA_DIR": str(tmp_path)}
     proc = subprocess.Popen(
         [*CHATFLEET, "serve", "--engine", "fake", "--port", str(port)],
         stdout=log,
@@ -67,7 +69,11 @@ def test_serve_streams_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert f"serving on {url}" in output
         assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
 
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        # Auth is on by default: the printed token works, no token is a 401.
+        token = re.search(r"token \(expires in \d+ min\): (\S+)", output)
+        assert token is not None, output
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token.group(1))
         stream = client.chat.completions.create(
             model="fake", messages=[{"role": "user", "content": "hi"}], stream=True
         )

@@ -21,6 +21,7 @@ APP = "gateway"
 @pytest.fixture(scope="module")
 def url(ray_serve: Any) -> str:
     config = AppConfig(
+        auth={"enabled": False},
         models=[
             ModelConfig(
                 name="fake", engine="fake", fake={"reply_tokens": 64, "thinking_tokens": 6}

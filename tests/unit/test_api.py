@@ -19,6 +19,8 @@ def fake_model(name: str = "fake", **fake: Any) -> ModelConfig:
 
 
 def make_config(*models: ModelConfig, **fields: Any) -> AppConfig:
+    # Auth has its own tests (test_auth.py); these exercise the API behind it.
+    fields.setdefault("auth", {"enabled": False})
     return AppConfig(models=list(models) or [fake_model()], **fields)
 
 

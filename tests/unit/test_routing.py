@@ -87,6 +87,7 @@ def routed_config(**routing: Any) -> AppConfig:
                 fake("broken", fail_after_tokens=0),
             ],
             "classifier": {},
+            "auth": {"enabled": False},
             "routing": {
                 "routes": [
                     {"category": "coding", "model": "coder"},
@@ -333,7 +334,7 @@ async def test_routing_bad_input_is_400(
 
 
 async def test_auto_without_routing_is_a_clear_404() -> None:
-    config = AppConfig.for_engine("fake")
+    config = AppConfig.for_engine("fake", auth={"enabled": False})
     engines = {m.name: LocalEngineClient(FakeEngine(m)) for m in config.models}
     app = create_app(config, engines)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:

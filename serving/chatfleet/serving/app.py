@@ -22,6 +22,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving.api import create_app
+from chatfleet.serving.auth import Authenticator, MemoryRevocationStore
 from chatfleet.serving.config import (
     AppConfig,
     ClassifierConfig,
@@ -321,12 +322,19 @@ class Ingress:
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         routing = HandleRouterClient(router, classifier, compressor)
+        auth = None
+        if config.auth.enabled:
+            # TODO(store): revocations in the SQL store, so they survive restarts.
+            auth = Authenticator.from_config(
+                config.auth, MemoryRevocationStore(), data_dir=config.store.data_dir
+            )
         self._app = create_app(
             config,
             {name: HandleEngineClient(handle) for name, handle in engines.items()},
             router=routing if router is not None else None,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,
+            auth=auth,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--num-cpus", type=float, help="CPUs Ray may use (default: all of this machine's)."
     )
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="Serve without authentication (local experiments: anyone who reaches the port"
+        " can use it). By default a token for the local user is printed at start-up.",
+    )
     db = commands.add_parser("db", help="Manage the conversation/session database.")
     db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
     upgrade = db_commands.add_parser(
@@ -94,7 +100,51 @@ def _serve_config(args: argparse.Namespace) -> AppConfig:
         config = AppConfig.model_validate(
             {**config.model_dump(), "server": {**config.server.model_dump(), **server}}
         )
+    if args.no_auth:
+        config = config.model_copy(
+            update={"auth": config.auth.model_copy(update={"enabled": False})}
+        )
     return config
+
+
+def _local_access(config: AppConfig, url: str) -> tuple[AppConfig, str, str | None]:
+    """Register a ``local`` client when none is configured; mint its first token.
+
+    Returns the config to deploy, lines telling how to authenticate, and the
+    token to use (None when auth is off or clients are configured). The token is
+    signed with the local key (data folder), which the ingress reads too.
+    """
+    if not config.auth.enabled:
+        return config, "  auth is off (--no-auth): anyone who reaches the port may use it.", None
+    if config.auth.clients:
+        ids = ", ".join(c.client_id for c in config.auth.clients)
+        return (
+            config,
+            f"  auth is on; clients: {ids}. Get a token:\n"
+            f"    curl -s {url}/auth/token -d client_id=<id> -d client_secret=<secret>",
+            None,
+        )
+    import hashlib
+    import secrets
+
+    from chatfleet.serving.auth import Authenticator, MemoryRevocationStore
+    from chatfleet.serving.config import ClientCredential
+
+    secret = secrets.token_urlsafe(32)
+    local = ClientCredential(
+        client_id="local", secret_sha256=hashlib.sha256(secret.encode()).hexdigest()
+    )
+    config = config.model_copy(update={"auth": config.auth.model_copy(update={"clients": [local]})})
+    auth = Authenticator.from_config(
+        config.auth, MemoryRevocationStore(), data_dir=config.store.data_dir
+    )
+    token = auth.mint(local.client_id, local.scopes).access_token
+    minutes = config.auth.access_token_ttl_s // 60
+    lines = (
+        f"  token (expires in {minutes} min): {token}\n"
+        f"  a new one: curl -s {url}/auth/token -d client_id=local -d client_secret={secret}"
+    )
+    return config, lines, token
 
 
 def _prepare_models(config: AppConfig) -> None:
@@ -115,6 +165,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chatfleet: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     _prepare_models(config)
+    url = f"http://{config.server.host}:{config.server.port}"
+    try:
+        config, access, token = _local_access(config, url)
+    except (ValueError, OSError) as exc:
+        print(f"chatfleet: cannot set up authentication: {exc}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve as ray_serve
@@ -144,10 +200,12 @@ def serve(args: argparse.Namespace) -> int:
         models = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
         print(f"chatfleet: deploying {models}...", flush=True)
         ray_serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://{config.server.host}:{config.server.port}"
+        bearer = f" -H 'Authorization: Bearer {token}'" if token else ""
         print(
             f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
-            f"  try: curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'"
+            f"{access}\n"
+            f"  try: curl -N {url}/v1/chat/completions{bearer}"
+            " -H 'Content-Type: application/json'"
             f' -d \'{{"model": "{config.default_model_name}", "stream": true,'
             f' "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
             "  Ctrl-C to stop.",

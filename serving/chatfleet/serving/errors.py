@@ -6,6 +6,8 @@
     │   ├── NotFound                   404 not_found (unknown conversation or session)
     │   ├── Conflict                   409 conflict (e.g. cancelling a finished session)
     │   └── PayloadTooLarge            413 payload_too_large
+    ├── AuthenticationError            401 invalid_token (missing, forged, expired, revoked)
+    │   └── InvalidClient              401 invalid_client (unknown client or wrong secret)
     ├── EngineError                    502 engine_error
     │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
     │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
@@ -21,10 +23,12 @@ are written for clients: they never contain stack traces or secrets.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ChatfleetError",
     "Conflict",
     "EngineError",
     "EngineUnavailable",
+    "InvalidClient",
     "ModelNotFound",
     "NotFound",
     "Overloaded",
@@ -74,6 +78,18 @@ class Conflict(RequestError):
 class PayloadTooLarge(RequestError):
     status_code = 413
     code = "payload_too_large"
+
+
+class AuthenticationError(ChatfleetError):
+    """No valid bearer token. HTTP adds ``WWW-Authenticate: Bearer``; WebSocket closes 1008."""
+
+    status_code = 401
+    code = "invalid_token"
+    error_type = "authentication_error"
+
+
+class InvalidClient(AuthenticationError):
+    code = "invalid_client"
 
 
 class EngineError(ChatfleetError):

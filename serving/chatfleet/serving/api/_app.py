@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes
 from chatfleet.serving.api._gateway import (
     AUTO_MODEL,
     CONVERSATION_HEADER,
@@ -37,6 +38,8 @@ from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import ChatCompletionRequest, GenerateRequest, error_body
 from chatfleet.serving.api._streaming import EventStream
+from chatfleet.serving.api._ws_chat import add_chat_ws_routes
+from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
 from chatfleet.serving.errors import ChatfleetError, PayloadTooLarge, RequestError
 
@@ -120,11 +123,25 @@ def create_app(
     compressor: CompressorClient | None = None,
     metrics: Metrics | None = None,
     on_startup: Callable[[], Awaitable[None]] | None = None,
+    auth: Authenticator | None = None,
 ) -> FastAPI:
-    """Build the ingress ASGI app. ``on_startup`` runs once before serving."""
+    """Build the ingress ASGI app. ``on_startup`` runs once before serving.
+
+    ``auth`` is required when ``config.auth.enabled`` (the default) and ignored otherwise.
+    """
+    if config.auth.enabled and auth is None:
+        raise ValueError(
+            "config.auth.enabled needs an Authenticator (auth=...); or set auth.enabled to false"
+        )
     metrics = metrics or Metrics()
     gw = Gateway(
-        config, engines, metrics, router=router, classifier=classifier, compressor=compressor
+        config,
+        engines,
+        metrics,
+        router=router,
+        classifier=classifier,
+        compressor=compressor,
+        auth=auth if config.auth.enabled else None,
     )
 
     @asynccontextmanager
@@ -187,6 +204,9 @@ def create_app(
         return response
 
     app.add_middleware(_BodyLimit, limit=config.server.max_body_bytes)
+    if gw.auth is not None:
+        # Outside the body limit (no reading bodies of strangers), inside CORS (preflights).
+        app.add_middleware(AuthMiddleware, auth=gw.auth, metrics=metrics)
     if config.server.cors_allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -304,4 +324,6 @@ def create_app(
         return EventStream(generate_events(gw, batches, model.name, request.request_id))
 
     add_routing_routes(app, gw)
+    add_auth_routes(app, gw)
+    add_chat_ws_routes(app, gw)
     return app

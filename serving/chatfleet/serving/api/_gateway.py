@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._streaming import sse
+from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
 from chatfleet.serving.engines import Engine, coalesce
 from chatfleet.serving.errors import (
@@ -128,6 +129,7 @@ class Gateway:
         router: RouterClient | None = None,
         classifier: ClassifierClient | None = None,
         compressor: CompressorClient | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         missing = [m.name for m in config.models if m.name not in engines]
         if missing:
@@ -138,6 +140,7 @@ class Gateway:
         self.router = router
         self.classifier = classifier
         self.compressor = compressor
+        self.auth = auth  # None: auth is off
         # Conversation -> its last route, for hysteresis. Bounded; replica-local
         # until conversations are stored (then the store holds it).
         self.routes: OrderedDict[str, PreviousRoute] = OrderedDict()

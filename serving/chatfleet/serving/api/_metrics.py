@@ -67,6 +67,12 @@ class Metrics:
             ["model", "finish_reason"],
             registry=r,
         )
+        self.websocket_connections = Gauge(
+            "chatfleet_websocket_connections",
+            "Open WebSocket connections, per endpoint (chat, events).",
+            ["endpoint"],
+            registry=r,
+        )
 
         self.routing_duration = Histogram(
             "chatfleet_routing_duration_seconds",

@@ -1,0 +1,350 @@
+"""``WS /ws/chat``: chat over one WebSocket, and ``GET /ws/health``.
+
+Frames are JSON text. Server to client::
+
+    connection_ack  {client_id, session_id, ping_interval_s, max_message_bytes}
+    token           {content, kind: "text" | "thinking"}     (a piece of the reply)
+    complete        {total_tokens, latency_ms, finish_reason, model}
+    error           {error, code[, retry_after]}             (the connection stays up)
+    ping | pong
+
+Client to server::
+
+    chat    {content, model?, system?, max_tokens?, temperature?, top_p?, stop?, seed?}
+    cancel  (stop the reply that is streaming; it completes with finish_reason "cancelled")
+    pong    (the answer to a server ping) | ping (answered with a pong)
+
+One reply streams at a time per connection: a ``chat`` that arrives while one
+is streaming is refused with an ``error`` frame (code ``busy``); send ``cancel``
+first to interrupt. The connection keeps the conversation (bounded by
+``server.max_messages``), so each ``chat`` continues it. ``total_tokens`` counts
+the reply's generated tokens (thinking included).
+
+Malformed frames (not JSON, unknown type, missing content, over
+``websocket.max_message_bytes``, binary) get an ``error`` frame and the
+connection stays up. The server sends ``ping`` every
+``websocket.ping_interval_s``; a peer that doesn't ``pong`` within
+``websocket.pong_timeout_s`` is closed with code 4408. When the client goes
+away, its generation is cancelled (the engine stops). Close codes: 1008 bad
+token (sent by the auth middleware), 1013 too many connections or rate-limited,
+4408 pong timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, WebSocket
+from pydantic import ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketState
+
+from chatfleet.serving.api._auth import (
+    WS_POLICY_VIOLATION,
+    WS_TRY_AGAIN_LATER,
+    request_claims,
+    ws_error_frame,
+)
+from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway
+from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.errors import (
+    AuthenticationError,
+    ChatfleetError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+)
+from chatfleet.serving.protocol import Message
+
+__all__ = ["ChatFrame", "add_chat_ws_routes", "ws_close_code"]
+
+logger = logging.getLogger(__name__)
+
+WS_PONG_TIMEOUT = 4408
+_INVALID_FRAME = "invalid_frame"
+_BUSY = "busy"
+
+
+def ws_close_code(exc: ChatfleetError) -> int:
+    """The close code for an error that ends a connection."""
+    if isinstance(exc, AuthenticationError):
+        return WS_POLICY_VIOLATION
+    if isinstance(exc, Overloaded):
+        return WS_TRY_AGAIN_LATER
+    return 1011  # internal error
+
+
+class ChatFrame(SamplingFields):
+    """A client's ``chat`` frame."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["chat"]
+    content: str = Field(min_length=1, description="The user's message.")
+    model: str | None = Field(None, description="Model name or 'auto'; empty: the default.")
+    system: str | None = Field(None, description="A system prompt for this turn.")
+
+
+@dataclass(slots=True)
+class _Progress:
+    """The streaming reply, as far as it got."""
+
+    started: float
+    model: str | None
+    tokens: int = 0
+
+
+class _Connections:
+    """This replica's /ws/chat connections."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.generating = 0
+
+
+class _ChatConnection:
+    def __init__(self, ws: WebSocket, gw: Gateway, client_id: str) -> None:
+        self.ws = ws
+        self.gw = gw
+        self.client_id = client_id
+        self.session_id = uuid.uuid4().hex
+        self.settings = gw.config.websocket
+        self.history: list[Message] = []
+        self.generation: asyncio.Task[None] | None = None
+        self.progress = _Progress(time.perf_counter(), None)
+        self.pong = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(text)
+
+    async def send_frame(self, frame_type: str, **fields: Any) -> None:
+        await self.send(json.dumps({"type": frame_type, **fields}))
+
+    async def send_error(self, exc: ChatfleetError, **extra: Any) -> None:
+        self.gw.metrics.errors.labels(exc.code).inc()
+        await self.send(ws_error_frame(exc.message, exc.code, **extra))
+
+    async def run(self) -> None:
+        await self.send_frame(
+            "connection_ack",
+            client_id=self.client_id,
+            session_id=self.session_id,
+            ping_interval_s=self.settings.ping_interval_s,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+        reader = asyncio.create_task(self.read_frames())
+        heartbeat = asyncio.create_task(self.heartbeat())
+        try:
+            done, _ = await asyncio.wait({reader, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tasks = [t for t in (reader, heartbeat, self.generation) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if heartbeat in done and not heartbeat.cancelled() and heartbeat.exception() is None:
+            logger.info("ws/chat %s: no pong in time; closing", self.session_id)
+            await self.close(WS_PONG_TIMEOUT, "pong timeout")
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.debug("ws/chat %s ended: %r", self.session_id, task.exception())
+
+    async def close(self, code: int, reason: str) -> None:
+        if (
+            self.ws.application_state == WebSocketState.CONNECTED
+            and self.ws.client_state == WebSocketState.CONNECTED
+        ):
+            try:
+                await self.ws.close(code, reason)
+            except Exception:
+                logger.debug("close of a gone WebSocket failed", exc_info=True)
+
+    async def heartbeat(self) -> None:
+        """Returns (the peer is dead) when a ping goes unanswered."""
+        while True:
+            await asyncio.sleep(self.settings.ping_interval_s)
+            self.pong.clear()
+            try:
+                async with asyncio.timeout(self.settings.pong_timeout_s):
+                    await self.send_frame("ping")
+                    await self.pong.wait()
+            except TimeoutError:
+                return
+
+    async def read_frames(self) -> None:
+        limit = self.settings.max_message_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self.send_error(RequestError("binary frames are not accepted"))
+                continue
+            if len(text) > limit or len(text.encode()) > limit:
+                await self.send_error(PayloadTooLarge(f"frame exceeds {limit} bytes"))
+                continue
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                await self.send(ws_error_frame("frame is not a JSON object", _INVALID_FRAME))
+                continue
+            kind = data.get("type")
+            if kind == "pong":
+                self.pong.set()
+            elif kind == "ping":
+                await self.send_frame("pong")
+            elif kind == "chat":
+                await self.start_chat(data)
+            elif kind == "cancel":
+                await self.cancel_chat()
+            else:
+                await self.send(
+                    ws_error_frame(
+                        f"unknown frame type {kind!r} (expected chat, cancel, ping or pong)",
+                        _INVALID_FRAME,
+                    )
+                )
+
+    async def start_chat(self, data: dict[str, Any]) -> None:
+        if self.generation is not None and not self.generation.done():
+            await self.send(
+                ws_error_frame('a reply is still streaming; send {"type": "cancel"} first', _BUSY)
+            )
+            return
+        try:
+            frame = ChatFrame.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            await self.send_error(RequestError(f"{param}: {first.get('msg')}", param=param))
+            return
+        if self.gw.auth is not None:
+            wait = self.gw.auth.retry_after(self.client_id)
+            if wait > 0:
+                await self.send_error(
+                    Overloaded("rate limit exceeded"), retry_after=max(1, round(wait + 0.5))
+                )
+                return
+        self.generation = asyncio.create_task(self.generate(frame))
+
+    async def cancel_chat(self) -> None:
+        task = self.generation
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        p = self.progress
+        await self.send_frame(
+            "complete",
+            total_tokens=p.tokens,
+            latency_ms=round((time.perf_counter() - p.started) * 1000, 1),
+            finish_reason="cancelled",
+            model=p.model,
+        )
+
+    async def generate(self, frame: ChatFrame) -> None:
+        gw = self.gw
+        started = time.perf_counter()
+        self.progress = progress = _Progress(started, frame.model)
+        question = Message(role="user", content=frame.content)
+        messages = [*self.history, question]
+        if frame.system:
+            messages.insert(0, Message(role="system", content=frame.system))
+        try:
+            if frame.model == AUTO_MODEL:
+                decision = await gw.decide(messages, self.session_id)
+                decision, request, batches = await gw.open_routed(decision, frame, started)
+                gw.remember_route(self.session_id, decision)
+            else:
+                request = gw.generation_request(gw.resolve(frame.model), messages, frame)
+                batches = await gw.open_stream(request, accepted_at=started)
+            progress.model = request.model
+            answer: list[str] = []
+            finish: str | None = None
+            try:
+                async for batch in batches:
+                    # One frame per run of same-kind chunks in a batch: fewer, larger frames.
+                    runs: list[tuple[str, list[str]]] = []
+                    for chunk in batch:
+                        progress.tokens += chunk.tokens
+                        finish = chunk.finish_reason or finish
+                        if not chunk.text:
+                            continue
+                        if chunk.kind == "text":
+                            answer.append(chunk.text)
+                        if runs and runs[-1][0] == chunk.kind:
+                            runs[-1][1].append(chunk.text)
+                        else:
+                            runs.append((chunk.kind, [chunk.text]))
+                    for kind, texts in runs:
+                        await self.send_frame("token", content="".join(texts), kind=kind)
+            finally:
+                aclose = getattr(batches, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except ChatfleetError as exc:
+            await self.send_error(exc)
+            return
+        except Exception:
+            logger.exception("ws/chat %s: generation failed", self.session_id)
+            await self.send_error(ChatfleetError("generation failed"))
+            return
+        self.remember(question, "".join(answer))
+        await self.send_frame(
+            "complete",
+            total_tokens=progress.tokens,
+            latency_ms=round((time.perf_counter() - started) * 1000, 1),
+            finish_reason=finish or "stop",
+            model=request.model,
+        )
+
+    def remember(self, question: Message, answer: str) -> None:
+        self.history += [question, Message(role="assistant", content=answer)]
+        # Leave room for a system prompt and the next question.
+        keep = max(0, self.gw.config.server.max_messages - 2)
+        if len(self.history) > keep:
+            del self.history[: len(self.history) - keep]
+
+
+def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
+    """``WS /ws/chat`` and ``GET /ws/health``."""
+    connections = _Connections()
+    gauge = gw.metrics.websocket_connections.labels("chat")
+    settings = gw.config.websocket
+
+    @app.websocket("/ws/chat")
+    async def ws_chat(ws: WebSocket) -> None:
+        claims = request_claims(ws)
+        client_id = claims.client_id if claims is not None else "anonymous"
+        if connections.open >= settings.max_connections:
+            await ws.accept()
+            exc = Overloaded(f"too many connections (limit {settings.max_connections})")
+            gw.metrics.errors.labels(exc.code).inc()
+            await ws.send_text(ws_error_frame(exc.message, exc.code))
+            await ws.close(ws_close_code(exc), "too many connections")
+            return
+        connections.open += 1
+        gauge.inc()
+        try:
+            await ws.accept()
+            await _ChatConnection(ws, gw, client_id).run()
+        finally:
+            connections.open -= 1
+            gauge.dec()
+
+    @app.get("/ws/health", tags=["health"], summary="WebSocket chat connections of this replica.")
+    async def ws_health() -> dict[str, Any]:
+        return {
+            "status": "ok" if connections.open < settings.max_connections else "full",
+            "connections": connections.open,
+            "max_connections": settings.max_connections,
+        }
