@@ -22,7 +22,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving.api import create_app
-from chatfleet.serving.auth import Authenticator, MemoryRevocationStore
+from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import (
     AppConfig,
     ClassifierConfig,
@@ -41,6 +41,7 @@ from chatfleet.serving.protocol import (
     Message,
 )
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+from chatfleet.serving.store import Store
 
 __all__ = [
     "APP_NAME",
@@ -322,18 +323,20 @@ class Ingress:
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         routing = HandleRouterClient(router, classifier, compressor)
+        # Opened (and migrated) by the app's lifespan. Sessions run in this replica:
+        # their live events reach its /ws subscribers only; the database is shared.
+        store = Store(config.store)
         auth = None
         if config.auth.enabled:
-            # TODO(store): revocations in the SQL store, so they survive restarts.
-            auth = Authenticator.from_config(
-                config.auth, MemoryRevocationStore(), data_dir=config.store.data_dir
-            )
+            # Revocations live in the store: they survive restarts and are shared.
+            auth = Authenticator.from_config(config.auth, store, data_dir=config.store.data_dir)
         self._app = create_app(
             config,
             {name: HandleEngineClient(handle) for name, handle in engines.items()},
             router=routing if router is not None else None,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,
+            store=store,
             auth=auth,
         )
 

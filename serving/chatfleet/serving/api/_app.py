@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes
+from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._gateway import (
     AUTO_MODEL,
     CONVERSATION_HEADER,
@@ -37,11 +38,13 @@ from chatfleet.serving.api._gateway import (
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import ChatCompletionRequest, GenerateRequest, error_body
+from chatfleet.serving.api._sessions import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
 from chatfleet.serving.errors import ChatfleetError, PayloadTooLarge, RequestError
+from chatfleet.serving.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ def create_app(
     compressor: CompressorClient | None = None,
     metrics: Metrics | None = None,
     on_startup: Callable[[], Awaitable[None]] | None = None,
+    store: Store | None = None,
     auth: Authenticator | None = None,
 ) -> FastAPI:
     """Build the ingress ASGI app. ``on_startup`` runs once before serving.
@@ -141,14 +145,24 @@ def create_app(
         router=router,
         classifier=classifier,
         compressor=compressor,
+        store=store,
         auth=auth if config.auth.enabled else None,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The store (if any) opens first: it is migrated and connected before serving.
+        if store is not None:
+            await store.start()
         if on_startup is not None:
             await on_startup()
-        yield
+        try:
+            yield
+        finally:
+            await sessions.close()  # running sessions are stored as cancelled
+            await conversation_writes.drain()
+            if store is not None:
+                await store.close()
 
     app = FastAPI(
         title="chatfleet",
@@ -243,7 +257,11 @@ def create_app(
     async def ready() -> JSONResponse:
         states = await model_states()
         ok = all(s == "ready" for s in states.values())
-        return JSONResponse({"ready": ok, "models": states}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok, "models": states}
+        if store is not None:
+            body["store"] = "ready" if await store.ping() else "unavailable"
+            body["ready"] = ok = ok and body["store"] == "ready"
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics of this replica.")
     async def prometheus_metrics() -> Response:
@@ -324,6 +342,8 @@ def create_app(
         return EventStream(generate_events(gw, batches, model.name, request.request_id))
 
     add_routing_routes(app, gw)
+    conversation_writes = add_conversation_routes(app, gw)
+    sessions = add_session_routes(app, gw)
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)
     return app

@@ -30,6 +30,7 @@ from chatfleet.serving.protocol import (
 )
 from chatfleet.serving.protocol import Message as ChatMessage
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+from chatfleet.serving.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Gateway:
         router: RouterClient | None = None,
         classifier: ClassifierClient | None = None,
         compressor: CompressorClient | None = None,
+        store: Store | None = None,
         auth: Authenticator | None = None,
     ) -> None:
         missing = [m.name for m in config.models if m.name not in engines]
@@ -140,6 +142,7 @@ class Gateway:
         self.router = router
         self.classifier = classifier
         self.compressor = compressor
+        self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
         # Conversation -> its last route, for hysteresis. Bounded; replica-local
         # until conversations are stored (then the store holds it).

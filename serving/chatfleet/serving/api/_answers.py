@@ -1,0 +1,114 @@
+"""Collecting a streamed answer while it is stored: text and thinking apart, usage, checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from chatfleet.serving.errors import StoreUnavailable
+from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.store import Store
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Partial answers are written to the store at most this often while streaming, so a
+#: replica that dies mid-answer still leaves what was said.
+CHECKPOINT_INTERVAL_S = 1.0
+
+
+@dataclass(slots=True)
+class Answer:
+    """The answer so far: reasoning and reply kept apart."""
+
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    tokens: int = 0
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    _checkpointed: float = field(default_factory=time.monotonic)
+
+    def add(self, batch: list[Chunk]) -> tuple[str, str]:
+        """Take a batch; returns the (thinking, text) it added."""
+        thinking: list[str] = []
+        text: list[str] = []
+        for chunk in batch:
+            self.tokens += chunk.tokens
+            self.usage = chunk.usage or self.usage
+            self.finish_reason = chunk.finish_reason or self.finish_reason
+            if chunk.text:
+                (thinking if chunk.kind == "thinking" else text).append(chunk.text)
+        self.thinking.extend(thinking)
+        self.text.extend(text)
+        return "".join(thinking), "".join(text)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.thinking)
+
+    def final_usage(self) -> Usage:
+        return self.usage or Usage(prompt_tokens=0, completion_tokens=self.tokens)
+
+    def usage_dict(self) -> dict[str, int]:
+        usage = self.final_usage()
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        }
+
+    def checkpoint_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._checkpointed < CHECKPOINT_INTERVAL_S:
+            return False
+        self._checkpointed = now
+        return True
+
+
+class BackgroundWrites:
+    """Store writes that must finish even if the request that started them is cancelled.
+
+    `settle` awaits a write; if the caller is cancelled meanwhile (the client
+    went away, Ray cancelled the request), the write carries on here.
+    """
+
+    def __init__(self) -> None:
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    async def settle(self, write: Awaitable[_T]) -> _T:
+        task: asyncio.Task[_T] = asyncio.ensure_future(write)
+        self._pending.add(task)
+        task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a store write failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+async def best_effort(action: Callable[[], Awaitable[Any]], what: str) -> None:
+    """A side write (a checkpoint, a log line) whose failure must not end a stream."""
+    try:
+        await action()
+    except Exception:
+        logger.warning("%s failed", what, exc_info=True)
+
+
+def require_store(store: Store | None) -> Store:
+    if store is None:
+        raise StoreUnavailable("this server has no store configured")
+    return store

@@ -1,0 +1,308 @@
+"""Stored conversations: ``POST /v1/messages`` with the history kept server-side.
+
+The user's messages are committed before generation starts; the assistant's
+message is created (status ``partial``) before the engine is asked, checkpointed
+while it streams, and finished as ``complete``, ``cancelled`` (the client went
+away) or ``failed`` (the engine failed), with whatever text was produced. So a
+disconnect or an engine crash loses nothing that was already said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ConfigDict, Field
+
+from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
+from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._schemas import ChatMessage, SamplingFields
+from chatfleet.serving.api._streaming import EventStream, sse
+from chatfleet.serving.errors import ChatfleetError, NotFound
+from chatfleet.serving.protocol import Chunk, Message
+from chatfleet.serving.store import MessageStatus, Store
+
+logger = logging.getLogger(__name__)
+
+_TITLE_CHARS = 80
+
+
+class MessagesRequest(SamplingFields):
+    """`POST /v1/messages`: new messages for a stored conversation (or a new one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conversation_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="A stored conversation to continue; empty starts a new one.",
+    )
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="The new messages (usually one user message)."
+    )
+    model: str | None = Field(None, description="Model name; empty means the default model.")
+    stream: bool = Field(False, description="Stream the answer as server-sent events.")
+
+
+def _title(messages: list[Message]) -> str | None:
+    first = next((m.content for m in messages if m.role == "user" and m.content.strip()), None)
+    if first is None:
+        return None
+    first = " ".join(first.split())
+    return first if len(first) <= _TITLE_CHARS else first[: _TITLE_CHARS - 1] + "…"
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Turn:
+    """One assistant answer: streamed from the engine into the store."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        store: Store,
+        writes: BackgroundWrites,
+        conversation_id: str,
+        message_id: int,
+        model: str,
+    ) -> None:
+        self.gw = gw
+        self.store = store
+        self.writes = writes
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.model = model
+        self.answer = Answer()
+
+    async def deltas(
+        self, batches: AsyncIterator[list[Chunk]]
+    ) -> AsyncGenerator[tuple[str, str], None]:
+        """(thinking, text) as they come; the message is finished however this ends."""
+        status: MessageStatus = "cancelled"  # unless the stream ends or fails
+        error: str | None = None
+        try:
+            async for batch in batches:
+                added = self.answer.add(batch)
+                if self.answer.checkpoint_due():
+                    await best_effort(self._checkpoint, "checkpoint of a partial answer")
+                yield added
+            status = "complete"
+        except ChatfleetError as exc:
+            status, error = "failed", exc.message
+            raise
+        except Exception:
+            status, error = "failed", "generation failed"
+            raise
+        finally:
+            await _aclose(batches)
+            await self.finish(status, error)
+
+    async def _checkpoint(self) -> None:
+        await self.store.update_message(
+            self.message_id, content=self.answer.content, thinking=self.answer.reasoning
+        )
+
+    async def finish(self, status: MessageStatus, error: str | None) -> None:
+        usage = self.answer.final_usage()
+
+        async def write() -> None:
+            await self.store.finish_message(
+                self.message_id,
+                status=status,
+                content=self.answer.content,
+                thinking=self.answer.reasoning,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                error=error,
+            )
+            await best_effort(
+                lambda: self.store.add_log(
+                    "message.finished",
+                    level="info" if status == "complete" else "warning",
+                    conversation_id=self.conversation_id,
+                    data={
+                        "message_id": self.message_id,
+                        "status": status,
+                        "model": self.model,
+                        "completion_tokens": usage.completion_tokens,
+                        "error": error,
+                    },
+                ),
+                "log of a finished message",
+            )
+
+        try:
+            await self.writes.settle(write())
+        except Exception:
+            logger.exception(
+                "could not store the %s answer of conversation %s", status, self.conversation_id
+            )
+
+    def result(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+            "model": self.model,
+            "reply": self.answer.content,
+            "finish_reason": self.answer.finish_reason or "stop",
+            "usage": self.answer.usage_dict(),
+        }
+        if self.answer.thinking:
+            body["thinking"] = self.answer.reasoning
+        return body
+
+    async def collect(self, batches: AsyncIterator[list[Chunk]], request: Request) -> None:
+        """Consume the whole answer; stop it (stored as cancelled) if the client goes away."""
+
+        async def consume() -> None:
+            async with contextlib.aclosing(self.deltas(batches)) as deltas:
+                async for _ in deltas:
+                    pass
+
+        consumer = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (consumer, watcher):
+                task.cancel()
+            await asyncio.gather(consumer, watcher, return_exceptions=True)
+        if not consumer.cancelled():
+            consumer.result()  # engine errors surface here
+
+    async def events(self, batches: AsyncIterator[list[Chunk]]) -> AsyncIterator[str]:
+        yield sse(
+            {
+                "conversation_id": self.conversation_id,
+                "message_id": self.message_id,
+                "model": self.model,
+            },
+            "metadata",
+        )
+        try:
+            async with contextlib.aclosing(self.deltas(batches)) as deltas:
+                async for thinking, text in deltas:
+                    if thinking:
+                        yield sse({"text": thinking}, "thinking_chunk")
+                    if text:
+                        yield sse({"text": text}, "text_chunk")
+        except Exception as exc:
+            yield sse(self.gw.error_event(exc), "error")
+            self.answer.finish_reason = "error"
+        yield sse(
+            {
+                "conversation_id": self.conversation_id,
+                "message_id": self.message_id,
+                "finish_reason": self.answer.finish_reason or "stop",
+                "usage": self.answer.usage_dict(),
+            },
+            "end_stream",
+        )
+
+
+def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
+    """``POST /v1/messages`` and ``/v1/conversations``; returns the writes to drain on shutdown."""
+    writes = BackgroundWrites()
+
+    @app.post(
+        "/v1/messages",
+        tags=["conversations"],
+        summary="Continue a stored conversation (history prepended server-side).",
+        description=(
+            "Returns {conversation_id, message_id, reply, thinking?, model, finish_reason,"
+            " usage}. With `stream: true`, server-sent events: `metadata` {conversation_id,"
+            " message_id, model}; `thinking_chunk` and `text_chunk` {text}; `error`;"
+            " `end_stream` {conversation_id, message_id, finish_reason, usage}."
+        ),
+    )
+    async def post_messages(body: MessagesRequest, raw: Request) -> Response:
+        store = require_store(gw.store)
+        model = gw.resolve(body.model)
+        new = [m.to_message() for m in body.messages]
+        gw.generation_request(model, new, body)  # reject bad input before storing anything
+        if body.conversation_id is not None:
+            conversation = await store.get_conversation(body.conversation_id)
+            if conversation is None:
+                raise NotFound(
+                    f"conversation {body.conversation_id!r} not found", param="conversation_id"
+                )
+        else:
+            conversation = await store.create_conversation(title=_title(new), model=model.name)
+        for message in new:
+            await store.append_message(conversation.id, message.role, message.content)
+        limit = min(store.history_limit, gw.config.server.max_messages)
+        history = [
+            Message(role=m.role, content=m.content)
+            for m in await store.history(conversation.id, limit)
+        ]
+        request = gw.generation_request(model, history, body)
+        assistant = await store.begin_assistant_message(conversation.id, model=model.name)
+        turn = _Turn(gw, store, writes, conversation.id, assistant.id, model.name)
+        try:
+            batches = await gw.open_stream(request)
+        except ChatfleetError as exc:
+            await turn.finish("failed", exc.message)
+            raise
+        except BaseException:
+            await turn.finish("failed", "generation failed")
+            raise
+        if body.stream:
+            return EventStream(turn.events(batches))
+        await turn.collect(batches, raw)
+        return JSONResponse(turn.result())
+
+    @app.get(
+        "/v1/conversations",
+        tags=["conversations"],
+        summary="Stored conversations, most recently active first.",
+    )
+    async def list_conversations(
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        store = require_store(gw.store)
+        found = await store.list_conversations(limit=limit, offset=offset)
+        return {"object": "list", "data": [c.to_dict() for c in found]}
+
+    @app.get(
+        "/v1/conversations/{conversation_id}",
+        tags=["conversations"],
+        summary="A conversation with all its messages (statuses included).",
+    )
+    async def get_conversation(conversation_id: str) -> dict[str, Any]:
+        store = require_store(gw.store)
+        conversation = await store.get_conversation(conversation_id)
+        if conversation is None:
+            raise NotFound(f"conversation {conversation_id!r} not found")
+        body = conversation.to_dict()
+        body["messages"] = [m.to_dict() for m in await store.messages(conversation_id)]
+        return body
+
+    @app.delete(
+        "/v1/conversations/{conversation_id}",
+        tags=["conversations"],
+        summary="Delete a conversation and its messages.",
+    )
+    async def delete_conversation(conversation_id: str) -> dict[str, Any]:
+        store = require_store(gw.store)
+        if not await store.delete_conversation(conversation_id):
+            raise NotFound(f"conversation {conversation_id!r} not found")
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    return writes

@@ -1,0 +1,442 @@
+"""Background sessions and their live events: ``/api/sessions``, ``WS /ws``, ``GET /ws/sessions``.
+
+A session is one message answered in the background: ``POST /api/sessions``
+stores it (``pending``) and starts an asyncio task owned by the app, so the
+generation goes on when the client goes away. At most ``max_concurrent`` run at
+once; the others wait (still ``pending``). Every subscriber of ``WS /ws`` gets,
+in order::
+
+    connected {subscriber_id, sessions}
+    session.created {session}
+    llm.thinking {delta, is_complete: false}...  llm.thinking {content, is_complete: true}
+    llm.response {delta, is_complete: false, is_final: false}...
+    llm.response {content, is_complete, is_final: true}
+    session.completed | session.failed | session.cancelled {session}
+
+Reasoning goes only in ``llm.thinking`` and the answer only in ``llm.response``.
+Every event carries ``type``, ``session_id`` (except ``connected``) and ``ts``.
+A subscriber that falls ``queue_size`` events behind is dropped and closed
+(1013), so a slow browser never slows a generation down.
+
+Under Ray Serve a session runs in the ingress replica that accepted it, and its
+live events reach that replica's subscribers only: with several ingress
+replicas, ``GET /api/sessions/{id}`` (the database) is the source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import ConfigDict, Field
+
+from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
+from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
+from chatfleet.serving.protocol import GenerationRequest, Message
+from chatfleet.serving.store import Session, SessionStatus, Store
+
+logger = logging.getLogger(__name__)
+
+# WebSocket close codes (RFC 6455 §7.4.1).
+_GOING_AWAY = 1001
+_TRY_AGAIN_LATER = 1013
+
+
+class SessionRequest(SamplingFields):
+    """`POST /api/sessions`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, description="The user message to answer in the background.")
+    model: str | None = Field(None, description="Model name; empty means the default model.")
+    system: str | None = Field(None, description="An optional system prompt.")
+
+    def to_messages(self) -> list[Message]:
+        out = [Message(role="system", content=self.system)] if self.system else []
+        return [*out, Message(role="user", content=self.message)]
+
+
+def _event(type_: str, **fields: Any) -> str:
+    return json.dumps(
+        {"type": type_, **fields, "ts": datetime.now(UTC).isoformat()}, separators=(",", ":")
+    )
+
+
+class _Subscriber:
+    __slots__ = ("id", "queue")
+
+    def __init__(self, queue_size: int) -> None:
+        self.id = uuid.uuid4().hex
+        # None is the "you are dropped" sentinel; one slot is kept free for it.
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=queue_size + 1)
+
+
+class EventHub:
+    """Fans events out to every ``/ws`` subscriber without ever waiting for one."""
+
+    def __init__(self, queue_size: int = 256) -> None:
+        self.queue_size = queue_size
+        self._subscribers: dict[str, _Subscriber] = {}
+        self.dropped = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self, greeting: Callable[[str], str]) -> _Subscriber:
+        """A new subscriber whose first frame is ``greeting(its id)``."""
+        subscriber = _Subscriber(self.queue_size)
+        subscriber.queue.put_nowait(greeting(subscriber.id))
+        self._subscribers[subscriber.id] = subscriber
+        return subscriber
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        self._subscribers.pop(subscriber.id, None)
+
+    def publish(self, type_: str, **fields: Any) -> None:
+        frame = _event(type_, **fields)
+        for subscriber in list(self._subscribers.values()):
+            if subscriber.queue.qsize() >= self.queue_size:
+                self._drop(subscriber)
+            else:
+                subscriber.queue.put_nowait(frame)
+
+    def _drop(self, subscriber: _Subscriber) -> None:
+        logger.warning(
+            "dropping /ws subscriber %s: %d events behind", subscriber.id, self.queue_size
+        )
+        self.dropped += 1
+        self.unsubscribe(subscriber)
+        subscriber.queue.put_nowait(None)
+
+    def close_all(self) -> None:
+        for subscriber in list(self._subscribers.values()):
+            self.unsubscribe(subscriber)
+            subscriber.queue.put_nowait(None)
+
+
+class SessionRunner:
+    """Runs sessions as background tasks of this replica, and cancels them."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        hub: EventHub,
+        *,
+        max_concurrent: int = 8,
+        max_waiting: int = 256,
+    ) -> None:
+        self.gw = gw
+        self.hub = hub
+        self.max_concurrent = max_concurrent
+        self.max_waiting = max_waiting
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.running = 0
+        self.writes = BackgroundWrites()
+
+    @property
+    def store(self) -> Store:
+        return require_store(self.gw.store)
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def create(self, body: SessionRequest) -> Session:
+        store = self.store
+        if len(self._tasks) >= self.max_concurrent + self.max_waiting:
+            raise Overloaded("too many sessions in progress on this server; retry later")
+        model = self.gw.resolve(body.model)
+        request = self.gw.generation_request(model, body.to_messages(), body)
+        session = await store.create_session(body.message, model=model.name)
+        self.hub.publish("session.created", session_id=session.id, session=session.to_dict())
+        task = asyncio.create_task(self._run(session.id, request), name=f"session-{session.id}")
+        self._tasks[session.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(session.id, None))
+        return session
+
+    async def _run(self, session_id: str, request: GenerationRequest) -> None:
+        store = self.store
+        answer = Answer()
+        status: SessionStatus = "cancelled"
+        error: str | None = None
+        thinking_open = False
+        started = False
+        try:
+            async with self._slots:
+                self.running += 1
+                started = True
+                await store.update_session(session_id, status="running")
+                batches = await self.gw.open_stream(request)
+                try:
+                    async for batch in batches:
+                        thinking, text = answer.add(batch)
+                        if thinking:
+                            thinking_open = True
+                            self.hub.publish(
+                                "llm.thinking",
+                                session_id=session_id,
+                                delta=thinking,
+                                is_complete=False,
+                            )
+                        if text:
+                            if thinking_open:
+                                thinking_open = False
+                                self._thinking_done(session_id, answer)
+                            self.hub.publish(
+                                "llm.response",
+                                session_id=session_id,
+                                delta=text,
+                                is_complete=False,
+                                is_final=False,
+                            )
+                        if answer.checkpoint_due():
+                            await best_effort(
+                                lambda: store.update_session(
+                                    session_id, thinking=answer.reasoning, response=answer.content
+                                ),
+                                "checkpoint of a session",
+                            )
+                finally:
+                    aclose = getattr(batches, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+            status = "completed"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except ChatfleetError as exc:
+            status, error = "failed", exc.message
+            self.gw.metrics.errors.labels(exc.code).inc()
+        except Exception:
+            logger.exception("session %s failed", session_id)
+            status, error = "failed", "generation failed"
+        finally:
+            if started:
+                self.running -= 1
+            if thinking_open and status == "completed":
+                self._thinking_done(session_id, answer)
+            await self._finish(session_id, status, error, answer)
+
+    def _thinking_done(self, session_id: str, answer: Answer) -> None:
+        self.hub.publish(
+            "llm.thinking", session_id=session_id, content=answer.reasoning, is_complete=True
+        )
+
+    async def _finish(
+        self, session_id: str, status: SessionStatus, error: str | None, answer: Answer
+    ) -> None:
+        self.hub.publish(
+            "llm.response",
+            session_id=session_id,
+            content=answer.content,
+            is_complete=status == "completed",
+            is_final=True,
+        )
+        usage = answer.final_usage()
+        record: Session | None = None
+        try:
+            record = await self.writes.settle(
+                self.store.finish_session(
+                    session_id,
+                    status,
+                    thinking=answer.reasoning,
+                    response=answer.content,
+                    error=error,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                )
+            )
+        except Conflict:
+            # Finished elsewhere meanwhile (cancelled through another replica).
+            record = await self.store.get_session(session_id)
+            status = record.status if record is not None else status
+        except Exception:
+            logger.exception("could not store the end of session %s", session_id)
+        self.hub.publish(
+            f"session.{status}",
+            session_id=session_id,
+            session=record.to_dict() if record is not None else {"id": session_id},
+            error=error,
+            usage=answer.usage_dict(),
+        )
+        await best_effort(
+            lambda: self.store.add_log(
+                f"session.{status}",
+                level="info" if status == "completed" else "warning",
+                session_id=session_id,
+                data={"error": error, "completion_tokens": usage.completion_tokens},
+            ),
+            "log of a finished session",
+        )
+
+    async def cancel(self, session_id: str) -> Session:
+        """Stop a session; `Conflict` if it had finished, `NotFound` if it never existed."""
+        store = self.store
+        task = self._tasks.get(session_id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            found = await store.get_session(session_id)
+            assert found is not None
+            return found
+        found = await store.get_session(session_id)
+        if found is None:
+            raise NotFound(f"session {session_id!r} not found")
+        if found.finished:
+            raise Conflict(f"session {session_id!r} already {found.status}")
+        # Not running here: another replica's (which then stops storing it), or one
+        # orphaned by a replica that died.
+        record = await store.finish_session(
+            session_id, "cancelled", error="cancelled; it was not running on this replica"
+        )
+        self.hub.publish("session.cancelled", session_id=session_id, session=record.to_dict())
+        return record
+
+    async def close(self) -> None:
+        """Cancel every session of this replica (stored as cancelled); drop subscribers."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.writes.drain()
+        self.hub.close_all()
+
+
+async def _send_events(ws: WebSocket, subscriber: _Subscriber, ping_interval: float) -> None:
+    while True:
+        try:
+            frame = await asyncio.wait_for(subscriber.queue.get(), ping_interval)
+        except TimeoutError:
+            frame = _event("ping")
+        if frame is None:
+            await ws.close(code=_TRY_AGAIN_LATER, reason="too slow: events were dropped")
+            return
+        await ws.send_text(frame)
+
+
+async def _receive_frames(ws: WebSocket, subscriber: _Subscriber, max_bytes: int) -> None:
+    """Clients only listen; a ``ping`` gets a ``pong``, anything unreadable an ``error``."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        raw = message.get("text") or message.get("bytes") or ""
+        try:
+            if len(raw) > max_bytes:
+                raise ValueError("frame too large")
+            frame = json.loads(raw)
+            kind = frame.get("type") if isinstance(frame, dict) else None
+        except ValueError:
+            kind = None
+        if kind == "pong":
+            continue
+        if kind == "ping":
+            reply = _event("pong")
+        else:
+            reply = _event(
+                "error",
+                error='expected a JSON object such as {"type": "ping"}; /ws only sends events',
+                code="invalid_frame",
+            )
+        if subscriber.queue.qsize() < subscriber.queue.maxsize - 1:
+            subscriber.queue.put_nowait(reply)
+
+
+def add_session_routes(
+    app: FastAPI,
+    gw: Gateway,
+    *,
+    max_concurrent: int = 8,
+    max_waiting: int = 256,
+    queue_size: int = 256,
+) -> SessionRunner:
+    """The session API and its live events; returns the runner (close it on shutdown)."""
+    hub = EventHub(queue_size)
+    runner = SessionRunner(gw, hub, max_concurrent=max_concurrent, max_waiting=max_waiting)
+    app.state.sessions = runner
+
+    @app.post(
+        "/api/sessions",
+        tags=["sessions"],
+        status_code=202,
+        summary="Answer a message in the background; follow it on WS /ws.",
+    )
+    async def create_session(body: SessionRequest) -> JSONResponse:
+        session = await runner.create(body)
+        return JSONResponse(session.to_dict(), status_code=202)
+
+    @app.get("/api/sessions", tags=["sessions"], summary="Sessions, newest first.")
+    async def list_sessions(
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        status: Annotated[
+            SessionStatus | None, Query(description="Only sessions in this state.")
+        ] = None,
+    ) -> dict[str, Any]:
+        found = await runner.store.list_sessions(limit=limit, offset=offset, status=status)
+        return {"object": "list", "data": [s.to_dict() for s in found]}
+
+    @app.get("/api/sessions/{session_id}", tags=["sessions"], summary="One session.")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        found = await runner.store.get_session(session_id)
+        if found is None:
+            raise NotFound(f"session {session_id!r} not found")
+        return found.to_dict()
+
+    @app.post(
+        "/api/sessions/{session_id}/cancel",
+        tags=["sessions"],
+        summary="Cancel a session (409 if it has already finished).",
+    )
+    async def cancel_session(session_id: str) -> dict[str, Any]:
+        return (await runner.cancel(session_id)).to_dict()
+
+    @app.get(
+        "/ws/sessions",
+        tags=["sessions"],
+        summary="Live counts of this replica: sessions and /ws subscribers.",
+    )
+    async def live_counts() -> dict[str, Any]:
+        return {
+            "subscribers": hub.count,
+            "dropped_subscribers": hub.dropped,
+            "sessions": {
+                "running": runner.running,
+                "waiting": runner.active - runner.running,
+                "max_concurrent": runner.max_concurrent,
+            },
+            "scope": "replica",
+            "time": time.time(),
+        }
+
+    @app.websocket("/ws")
+    async def events(ws: WebSocket) -> None:
+        await ws.accept()
+        subscriber = hub.subscribe(
+            lambda sid: _event("connected", subscriber_id=sid, sessions=runner.active)
+        )
+        settings = gw.config.websocket
+        sender = asyncio.create_task(_send_events(ws, subscriber, settings.ping_interval_s))
+        receiver = asyncio.create_task(_receive_frames(ws, subscriber, settings.max_message_bytes))
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hub.unsubscribe(subscriber)
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+
+    return runner
