@@ -31,17 +31,25 @@ daemons for chatfleet) is sampled from /proc over every measurement window, so
 the tables also say where the CPU went.
 """
 
+# ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
 from __future__ import annotations
+
+import os
+import sys
+
+# Scripts in bench/ may be named like stdlib modules (bench/operator.py): keep this
+# directory off sys.path so `import asyncio` does not pick them up. The helper
+# scripts are started with `python -P` for the same reason.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -51,6 +59,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
+SAFE_PATH = "-P"  # python -P: do not put the script's directory (bench/) on sys.path
 TICKS = os.sysconf("SC_CLK_TCK")
 GAP_LIMIT_S = 0.100
 DELIVERY_TARGET = 0.99
@@ -152,7 +161,13 @@ class NaiveServer(Server):
         self.name = "naive"
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [PYTHON, str(HERE / "_naive_server.py"), json.dumps(engines), str(self.port)],
+            [
+                PYTHON,
+                SAFE_PATH,
+                str(HERE / "_naive_server.py"),
+                json.dumps(engines),
+                str(self.port),
+            ],
             text=True,
         )
         deadline = time.monotonic() + 60
@@ -167,7 +182,7 @@ class ChatfleetServer(Server):
         self.name = "chatfleet"
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [PYTHON, str(HERE / "_chatfleet_server.py"), config_json, str(self.port)],
+            [PYTHON, SAFE_PATH, str(HERE / "_chatfleet_server.py"), config_json, str(self.port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -277,7 +292,7 @@ def measure(
         "result_path": tempfile.mktemp(prefix="chatfleet-bench-", suffix=".json"),
     }
     client = subprocess.Popen(
-        [PYTHON, str(HERE / "_load_client.py"), json.dumps(spec)],
+        [PYTHON, SAFE_PATH, str(HERE / "_load_client.py"), json.dumps(spec)],
         stdout=subprocess.PIPE,
         text=True,
     )
