@@ -328,3 +328,48 @@ async def test_auth_off_serves_everyone_and_has_no_auth_routes() -> None:
     async with await http_client(config, make_auth(config.auth)) as c:
         assert (await c.get("/v1/models")).status_code == 200
         assert (await c.post("/auth/token", json={})).status_code == 404
+
+
+# ---- with the real store ------------------------------------------------------------
+
+
+async def test_revocation_survives_a_restart_with_the_sql_store(tmp_path: Path) -> None:
+    from chatfleet.serving.store import Store
+
+    config = app_config()
+    url = f"sqlite+aiosqlite:///{tmp_path}/chat.db"
+
+    async def run(steps: Any) -> Any:
+        # One server lifetime: a store on the same file, a fresh app and Authenticator.
+        store = Store.from_url(url)
+        await store.start()
+        try:
+            auth = Authenticator(config.auth, KEY, store, environ=ENV)
+            engines = {m.name: LocalEngineClient(FakeEngine(m)) for m in config.models}
+            app = create_app(config, engines, metrics=Metrics(), store=store, auth=auth)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://cf") as c:
+                return await steps(c)
+        finally:
+            await store.close()
+
+    async def before(c: httpx.AsyncClient) -> dict[str, Any]:
+        old = await get_tokens(c)
+        kept = await get_tokens(c)
+        r = await c.post("/auth/refresh", json={"refresh_token": old["refresh_token"]})
+        assert r.status_code == 200
+        r = await c.post("/auth/revoke", headers=bearer(old["access_token"]))
+        assert r.status_code == 200
+        return {"old": old, "kept": kept}
+
+    async def after(c: httpx.AsyncClient, tokens: dict[str, Any]) -> None:
+        old, kept = tokens["old"], tokens["kept"]
+        r = await c.get("/v1/models", headers=bearer(old["access_token"]))
+        assert r.status_code == 401
+        assert "revoked" in r.json()["error"]["message"]
+        r = await c.post("/auth/refresh", json={"refresh_token": old["refresh_token"]})
+        assert r.status_code == 401  # spent by the rotation before the restart
+        assert (await c.get("/v1/models", headers=bearer(kept["access_token"]))).is_success
+
+    tokens = await run(before)
+    await run(lambda c: after(c, tokens))
