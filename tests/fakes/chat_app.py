@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 
-from chatfleet.serving.api import LocalEngineClient, create_app
+from chatfleet.serving.api import LocalEngineClient, LocalRouterClient, create_app
 from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
-from chatfleet.serving.protocol import Chunk, GenerationRequest
+from chatfleet.serving.protocol import Chunk, Classification, GenerationRequest
+from chatfleet.serving.routing import Router
 from chatfleet.serving.store import Store
 
 __all__ = ["ChatApp", "RecordingEngine", "fake_model"]
@@ -36,17 +37,26 @@ class RecordingEngine(FakeEngine):
 class ChatApp:
     """``create_app`` with a store; ``start()`` stands in for the lifespan under ASGITransport."""
 
-    def __init__(self, store: Store, *models: ModelConfig, **fields: Any) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *models: ModelConfig,
+        classify: Callable[[str], Awaitable[Classification]] | None = None,
+        **fields: Any,
+    ) -> None:
         self.config = AppConfig(
             models=list(models) or [fake_model()], auth={"enabled": False}, **fields
         )
+        router = None
+        if classify is not None:
+            router = LocalRouterClient(Router(self.config, classify))
         self.store = store
         self.engines = {m.name: RecordingEngine(m) for m in self.config.models}
         self.clients = {
             n: LocalEngineClient(e, self.config.coalesce) for n, e in self.engines.items()
         }
         self.app = create_app(
-            self.config, self.clients, store=store, on_startup=self._start_engines
+            self.config, self.clients, store=store, router=router, on_startup=self._start_engines
         )
 
     async def _start_engines(self) -> None:

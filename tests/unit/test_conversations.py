@@ -15,6 +15,7 @@ from tests.fakes.chat_app import ChatApp, fake_model
 from chatfleet.serving.api import LocalEngineClient, create_app
 from chatfleet.serving.config import AppConfig
 from chatfleet.serving.engines.fake import FakeEngine
+from chatfleet.serving.protocol import Classification
 from chatfleet.serving.store import Store
 
 
@@ -193,7 +194,36 @@ async def test_bad_requests_store_nothing(chat: ChatApp, client: httpx.AsyncClie
     assert too_long.status_code == 400
     empty = await client.post("/v1/messages", json={"messages": []})
     assert empty.status_code == 400
+    auto = await client.post("/v1/messages", json=say("hi", model="auto"))
+    assert auto.status_code == 404
+    assert "no routing configured" in auto.json()["error"]["message"]
     assert await chat.store.list_conversations() == []
+
+
+async def test_auto_model_routes_and_stores_the_chosen_model(tmp_path: Path) -> None:
+    async def classify(prompt: str) -> Classification:
+        return Classification(["coding", "chit-chat"], [0.9, 0.1])
+
+    chat = ChatApp(
+        sqlite_store(tmp_path),
+        fake_model("general", reply_tokens=5),
+        fake_model("coder", reply_tokens=7),
+        classify=classify,
+        classifier={},
+        routing={"routes": [{"category": "coding", "model": "coder"}]},
+    )
+    await chat.start()
+    try:
+        async with chat.http() as client:
+            r = await client.post("/v1/messages", json=say("Fix my code", model="auto"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["model"], body["route"]["category"]) == ("coder", "coding")
+        assert "x-chatfleet-route" in r.headers
+        answer = (await chat.store.messages(body["conversation_id"]))[-1]
+        assert (answer.model, answer.status) == ("coder", "complete")
+    finally:
+        await chat.store.close()
 
 
 async def test_without_a_store_the_routes_say_so() -> None:

@@ -87,13 +87,12 @@ class BackgroundWrites:
     async def settle(self, write: Awaitable[_T]) -> _T:
         task: asyncio.Task[_T] = asyncio.ensure_future(write)
         self._pending.add(task)
-        task.add_done_callback(self._done)
-        return await asyncio.shield(task)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("a store write failed", exc_info=task.exception())
+        task.add_done_callback(self._pending.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # nobody is left to see how it ends
+            raise
 
     async def drain(self) -> None:
         if self._pending:
@@ -106,6 +105,11 @@ async def best_effort(action: Callable[[], Awaitable[Any]], what: str) -> None:
         await action()
     except Exception:
         logger.warning("%s failed", what, exc_info=True)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a store write failed", exc_info=task.exception())
 
 
 def require_store(store: Store | None) -> Store:

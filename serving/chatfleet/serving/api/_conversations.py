@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
@@ -20,10 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
-from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._gateway import AUTO_MODEL, ROUTE_HEADER, Gateway
 from chatfleet.serving.api._schemas import ChatMessage, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.errors import ChatfleetError, NotFound
+from chatfleet.serving.errors import ChatfleetError, ModelNotFound, NotFound
 from chatfleet.serving.protocol import Chunk, Message
 from chatfleet.serving.store import MessageStatus, Store
 
@@ -46,7 +47,11 @@ class MessagesRequest(SamplingFields):
     messages: list[ChatMessage] = Field(
         min_length=1, description="The new messages (usually one user message)."
     )
-    model: str | None = Field(None, description="Model name; empty means the default model.")
+    model: str | None = Field(
+        None,
+        description="Model name; empty means the default model, 'auto' lets the router choose"
+        " (the conversation keeps its model unless a new topic clearly wins).",
+    )
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
 
 
@@ -81,6 +86,7 @@ class _Turn:
         conversation_id: str,
         message_id: int,
         model: str,
+        route: dict[str, Any] | None = None,
     ) -> None:
         self.gw = gw
         self.store = store
@@ -88,6 +94,7 @@ class _Turn:
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.model = model
+        self.route = route
         self.answer = Answer()
 
     async def deltas(
@@ -165,6 +172,8 @@ class _Turn:
         }
         if self.answer.thinking:
             body["thinking"] = self.answer.reasoning
+        if self.route is not None:
+            body["route"] = self.route
         return body
 
     async def collect(self, batches: AsyncIterator[list[Chunk]], request: Request) -> None:
@@ -187,14 +196,14 @@ class _Turn:
             consumer.result()  # engine errors surface here
 
     async def events(self, batches: AsyncIterator[list[Chunk]]) -> AsyncIterator[str]:
-        yield sse(
-            {
-                "conversation_id": self.conversation_id,
-                "message_id": self.message_id,
-                "model": self.model,
-            },
-            "metadata",
-        )
+        metadata: dict[str, Any] = {
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+            "model": self.model,
+        }
+        if self.route is not None:
+            metadata["route"] = self.route
+        yield sse(metadata, "metadata")
         try:
             async with contextlib.aclosing(self.deltas(batches)) as deltas:
                 async for thinking, text in deltas:
@@ -225,17 +234,24 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
         tags=["conversations"],
         summary="Continue a stored conversation (history prepended server-side).",
         description=(
-            "Returns {conversation_id, message_id, reply, thinking?, model, finish_reason,"
-            " usage}. With `stream: true`, server-sent events: `metadata` {conversation_id,"
-            " message_id, model}; `thinking_chunk` and `text_chunk` {text}; `error`;"
+            "Returns {conversation_id, message_id, reply, thinking?, model, route?,"
+            " finish_reason, usage}. With `stream: true`, server-sent events: `metadata`"
+            " {conversation_id, message_id, model, route?}; `thinking_chunk` and `text_chunk`"
+            " {text}; `error`;"
             " `end_stream` {conversation_id, message_id, finish_reason, usage}."
         ),
     )
     async def post_messages(body: MessagesRequest, raw: Request) -> Response:
+        accepted_at = time.perf_counter()
         store = require_store(gw.store)
-        model = gw.resolve(body.model)
+        auto = body.model == AUTO_MODEL
+        if auto and gw.router is None:
+            raise ModelNotFound(
+                "model 'auto' needs routing: this server has no routing configured", param="model"
+            )
         new = [m.to_message() for m in body.messages]
-        gw.generation_request(model, new, body)  # reject bad input before storing anything
+        # Reject bad input before anything is stored (auto: checked against the default).
+        gw.generation_request(gw.resolve(None if auto else body.model), new, body)
         if body.conversation_id is not None:
             conversation = await store.get_conversation(body.conversation_id)
             if conversation is None:
@@ -243,7 +259,9 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
                     f"conversation {body.conversation_id!r} not found", param="conversation_id"
                 )
         else:
-            conversation = await store.create_conversation(title=_title(new), model=model.name)
+            conversation = await store.create_conversation(
+                title=_title(new), model=None if auto else gw.resolve(body.model).name
+            )
         for message in new:
             await store.append_message(conversation.id, message.role, message.content)
         limit = min(store.history_limit, gw.config.server.max_messages)
@@ -251,21 +269,33 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
             Message(role=m.role, content=m.content)
             for m in await store.history(conversation.id, limit)
         ]
-        request = gw.generation_request(model, history, body)
-        assistant = await store.begin_assistant_message(conversation.id, model=model.name)
-        turn = _Turn(gw, store, writes, conversation.id, assistant.id, model.name)
+        route: dict[str, Any] | None = None
+        headers: dict[str, str] = {}
         try:
-            batches = await gw.open_stream(request)
+            if auto:
+                decision = await gw.decide(history, conversation.id)
+                decision, request, batches = await gw.open_routed(decision, body, accepted_at)
+                gw.remember_route(conversation.id, decision)
+                route = decision.explain()
+                headers[ROUTE_HEADER] = decision.header()
+            else:
+                request = gw.generation_request(gw.resolve(body.model), history, body)
+                batches = await gw.open_stream(request, accepted_at=accepted_at)
         except ChatfleetError as exc:
-            await turn.finish("failed", exc.message)
+            await store.append_message(
+                conversation.id, "assistant", "", status="failed", error=exc.message
+            )
             raise
+        try:
+            assistant = await store.begin_assistant_message(conversation.id, model=request.model)
         except BaseException:
-            await turn.finish("failed", "generation failed")
+            await _aclose(batches)
             raise
+        turn = _Turn(gw, store, writes, conversation.id, assistant.id, request.model, route)
         if body.stream:
-            return EventStream(turn.events(batches))
+            return EventStream(turn.events(batches), headers=headers)
         await turn.collect(batches, raw)
-        return JSONResponse(turn.result())
+        return JSONResponse(turn.result(), headers=headers)
 
     @app.get(
         "/v1/conversations",

@@ -361,6 +361,7 @@ class Store:
         model: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        error: str | None = None,
     ) -> StoredMessage:
         """Add a message, committed when this returns. Raises `NotFound`."""
         if status not in MESSAGE_STATUSES:
@@ -381,6 +382,7 @@ class Store:
                     model=model,
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
+                    error=error,
                     created_at=now,
                     updated_at=now,
                 )
