@@ -246,6 +246,14 @@ async def test_protected_and_public_paths(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200, r.text
 
 
+async def test_openapi_declares_the_bearer_scheme(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["paths"]["/auth/token"]["post"]["security"] == []
+    assert "security" not in schema["paths"]["/v1/models"]["get"]
+
+
 async def test_bad_tokens_are_401(client: httpx.AsyncClient) -> None:
     expired = make_auth(clock=lambda: time.time() - 10_000).mint("app", ["chat"]).access_token
     forged = Authenticator(auth_config(), "f" * 48, MemoryRevocationStore()).mint("app", ["chat"])
@@ -373,3 +381,31 @@ async def test_revocation_survives_a_restart_with_the_sql_store(tmp_path: Path) 
 
     tokens = await run(before)
     await run(lambda c: after(c, tokens))
+
+
+# ---- chatfleet serve ----------------------------------------------------------------
+
+
+async def test_serve_registers_a_local_client_and_prints_a_working_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatfleet.serving import cli
+
+    monkeypatch.setenv("CHATFLEET_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CHATFLEET_JWT_SIGNING_KEY", raising=False)
+    config = cli._serve_config(cli._parser().parse_args(["serve", "--engine", "fake"]))
+    assert config.auth.enabled
+    deployed, lines, token = cli._local_access(config, "http://127.0.0.1:8000")
+    assert token is not None
+    assert token in lines
+    assert [c.client_id for c in deployed.auth.clients] == ["local"]
+    # The ingress builds its Authenticator from the deployed config and the same key file.
+    server_side = Authenticator.from_config(deployed.auth, MemoryRevocationStore())
+    assert (await server_side.validate(token)).client_id == "local"
+    secret = lines.split("client_secret=")[1].split()[0]
+    assert (await server_side.issue("local", secret)).access_token
+    assert (tmp_path / "jwt-signing-key").exists()
+
+    off = cli._serve_config(cli._parser().parse_args(["serve", "--engine", "fake", "--no-auth"]))
+    assert not off.auth.enabled
+    assert cli._local_access(off, "http://x")[2] is None

@@ -266,6 +266,31 @@ def _basic_credentials(request: Request) -> dict[str, str]:
     return {"client_id": unquote(client_id), "client_secret": unquote(secret)}
 
 
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in the OpenAPI document (/docs gets an Authorize button)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        if fresh:
+            components = schema.setdefault("components", {})
+            components.setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "An access token from POST /auth/token.",
+            }
+            schema["security"] = [{"bearer": []}]
+            for path, operations in schema.get("paths", {}).items():
+                if is_public(path):
+                    for operation in operations.values():
+                        operation["security"] = []
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
     """``/auth/token``, ``/auth/refresh``, ``/auth/validate``, ``/auth/revoke`` (auth on)."""
     auth = gw.auth
@@ -281,6 +306,7 @@ def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
             headers=_challenge(exc if isinstance(exc, AuthenticationError) else None),
         )
 
+    _document_bearer_auth(app)
     no_store = {"Cache-Control": "no-store"}  # RFC 6749 §5.1
 
     @app.post(
