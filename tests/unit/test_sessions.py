@@ -13,6 +13,7 @@ import pytest
 from tests.fakes.app_server import serving, wait_for
 from tests.fakes.chat_app import ChatApp, fake_model
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from chatfleet.serving.api._sessions import EventHub
 from chatfleet.serving.store import Store
@@ -176,6 +177,24 @@ async def test_shutdown_cancels_running_sessions(tmp_path: Path) -> None:
         stored = await reopened.get_session(session["id"])
     assert stored is not None
     assert stored.status == "cancelled"
+
+
+async def test_subscribers_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    chat = ChatApp(
+        Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db"),
+        *MODELS,
+        websocket={"max_connections": 1},
+    )
+    async with serving(chat.app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url) as first, connect(ws_url) as second:
+            assert json.loads(await first.recv())["type"] == "connected"
+            refused = json.loads(await second.recv())
+            assert (refused["type"], refused["code"]) == ("error", "overloaded")
+            with pytest.raises(ConnectionClosed) as closed:
+                await second.recv()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1013
 
 
 async def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:

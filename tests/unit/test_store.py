@@ -146,10 +146,12 @@ async def test_everything_survives_a_restart(store_url: str) -> None:
         conv = await first.create_conversation()
         await first.add_user_message(conv.id, "remember me")
         await first.revoke("jti-1", time.time() + 60)
+        await first.revoke("jti-expired", time.time() - 60)
         session = await first.create_session("background")
     async with Store.from_url(store_url) as second:
         assert [m.content for m in await second.history(conv.id)] == ["remember me"]
         assert await second.is_revoked("jti-1")
+        assert not await second.is_revoked("jti-expired")  # purged on start
         got = await second.get_session(session.id)
         assert got is not None
         assert got.message == "background"

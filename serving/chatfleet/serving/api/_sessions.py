@@ -425,10 +425,16 @@ def add_session_routes(
     @app.websocket("/ws")
     async def events(ws: WebSocket) -> None:
         await ws.accept()
+        settings = gw.config.websocket
+        if hub.count >= settings.max_connections:
+            await ws.send_text(
+                _event("error", error="too many event subscribers; retry later", code="overloaded")
+            )
+            await ws.close(code=_TRY_AGAIN_LATER, reason="too many subscribers")
+            return
         subscriber = hub.subscribe(
             lambda sid: _event("connected", subscriber_id=sid, sessions=runner.active)
         )
-        settings = gw.config.websocket
         sender = asyncio.create_task(_send_events(ws, subscriber, settings.ping_interval_s))
         receiver = asyncio.create_task(_receive_frames(ws, subscriber, settings.max_message_bytes))
         try:

@@ -209,6 +209,13 @@ class Store:
             raise
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        try:
+            purged = await self.purge_expired()
+        except Exception:  # housekeeping only: never a reason not to start
+            logger.warning("could not purge expired token revocations", exc_info=True)
+        else:
+            if purged:
+                logger.info("purged %d expired token revocations", purged)
 
     async def close(self) -> None:
         engine, self._engine, self._sessions = self._engine, None, None
