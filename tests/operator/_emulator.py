@@ -13,13 +13,15 @@ subclass adds, as a real API server would:
   Kopf uses for finalizers), RFC 7386 merge patches, PUT replaces, and
   server-side apply (``application/apply-patch+yaml``: creates when absent);
 - garbage collection of dependents through ``ownerReferences`` when an owner
-  is finally removed.
+  is finally removed;
+- no request history (kmock matches each request against all earlier ones).
 
 Used by the Kopf integration tests and by ``bench/operator.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import itertools
@@ -97,12 +99,21 @@ class StampingEmulator(kmock.KubernetesEmulator):
             if key in self.objects and not self.objects[key].deleted:
                 version = _next_version()
                 self.objects[key].patch({"metadata": {"resourceVersion": version}})
-        owner_before = self._live_uids()
-        response = await super()._handle(request)
-        gone = owner_before - self._live_uids()
-        if gone:
-            await self._collect_garbage(gone)
+        target = self._uid_of(request)
+        try:
+            response = await super()._handle(request)
+        finally:
+            self._forget(request)
+        if target is not None and self._uid_of(request) != target:
+            await self._collect_garbage({target})  # the object is gone: its dependents too
         return response
+
+    def _forget(self, request: rendering.Request) -> None:
+        # kmock keeps every request for assertions and matches each new one against
+        # that whole history: quadratic, minutes for a few thousand requests. The
+        # operator tests assert on objects, not requests, so served ones are dropped.
+        with contextlib.suppress(ValueError):
+            self._requests.remove(request)
 
     # --- writes ----------------------------------------------------------------------
 
@@ -229,14 +240,14 @@ class StampingEmulator(kmock.KubernetesEmulator):
 
     # --- garbage collection ----------------------------------------------------------
 
-    def _live_uids(self) -> set[str]:
-        uids = set()
-        for obj in self.objects.values():
-            if not obj.deleted:
-                uid = obj.get("metadata", {}).get("uid")
-                if uid:
-                    uids.add(uid)
-        return uids
+    def _uid_of(self, request: rendering.Request) -> str | None:
+        """The uid of the live object a DELETE or PATCH targets, if any."""
+        if request.action not in (enums.action.DELETE, enums.action.UPDATE) or not request.name:
+            return None
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key].last.raw.get("metadata", {}).get("uid")  # type: ignore[no-any-return]
 
     async def _collect_garbage(self, gone: set[str]) -> None:
         while gone:

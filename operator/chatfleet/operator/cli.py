@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         namespaces=settings.namespaces,
         standalone=settings.peering is None,
         peering_name=settings.peering,
-        liveness_endpoint=args.liveness,
+        liveness_endpoint=args.liveness or None,
     )
     return 0
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--liveness",
         default="http://0.0.0.0:8081/healthz",
-        help="Kopf's liveness endpoint URL",
+        help="Kopf's liveness endpoint URL; empty disables it",
     )
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)
