@@ -76,6 +76,15 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def start_operator(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m chatfleet.operator run`` with its log in ``log`` (the child keeps the fd)."""
+    with log.open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "chatfleet.operator", "run", "--liveness", ""],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+
+
 def body(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "chatfleet.dev/v1alpha1",
@@ -85,10 +94,10 @@ def body(name: str) -> dict[str, Any]:
     }
 
 
-async def wait_for(check: Any, timeout: float = 60.0, step: float = 0.005) -> float:
+async def wait_for(check: Any, within: float = 60.0, step: float = 0.005) -> float:
     start = time.perf_counter()
     while not check():
-        if time.perf_counter() - start > timeout:
+        if time.perf_counter() - start > within:
             raise TimeoutError("timed out")
         await asyncio.sleep(step)
     return time.perf_counter()
@@ -114,10 +123,7 @@ async def run(sequential: int, burst: int) -> None:
             "CHATFLEET_OPERATOR_POST_EVENTS": "false",
         }
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chatfleet.operator", "run", "--liveness", ""],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "operator.log", "w"),
-        )  # fmt: skip
+        proc = start_operator(env, workdir / "operator.log")
         peak = 0
         try:
             async with aiohttp.ClientSession(base_url=str(emulator.url)) as http:
@@ -130,7 +136,7 @@ async def run(sequential: int, burst: int) -> None:
 
                 # Warm-up: the operator's start-up and first watch.
                 await create("warmup")
-                await wait_for(lambda: find(emulator, RS, "warmup"), timeout=60)
+                await wait_for(lambda: find(emulator, RS, "warmup"), within=60)
 
                 latencies = []
                 for i in range(sequential):
@@ -160,7 +166,7 @@ async def run(sequential: int, burst: int) -> None:
                             return False
                     return True
 
-                done = await wait_for(all_reconciled, timeout=300, step=0.05)
+                done = await wait_for(all_reconciled, within=300, step=0.05)
                 current, hwm = rss_kib(proc.pid)
                 peak = max(peak, hwm)
                 print(f"{burst} ChatDeployments created at once: all reconciled (RayService +"
