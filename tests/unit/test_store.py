@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
 
 import chatfleet.serving.store as store_pkg
+from chatfleet.serving.cli import main
 from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.errors import Conflict, NotFound, StoreUnavailable
 from chatfleet.serving.store import Store, head_revision, resolve_url
@@ -259,3 +261,17 @@ def test_url_resolution(tmp_path: object) -> None:
     masked = Store(StoreConfig(url=SecretStr("postgres://u:hunter2@db/chat")))
     assert "hunter2" not in masked.url
     assert masked.dialect == "postgresql"
+
+
+async def test_cli_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "chatfleet.yaml"
+    config.write_text(f"store:\n  data_dir: {tmp_path}/data\n")
+    # main() runs its own event loop: keep it off this test's loop.
+    rc = await asyncio.to_thread(main, ["db", "upgrade", "--config", str(config)])
+    assert rc == 0
+    assert "is at revision 0001" in capsys.readouterr().out
+    assert (tmp_path / "data" / "chatfleet.db").is_file()
+    missing = await asyncio.to_thread(
+        main, ["db", "upgrade", "--config", str(tmp_path / "absent.yaml")]
+    )
+    assert missing == 2
