@@ -399,3 +399,34 @@ async def test_drift_is_repaired_and_service_monitor_created(kubeconfig, api, ob
             text = await r.text()
     assert 'chatfleet_operator_reconciles_total{result="applied",trigger="timer"}' in text
     assert "chatfleet_operator_reconcile_duration_seconds_bucket" in text
+
+
+async def test_cli_runs_the_operator_and_stops_on_sigterm(kubeconfig, api, objects, tmp_path):
+    # The entry point as the container runs it: `python -m chatfleet.operator run`.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "CHATFLEET_OPERATOR_KUBECONFIG": str(kubeconfig),
+        "CHATFLEET_OPERATOR_METRICS_PORT": "0",
+        "CHATFLEET_OPERATOR_METRICS_HOST": "127.0.0.1",
+    }
+    log = tmp_path / "operator.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatfleet.operator", "run", "--liveness", ""],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"), within=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0, log.read_text()[-3000:]

