@@ -43,7 +43,7 @@ class RayServe:
 
 
 @pytest.fixture(scope="session")
-def ray_serve() -> Iterator[RayServe]:
+def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     ray = pytest.importorskip("ray")
     from ray import serve
 
@@ -51,7 +51,14 @@ def ray_serve() -> Iterator[RayServe]:
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={
+            "env_vars": {
+                "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                # Replicas keep their SQLite store and JWT key here, not in ~.
+                "CHATFLEET_DATA_DIR": str(tmp_path_factory.mktemp("ray-data")),
+            }
+        },
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
