@@ -329,6 +329,13 @@ async def test_rate_limit_429_with_retry_after() -> None:
         assert 1 <= int(r.headers["retry-after"]) <= 10
         # Public paths are not counted.
         assert (await c.get("/healthz")).status_code == 200
+        # Guessing secrets: /auth/token has a bucket per client id.
+        wrong = {"client_id": "ops", "client_secret": "guess"}
+        assert (await c.post("/auth/token", json=wrong)).status_code == 401
+        assert (await c.post("/auth/token", json=wrong)).status_code == 401
+        r = await c.post("/auth/token", json=wrong)
+        assert r.status_code == 429
+        assert "retry-after" in r.headers
 
 
 async def test_auth_off_serves_everyone_and_has_no_auth_routes() -> None:

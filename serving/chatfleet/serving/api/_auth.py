@@ -165,12 +165,19 @@ class AuthMiddleware:
                 retry_after=retry_after,
             )
             return
-        response = JSONResponse(
-            error_body(message, type_=Overloaded.error_type, code=Overloaded.code),
-            status_code=Overloaded.status_code,
-            headers={"Retry-After": str(retry_after)},
-        )
-        await response(scope, receive, send)
+        await _too_many_requests(retry_after)(scope, receive, send)
+
+
+def _too_many_requests(retry_after: int) -> JSONResponse:
+    return JSONResponse(
+        error_body(
+            f"rate limit exceeded; retry in {retry_after} s",
+            type_=Overloaded.error_type,
+            code=Overloaded.code,
+        ),
+        status_code=Overloaded.status_code,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 async def _refuse_websocket(
@@ -318,6 +325,11 @@ def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
     async def token(request: Request) -> JSONResponse:
         fields = {**await _fields(request), **_basic_credentials(request)}
         body = _parse(TokenRequest, fields)
+        # Secrets are guessed here: a bucket per client id, apart from its API bucket.
+        wait = auth.retry_after(f"/auth/token {body.client_id}")
+        if wait > 0:
+            gw.metrics.errors.labels(Overloaded.code).inc()
+            return _too_many_requests(max(1, math.ceil(wait)))
         pair = await auth.issue(body.client_id, body.client_secret, body.scope)
         return JSONResponse(pair.as_response(), headers=no_store)
 

@@ -33,6 +33,7 @@ token (sent by the auth middleware), 1013 too many connections or rate-limited,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, WebSocket
 from pydantic import ConfigDict, Field, ValidationError
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from chatfleet.serving.api._auth import (
     WS_POLICY_VIOLATION,
@@ -99,6 +100,10 @@ class _Progress:
     tokens: int = 0
 
 
+class _PeerGone(Exception):
+    """A send failed: the client is gone (the reader sees the disconnect too)."""
+
+
 class _Connections:
     """This replica's /ws/chat connections."""
 
@@ -122,7 +127,10 @@ class _ChatConnection:
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
-            await self.ws.send_text(text)
+            try:
+                await self.ws.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+                raise _PeerGone from exc
 
     async def send_frame(self, frame_type: str, **fields: Any) -> None:
         await self.send(json.dumps({"type": frame_type, **fields}))
@@ -252,6 +260,10 @@ class _ChatConnection:
         )
 
     async def generate(self, frame: ChatFrame) -> None:
+        with contextlib.suppress(_PeerGone):  # nobody to tell; the reader ends the connection
+            await self.reply(frame)
+
+    async def reply(self, frame: ChatFrame) -> None:
         gw = self.gw
         started = time.perf_counter()
         self.progress = progress = _Progress(started, frame.model)
@@ -291,6 +303,8 @@ class _ChatConnection:
                 aclose = getattr(batches, "aclose", None)
                 if aclose is not None:
                     await aclose()
+        except _PeerGone:
+            raise
         except ChatfleetError as exc:
             await self.send_error(exc)
             return
@@ -336,7 +350,8 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
         gauge.inc()
         try:
             await ws.accept()
-            await _ChatConnection(ws, gw, client_id).run()
+            with contextlib.suppress(_PeerGone):
+                await _ChatConnection(ws, gw, client_id).run()
         finally:
             connections.open -= 1
             gauge.dec()
