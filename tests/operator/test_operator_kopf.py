@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -387,10 +391,15 @@ async def test_drift_is_repaired_and_service_monitor_created(kubeconfig, api, ob
     async with operator(kubeconfig, drift_interval_s=0.5) as rec:
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects(SM_RESOURCE, NS, "demo-chat"))
-        await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        svc = await eventually(lambda: objects("v1/services", NS, "demo-chat"))
         await api.delete("v1/services", "demo-chat")
-        assert objects("v1/services", NS, "demo-chat") is None
-        await eventually(lambda: objects("v1/services", NS, "demo-chat"))
+        # Someone deleted it: the next drift check creates it again (a new object).
+        await eventually(
+            lambda: (
+                (again := objects("v1/services", NS, "demo-chat"))
+                and again["metadata"]["uid"] != svc["metadata"]["uid"]
+            )
+        )
         # Operator metrics are served over HTTP.
         async with (
             aiohttp.ClientSession() as session,
@@ -401,13 +410,8 @@ async def test_drift_is_repaired_and_service_monitor_created(kubeconfig, api, ob
     assert "chatfleet_operator_reconcile_duration_seconds_bucket" in text
 
 
-async def test_cli_runs_the_operator_and_stops_on_sigterm(kubeconfig, api, objects, tmp_path):
-    # The entry point as the container runs it: `python -m chatfleet.operator run`.
-    import os
-    import signal
-    import subprocess
-    import sys
-
+def start_cli(kubeconfig: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The entry point as the container runs it: ``python -m chatfleet.operator run``."""
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
@@ -415,14 +419,18 @@ async def test_cli_runs_the_operator_and_stops_on_sigterm(kubeconfig, api, objec
         "CHATFLEET_OPERATOR_METRICS_PORT": "0",
         "CHATFLEET_OPERATOR_METRICS_HOST": "127.0.0.1",
     }
-    log = tmp_path / "operator.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "chatfleet.operator", "run", "--liveness", ""],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
+
+
+async def test_cli_runs_the_operator_and_stops_on_sigterm(kubeconfig, api, objects, tmp_path):
+    log = tmp_path / "operator.log"
+    proc = start_cli(kubeconfig, log)
     try:
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects(RS_RESOURCE, NS, "demo"), within=30)
