@@ -137,6 +137,13 @@ def test_namespaced_ha_uses_roles_and_peering() -> None:
     assert json.loads(env["CHATFLEET_OPERATOR_NAMESPACES"]) == ["team-a", "team-b"]
     assert env["CHATFLEET_OPERATOR_PEERING"] == "chatfleet"
     assert deployment["spec"]["replicas"] == 2
+    peerings = [d for d in docs if d["kind"] == "KopfPeering"]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert {p["metadata"]["name"] for p in peerings} == {"chatfleet"}
+    cluster_wide = render({"replicaCount": 3})
+    (peering,) = [d for d in cluster_wide if d["kind"] == "ClusterKopfPeering"]
+    assert peering["metadata"]["name"] == "chatfleet"
+    assert not [d for d in render({}) if "Peering" in d["kind"]]
 
 
 def test_env_matches_operator_settings() -> None:
