@@ -1,13 +1,17 @@
 """A Hugging Face causal LM run in-process with transformers, on CPU or GPU.
 
 `TransformersEngine.stream` renders the conversation with the tokenizer's chat
-template and runs ``model.generate`` in a thread of its own. A streamer decodes
-the new tokens incrementally in that thread (stop strings are matched there
-too) and hands text pieces to the event loop with ``call_soon_threadsafe``;
-the event loop splits ``<think>`` reasoning from the answer and yields chunks.
-When the consumer closes the stream, a flag checked by a stopping criterion
-after every token ends the generation, and the stream waits for the thread
-before it releases its concurrency slot.
+template and runs ``model.generate`` on one of the engine's ``max_concurrency``
+generation threads. A streamer decodes the new tokens incrementally in that
+thread (stop strings are matched there too) and hands text pieces to the event
+loop with ``call_soon_threadsafe``; the event loop splits ``<think>`` reasoning
+from the answer and yields chunks. When the consumer closes the stream, a flag
+checked by a stopping criterion after every token ends the generation, and the
+stream waits for it to end before it releases its concurrency slot.
+
+The threads live as long as the engine: torch keeps per-thread state (OpenMP
+teams), which a thread per request would rebuild, and which a thread still
+exiting when the interpreter finalizes aborts with "terminate called".
 
 Without ``model`` the engine serves the embedded SmolLM2-135M-Instruct
 (`chatfleet.serving.embedded`).
@@ -21,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,7 @@ class TransformersEngine(Engine):
         self._context_length: int | None = None
         self._slots = asyncio.Semaphore(self.settings.max_concurrency)
         self._active: set[threading.Event] = set()
+        self._threads: ThreadPoolExecutor | None = None
 
     @property
     def loaded(self) -> bool:
@@ -86,47 +92,46 @@ class TransformersEngine(Engine):
     async def start(self) -> None:
         if self.loaded:
             return
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(
+                max_workers=self.settings.max_concurrency,
+                thread_name_prefix=f"chatfleet-generate-{self.name}",
+            )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._load)
+        await loop.run_in_executor(self._threads, self._load)
 
     async def close(self) -> None:
         for stop in list(self._active):
             stop.set()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
         self._model = None
         self._tokenizer = None
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if not self.loaded:
+        if not self.loaded or self._threads is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded")
         async with self._slots:
             loop = asyncio.get_running_loop()
             job = _Job(loop, asyncio.Queue())
-            thread = threading.Thread(
-                target=self._generate,
-                args=(request, job),
-                name=f"chatfleet-generate-{request.request_id}",
-                daemon=True,
-            )
             self._active.add(job.stop)
-            thread.start()
+            finished = loop.run_in_executor(self._threads, self._generate, request, job)
             try:
                 async with contextlib.aclosing(self._chunks(request, job)) as chunks:
                     async for chunk in chunks:
                         yield chunk
             finally:
                 # Reached on completion, on errors, and when the consumer closes the
-                # stream (GeneratorExit) or is cancelled: stop the thread and wait for
-                # it, so that the slot is only freed once the model is really idle.
+                # stream (GeneratorExit) or is cancelled: stop the generation and wait
+                # for it, so that the slot is only freed once the model is really idle.
                 job.stop.set()
                 self._active.discard(job.stop)
-                if not job.finished.done():
-                    try:
-                        await asyncio.shield(job.finished)
-                    except asyncio.CancelledError:
-                        logger.debug("stopped waiting for %s to finish", thread.name)
-                        raise
+                if not finished.done():
+                    # Shielded: a second cancellation stops the waiting, not the flag.
+                    await asyncio.shield(finished)
 
     async def _chunks(self, request: GenerationRequest, job: _Job) -> AsyncGenerator[Chunk, None]:
         splitter: ThinkSplitter | None = None
@@ -171,7 +176,7 @@ class TransformersEngine(Engine):
     # -- worker thread -----------------------------------------------------------
 
     def _generate(self, request: GenerationRequest, job: _Job) -> None:
-        """Runs in the generation thread; reports through ``job`` only."""
+        """Runs in a generation thread; reports through ``job`` only (never raises)."""
         try:
             tokenizer, model = self._tokenizer, self._model
             if model is None:
@@ -242,8 +247,6 @@ class TransformersEngine(Engine):
             if not isinstance(exc, ChatfleetError):
                 logger.exception("%s: generation failed", self.name)
             job.emit(exc)
-        finally:
-            job.mark_finished()
 
     def _encode(self, tokenizer: Any, request: GenerationRequest) -> tuple[Any, bool]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -360,23 +363,12 @@ class _Job:
         self.events = events
         #: Set by the event loop to end the generation after the current token.
         self.stop = threading.Event()
-        #: Resolved (in the event loop) when the thread is done.
-        self.finished: asyncio.Future[None] = loop.create_future()
 
     def emit(self, event: _Event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.stop.set()
-
-    def mark_finished(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self.loop.call_soon_threadsafe(_resolve, self.finished)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _PieceStreamer(BaseStreamer):
