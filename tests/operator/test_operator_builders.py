@@ -23,7 +23,7 @@ from chatfleet.operator import (
     serve_config,
 )
 from chatfleet.operator._builders import ollama_models_by_group
-from chatfleet.serving.config import AppConfig
+from chatfleet.serving.config import AppConfig, load_config
 from conftest import load_sample
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -131,6 +131,8 @@ def test_serve_config_imports_build_app_with_the_serving_config(make: Any) -> No
     assert config["http_options"] == {"host": "0.0.0.0", "port": spec.serving.server.port}
     # The args are the serving config, JSON-compatible and lossless.
     args = AppConfig.model_validate(app["args"])
+    # build_app hands the args to load_config as overrides: same result.
+    assert load_config(environ=False, overrides=app["args"]) == args
     if spec.cluster.database_secret_ref is None:
         assert args == spec.serving
     else:  # the operator points the store at the variable it fills from the Secret
