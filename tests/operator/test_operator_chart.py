@@ -108,9 +108,13 @@ def test_default_install_is_cluster_wide_and_least_privilege() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    (dashboard,) = by_kind(docs, "ConfigMap")
-    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    json.loads(dashboard["data"]["chatfleet-operator.json"])
+    dashboards = by_kind(docs, "ConfigMap")
+    assert {key for d in dashboards for key in d["data"]} == {
+        "chatfleet-operator.json",
+        "chatfleet-serving.json",
+    }
+    for dashboard in dashboards:
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert not [d for d in docs if d["kind"] == "PodMonitor"]
 
 
@@ -239,3 +243,21 @@ def test_values_are_documented() -> None:
             undocumented.append(key)
         stack.append((indent, documented))
     assert not undocumented
+
+
+def test_dashboards_query_metrics_that_exist() -> None:
+    # Every chatfleet_* metric a panel queries is defined in the code.
+    import re
+
+    sources = "".join(p.read_text() for p in (ROOT / "operator").rglob("*.py")) + "".join(
+        p.read_text() for p in (ROOT / "serving").rglob("*.py")
+    )
+    defined = set(re.findall(r'"(chatfleet_[a-z_]+)"', sources))
+    for path in (CHART / "dashboards").glob("*.json"):
+        board = json.loads(path.read_text())
+        assert board["uid"] and board["panels"]
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                for metric in re.findall(r"chatfleet_[a-z_]+", target["expr"]):
+                    base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                    assert base in defined, f"{path.name}: {metric}"
