@@ -310,13 +310,17 @@ class TransformersEngine(Engine):
         model.to(device)
         model.eval()
 
+        # End on the model's end-of-sequence tokens and on the tokenizer's (the end
+        # of a chat turn, for some models only the latter).
         eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        eos_ids = frozenset(
+            [*([eos] if isinstance(eos, int) else (eos or [])), tokenizer.eos_token_id]
+        ) - {None}
         pad = model.generation_config.pad_token_id
         if pad is None:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+            pad = tokenizer.pad_token_id
+        if pad is None and eos_ids:
+            pad = min(eos_ids)
         self._context_length = getattr(model.config, "max_position_embeddings", None)
         self._eos_ids, self._pad_id = eos_ids, pad
         self._device = device
