@@ -4,7 +4,8 @@ Usage: ``python bench/_chatfleet_server.py CONFIG_JSON PORT``. Starts Ray the wa
 ``chatfleet serve`` does (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless already set,
 ``ray.init``, ``serve.start(http_options)``, ``serve.run(build_app(config),
 route_prefix="/")``), prints ``READY`` on stdout, and shuts Ray down when its
-stdin reaches EOF (the bench closes it) or on SIGTERM.
+stdin reaches EOF (the bench closes it) or on SIGTERM. ``CHATFLEET_BENCH_SERVE_LOGGING``
+(JSON) is passed as Serve's ``logging_config`` to ``serve.start`` and ``serve.run``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ def main() -> int:
         logging_level=logging.WARNING,
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        # Optional Serve LoggingConfig (a bench knob; cli.py passes none).
+        logging_config = json.loads(os.environ.get("CHATFLEET_BENCH_SERVE_LOGGING", "null"))
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+        serve.run(
+            build_app(config),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+            logging_config=logging_config,
+        )
         print(f"READY {time.perf_counter() - started:.1f}", flush=True)
 
         def wait_stdin() -> None:

@@ -352,41 +352,67 @@ def _request(tokens: int, i: int) -> Any:
     )
 
 
-def inproc_ttft(tokens: int, samples: int, coalescing: dict[str, float]) -> dict[str, Any]:
-    """TTFT of the engine called directly: first chunk, and first coalesced batch."""
+def inproc_ttft(
+    tokens: int, samples: int, coalescing: dict[str, float], tps: float
+) -> dict[str, Any]:
+    """The engine called directly (no server): TTFT, and what coalescing costs.
+
+    First chunk of ``FakeEngine.stream`` and first batch out of ``coalesce`` at
+    zero delay; the same with the engine paced at ``tps`` (where ``coalesce``
+    holds the first token until a second arrives or ``max_delay_ms`` passes);
+    CPU per token of the engine alone and through ``coalesce``.
+    """
     from chatfleet.serving.api import LocalEngineClient
     from chatfleet.serving.config import CoalesceConfig
 
     engine = _fake_engine({"tokens_per_second": 0, "reply_tokens": tokens})
     local = LocalEngineClient(engine, CoalesceConfig(**coalescing))
+    paced = _fake_engine({"tokens_per_second": tps, "reply_tokens": tokens})
+    paced_local = LocalEngineClient(paced, CoalesceConfig(**coalescing))
 
-    async def run() -> dict[str, list[float]]:
-        raw: list[float] = []
-        batched: list[float] = []
-        full: list[float] = []
-        for i in range(samples):
+    async def first(make: Any, n: int) -> list[float]:
+        out = []
+        for i in range(n):
             t0 = time.perf_counter()
-            gen = engine.stream(_request(tokens, i))
+            gen = make(_request(tokens, i))
             await anext(gen)
-            raw.append(time.perf_counter() - t0)
-            async for _ in gen:
-                pass
-            full.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            batches = local.batches(_request(tokens, i))
-            await anext(batches)
-            batched.append(time.perf_counter() - t0)
-            await batches.aclose()  # type: ignore[attr-defined]
-        return {"first_chunk": raw, "first_batch": batched, "whole_stream": full}
+            out.append(time.perf_counter() - t0)
+            await gen.aclose()
+        return out
 
-    samples_s = _run_loop(run())
-    whole = statistics.median(samples_s["whole_stream"])
+    async def cpu_per_token(make: Any, n: int) -> float:
+        c0 = time.process_time()
+        for i in range(n):
+            async for _ in make(_request(tokens, i)):
+                pass
+        return (time.process_time() - c0) / (n * tokens)
+
+    async def run() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        async for _ in engine.stream(_request(tokens, 0)):
+            pass
+        whole = time.perf_counter() - t0
+        return {
+            "first_chunk": await first(engine.stream, samples),
+            "first_batch": await first(local.batches, samples),
+            "paced_first_chunk": await first(paced.stream, 10),
+            "paced_first_batch": await first(paced_local.batches, 10),
+            "cpu_raw": await cpu_per_token(engine.stream, 50),
+            "cpu_coalesced": await cpu_per_token(local.batches, 50),
+            "whole": whole,
+        }
+
+    r = _run_loop(run())
     return {
-        "first_chunk_p50_ms": pct(samples_s["first_chunk"], 50) * 1e3,
-        "first_chunk_p99_ms": pct(samples_s["first_chunk"], 99) * 1e3,
-        "first_batch_p50_ms": pct(samples_s["first_batch"], 50) * 1e3,
-        "first_batch_p99_ms": pct(samples_s["first_batch"], 99) * 1e3,
-        "engine_tokens_per_s_one_stream": tokens / whole,
+        "first_chunk_p50_ms": pct(r["first_chunk"], 50) * 1e3,
+        "first_chunk_p99_ms": pct(r["first_chunk"], 99) * 1e3,
+        "first_batch_p50_ms": pct(r["first_batch"], 50) * 1e3,
+        "first_batch_p99_ms": pct(r["first_batch"], 99) * 1e3,
+        "paced_first_chunk_p50_ms": pct(r["paced_first_chunk"], 50) * 1e3,
+        "paced_first_batch_p50_ms": pct(r["paced_first_batch"], 50) * 1e3,
+        "engine_cpu_us_per_token": r["cpu_raw"] * 1e6,
+        "coalesced_cpu_us_per_token": r["cpu_coalesced"] * 1e6,
+        "engine_tokens_per_s_one_stream": tokens / r["whole"],
     }
 
 
@@ -534,7 +560,7 @@ def scenario_ttft(
         f" streams {args.s1_concurrency}, {args.rounds} round(s) x {args.s1_duration:g} s ==",
         flush=True,
     )
-    inproc = inproc_ttft(args.tokens, args.inproc_samples, coalescing(args))
+    inproc = inproc_ttft(args.tokens, args.inproc_samples, coalescing(args), args.tps)
     cells: dict[tuple[str, int], Cell] = {}
     for conc in args.s1_concurrency:
         for rnd in rounds_of(targets, args.rounds):
@@ -625,7 +651,13 @@ def scenario_ttft(
         f"\nIn-process engine (no server): first chunk p50 {inproc['first_chunk_p50_ms']:.3f} ms,"
         f" p99 {inproc['first_chunk_p99_ms']:.3f} ms; first coalesced batch p50"
         f" {inproc['first_batch_p50_ms']:.3f} ms; one stream alone"
-        f" {inproc['engine_tokens_per_s_one_stream']:,.0f} tok/s"
+        f" {inproc['engine_tokens_per_s_one_stream']:,.0f} tok/s."
+        f"\n  CPU per token: engine {inproc['engine_cpu_us_per_token']:.1f} us, engine through"
+        f" coalesce() {inproc['coalesced_cpu_us_per_token']:.1f} us."
+        f"\n  Engine paced at {args.tps:g} tok/s: first chunk p50"
+        f" {inproc['paced_first_chunk_p50_ms']:.2f} ms, first coalesced batch p50"
+        f" {inproc['paced_first_batch_p50_ms']:.2f} ms (coalesce holds the first token up to"
+        f" max_delay_ms={args.coalesce_delay_ms:g})."
     )
     top = max(args.s1_concurrency)
     lines.append("Targets:")
@@ -906,6 +938,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="RAY_SERVE_THROUGHPUT_OPTIMIZED for the Ray server (cli.py sets 1).",
     )
     p.add_argument(
+        "--quiet-serve-logs",
+        action="store_true",
+        help="Serve logging_config: no access log, level WARNING (cli.py keeps Serve's default).",
+    )
+    p.add_argument(
         "--rev",
         help="Benchmark chatfleet.serving as of this git revision (extracted with git archive"
         " to a temp dir, put first on PYTHONPATH) instead of the working tree: steadier"
@@ -945,6 +982,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatfleet.serving from git revision {args.rev} ({src})", flush=True)
     config_json = app_config(args)
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": args.throughput_optimized}
+    if args.quiet_serve_logs:
+        env["CHATFLEET_BENCH_SERVE_LOGGING"] = json.dumps(
+            {"enable_access_log": False, "log_level": "WARNING"}
+        )
     servers: list[Server] = []
     try:
         naive = NaiveServer(
@@ -976,7 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
             f" max_delay_ms={args.coalesce_delay_ms:g};"
             f" ingress replicas {args.ingress_replicas}; engine replicas {args.engine_replicas};"
             f" engine max_ongoing_requests {args.engine_max_ongoing};"
-            f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized}",
+            f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized};"
+            f" quiet Serve logs {args.quiet_serve_logs}",
             flush=True,
         )
         results: dict[str, Any] = {
