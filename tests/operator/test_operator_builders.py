@@ -280,3 +280,14 @@ def test_operator_never_imports_ray_or_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("make", SPECS.values(), ids=SPECS.keys())
+def test_serve_config_is_valid_for_ray_serve(make: Any) -> None:
+    # Ray Serve's own schema of serveConfigV2 (Ray is a test-time dependency only:
+    # the operator never imports it).
+    schema = pytest.importorskip("ray.serve.schema")
+    config = schema.ServeDeploySchema.model_validate(serve_config(make()))
+    (app,) = config.applications
+    assert app.route_prefix == "/"
+    assert config.http_options.host == "0.0.0.0"

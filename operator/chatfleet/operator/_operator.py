@@ -105,6 +105,9 @@ class Reconciler:
         settings.posting.level = 20  # INFO and up become Events
         settings.execution.max_workers = 8
         settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+        # Re-open watches now and then: a silently dead connection would stall us.
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
         if self.settings.metrics_enabled and self._metrics_server is None:
             server, _thread = start_http_server(
                 self.settings.metrics_port,
