@@ -283,6 +283,23 @@ async def test_max_concurrency_queues_further_requests(engine: TransformersEngin
     assert timeline.count(("a", "last")) == timeline.count(("b", "last")) == 1
 
 
+async def test_concurrent_generations_match_sequential_ones(tiny_model_dir: Path) -> None:
+    engine = TransformersEngine(model_config(tiny_model_dir, max_concurrency=2))
+    await engine.start()
+    requests = [
+        request(max_tokens=16),
+        request(max_tokens=16, temperature=1.0, seed=11),
+        request(max_tokens=16, temperature=0.8, top_p=0.9, seed=12),
+    ]
+    try:
+        alone = [answer(await collect(engine, r)) for r in requests]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests))
+    finally:
+        await engine.close()
+
+    assert [answer(chunks) for chunks in together] == alone  # seeds are per request
+
+
 # -- thinking --------------------------------------------------------------------------------
 
 
