@@ -347,3 +347,12 @@ def test_duplicate_model_names_are_a_list_map_violation(crd: dict[str, Any]) -> 
 def test_render_crd_is_deterministic() -> None:
     assert render_crd() == render_crd()
     assert yaml.safe_load(render_crd_yaml()) == render_crd()
+
+
+def test_names_kuberay_can_extend_are_enforced(crd: dict[str, Any]) -> None:
+    ok = chatd({})
+    ok["metadata"]["name"] = "c" * 40
+    assert admit(crd, ok) == []
+    too_long = chatd({})
+    too_long["metadata"]["name"] = "c" * 41
+    assert any("at most 40 characters" in p for p in admit(crd, too_long))

@@ -31,6 +31,7 @@ from pydantic_core import core_schema
 from chatfleet.operator._models import (
     GROUP,
     KIND,
+    MAX_NAME_LENGTH,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -310,6 +311,13 @@ def crd_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
+        "x-kubernetes-validations": [
+            _rule(
+                f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+                f"metadata.name must be at most {MAX_NAME_LENGTH} characters: KubeRay derives"
+                " longer names (RayCluster, Services, pod labels) from it",
+            )
+        ],
     }
 
 

@@ -23,6 +23,9 @@ PLURAL = "chatdeployments"
 SINGULAR = "chatdeployment"
 SHORT_NAMES = ("chatd",)
 API_VERSION = f"{GROUP}/{VERSION}"
+# KubeRay names a RayService's RayCluster "<name>-<5 chars>" and its Services and pod
+# labels after that (63-character label values): keep room for the suffixes.
+MAX_NAME_LENGTH = 40
 
 DEFAULT_IMAGE = "ghcr.io/chatfleet/chatfleet-serving:0.1.0"
 DEFAULT_OLLAMA_IMAGE = "docker.io/ollama/ollama:0.12.3"

@@ -29,7 +29,15 @@ from pydantic import ValidationError
 from chatfleet.operator import _builders as b
 from chatfleet.operator._kube import Kube, KubeError, load_api_client
 from chatfleet.operator._metrics import OperatorMetrics
-from chatfleet.operator._models import API_VERSION, GROUP, KIND, PLURAL, VERSION, ChatDeploymentSpec
+from chatfleet.operator._models import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    MAX_NAME_LENGTH,
+    PLURAL,
+    VERSION,
+    ChatDeploymentSpec,
+)
 from chatfleet.operator._settings import OperatorSettings
 from chatfleet.operator._status import (
     conditions_from_rayservice,
@@ -211,6 +219,11 @@ class Reconciler:
         result = "error"
         try:
             try:
+                if len(name) > MAX_NAME_LENGTH:
+                    raise InvalidSpecError(
+                        f"metadata.name: at most {MAX_NAME_LENGTH} characters (KubeRay derives"
+                        " longer names from it)"
+                    )
                 spec = parse_spec(body.get("spec"))
                 self._check_secrets(spec, namespace)
             except InvalidSpecError as exc:
@@ -234,6 +247,12 @@ class Reconciler:
                         applied = out
             except KubeError as exc:
                 self.metrics.errors.labels("api").inc()
+                if exc.status == 404:
+                    # Applying creates; a 404 means the kind itself is not served.
+                    raise kopf.TemporaryError(
+                        f"{exc} (is KubeRay installed? the operator needs ray.io/v1 RayService)",
+                        delay=60,
+                    ) from exc
                 delay = 2 if exc.status in (409, 429) or exc.status >= 500 else 30
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc
             status = body.get("status") or {}
