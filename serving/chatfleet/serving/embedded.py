@@ -153,8 +153,9 @@ def ensure_embedded_model(
         raise
     except Exception as exc:
         logger.exception("converting %s into %s failed", gguf, target)
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise EngineUnavailable(
-            f"converting the embedded SmolLM2 model failed ({type(exc).__name__}: {exc})"
+            f"converting the embedded SmolLM2 model failed ({type(exc).__name__}: {detail})"
         ) from exc
     finally:
         lock.release()
