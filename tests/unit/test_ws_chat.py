@@ -214,6 +214,31 @@ async def test_bad_token_gets_an_error_frame_then_close_1008(server: Server, kin
     assert closed.value.rcvd.code == 1008
 
 
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+async def test_a_token_that_stops_holding_ends_the_connection_at_the_next_chat(
+    server: Server, how: str
+) -> None:
+    # Issued 899 s ago with a 900 s lifetime: expires within a second.
+    assert server.config.auth.access_token_ttl_s == 900
+    soon = Authenticator(
+        server.config.auth, KEY, server.auth.revocations, clock=lambda: time.time() - 899
+    )
+    token = soon.mint("app", ["chat"]).access_token
+    async with connect(server.url(token)) as ws:
+        await recv(ws)
+        if how == "revoked":
+            await server.auth.revoke(token)
+        else:
+            await asyncio.sleep(1.1)
+        _, error = await chat(ws)
+        assert error["code"] == "invalid_token"
+        assert how in error["error"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+
+
 async def test_a_new_chat_while_streaming_is_refused_and_cancel_stops_it(server: Server) -> None:
     async with connect(server.url()) as ws:
         await recv(ws)

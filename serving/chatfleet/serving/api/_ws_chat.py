@@ -20,6 +20,10 @@ first to interrupt. The connection keeps the conversation (bounded by
 ``server.max_messages``), so each ``chat`` continues it. ``total_tokens`` counts
 the reply's generated tokens (thinking included).
 
+The token is checked again at each ``chat``: once it has expired or been
+revoked, the ``chat`` gets an ``error`` frame (``invalid_token``) and the
+connection is closed with 1008; reconnect with a fresh token.
+
 Malformed frames (not JSON, unknown type, missing content, over
 ``websocket.max_message_bytes``, binary) get an ``error`` frame and the
 connection stays up. The server sends ``ping`` every
@@ -36,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,6 +58,7 @@ from chatfleet.serving.api._auth import (
 )
 from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway
 from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.auth import Claims
 from chatfleet.serving.errors import (
     AuthenticationError,
     ChatfleetError,
@@ -109,14 +115,14 @@ class _Connections:
 
     def __init__(self) -> None:
         self.open = 0
-        self.generating = 0
 
 
 class _ChatConnection:
-    def __init__(self, ws: WebSocket, gw: Gateway, client_id: str) -> None:
+    def __init__(self, ws: WebSocket, gw: Gateway, claims: Claims | None) -> None:
         self.ws = ws
         self.gw = gw
-        self.client_id = client_id
+        self.claims = claims
+        self.client_id = claims.client_id if claims is not None else "anonymous"
         self.session_id = uuid.uuid4().hex
         self.settings = gw.config.websocket
         self.history: list[Message] = []
@@ -136,8 +142,11 @@ class _ChatConnection:
         await self.send(json.dumps({"type": frame_type, **fields}))
 
     async def send_error(self, exc: ChatfleetError, **extra: Any) -> None:
-        self.gw.metrics.errors.labels(exc.code).inc()
-        await self.send(ws_error_frame(exc.message, exc.code, **extra))
+        await self.send_error_frame(exc.message, exc.code, **extra)
+
+    async def send_error_frame(self, message: str, code: str, **extra: Any) -> None:
+        self.gw.metrics.errors.labels(code).inc()
+        await self.send(ws_error_frame(message, code, **extra))
 
     async def run(self) -> None:
         await self.send_frame(
@@ -203,7 +212,7 @@ class _ChatConnection:
             except ValueError:
                 data = None
             if not isinstance(data, dict):
-                await self.send(ws_error_frame("frame is not a JSON object", _INVALID_FRAME))
+                await self.send_error_frame("frame is not a JSON object", _INVALID_FRAME)
                 continue
             kind = data.get("type")
             if kind == "pong":
@@ -211,21 +220,33 @@ class _ChatConnection:
             elif kind == "ping":
                 await self.send_frame("pong")
             elif kind == "chat":
+                if not await self.still_authorized():
+                    return
                 await self.start_chat(data)
             elif kind == "cancel":
                 await self.cancel_chat()
             else:
-                await self.send(
-                    ws_error_frame(
-                        f"unknown frame type {kind!r} (expected chat, cancel, ping or pong)",
-                        _INVALID_FRAME,
-                    )
+                await self.send_error_frame(
+                    f"unknown frame type {kind!r} (expected chat, cancel, ping or pong)",
+                    _INVALID_FRAME,
                 )
+
+    async def still_authorized(self) -> bool:
+        """The connection's token must still hold at each chat; else error, close 1008."""
+        if self.claims is None or self.gw.auth is None:
+            return True
+        try:
+            await self.gw.auth.ensure_current(self.claims)
+        except AuthenticationError as exc:
+            await self.send_error(exc)
+            await self.close(ws_close_code(exc), exc.message)
+            return False
+        return True
 
     async def start_chat(self, data: dict[str, Any]) -> None:
         if self.generation is not None and not self.generation.done():
-            await self.send(
-                ws_error_frame('a reply is still streaming; send {"type": "cancel"} first', _BUSY)
+            await self.send_error_frame(
+                'a reply is still streaming; send {"type": "cancel"} first', _BUSY
             )
             return
         try:
@@ -239,7 +260,7 @@ class _ChatConnection:
             wait = self.gw.auth.retry_after(self.client_id)
             if wait > 0:
                 await self.send_error(
-                    Overloaded("rate limit exceeded"), retry_after=max(1, round(wait + 0.5))
+                    Overloaded("rate limit exceeded"), retry_after=max(1, math.ceil(wait))
                 )
                 return
         self.generation = asyncio.create_task(self.generate(frame))
@@ -337,8 +358,6 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.websocket("/ws/chat")
     async def ws_chat(ws: WebSocket) -> None:
-        claims = request_claims(ws)
-        client_id = claims.client_id if claims is not None else "anonymous"
         if connections.open >= settings.max_connections:
             await ws.accept()
             exc = Overloaded(f"too many connections (limit {settings.max_connections})")
@@ -351,7 +370,7 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
         try:
             await ws.accept()
             with contextlib.suppress(_PeerGone):
-                await _ChatConnection(ws, gw, client_id).run()
+                await _ChatConnection(ws, gw, request_claims(ws)).run()
         finally:
             connections.open -= 1
             gauge.dec()

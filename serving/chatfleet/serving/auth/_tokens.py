@@ -237,6 +237,13 @@ class Authenticator:
             raise AuthenticationError("token has been revoked")
         return claims
 
+    async def ensure_current(self, claims: Claims) -> None:
+        """Claims verified earlier (a long-lived WebSocket's) still hold: unexpired, unrevoked."""
+        if claims.expires_at <= self._clock():
+            raise AuthenticationError("token has expired")
+        if await self.revocations.is_revoked(claims.jti):
+            raise AuthenticationError("token has been revoked")
+
     async def revoke(self, token: str, *, by: Claims | None = None) -> Claims:
         """Revoke a token (access or refresh) of the caller ``by``; expired ones need nothing."""
         claims = self.decode(token, verify_exp=False)
