@@ -1,0 +1,295 @@
+"""Routing benchmark: the classifier and the compressor, in process.
+
+Run from the repository root::
+
+    .venv/bin/python bench/routing.py            # full run (a few minutes)
+    .venv/bin/python bench/routing.py --quick    # smoke run
+    .venv/bin/python bench/routing.py --only classifier
+
+Scenario "classifier": the embedding classifier on the embedded all-MiniLM-L6-v2
+(the offline default), configured categories, label embeddings cached: prompts/s
+and latency p50/p99 one prompt at a time, then prompts/s in batches of 8 and 32
+(the deployment's ``@serve.batch`` hands it such batches). Target: ≥ 200
+prompts/s batched on 2 cores.
+
+Scenario "compressor": LLMLingua on contexts of about 500 and 2,000 cl100k
+tokens (generated, every sentence different) with a one-line question, at
+requested ratios 0.5 and 0.3: latency, and the achieved ratio of the context
+(what ``ratio`` asks for) and of the whole text (what `Compression.ratio`
+reports). The default method is the original LLMLingua on the embedded
+SmolLM2-135M-Instruct; ``--compressor-method llmlingua2 --compressor-model
+PATH`` measures LLMLingua-2 where its model exists (it does not install from a
+registry: see the tests for the random-head mechanics).
+
+Scenarios are entries of SCENARIOS (name -> function(args)); each loads what it
+needs and prints its own table, so another (e.g. the time to first token added
+by routing) is one more function. The bench only prints figures, it never
+asserts timings; the machine may be shared, so each figure is a median.
+"""
+
+# ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/operator.py would shadow the stdlib module torch imports: keep this
+# directory off sys.path (as bench/gateway.py does).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import logging
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from chatfleet.serving.config import ClassifierConfig, CompressorConfig
+
+Scenario = Callable[[argparse.Namespace], None]
+
+# --- inputs ----------------------------------------------------------------------------
+
+_PROMPT_STARTS = [
+    "Write a Python function that",
+    "Explain why my JavaScript code",
+    "What is the derivative of",
+    "Solve the equation",
+    "Hey, how are you doing",
+    "Tell me about your favourite",
+    "Summarise the following meeting notes:",
+    "Give me a TL;DR of this article:",
+    "Translate into French:",
+    "How do you say this in German:",
+]
+_PROMPT_ENDS = [
+    "parses a CSV file and sums the second column.",
+    "x^3 + 2x over the interval from 0 to 4?",
+    "today, did you have a nice weekend?",
+    "the team agreed to postpone the release by two weeks and hire a tester.",
+    "where is the nearest train station and how much is a ticket?",
+    "returns undefined when the promise resolves late?",
+    "the council voted to expand the bike lanes despite objections from shops.",
+    "2x + 7 = 19 and check the answer.",
+]
+
+
+def bench_prompts(n: int, seed: int = 7) -> list[str]:
+    """``n`` short, varied prompts (templated; deterministic)."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(_PROMPT_STARTS)} {rng.choice(_PROMPT_ENDS)}" for _ in range(n)]
+
+
+_NAMES = ["Amira", "Bram", "Chen", "Dolores", "Emeka", "Freya", "Goran", "Hana", "Ivo", "Jun"]
+_TEAMS = ["payments", "search", "the data platform", "mobile", "support", "infrastructure"]
+_METRICS = [
+    "the weekly active users",
+    "the p99 checkout latency",
+    "the number of open incidents",
+    "the cloud bill",
+    "the conversion rate on the pricing page",
+    "the backlog of customer tickets",
+]
+_CHANGES = ["risen", "fallen", "stayed flat at", "jumped", "dropped"]
+_REASONS = [
+    "a slow database migration that still holds a lock during peak hours",
+    "the new onboarding flow that shipped at the start of the month",
+    "a marketing campaign in three new countries",
+    "an expired certificate that broke the partner integration for a day",
+    "a change in how refunds are counted since the audit",
+    "seasonal traffic ahead of the holidays",
+]
+_ACTIONS = [
+    "asked for a written plan before the next review",
+    "proposed moving two engineers from the mobile team for a sprint",
+    "suggested rolling the change back until the cause is understood",
+    "wants a dashboard that splits the figure by region",
+    "agreed to follow up with the vendor on Thursday",
+    "will draft a short note for the leadership meeting",
+]
+
+
+def bench_context(tokens: int, count: Callable[[str], int], seed: int = 11) -> str:
+    """Meeting notes of about ``tokens`` cl100k tokens, every sentence different."""
+    rng = random.Random(seed)
+    paragraphs: list[str] = []
+    text = ""
+    while count(text) < tokens:
+        sentences = []
+        for _ in range(rng.randint(3, 5)):
+            name, other = rng.sample(_NAMES, 2)
+            sentences.append(
+                f"{name} from {rng.choice(_TEAMS)} reported that {rng.choice(_METRICS)} had"
+                f" {rng.choice(_CHANGES)} {rng.randint(2, 60)} percent since"
+                f" {rng.choice(['Monday', 'last week', 'the March release', 'the offsite'])},"
+                f" most likely because of {rng.choice(_REASONS)}; {other}"
+                f" {rng.choice(_ACTIONS)}."
+            )
+        paragraphs.append(" ".join(sentences))
+        text = "\n\n".join(paragraphs)
+    while len(paragraphs) > 1 and count("\n\n".join(paragraphs[:-1])) >= tokens:
+        paragraphs.pop()
+    return "\n\n".join(paragraphs)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+class _CPU:
+    """CPU seconds this process used (all threads) over a ``with`` block.
+
+    On a shared machine wall-clock rates say how busy the neighbours were;
+    work per CPU-second says what the code costs (x cores = an idle machine's rate
+    when it scales over them).
+    """
+
+    def __enter__(self) -> _CPU:
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.process_time() - self.started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _header(title: str) -> None:
+    import torch
+
+    print(
+        f"\n== {title}  (torch threads: {torch.get_num_threads()}, load avg: "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+
+def classifier_scenario(args: argparse.Namespace) -> None:
+    from chatfleet.serving.routing import create_classifier
+
+    config = ClassifierConfig(max_batch_size=32)
+    classifier = create_classifier(config)
+    load_s, _ = _timed(classifier.load)
+    _header(f"classifier: embedding, all-MiniLM-L6-v2, {len(config.categories)} categories")
+    print(f"load: {load_s:.1f} s")
+
+    n = 64 if args.quick else 256
+    prompts = bench_prompts(n)
+    classifier.classify_batch(prompts[:32])  # warm-up
+
+    with _CPU() as cpu:
+        singles = [_timed(lambda p=p: classifier.classify(p))[0] for p in prompts]
+    single_rate = len(singles) / sum(singles)
+    p50, p99 = (_percentile(singles, q) * 1e3 for q in (0.5, 0.99))
+    print(
+        f"single   : {single_rate:7.1f} prompts/s {n / cpu.seconds:7.1f} per CPU-s"
+        f"   latency p50 {p50:6.1f} ms  p99 {p99:6.1f} ms   ({n} prompts)"
+    )
+    for size in (8, 32):
+        batches = [prompts[s : s + size] for s in range(0, n, size)]
+        rates, cpu_rates = [], []
+        for _ in range(args.repeats):
+            with _CPU() as cpu:
+                elapsed = sum(_timed(lambda b=b: classifier.classify_batch(b))[0] for b in batches)
+            rates.append(n / elapsed)
+            cpu_rates.append(n / cpu.seconds)
+        rate = statistics.median(rates)
+        print(
+            f"batch {size:<3}: {rate:7.1f} prompts/s {statistics.median(cpu_rates):7.1f} per CPU-s"
+            f"   {size / rate * 1e3:6.1f} ms a batch ({rate / single_rate:.1f}x single;"
+            " target >= 200/s)"
+        )
+
+
+def compressor_scenario(args: argparse.Namespace) -> None:
+    from chatfleet.serving.routing import Compressor
+
+    config = CompressorConfig(
+        method=args.compressor_method, model=args.compressor_model, min_tokens=0
+    )
+    compressor = Compressor(config)
+    load_s, _ = _timed(compressor.load)
+    _header(f"compressor: {config.method}, {compressor.model_path()}")
+    print(f"load: {load_s:.1f} s")
+
+    question = "Question: which metric got worse, and what did the team decide to do?"
+    sizes = (500,) if args.quick else (500, 2000)
+    ratios = (0.5,) if args.quick else (0.5, 0.3)
+    repeats = 1 if args.quick else args.repeats
+    print(
+        f"{'tokens':>7} {'asked':>6} {'context':>8} {'whole':>6} {'latency':>9}"
+        f" {'CPU':>9} {'tokens/s':>9}   (kept/original in cl100k tokens; median of {repeats})"
+    )
+    for size in sizes:
+        context = bench_context(size, compressor.count_tokens)
+        context_tokens = compressor.count_tokens(context)
+        for ratio in ratios:
+            latencies, cpu_seconds = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                with _CPU() as cpu:
+                    result = compressor.compress(context, question, ratio)
+                latencies.append(time.perf_counter() - started)
+                cpu_seconds.append(cpu.seconds)
+            assert result.text.endswith(question), "the question must survive verbatim"
+            kept_context = result.text.removesuffix(question).rstrip()
+            achieved = compressor.count_tokens(kept_context) / context_tokens
+            latency = statistics.median(latencies)
+            print(
+                f"{context_tokens:>7} {ratio:>6.2f} {achieved:>8.2f} {result.ratio:>6.2f}"
+                f" {latency:>8.2f}s {statistics.median(cpu_seconds):>8.2f}s"
+                f" {context_tokens / latency:>9.0f}"
+            )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "classifier": classifier_scenario,
+    "compressor": compressor_scenario,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, sizes and ratios")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument(
+        "--compressor-method", choices=["llmlingua", "llmlingua2"], default="llmlingua"
+    )
+    parser.add_argument(
+        "--compressor-model", default=None, help="hub id or folder (default: the method's)"
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    print(f"routing bench: {', '.join(names)}{' (quick)' if args.quick else ''}")
+    for name in names:
+        SCENARIOS[name](args)
+
+
+if __name__ == "__main__":
+    main()
