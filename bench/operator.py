@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests" / "operator"))
 
 import aiohttp  # noqa: E402
 import kmock  # noqa: E402
-from _emulator import StampingEmulator  # noqa: E402
+from kmock_emulator import StampingEmulator  # noqa: E402
 
 CD = "chatfleet.dev/v1alpha1/chatdeployments"
 RS = "ray.io/v1/rayservices"

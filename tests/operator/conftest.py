@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,14 +13,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _emulator import StampingEmulator
-
-ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).parent / "data"
-CD_RESOURCE = "chatfleet.dev/v1alpha1/chatdeployments"
-RS_RESOURCE = "ray.io/v1/rayservices"
-SM_RESOURCE = "monitoring.coreos.com/v1/servicemonitors"
-
+from kmock_emulator import StampingEmulator
+from operator_helpers import DATA, ROOT, declare_resources, write_kubeconfig
 
 _THIRD_PARTY_WARNINGS = [
     # kmock 0.8 loads its bundled resource list with a legacy importlib.resources call.
@@ -53,40 +46,6 @@ def rayservice_schema() -> dict[str, Any]:
     return json.loads((DATA / "kuberay" / "ray.io_rayservices.v1.schema.json").read_text())
 
 
-def load_sample(name: str) -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "manifests" / "samples" / name).read_text())
-
-
-# --- Kopf against kmock ----------------------------------------------------------------
-
-
-def declare_resources(emulator: StampingEmulator, *, service_monitors: bool = False) -> None:
-    import kmock
-
-    emulator.resources.load_bundled()
-    emulator.resources[CD_RESOURCE] = kmock.ResourceInfo(
-        kind="ChatDeployment",
-        singular="chatdeployment",
-        namespaced=True,
-        subresources={"status"},
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-    )
-    emulator.resources[RS_RESOURCE] = kmock.ResourceInfo(
-        kind="RayService",
-        singular="rayservice",
-        namespaced=True,
-        subresources={"status"},
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-    )
-    if service_monitors:
-        emulator.resources[SM_RESOURCE] = kmock.ResourceInfo(
-            kind="ServiceMonitor",
-            singular="servicemonitor",
-            namespaced=True,
-            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-        )
-
-
 @pytest.fixture
 async def emulator(request: pytest.FixtureRequest) -> AsyncIterator[StampingEmulator]:
     import kmock
@@ -95,21 +54,6 @@ async def emulator(request: pytest.FixtureRequest) -> AsyncIterator[StampingEmul
     async with StampingEmulator() as handler, kmock.Server(handler):
         declare_resources(handler, service_monitors=marker is not None)
         yield handler
-
-
-def write_kubeconfig(path: Path, url: str) -> None:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-                "users": [{"name": "test", "user": {"token": "test-token"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
-                "current-context": "kmock",
-            }
-        )
-    )
 
 
 @pytest.fixture
@@ -123,21 +67,6 @@ def kubeconfig(emulator: StampingEmulator, tmp_path: Path, monkeypatch: pytest.M
     # The kubernetes client read $KUBECONFIG once at import; Kopf logs in through it.
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
     return path
-
-
-async def eventually(check: Callable[[], Any], within: float = 10.0, step: float = 0.05) -> Any:
-    """Poll ``check`` on the event loop (kmock serves on it) until it returns truthy."""
-    deadline = asyncio.get_running_loop().time() + within
-    last_exc: Exception | None = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (KeyError, AssertionError) as exc:
-            last_exc = exc
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met in {within}s (last error: {last_exc!r})")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from operator_helpers import load_sample
 
 import chatfleet.operator
 from chatfleet.operator import (
@@ -24,7 +25,6 @@ from chatfleet.operator import (
 )
 from chatfleet.operator._builders import ollama_models_by_group
 from chatfleet.serving.config import AppConfig, load_config
-from conftest import load_sample
 
 K8S_VERSION = kubernetes_validate.latest_version()
 

@@ -10,8 +10,7 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-
-from conftest import DATA, ROOT
+from operator_helpers import DATA, ROOT
 
 CHART = ROOT / "charts" / "chatfleet"
 VALUES = sorted((DATA / "chart-values").glob("*.yaml"))

@@ -11,10 +11,10 @@ import cel
 import jsonschema
 import pytest
 import yaml
+from operator_helpers import ROOT, load_sample
 
 from chatfleet.operator import ChatDeploymentSpec, parse_spec, render_crd, render_crd_yaml
 from chatfleet.operator.cli import main as cli_main
-from conftest import ROOT, load_sample
 
 CRD_PATH = ROOT / "crds" / "chatfleet.dev_chatdeployments.yaml"
 SAMPLES = sorted(

@@ -15,9 +15,9 @@ import tomllib
 
 import kubernetes_validate
 import yaml
+from operator_helpers import ROOT, load_sample
 
 from chatfleet.operator import ClusterSpec
-from conftest import ROOT, load_sample
 
 K8S_VERSION = kubernetes_validate.latest_version()
 

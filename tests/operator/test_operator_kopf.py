@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from kopf.testing import KopfRunner
+from operator_helpers import CD_RESOURCE, RS_RESOURCE, SM_RESOURCE, eventually
 
 from chatfleet.operator import OperatorSettings, Reconciler, build_registry
-from conftest import CD_RESOURCE, RS_RESOURCE, SM_RESOURCE, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
