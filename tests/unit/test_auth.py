@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import stat
@@ -117,6 +118,21 @@ async def test_expired_forged_and_malformed_tokens() -> None:
     for bad in (forged.access_token, other_issuer.access_token, none_alg, "garbage", ""):
         with pytest.raises(AuthenticationError, match="invalid token"):
             await auth.validate(bad)
+
+
+async def test_revocation_through_another_replica_holds_within_the_cache_window() -> None:
+    shared = MemoryRevocationStore()
+    here = Authenticator(auth_config(), KEY, shared, revocation_cache_s=0.2)
+    there = Authenticator(auth_config(), KEY, shared, revocation_cache_s=0.2)
+    token = here.mint("app", ["chat"]).access_token
+    await here.validate(token)  # cached as valid here
+    await there.revoke(token)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await there.validate(token)  # at once where it was revoked
+    await here.validate(token)  # still cached here...
+    await asyncio.sleep(0.25)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await here.validate(token)  # ...but not for longer than the window
 
 
 def test_rate_limiter_token_bucket() -> None:

@@ -10,6 +10,7 @@ import os
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,6 +101,11 @@ class Authenticator:
 
     Secrets are compared as SHA-256 digests in constant time; an unknown client
     id costs the same comparison as a known one.
+
+    Revocation lookups are cached (a database round trip per request would cost
+    more than the request): a revocation made through this instance holds at
+    once; one made through another replica holds here within
+    ``revocation_cache_s``. Refresh rotation always asks the store.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class Authenticator:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        revocation_cache_s: float = 2.0,
     ) -> None:
         env = os.environ if environ is None else environ
         self.config = config
@@ -135,6 +142,7 @@ class Authenticator:
             RateLimiter(limit.requests_per_minute, limit.burst) if limit is not None else None
         )
         self._rotation = asyncio.Lock()
+        self._revocation_cache = _RevocationCache(revocation_cache_s)
 
     @classmethod
     def from_config(
@@ -206,6 +214,7 @@ class Authenticator:
             if await self.revocations.is_revoked(claims.jti):
                 raise AuthenticationError("token has been revoked")
             await self.revocations.revoke(claims.jti, _datetime(claims.expires_at))
+            self._revocation_cache.revoked(claims.jti, claims.expires_at)
         return self.mint(claims.client_id, claims.scopes)
 
     # ---- verifying -----------------------------------------------------------------
@@ -233,7 +242,7 @@ class Authenticator:
             raise AuthenticationError(
                 f"expected {'an' if token_type == 'access' else 'a'} {token_type} token"
             )
-        if await self.revocations.is_revoked(claims.jti):
+        if await self._is_revoked(claims):
             raise AuthenticationError("token has been revoked")
         return claims
 
@@ -241,7 +250,7 @@ class Authenticator:
         """Claims verified earlier (a long-lived WebSocket's) still hold: unexpired, unrevoked."""
         if claims.expires_at <= self._clock():
             raise AuthenticationError("token has expired")
-        if await self.revocations.is_revoked(claims.jti):
+        if await self._is_revoked(claims):
             raise AuthenticationError("token has been revoked")
 
     async def revoke(self, token: str, *, by: Claims | None = None) -> Claims:
@@ -251,13 +260,61 @@ class Authenticator:
             raise RequestError("the token was issued to another client", param="token")
         if claims.expires_at > self._clock():
             await self.revocations.revoke(claims.jti, _datetime(claims.expires_at))
+            self._revocation_cache.revoked(claims.jti, claims.expires_at)
         return claims
+
+    async def _is_revoked(self, claims: Claims) -> bool:
+        cached = self._revocation_cache.get(claims.jti)
+        if cached is not None:
+            return cached
+        revoked = await self.revocations.is_revoked(claims.jti)
+        if revoked:
+            self._revocation_cache.revoked(claims.jti, claims.expires_at)
+        else:
+            self._revocation_cache.valid(claims.jti)
+        return revoked
 
     def retry_after(self, client_id: str) -> float:
         """0 when ``client_id`` may make a request now, else seconds to wait."""
         if self.rate_limiter is None:
             return 0.0
         return self.rate_limiter.acquire(client_id)
+
+
+class _RevocationCache:
+    """Known-revoked ids (until they expire) and recently checked valid ids (briefly)."""
+
+    def __init__(self, valid_for_s: float, max_entries: int = 100_000) -> None:
+        self._valid_for_s = valid_for_s
+        self._max = max_entries
+        self._revoked: dict[str, float] = {}  # jti -> exp (epoch seconds)
+        self._valid: OrderedDict[str, float] = OrderedDict()  # jti -> checked (monotonic)
+
+    def get(self, jti: str) -> bool | None:
+        if jti in self._revoked:
+            return True
+        checked = self._valid.get(jti)
+        if checked is not None and time.monotonic() - checked < self._valid_for_s:
+            return False
+        return None
+
+    def valid(self, jti: str) -> None:
+        if self._valid_for_s <= 0:
+            return
+        self._valid[jti] = time.monotonic()
+        self._valid.move_to_end(jti)
+        while len(self._valid) > self._max:
+            self._valid.popitem(last=False)
+
+    def revoked(self, jti: str, expires_at: float) -> None:
+        self._valid.pop(jti, None)
+        if len(self._revoked) >= self._max:
+            now = time.time()
+            for old in [j for j, exp in self._revoked.items() if exp < now]:
+                del self._revoked[old]
+            if len(self._revoked) >= self._max:
+                return  # the store still answers for the rest
+        self._revoked[jti] = expires_at
 
 
 def _datetime(timestamp: int) -> datetime:
