@@ -79,6 +79,22 @@ def _rewrite(request: rendering.Request, **fields: Any) -> None:
         object.__setattr__(request, name, value)
 
 
+def _rbac_of(request: rendering.Request) -> tuple[str, str, str]:
+    assert request.resource is not None
+    method = str(request.method.value if hasattr(request.method, "value") else request.method)
+    if method == "GET":
+        if request.params.get("watch") == "true":
+            verb = "watch"
+        else:
+            verb = "get" if request.name else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+    resource = request.resource.plural or ""
+    if request.subresource:
+        resource += f"/{request.subresource}"
+    return verb, request.resource.group or "", resource
+
+
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -87,9 +103,15 @@ def _now() -> str:
 class StampingEmulator(kmock.KubernetesEmulator):
     """A `kmock.KubernetesEmulator` that behaves enough like an API server for Kopf."""
 
+    # (verb, API group, resource[/subresource]) of every resource request, as RBAC
+    # would check it: what the operator needs to be granted.
+    audit: set[tuple[str, str, str]] = attrs.field(factory=set)
+
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
+        if request.resource.plural:  # not discovery (/apis/group/version)
+            self.audit.add(_rbac_of(request))
         if request.action == enums.action.CREATE:
             _rewrite(request, data=self._stamp_new(request.data, request.namespace))
         elif request.action == enums.action.UPDATE and request.name is not None:

@@ -65,15 +65,12 @@ def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 # What the operator calls (see chatfleet.operator._kube / _operator and Kopf itself).
 MANAGED = (
     {("chatfleet.dev", "chatdeployments", v) for v in ("get", "list", "watch", "patch")}
-    | {("chatfleet.dev", "chatdeployments/status", v) for v in ("get", "patch")}
-    | {("ray.io", "rayservices", v) for v in ("get", "list", "watch", "create", "patch", "delete")}
-    | {("", "services", v) for v in ("get", "create", "patch", "delete")}
+    | {("chatfleet.dev", "chatdeployments/status", "patch")}
+    | {("ray.io", "rayservices", v) for v in ("list", "watch", "create", "patch", "delete")}
+    | {("", "services", v) for v in ("create", "patch", "delete")}
     | {("", "secrets", v) for v in ("get", "create", "delete")}
-    | {
-        ("monitoring.coreos.com", "servicemonitors", v)
-        for v in ("get", "create", "patch", "delete")
-    }
-    | {("", "events", "create"), ("events.k8s.io", "events", "create")}
+    | {("monitoring.coreos.com", "servicemonitors", v) for v in ("create", "patch", "delete")}
+    | {("", "events", "create")}
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 

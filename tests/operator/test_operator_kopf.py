@@ -438,3 +438,45 @@ async def test_cli_runs_the_operator_and_stops_on_sigterm(kubeconfig, api, objec
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 30)
     assert code == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.service_monitors
+async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects, emulator):
+    # A whole lifecycle, audited like RBAC would see it, against the chart's ClusterRole.
+    from test_operator_chart import by_kind, render, rules_of
+
+    async with operator(kubeconfig, drift_interval_s=0.5):
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(SM_RESOURCE, NS, "demo-chat"))
+        rs = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        await api.patch(RS_RESOURCE, "demo", {"status": {"serviceStatus": "Running"}}, sub="status")
+        await api.patch(CD_RESOURCE, "demo", {"spec": {"serving": {"models": []}}})  # invalid
+        await eventually(
+            lambda: (
+                (c := condition(objects(CD_RESOURCE, NS, "demo"), "InvalidSpec"))
+                and c["status"] == "True"
+            )
+        )
+        await asyncio.sleep(1.0)  # a few drift checks
+        await api.delete(CD_RESOURCE, "demo")
+        await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
+    assert rs
+    # Drop what this test itself did as "kubectl" and "KubeRay".
+    ours = {
+        ("create", "chatfleet.dev", "chatdeployments"),
+        ("delete", "chatfleet.dev", "chatdeployments"),
+        ("patch", "ray.io", "rayservices/status"),
+    }
+    used = emulator.audit - ours
+    (role,) = by_kind(render({}), "ClusterRole")
+    granted = rules_of(role)
+    missing = {(verb, group, res) for verb, group, res in used if (group, res, verb) not in granted}
+    assert not missing, f"the operator needs RBAC the chart does not grant: {missing}"
+    # ... and nothing it does not use, but "create" for server-side apply, which creates
+    # what is absent on a real API server (the emulator records that as a patch).
+    unused = {(g, r, v) for g, r, v in granted if (v, g, r) not in used}
+    assert unused <= {
+        ("ray.io", "rayservices", "create"),
+        ("", "services", "create"),
+        ("monitoring.coreos.com", "servicemonitors", "create"),
+    }

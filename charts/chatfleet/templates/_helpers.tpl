@@ -33,27 +33,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* Rules on the objects a ChatDeployment owns: exactly the verbs the operator uses. */}}
+{{/* Rules on the objects a ChatDeployment owns: exactly the verbs the operator uses
+(a test audits a whole lifecycle against them). "create" on the applied kinds is for
+server-side apply, which creates what does not exist. */}}
 {{- define "chatfleet.managedRules" -}}
 - apiGroups: [chatfleet.dev]
   resources: [chatdeployments]
   verbs: [get, list, watch, patch]
 - apiGroups: [chatfleet.dev]
   resources: [chatdeployments/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [ray.io]
   resources: [rayservices]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, create, patch, delete]
+  verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
-  verbs: [get, create, patch, delete]
-- apiGroups: ["", events.k8s.io]
+  verbs: [create, patch, delete]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- end -}}
