@@ -58,6 +58,9 @@ def test_cli_writes_the_crd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert out.read_text() == render_crd_yaml()
     assert cli_main(["crd", "--output", "-"]) == 0
     assert capsys.readouterr().out == render_crd_yaml()
+    assert cli_main(["crd", "--check", "--output", str(out)]) == 0
+    out.write_text("stale")
+    assert cli_main(["crd", "--check", "--output", str(out)]) == 1
 
 
 def test_names_columns_and_subresources(crd: dict[str, Any]) -> None:

@@ -21,14 +21,22 @@ def _crd(args: argparse.Namespace) -> int:
     from chatfleet.operator._crd import render_crd_yaml
 
     text = render_crd_yaml()
+    if args.check:
+        stale = [
+            str(p) for p in map(Path, args.output or DEFAULT_CRD_PATHS)
+            if not p.is_file() or p.read_text() != text
+        ]  # fmt: skip
+        for name in stale:
+            print(f"stale: {name} (run `chatfleet-operator crd`)", file=sys.stderr)
+        return 1 if stale else 0
     for output in args.output or [str(p) for p in DEFAULT_CRD_PATHS]:
         if output == "-":
             sys.stdout.write(text)
             continue
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}", file=sys.stderr)
+        target = Path(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target}", file=sys.stderr)
     return 0
 
 
@@ -64,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="file to write, or - for stdout; repeatable"
         f" (default: {' and '.join(map(str, DEFAULT_CRD_PATHS))})",
+    )
+    crd.add_argument(
+        "--check", action="store_true", help="only check the files are current (exit 1 if not)"
     )
     crd.set_defaults(func=_crd)
     run = sub.add_parser("run", help="run the operator")
