@@ -268,6 +268,10 @@ CLASSIFIER = {"backend": "embedding"}
         ({"serving": {"models": [FAKE], "default_model": "nope"}}, "default_model must name"),
         ({"serving": {"store": {"url": "postgresql://u:pw@db/x"}}}, "inline store.url"),
         (
+            {"serving": {"auth": {"clients": [{"client_id": "web"}]}}},
+            "exactly one of secret_env or secret_sha256",
+        ),
+        (
             {
                 "serving": {
                     "models": [FAKE],

@@ -142,6 +142,12 @@ _RULES: dict[str, list[dict[str, str]]] = {
             ".openai.api_key",
         ),
     ],
+    "ClientCredential": [
+        _rule(
+            "has(self.secret_env) != has(self.secret_sha256)",
+            "give exactly one of secret_env or secret_sha256",
+        ),
+    ],
     "GenerationDefaults": [
         _rule(
             "self.max_tokens <= self.max_tokens_limit",
