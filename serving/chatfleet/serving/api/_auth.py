@@ -119,8 +119,10 @@ class AuthMiddleware:
         if kind not in ("http", "websocket") or (kind == "http" and is_public(_route_path(scope))):
             await self.app(scope, receive, send)
             return
+        headers = Headers(scope=scope)
+        token: str | None = None
         try:
-            token = _bearer(Headers(scope=scope))
+            token = _bearer(headers)
             if token is None and kind == "websocket":
                 token = HTTPConnection(scope).query_params.get("token") or None
             if token is None:
@@ -128,7 +130,9 @@ class AuthMiddleware:
             claims = await self.auth.validate(token)
         except AuthenticationError as exc:
             self.metrics.errors.labels(exc.code).inc()
-            await self._deny(scope, receive, send, exc)
+            await self._deny(
+                scope, receive, send, exc, presented=token is not None or "authorization" in headers
+            )
             return
         wait = self.auth.retry_after(claims.client_id)
         if wait > 0:
@@ -139,16 +143,21 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
     async def _deny(
-        self, scope: Scope, receive: Receive, send: Send, exc: AuthenticationError
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exc: AuthenticationError,
+        *,
+        presented: bool,
     ) -> None:
         if scope["type"] == "websocket":
             await _refuse_websocket(receive, send, exc.message, exc.code, WS_POLICY_VIOLATION)
             return
-        missing = exc.message == "missing bearer token"
         response = JSONResponse(
             error_body(exc.message, type_=exc.error_type, code=exc.code),
             status_code=exc.status_code,
-            headers=_challenge(None if missing else exc),
+            headers=_challenge(exc if presented else None),
         )
         await response(scope, receive, send)
 
