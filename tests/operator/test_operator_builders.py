@@ -291,3 +291,14 @@ def test_serve_config_is_valid_for_ray_serve(make: Any) -> None:
     (app,) = config.applications
     assert app.route_prefix == "/"
     assert config.http_options.host == "0.0.0.0"
+
+
+def test_application_name_matches_the_serving_app() -> None:
+    # The operator reads the application's status by this name; it can't import
+    # chatfleet.serving.app (Ray), so compare the source.
+    from operator_helpers import ROOT
+
+    from chatfleet.operator._builders import APPLICATION_NAME
+
+    source = (ROOT / "serving" / "chatfleet" / "serving" / "app.py").read_text()
+    assert f'APP_NAME = "{APPLICATION_NAME}"' in source

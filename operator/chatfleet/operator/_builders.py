@@ -24,8 +24,7 @@ from chatfleet.operator._models import (
 from chatfleet.serving.config import AppConfig, ModelConfig
 
 IMPORT_PATH = "chatfleet.serving.app:build_app"
-APPLICATION_NAME = "chatfleet"
-SERVE_PORT = 8000
+APPLICATION_NAME = "chatfleet"  # = chatfleet.serving.app.APP_NAME (no Ray import here)
 RAY_METRICS_PORT = 8080
 OLLAMA_PORT = 11434
 JWT_SECRET_KEY = "signing-key"
