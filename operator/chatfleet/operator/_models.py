@@ -164,7 +164,14 @@ class SecretKeyRef(_Model):
 
 
 class OllamaSidecar(_Model):
-    """The Ollama server put beside the Ray worker of pods that host an Ollama model."""
+    """The Ollama server put beside Ray in the pods that may host an Ollama model.
+
+    A model with num_gpus > 0 runs on the GPU workers, one without on the head and
+    CPU workers; those pods get the sidecar, which pulls the models at start. Only
+    models whose base_url is localhost use it. On GPU pods the device plugin gives
+    the GPUs to the Ray container and the sidecar reaches them through the NVIDIA
+    runtime (NVIDIA_VISIBLE_DEVICES=all).
+    """
 
     image: str = Field(DEFAULT_OLLAMA_IMAGE, min_length=1, description="Ollama image.")
     resources: ComputeResources | None = Field(
