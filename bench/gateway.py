@@ -835,12 +835,26 @@ def scenario_paced(
         + ")"
     )
     lines.append("Targets:")
-    ok = capacity.get("chatfleet", 0) >= capacity.get("naive", 0)
-    lines.append(
-        f"  [{verdict(ok)}] chatfleet capacity >= naive capacity:"
-        f" {capacity.get('chatfleet', 0)} vs {capacity.get('naive', 0)}"
-        + ("  (0 = below the lowest level tried)" if 0 in capacity.values() else "")
-    )
+    low = min(args.s2_concurrency)
+
+    def shown(n: int) -> str:
+        return str(n) if n else f"<{low}"
+
+    target: dict[str, Any] = {}
+    for label, caps in (("spec: >= 99 %", capacity), ("looser: >= 95 %", capacity_95)):
+        if "chatfleet" not in caps or "naive" not in caps:
+            break
+        cf, nv = caps.get("chatfleet", 0), caps.get("naive", 0)
+        if not nv and not cf:
+            mark, met = "N/A   ", None  # neither server qualifies: no comparison
+        else:
+            met = cf >= nv
+            mark = verdict(met)
+        target[label] = {"chatfleet": cf, "naive": nv, "met": met}
+        lines.append(
+            f"  [{mark}] chatfleet capacity >= naive capacity ({label} delivered,"
+            f" gap p99 <= 100 ms): {shown(cf)} vs {shown(nv)}"
+        )
     text = "\n".join(lines)
     print(text, flush=True)
     results["paced"] = {
@@ -848,7 +862,7 @@ def scenario_paced(
         "cells": {f"{k[0]}@{k[1]}": v.summary() for k, v in cells.items()},
         "capacity": capacity,
         "capacity_95": capacity_95,
-        "targets": {"capacity_ge_naive": {"value": capacity, "met": ok}},
+        "targets": {"capacity_ge_naive": target},
     }
     return [text]
 
