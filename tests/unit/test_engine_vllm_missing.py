@@ -24,7 +24,7 @@ from chatfleet.serving.protocol import GenerationRequest, Message, Usage
 # namespace package "vllm" (no origin). Only a real vLLM makes this test moot.
 _spec = importlib.util.find_spec("vllm")
 if _spec is not None and _spec.origin is not None:
-    pytest.skip("vLLM is installed here (tests/vllm exercise it)", allow_module_level=True)
+    pytest.skip("vLLM is installed here (tests/vllm_cpu exercise it)", allow_module_level=True)
 
 
 def _model() -> ModelConfig:
@@ -82,7 +82,7 @@ def test_engine_args_carry_the_settings_and_pass_extras_through() -> None:
 
 # The engine's own logic (chat template, think split, token accounting, finish reasons,
 # error mapping, abort on disconnect) against a stand-in for vLLM's AsyncLLM API, so the
-# main environment checks it on every run; tests/vllm run the same paths on real vLLM.
+# main environment checks it on every run; tests/vllm_cpu run the same paths on real vLLM.
 
 
 class _OutputKind(enum.Enum):

