@@ -480,3 +480,22 @@ async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects
         ("", "services", "create"),
         ("monitoring.coreos.com", "servicemonitors", "create"),
     }
+
+
+async def test_delete_while_the_operator_is_down_completes_when_it_returns(
+    kubeconfig, api, objects
+):
+    async with operator(kubeconfig):
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        await eventually(lambda: objects("v1/secrets", NS, "demo-jwt"))
+    await api.delete(CD_RESOURCE, "demo")
+    # The finalizer holds the object (and so its children) until the operator is back.
+    held = objects(CD_RESOURCE, NS, "demo")
+    assert held["metadata"]["deletionTimestamp"]
+    assert held["metadata"]["finalizers"] == ["chatfleet.dev/finalizer"]
+    async with operator(kubeconfig):
+        await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
+    assert objects(RS_RESOURCE, NS, "demo") is None
+    assert objects("v1/secrets", NS, "demo-jwt") is None
+    assert objects("v1/services", NS, "demo-chat") is None
