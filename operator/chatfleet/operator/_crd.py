@@ -249,9 +249,8 @@ def _structural(node: Any, defs: dict[str, Any], def_name: str | None = None) ->
             types = sorted(o["type"] for o in options)
             scalar: dict[str, Any] = _structural(node, defs)
             scalar["x-kubernetes-preserve-unknown-fields"] = True
-            scalar["description"] = (
-                scalar.get("description", "") + f" (one of: {', '.join(types)})"
-            ).strip()
+            kinds = f"{', '.join(types[:-1])} or {types[-1]}"
+            scalar["description"] = (scalar.get("description", "") + f" A scalar: {kinds}.").strip()
             return scalar
         raise ValueError(f"cannot express anyOf {options!r} in a structural schema")
 
