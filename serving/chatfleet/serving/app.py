@@ -169,6 +169,7 @@ class ClassifierDeployment:
         descriptions: dict[str, str] | None = None,
         multi_label: bool = False,
     ) -> Classification:
+        self._classifier.validate([prompt], labels, descriptions)  # before it joins a batch
         job = _ClassifyJob(
             prompt,
             tuple(labels) if labels else None,
