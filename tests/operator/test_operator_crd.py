@@ -208,6 +208,7 @@ def test_there_are_cpu_and_gpu_samples() -> None:
 
 
 def test_empty_spec_defaults_to_the_embedded_model(crd: dict[str, Any]) -> None:
+    assert admit(crd, chatd({})) == []  # the defaults pass the schema and every CEL rule
     obj = apply_defaults(schema_of(crd), chatd({}))
     assert obj["spec"]["serving"]["models"][0]["name"] == "smollm2"
     assert obj["spec"]["cluster"]["head"]["resources"]["limits"]["memory"] == "4Gi"
