@@ -196,7 +196,11 @@ class StampingEmulator(kmock.KubernetesEmulator):
             desired = _merge(current, patch)
 
         # The status subresource: each endpoint changes only its own half.
-        if request.subresource == "status":
+        info = self.resources.get(request.resource) if request.resource in self.resources else None
+        has_status = info is None or "status" in (info.subresources or set())
+        if not has_status:
+            pass  # no status subresource: the main endpoint writes status too
+        elif request.subresource == "status":
             desired = {**current, "status": desired.get("status")}
             if desired["status"] is None:
                 del desired["status"]

@@ -36,7 +36,9 @@ def chat_deployment(name: str = "demo", **spec: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def operator(kubeconfig: Path, **overrides: Any) -> AsyncIterator[Reconciler]:
+async def operator(
+    kubeconfig: Path, peering: str | None = None, priority: int = 0, **overrides: Any
+) -> AsyncIterator[Reconciler]:
     """Kopf in a thread (KopfRunner); kmock serves on this test's event loop."""
     settings = OperatorSettings(
         kubeconfig=str(kubeconfig),
@@ -46,7 +48,8 @@ async def operator(kubeconfig: Path, **overrides: Any) -> AsyncIterator[Reconcil
     )
     reconciler = Reconciler(settings)
     registry = build_registry(settings, reconciler)
-    runner = KopfRunner(["run", "--standalone", "-A", "--verbose"], registry=registry, timeout=60)
+    mode = ["--peering", peering, "--priority", str(priority)] if peering else ["--standalone"]
+    runner = KopfRunner(["run", *mode, "-A", "--verbose"], registry=registry, timeout=60)
     runner.__enter__()
     try:
         yield reconciler
@@ -499,3 +502,37 @@ async def test_delete_while_the_operator_is_down_completes_when_it_returns(
     assert objects(RS_RESOURCE, NS, "demo") is None
     assert objects("v1/secrets", NS, "demo-jwt") is None
     assert objects("v1/services", NS, "demo-chat") is None
+
+
+async def test_two_replicas_peer_and_one_reconciles(kubeconfig, api, objects, emulator):
+    # The chart's HA mode: Kopf peering through a ClusterKopfPeering object.
+    import kmock
+
+    emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering",
+        singular="clusterkopfpeering",
+        namespaced=False,
+        verbs={"get", "list", "watch", "create", "patch"},
+    )
+    async with api.s.post(
+        "/apis/kopf.dev/v1/clusterkopfpeerings",
+        json={
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": "chatfleet"},
+        },
+    ) as r:
+        assert r.status < 300, await r.text()
+    # Replicas get distinct priorities (chatfleet-operator run picks a random one).
+    async with (
+        operator(kubeconfig, peering="chatfleet", priority=10) as low,
+        operator(kubeconfig, peering="chatfleet", priority=20) as high,
+    ):
+        await asyncio.sleep(2.0)  # the replicas see each other's peering records
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"), within=20)
+        await asyncio.sleep(1.0)
+        counts = [
+            rec.metrics.reconciles.labels("create", "applied")._value.get() for rec in (low, high)
+        ]
+    assert counts == [0, 1]  # the lower priority stood by

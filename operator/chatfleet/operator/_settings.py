@@ -21,6 +21,12 @@ class OperatorSettings(BaseSettings):
         None,
         description="Kopf peering name for more than one replica; empty runs standalone.",
     )
+    priority: int | None = Field(
+        None,
+        ge=0,
+        description="Peering priority: the highest-priority replica works, the others stand"
+        " by. Empty picks a random one per process (equal priorities would all pause).",
+    )
     metrics_host: str = Field("0.0.0.0", description="Address of the /metrics server.")
     metrics_port: int = Field(
         8080, ge=0, le=65535, description="Port of the /metrics server; 0 picks a free one."

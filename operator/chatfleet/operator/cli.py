@@ -9,6 +9,7 @@ Settings come from ``CHATFLEET_OPERATOR_*`` variables (`OperatorSettings`).
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from pathlib import Path
 
@@ -49,12 +50,19 @@ def _run(args: argparse.Namespace) -> int:
     settings = OperatorSettings()
     registry = build_registry(settings)
     kopf.configure(verbose=args.verbose)
+    priority = None
+    if settings.peering is not None:
+        # Kopf pauses every replica when peers share a priority: make them distinct.
+        priority = settings.priority
+        if priority is None:
+            priority = secrets.randbelow(2**31 - 1) + 1
     kopf.run(
         registry=registry,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         standalone=settings.peering is None,
         peering_name=settings.peering,
+        priority=priority,
         liveness_endpoint=args.liveness or None,
     )
     return 0
