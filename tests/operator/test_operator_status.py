@@ -124,3 +124,25 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("CHATFLEET_OPERATOR_DRIFT_INTERVAL_S", "0")
     with pytest.raises(ValueError, match="drift_interval_s"):
         OperatorSettings()
+
+
+def test_run_command_maps_settings_to_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kopf
+
+    from chatfleet.operator.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(kopf, "configure", lambda **kwargs: None)
+    monkeypatch.delenv("CHATFLEET_OPERATOR_PEERING", raising=False)
+    assert main(["run", "--liveness", ""]) == 0
+    monkeypatch.setenv("CHATFLEET_OPERATOR_PEERING", "chatfleet")
+    monkeypatch.setenv("CHATFLEET_OPERATOR_NAMESPACES", '["team-a"]')
+    assert main(["run"]) == 0
+    alone, peered = calls
+    assert alone["standalone"] is True and alone["clusterwide"] is True
+    assert alone["liveness_endpoint"] is None and alone["priority"] is None
+    assert peered["standalone"] is False and peered["peering_name"] == "chatfleet"
+    assert peered["namespaces"] == ["team-a"] and peered["clusterwide"] is False
+    assert peered["priority"] > 0  # random per replica: equal priorities pause all
+    assert peered["liveness_endpoint"] == "http://0.0.0.0:8081/healthz"
