@@ -131,9 +131,10 @@ def bench_context(tokens: int, count: Callable[[str], int], seed: int = 11) -> s
             )
         paragraphs.append(" ".join(sentences))
         text = "\n\n".join(paragraphs)
-    while len(paragraphs) > 1 and count("\n\n".join(paragraphs[:-1])) >= tokens:
-        paragraphs.pop()
-    return "\n\n".join(paragraphs)
+    shorter = "\n\n".join(paragraphs[:-1])
+    if shorter and tokens - count(shorter) < count(text) - tokens:
+        return shorter  # the closer of the two
+    return text
 
 
 # --- helpers ---------------------------------------------------------------------------

