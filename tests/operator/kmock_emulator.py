@@ -14,13 +14,15 @@ subclass adds, as a real API server would:
   server-side apply (``application/apply-patch+yaml``: creates when absent);
 - garbage collection of dependents through ``ownerReferences`` when an owner
   is finally removed;
-- no request history (kmock matches each request against all earlier ones).
+- no request history (kmock matches each request against all earlier ones);
+- the namespace collection (``/api/v1/namespaces``), which kmock's parser misreads.
 
 Used by the Kopf integration tests and by ``bench/operator.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import datetime
@@ -29,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
@@ -106,6 +109,33 @@ class StampingEmulator(kmock.KubernetesEmulator):
     # (verb, API group, resource[/subresource]) of every resource request, as RBAC
     # would check it: what the operator needs to be granted.
     audit: set[tuple[str, str, str]] = attrs.field(factory=set)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock's URL parser fails on the namespace collection itself (it reads
+        # "namespaces" as a namespace name); Kopf lists and watches it when it serves
+        # named namespaces. Serve it from the namespaces the stored objects live in.
+        if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        names = sorted({ns for (_r, ns, _n), obj in self.objects.items() if ns and not obj.deleted})
+        items = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "uid": n}}
+            for n in names
+        ]
+        if raw.query.get("watch") != "true":
+            return aiohttp.web.json_response(
+                {
+                    "kind": "NamespaceList",
+                    "metadata": {"resourceVersion": str(_last[0])},
+                    "items": items,
+                }
+            )
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw)
+        await asyncio.Event().wait()  # no namespace ever changes here; until disconnected
+        return response  # pragma: no cover
 
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is None:

@@ -37,7 +37,11 @@ def chat_deployment(name: str = "demo", **spec: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def operator(
-    kubeconfig: Path, peering: str | None = None, priority: int = 0, **overrides: Any
+    kubeconfig: Path,
+    peering: str | None = None,
+    priority: int = 0,
+    namespaces: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> AsyncIterator[Reconciler]:
     """Kopf in a thread (KopfRunner); kmock serves on this test's event loop."""
     settings = OperatorSettings(
@@ -49,7 +53,8 @@ async def operator(
     reconciler = Reconciler(settings)
     registry = build_registry(settings, reconciler)
     mode = ["--peering", peering, "--priority", str(priority)] if peering else ["--standalone"]
-    runner = KopfRunner(["run", *mode, "-A", "--verbose"], registry=registry, timeout=60)
+    scope = [arg for ns in namespaces for arg in ("-n", ns)] or ["-A"]
+    runner = KopfRunner(["run", *mode, *scope, "--verbose"], registry=registry, timeout=60)
     runner.__enter__()
     try:
         yield reconciler
@@ -536,3 +541,18 @@ async def test_two_replicas_peer_and_one_reconciles(kubeconfig, api, objects, em
             rec.metrics.reconciles.labels("create", "applied")._value.get() for rec in (low, high)
         ]
     assert counts == [0, 1]  # the lower priority stood by
+
+
+async def test_namespaced_operator_ignores_other_namespaces(kubeconfig, api, objects):
+    # The chart's watchNamespaces mode.
+    async with operator(kubeconfig, namespaces=(NS,)):
+        other = chat_deployment("elsewhere")
+        other["metadata"]["namespace"] = "team-b"
+        async with api.s.post(
+            "/apis/chatfleet.dev/v1alpha1/namespaces/team-b/chatdeployments", json=other
+        ) as r:
+            assert r.status < 300
+        await api.create(CD_RESOURCE, chat_deployment())
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        await asyncio.sleep(0.5)
+    assert objects(RS_RESOURCE, "team-b", "elsewhere") is None
