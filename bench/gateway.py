@@ -60,6 +60,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -592,7 +593,8 @@ def scenario_ttft(
                 cells.setdefault((run.server, conc), Cell()).runs.append(run)
                 print(
                     f"  .. {run.server:>16} c={conc:<3} {run.tokens_per_s:10,.0f} tok/s"
-                    f"  ttft p50 {pct(run.ttft_s, 50) * 1e3:7.2f} ms  errors {run.error_count}",
+                    f"  ttft p50 {pct(run.ttft_s, 50) * 1e3:7.2f} ms  errors {run.error_count}"
+                    + (f"  first: {run.errors[0][:120]}" if run.errors else ""),
                     flush=True,
                 )
                 time.sleep(args.pause)
@@ -737,7 +739,8 @@ def scenario_paced(
                 print(
                     f"  .. {run.server:>16} c={conc:<3} {run.tokens_per_s / (conc * rate):6.1%} of"
                     f" calibrated offer, gap p99 {pct(run.gaps_s, 99) * 1e3:7.1f} ms"
-                    f"  errors {run.error_count}",
+                    f"  errors {run.error_count}"
+                    + (f"  first: {run.errors[0][:120]}" if run.errors else ""),
                     flush=True,
                 )
                 time.sleep(args.pause)
@@ -913,12 +916,17 @@ def app_config(args: argparse.Namespace) -> str:
             max_ongoing_requests=args.engine_max_ongoing,
         )
 
+    extra: dict[str, Any] = {}
+    if "auth" in AppConfig.model_fields:
+        # The naive server has no auth either: compare the streaming path alone.
+        extra["auth"] = {"enabled": False}
     config = AppConfig(
         models=[model("fake0", 0), model("fake60", args.tps)],
         ingress={"num_replicas": args.ingress_replicas},
         coalesce=coalescing(args),
+        **extra,
     )
-    return config.model_dump_json()
+    return config.model_dump_json(exclude_unset=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -998,6 +1006,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # On SIGTERM, unwind through the `finally` that stops the servers (and Ray).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     started = time.time()
