@@ -246,8 +246,10 @@ async def test_token_refusals(
 async def test_protected_and_public_paths(client: httpx.AsyncClient) -> None:
     for path in ("/healthz", "/health", "/ready", "/metrics", "/openapi.json", "/docs"):
         assert (await client.get(path)).status_code == 200, path
-    # The dashboard's static files are public (404 here: no dashboard in this app).
-    assert (await client.get("/static/app.js")).status_code == 404
+    # The dashboard and its static files are public.
+    assert (await client.get("/")).status_code == 200
+    assert (await client.get("/static/app.js")).status_code == 200
+    assert (await client.get("/static/missing.js")).status_code == 404
     r = await client.get("/v1/models")
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "invalid_token"

@@ -204,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
         print(
             f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
             f"{access}\n"
+            f"  dashboard: {url}/{f'#token={token}' if token else ''}\n"
             f"  try: curl -N {url}/v1/chat/completions{bearer}"
             " -H 'Content-Type: application/json'"
             f' -d \'{{"model": "{config.default_model_name}", "stream": true,'

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes
 from chatfleet.serving.api._conversations import add_conversation_routes
+from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._gateway import (
     AUTO_MODEL,
     CONVERSATION_HEADER,
@@ -346,4 +347,5 @@ def create_app(
     sessions = add_session_routes(app, gw)
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)
+    add_dashboard_routes(app)
     return app
