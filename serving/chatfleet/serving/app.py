@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
+from opentelemetry.trace import SpanKind
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from chatfleet.serving import telemetry
 from chatfleet.serving.api import create_app
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import (
@@ -29,9 +31,10 @@ from chatfleet.serving.config import (
     CoalesceConfig,
     CompressorConfig,
     ModelConfig,
+    TelemetryConfig,
     load_config,
 )
-from chatfleet.serving.engines import coalesce, create_engine
+from chatfleet.serving.engines import coalesce, create_engine, traced_generation
 from chatfleet.serving.errors import ChatfleetError, EngineError
 from chatfleet.serving.protocol import (
     Chunk,
@@ -66,8 +69,17 @@ _GRACEFUL_SHUTDOWN_S = 10.0
 class EngineDeployment:
     """One model's engine. Streams batched chunks to the ingress."""
 
-    async def __init__(self, model: ModelConfig, coalescing: CoalesceConfig) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self,
+        model: ModelConfig,
+        coalescing: CoalesceConfig,
+        tracing: TelemetryConfig | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
+        provider = telemetry.configure_tracing(
+            tracing or TelemetryConfig(), component=f"engine-{model.name}"
+        )
+        self._tracer = telemetry.get_tracer(provider)
         self._engine = create_engine(model)
         self._coalescing = coalescing
         self._stats = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0}
@@ -78,7 +90,9 @@ class EngineDeployment:
         self._stats["active"] += 1
         outcome = "completed"
         batches = coalesce(
-            self._engine.stream(request),
+            traced_generation(
+                self._engine.stream(request), request, self._engine.model.engine, self._tracer
+            ),
             max_tokens=self._coalescing.max_tokens,
             max_delay=self._coalescing.max_delay_ms / 1000,
         )
@@ -127,10 +141,12 @@ class _ClassifyJob:
 class ClassifierDeployment:
     """The zero-shot classifier; concurrent requests are batched (``@serve.batch``)."""
 
-    def __init__(self, config: ClassifierConfig) -> None:
+    def __init__(self, config: ClassifierConfig, tracing: TelemetryConfig | None = None) -> None:
         from chatfleet.serving.routing.classifier import create_classifier
 
         logging.basicConfig(level=logging.INFO)
+        provider = telemetry.configure_tracing(tracing or TelemetryConfig(), component="classifier")
+        self._tracer = telemetry.get_tracer(provider)
         self._classifier = create_classifier(config)
         self._classifier.load()
         batched: Any = self._batched  # @serve.batch adds these setters
@@ -168,35 +184,52 @@ class ClassifierDeployment:
         labels: list[str] | None = None,
         descriptions: dict[str, str] | None = None,
         multi_label: bool = False,
+        trace_context: dict[str, str] | None = None,
     ) -> Classification:
-        self._classifier.validate([prompt], labels, descriptions)  # before it joins a batch
-        job = _ClassifyJob(
-            prompt,
-            tuple(labels) if labels else None,
-            tuple(sorted(descriptions.items())) if descriptions else None,
-            multi_label,
-        )
-        result = await self._batched(job)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        with self._tracer.start_as_current_span(
+            "classifier.classify",
+            context=telemetry.extract(trace_context),
+            kind=SpanKind.SERVER,
+        ):
+            self._classifier.validate([prompt], labels, descriptions)  # before it joins a batch
+            job = _ClassifyJob(
+                prompt,
+                tuple(labels) if labels else None,
+                tuple(sorted(descriptions.items())) if descriptions else None,
+                multi_label,
+            )
+            result = await self._batched(job)
+            if isinstance(result, Exception):
+                raise result
+            return result
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
 class CompressorDeployment:
     """LLMLingua prompt compression (CPU- or GPU-bound; one call at a time per thread)."""
 
-    def __init__(self, config: CompressorConfig) -> None:
+    def __init__(self, config: CompressorConfig, tracing: TelemetryConfig | None = None) -> None:
         from chatfleet.serving.routing.compressor import Compressor
 
         logging.basicConfig(level=logging.INFO)
+        provider = telemetry.configure_tracing(tracing or TelemetryConfig(), component="compressor")
+        self._tracer = telemetry.get_tracer(provider)
         self._compressor = Compressor(config)
         self._compressor.load()
 
     async def compress(
-        self, context: str, question: str = "", ratio: float | None = None
+        self,
+        context: str,
+        question: str = "",
+        ratio: float | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Compression:
-        return await asyncio.to_thread(self._compressor.compress, context, question, ratio)
+        with self._tracer.start_as_current_span(
+            "compressor.compress",
+            context=telemetry.extract(trace_context),
+            kind=SpanKind.SERVER,
+        ):
+            return await asyncio.to_thread(self._compressor.compress, context, question, ratio)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
@@ -210,20 +243,35 @@ class RouterDeployment:
         compressor: Handle | None = None,
     ) -> None:
         async def classify(prompt: str) -> Classification:
-            result: Classification = await classifier.classify.remote(prompt)
+            result: Classification = await classifier.classify.remote(
+                prompt, trace_context=telemetry.inject()
+            )
             return result
 
         async def compress(context: str, question: str) -> Compression:
             assert compressor is not None
-            result: Compression = await compressor.compress.remote(context, question)
+            result: Compression = await compressor.compress.remote(
+                context, question, trace_context=telemetry.inject()
+            )
             return result
 
-        self._router = Router(config, classify, compress if compressor is not None else None)
+        provider = telemetry.configure_tracing(config.telemetry, component="router")
+        self._router = Router(
+            config,
+            classify,
+            compress if compressor is not None else None,
+            tracer_provider=provider,
+        )
 
     async def decide(
-        self, messages: list[Message], previous: PreviousRoute | None, compress: bool
+        self,
+        messages: list[Message],
+        previous: PreviousRoute | None,
+        compress: bool,
+        trace_context: dict[str, str] | None = None,
     ) -> RoutingDecision:
-        return await _unwrapped(self._router.decide(messages, previous, compress))
+        with telemetry.continued(trace_context):
+            return await _unwrapped(self._router.decide(messages, previous, compress))
 
     async def rankings(self) -> dict[str, Any]:
         return self._router.rankings()
@@ -254,7 +302,11 @@ class HandleRouterClient:
         self, messages: list[Message], previous: PreviousRoute | None, compress: bool
     ) -> RoutingDecision:
         assert self._router is not None
-        return await _unwrapped(self._router.decide.remote(messages, previous, compress))
+        return await _unwrapped(
+            self._router.decide.remote(
+                messages, previous, compress, trace_context=telemetry.inject()
+            )
+        )
 
     async def rankings(self) -> dict[str, Any]:
         assert self._router is not None
@@ -269,12 +321,18 @@ class HandleRouterClient:
     ) -> Classification:
         assert self._classifier is not None
         return await _unwrapped(
-            self._classifier.classify.remote(prompt, labels, descriptions, multi_label)
+            self._classifier.classify.remote(
+                prompt, labels, descriptions, multi_label, trace_context=telemetry.inject()
+            )
         )
 
     async def compress(self, context: str, question: str, ratio: float | None) -> Compression:
         assert self._compressor is not None
-        return await _unwrapped(self._compressor.compress.remote(context, question, ratio))
+        return await _unwrapped(
+            self._compressor.compress.remote(
+                context, question, ratio, trace_context=telemetry.inject()
+            )
+        )
 
 
 class HandleEngineClient:
@@ -339,6 +397,7 @@ class Ingress:
             compressor=routing if compressor is not None else None,
             store=store,
             auth=auth,
+            tracer_provider=telemetry.configure_tracing(config.telemetry, component="ingress"),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -350,7 +409,9 @@ def _deployment(decorated: object) -> Any:
     return decorated
 
 
-def _engine_deployment(model: ModelConfig, coalescing: CoalesceConfig) -> Any:
+def _engine_deployment(
+    model: ModelConfig, coalescing: CoalesceConfig, tracing: TelemetryConfig
+) -> Any:
     return (
         _deployment(EngineDeployment)
         .options(
@@ -359,7 +420,7 @@ def _engine_deployment(model: ModelConfig, coalescing: CoalesceConfig) -> Any:
             max_ongoing_requests=model.max_ongoing_requests,
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         )
-        .bind(model, coalescing)
+        .bind(model, coalescing, tracing)
     )
 
 
@@ -375,7 +436,9 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
         config = load_config(Path(str(args["config_file"])))
     else:
         config = load_config(overrides=dict(args or {}))
-    engines = {m.name: _engine_deployment(m, config.coalesce) for m in config.models}
+    engines = {
+        m.name: _engine_deployment(m, config.coalesce, config.telemetry) for m in config.models
+    }
     classifier = compressor = router = None
     if config.classifier is not None:
         c = config.classifier
@@ -386,7 +449,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
                 num_replicas=c.num_replicas,
                 ray_actor_options={"num_cpus": c.num_cpus, "num_gpus": c.num_gpus},
             )
-            .bind(c)
+            .bind(c, config.telemetry)
         )
     if config.compressor is not None:
         z = config.compressor
@@ -397,7 +460,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
                 num_replicas=z.num_replicas,
                 ray_actor_options={"num_cpus": z.num_cpus, "num_gpus": z.num_gpus},
             )
-            .bind(z)
+            .bind(z, config.telemetry)
         )
     if config.routing is not None:
         router = (

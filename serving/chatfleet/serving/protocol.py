@@ -46,6 +46,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: The W3C trace context (``traceparent``...) the engine's span is parented on.
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatfleet.serving import telemetry
 from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
@@ -41,6 +42,7 @@ from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import ChatCompletionRequest, GenerateRequest, error_body
 from chatfleet.serving.api._sessions import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
+from chatfleet.serving.api._tracing import TracingMiddleware
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
@@ -129,10 +131,13 @@ def create_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     store: Store | None = None,
     auth: Authenticator | None = None,
+    tracer_provider: telemetry.TracerProvider | None = None,
 ) -> FastAPI:
     """Build the ingress ASGI app. ``on_startup`` runs once before serving.
 
     ``auth`` is required when ``config.auth.enabled`` (the default) and ignored otherwise.
+    ``tracer_provider`` (from `telemetry.configure_tracing`) records a span per request;
+    None: OpenTelemetry's global provider (a no-op unless one is installed).
     """
     if config.auth.enabled and auth is None:
         raise ValueError(
@@ -230,7 +235,10 @@ def create_app(
             allow_origins=config.server.cors_allow_origins,
             allow_methods=["*"],
             allow_headers=["*"],
+            expose_headers=[telemetry.TRACE_HEADER],
         )
+    # Outermost: rejected requests (413, 401, CORS) get a span and a trace id too.
+    app.add_middleware(TracingMiddleware, tracer=telemetry.get_tracer(tracer_provider))
 
     # ---- health ---------------------------------------------------------------
 

@@ -9,12 +9,13 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Protocol
 
+from chatfleet.serving import telemetry
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._streaming import sse
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
-from chatfleet.serving.engines import Engine, coalesce
+from chatfleet.serving.engines import Engine, coalesce, traced_generation
 from chatfleet.serving.errors import (
     ChatfleetError,
     EngineError,
@@ -92,10 +93,17 @@ class LocalRouterClient:
 class LocalEngineClient:
     """An engine in this process, with the same token batching as over Ray."""
 
-    def __init__(self, engine: Engine, coalescing: CoalesceConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        coalescing: CoalesceConfig | None = None,
+        *,
+        tracer_provider: telemetry.TracerProvider | None = None,
+    ) -> None:
         self.engine = engine
         self.coalescing = coalescing or CoalesceConfig()
         self.started = False
+        self._tracer = telemetry.get_tracer(tracer_provider)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -103,7 +111,9 @@ class LocalEngineClient:
 
     def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
         return coalesce(
-            self.engine.stream(request),
+            traced_generation(
+                self.engine.stream(request), request, self.engine.model.engine, self._tracer
+            ),
             max_tokens=self.coalescing.max_tokens,
             max_delay=self.coalescing.max_delay_ms / 1000,
         )
@@ -169,6 +179,8 @@ class Gateway:
         started = time.perf_counter()
         decision = await self.router.decide(messages, previous, True)
         self.metrics.routing_duration.observe(time.perf_counter() - started)
+        if decision.trace_id is None:
+            decision.trace_id = telemetry.trace_id()
         return decision
 
     async def open_routed(
@@ -249,6 +261,9 @@ class Gateway:
         model = request.model
         m = self.metrics
         started = accepted_at if accepted_at is not None else time.perf_counter()
+        if not request.trace_context:
+            # The engine's span joins this request's trace, in whichever process it runs.
+            request.trace_context = telemetry.inject()
         source = self.engines[model].batches(request)
         m.active_streams.labels(model).inc()
         try:

@@ -12,6 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from opentelemetry.trace import SpanKind
+
+from chatfleet.serving import telemetry
 from chatfleet.serving.config import AppConfig, RoutingConfig
 from chatfleet.serving.protocol import Classification, Compression, Message
 
@@ -45,6 +48,7 @@ class RoutingDecision:
     compression: Compression | None = None
     messages: list[Message] = field(default_factory=list)
     failed_models: list[str] = field(default_factory=list)
+    trace_id: str | None = None
 
     def explain(self) -> dict[str, Any]:
         """The decision as clients see it (header, first event, metadata)."""
@@ -58,6 +62,8 @@ class RoutingDecision:
         }
         if self.failed_models:
             out["failed_models"] = self.failed_models
+        if self.trace_id is not None:
+            out["trace_id"] = self.trace_id
         if self.compression is not None:
             c = self.compression
             out["compression"] = {
@@ -117,6 +123,8 @@ class Router:
         config: AppConfig,
         classify: ClassifyFn,
         compress: CompressFn | None = None,
+        *,
+        tracer_provider: telemetry.TracerProvider | None = None,
     ) -> None:
         if config.routing is None:
             raise ValueError("the app config has no routing section")
@@ -126,6 +134,7 @@ class Router:
         self._compress = compress
         self._routes = {r.category: r for r in self.routing.routes}
         self.default_model = self.routing.default_model or config.default_model_name
+        self._tracer = telemetry.get_tracer(tracer_provider)
 
     def rankings(self) -> dict[str, Any]:
         """For each category, the models in the order they would be tried."""
@@ -148,13 +157,25 @@ class Router:
         previous: PreviousRoute | None = None,
         compress: bool = True,
     ) -> RoutingDecision:
-        prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        classification = await self._classify(prompt)
-        decision = self._choose(classification, previous)
-        decision.messages = list(messages)
-        if compress and self.routing.compress and self._compress is not None:
-            decision.messages, decision.compression = await self._compressed(messages)
-        return decision
+        with self._tracer.start_as_current_span("router.decide") as span:
+            prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
+            with self._tracer.start_as_current_span(
+                "classifier.classify", kind=SpanKind.CLIENT
+            ) as classify_span:
+                classification = await self._classify(prompt)
+                category, confidence = classification.top
+                classify_span.set_attribute("chatfleet.category", category)
+                classify_span.set_attribute("chatfleet.confidence", confidence)
+            decision = self._choose(classification, previous)
+            decision.messages = list(messages)
+            if compress and self.routing.compress and self._compress is not None:
+                decision.messages, decision.compression = await self._compressed(messages)
+            decision.trace_id = telemetry.trace_id(span)
+            span.set_attribute("chatfleet.route.model", decision.model)
+            span.set_attribute("chatfleet.route.reason", decision.reason)
+            if decision.category is not None:
+                span.set_attribute("chatfleet.route.category", decision.category)
+            return decision
 
     def _choose(
         self, classification: Classification, previous: PreviousRoute | None
@@ -223,7 +244,17 @@ class Router:
                 context, question = message.content, ""
             if not context.strip():
                 continue
-            result = await self._compress(context, question)
+            with self._tracer.start_as_current_span(
+                "compressor.compress", kind=SpanKind.CLIENT
+            ) as compress_span:
+                result = await self._compress(context, question)
+                compress_span.set_attribute(
+                    "chatfleet.compression.original_tokens", result.original_tokens
+                )
+                compress_span.set_attribute(
+                    "chatfleet.compression.compressed_tokens", result.compressed_tokens
+                )
+                compress_span.set_attribute("chatfleet.compression.skipped", result.skipped)
             total_in += result.original_tokens
             total_out += result.compressed_tokens
             if not result.skipped:
