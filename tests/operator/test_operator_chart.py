@@ -257,3 +257,24 @@ def test_dashboards_query_metrics_that_exist() -> None:
                 for metric in re.findall(r"chatfleet_[a-z_]+", target["expr"]):
                     base = re.sub(r"_(bucket|sum|count)$", "", metric)
                     assert base in defined, f"{path.name}: {metric}"
+
+
+def test_readme_lists_every_documented_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = stripped.partition(":")[0]
+        path = ".".join([k for _, k in stack] + [key])
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and "# --" not in lines[j]:
+            j -= 1
+        if j >= 0 and lines[j].strip().startswith("# --"):
+            assert f"| `{path}` |" in readme, f"{path} missing from the chart README"
+        stack.append((indent, key))
