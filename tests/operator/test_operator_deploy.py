@@ -127,3 +127,16 @@ def test_gpu_image_requirements_leave_out_what_vllm_brings() -> None:
     names = {re.split(r"[<>=\[;]", line)[0].lower() for line in out}
     assert "torch" not in names and "transformers" not in names
     assert {"ray", "fastapi", "pydantic", "llmlingua"} <= names
+
+
+def test_build_contexts_send_what_the_dockerfiles_copy() -> None:
+    for name in ("operator", "serving"):
+        ignore = (ROOT / name / "Dockerfile.dockerignore").read_text().splitlines()
+        allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+        assert "*" in ignore  # an allowlist: .venv and the rest stay out
+        for line in dockerfile(f"{name}/Dockerfile").splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                *sources, _dest = line.split()[1:]
+                for src in (s for s in sources if not s.startswith("--")):
+                    src = src.rstrip("/")
+                    assert any(a == src or a.startswith(src + "/") for a in allowed), src
