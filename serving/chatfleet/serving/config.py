@@ -495,6 +495,7 @@ class ClientCredential(_Model):
 class RateLimitConfig(_Model):
     """Per-client token bucket."""
 
+    enabled: bool = Field(True, description="Limit each client's request rate.")
     requests_per_minute: float = Field(
         600, gt=0, le=1_000_000, description="Sustained requests per minute per client."
     )
@@ -520,8 +521,8 @@ class AuthConfig(_Model):
     clients: list[ClientCredential] = Field(
         default_factory=list, max_length=1000, description="Clients that may obtain tokens."
     )
-    rate_limit: RateLimitConfig | None = Field(
-        default_factory=RateLimitConfig, description="Per-client rate limit; empty: none."
+    rate_limit: RateLimitConfig = Field(
+        default_factory=RateLimitConfig, description="Per-client rate limit."
     )
 
 

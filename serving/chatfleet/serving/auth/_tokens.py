@@ -139,7 +139,7 @@ class Authenticator:
         self._decoy = secrets.token_bytes(32)
         limit = config.rate_limit
         self.rate_limiter = (
-            RateLimiter(limit.requests_per_minute, limit.burst) if limit is not None else None
+            RateLimiter(limit.requests_per_minute, limit.burst) if limit.enabled else None
         )
         self._rotation = asyncio.Lock()
         self._revocation_cache = _RevocationCache(revocation_cache_s)
