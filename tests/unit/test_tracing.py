@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 from tests.fakes.otlp_receiver import OtlpReceiver
+from websockets.asyncio.client import connect
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api import LocalEngineClient, LocalRouterClient, create_app
@@ -347,3 +351,42 @@ def test_the_carrier_round_trips_the_current_span(provider: TracerProvider) -> N
     with telemetry.continued(carrier), tracer.start_as_current_span("inner") as inner:
         assert telemetry.trace_id(inner) == telemetry.trace_id(outer)
     assert telemetry.trace_id() is None
+
+
+async def test_each_websocket_chat_message_is_its_own_trace(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    config = AppConfig(models=[fake("fake")], auth={"enabled": False})
+    clients = {"fake": LocalEngineClient(FakeEngine(config.models[0]), tracer_provider=provider)}
+    app = create_app(config, clients, tracer_provider=provider)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        async with connect(f"ws://127.0.0.1:{sock.getsockname()[1]}/ws/chat") as ws:
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+            for _ in range(2):
+                await ws.send(json.dumps({"type": "chat", "content": "Hi", "model": "fake"}))
+                while (frame := json.loads(await asyncio.wait_for(ws.recv(), 10)))[
+                    "type"
+                ] == "token":
+                    pass
+                assert frame["type"] == "complete", frame
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.name == "WS /ws/chat chat"]
+    engines = [s for s in spans if s.name == "chat fake"]
+    assert len(roots) == len(engines) == 2
+    assert len({trace_of(s) for s in roots}) == 2
+    for root, engine in zip(roots, engines, strict=True):
+        assert root.parent is None
+        assert root.status.status_code is StatusCode.UNSET
+        assert parent_of(engine) == span_id(root)

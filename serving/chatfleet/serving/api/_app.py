@@ -153,6 +153,7 @@ def create_app(
         compressor=compressor,
         store=store,
         auth=auth if config.auth.enabled else None,
+        tracer_provider=tracer_provider,
     )
 
     @asynccontextmanager
@@ -238,7 +239,7 @@ def create_app(
             expose_headers=[telemetry.TRACE_HEADER],
         )
     # Outermost: rejected requests (413, 401, CORS) get a span and a trace id too.
-    app.add_middleware(TracingMiddleware, tracer=telemetry.get_tracer(tracer_provider))
+    app.add_middleware(TracingMiddleware, tracer=gw.tracer)
 
     # ---- health ---------------------------------------------------------------
 

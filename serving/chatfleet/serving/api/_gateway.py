@@ -142,6 +142,7 @@ class Gateway:
         compressor: CompressorClient | None = None,
         store: Store | None = None,
         auth: Authenticator | None = None,
+        tracer_provider: telemetry.TracerProvider | None = None,
     ) -> None:
         missing = [m.name for m in config.models if m.name not in engines]
         if missing:
@@ -158,6 +159,7 @@ class Gateway:
         # until conversations are stored (then the store holds it).
         self.routes: OrderedDict[str, PreviousRoute] = OrderedDict()
         self.created = int(time.time())
+        self.tracer = telemetry.get_tracer(tracer_provider)
 
     def remember_route(self, conversation_id: str | None, decision: RoutingDecision) -> None:
         if not conversation_id:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, WebSocket
+from opentelemetry.trace import SpanKind
 from pydantic import ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -281,7 +282,17 @@ class _ChatConnection:
         )
 
     async def generate(self, frame: ChatFrame) -> None:
-        with contextlib.suppress(_PeerGone):  # nobody to tell; the reader ends the connection
+        # One trace per chat message (the connection itself has no span: it lives for hours).
+        with (
+            self.gw.tracer.start_as_current_span(
+                "WS /ws/chat chat",
+                kind=SpanKind.SERVER,
+                attributes={"http.route": "/ws/chat"},
+                record_exception=False,
+                set_status_on_exception=False,
+            ),
+            contextlib.suppress(_PeerGone),  # nobody to tell; the reader ends the connection
+        ):
             await self.reply(frame)
 
     async def reply(self, frame: ChatFrame) -> None:
