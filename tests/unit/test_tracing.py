@@ -287,6 +287,11 @@ async def test_every_response_carries_the_trace_id(
 
 async def test_without_an_endpoint_nothing_is_traced() -> None:
     assert telemetry.configure_tracing(TelemetryConfig()) is None
+    # No exporter: the engine's stream is handed through as it is, no wrapper.
+    request = GenerationRequest(model="fake", messages=[Message("user", "x")])
+    source = FakeEngine(fake("fake")).stream(request)
+    assert traced_generation(source, request, "fake", telemetry.get_tracer(None)) is source
+    await source.aclose()  # type: ignore[attr-defined]
     config = AppConfig(models=[fake("fake")], auth={"enabled": False})
     async with await started_app(config, None) as http:
         r = await http.post(

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from opentelemetry.trace import SpanKind, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.protocol import Chunk, GenerationRequest
 
 
-async def traced_generation(
+def traced_generation(
     source: AsyncIterator[Chunk], request: GenerationRequest, system: str, tracer: Tracer
 ) -> AsyncIterator[Chunk]:
-    """Yield ``source``'s chunks inside a ``chat {model}`` span parented on the request."""
+    """``source``'s chunks inside a ``chat {model}`` span parented on the request.
+
+    With a no-op tracer (no exporter), ``source`` itself: no extra generator layer.
+    """
     span = tracer.start_span(
         f"chat {request.model}",
         context=telemetry.extract(request.trace_context),
@@ -35,13 +38,12 @@ async def traced_generation(
         },
     )
     if not span.is_recording():
-        # Tracing is off: hand the stream through untouched.
-        try:
-            async for chunk in source:
-                yield chunk
-        finally:
-            await _aclose(source)
-        return
+        span.end()
+        return source
+    return _traced(source, span)
+
+
+async def _traced(source: AsyncIterator[Chunk], span: Span) -> AsyncIterator[Chunk]:
     output_tokens = 0
     finish: str | None = None
     try:
