@@ -44,6 +44,7 @@ from chatfleet.operator._status import (
     invalid_spec_conditions,
     stamp_transitions,
 )
+from chatfleet.serving import telemetry
 
 FINALIZER = f"{GROUP}/finalizer"
 
@@ -85,9 +86,15 @@ class Reconciler:
         settings: OperatorSettings,
         metrics: OperatorMetrics | None = None,
         kube_factory: Callable[[], Kube] | None = None,
+        tracer_provider: telemetry.TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or OperatorMetrics()
+        if tracer_provider is None:
+            tracer_provider = telemetry.configure_tracing(
+                settings.telemetry(), component="operator"
+            )
+        self.tracer = telemetry.get_tracer(tracer_provider)
         self._kube_factory = kube_factory or (
             lambda: Kube(load_api_client(settings.kubeconfig), settings.api_timeout_s)
         )
@@ -349,14 +356,22 @@ def build_registry(
         def handler(
             body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, logger: Any, **_: Any
         ) -> None:
-            rec.reconcile(
-                body=body,
-                name=name,
-                namespace=namespace,
-                patch=patch,
-                logger=logger,
-                trigger=trigger,
-            )
+            with rec.tracer.start_as_current_span(
+                "reconcile ChatDeployment",
+                attributes={
+                    "k8s.namespace.name": namespace,
+                    "chatfleet.chatdeployment.name": name,
+                    "chatfleet.reconcile.trigger": trigger,
+                },
+            ):
+                rec.reconcile(
+                    body=body,
+                    name=name,
+                    namespace=namespace,
+                    patch=patch,
+                    logger=logger,
+                    trigger=trigger,
+                )
 
         handler.__name__ = f"reconcile_on_{trigger}"
         return handler

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatfleet.serving.config import TelemetryConfig
 
 ENV_PREFIX = "CHATFLEET_OPERATOR_"
 
@@ -43,3 +47,19 @@ class OperatorSettings(BaseSettings):
     )
     api_timeout_s: float = Field(30.0, gt=0, description="Timeout of one API request.")
     post_events: bool = Field(True, description="Post Kubernetes Events for the objects.")
+    otlp_endpoint: str = Field(
+        "", description="OTLP collector URL for reconcile traces; empty: no tracing."
+    )
+    otlp_protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf", description="OTLP transport to the collector."
+    )
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="Fraction of reconciles traced.")
+
+    def telemetry(self) -> TelemetryConfig:
+        """The tracing settings, in the serving app's terms."""
+        return TelemetryConfig(
+            service_name="chatfleet-operator",
+            otlp_endpoint=self.otlp_endpoint,
+            otlp_protocol=self.otlp_protocol,
+            sample_ratio=self.trace_sample_ratio,
+        )
