@@ -395,3 +395,17 @@ async def test_each_websocket_chat_message_is_its_own_trace(
         assert root.parent is None
         assert root.status.status_code is StatusCode.UNSET
         assert parent_of(engine) == span_id(root)
+
+
+def test_the_public_surface() -> None:
+    assert sorted(telemetry.__all__) == [
+        "TRACE_HEADER",
+        "TracerProvider",
+        "configure_tracing",
+        "continued",
+        "extract",
+        "get_tracer",
+        "inject",
+        "record_error",
+        "trace_id",
+    ]
