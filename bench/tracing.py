@@ -14,7 +14,16 @@ request (client included), less noisy than wall time on a shared machine. Modes
 alternate every round. Prints figures and ratios only; it never asserts.
 """
 
+# ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
 from __future__ import annotations
+
+import os
+import sys
+
+# bench/operator.py would shadow the stdlib module: keep this directory off
+# sys.path (as bench/gateway.py does).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import asyncio
