@@ -113,7 +113,7 @@ def run_server(spec: dict[str, Any]) -> int:
     config = AppConfig(
         models=[model],
         # Every bench client shares one client id: no per-client rate limit here.
-        auth={"clients": [], "rate_limit": None, "access_token_ttl_s": 3600},
+        auth={"clients": [], "rate_limit": {"enabled": False}, "access_token_ttl_s": 3600},
         websocket={
             "ping_interval_s": spec["ping_interval_s"],
             "pong_timeout_s": spec["pong_timeout_s"],
