@@ -32,7 +32,7 @@ def url(ray_serve: Any) -> str:
             ModelConfig(
                 name="broken", engine="fake", fake={"reply_tokens": 50, "fail_after_tokens": 20}
             ),
-        ]
+        ],
     )
     return ray_serve.deploy(config, APP)
 
