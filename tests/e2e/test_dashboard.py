@@ -255,6 +255,14 @@ async def test_sessions_from_elsewhere_are_listed_live(page: Page, server: Serve
     await expect(item).to_have_attribute("data-status", "cancelled")
     stored = (await server.http.get(f"/api/sessions/{other.json()['id']}")).json()
     assert stored["status"] == "cancelled"
+    await screenshot(page, "dashboard-cancelled.png")
+    # The one that was running before the page opened finishes in the list too.
+    earlier = page.locator(f"#sessions [data-session-id='{before.json()['id']}']")
+    await expect(earlier).to_have_attribute("data-status", "completed", timeout=TIMEOUT_MS)
+    await earlier.click()
+    stored = (await server.http.get(f"/api/sessions/{before.json()['id']}")).json()
+    await expect(page.locator("#response")).to_have_text(stored["response"])
+    await expect(page.locator("#thinking")).to_have_text(stored["thinking"])
 
 
 async def test_bad_token_shows_401_and_client_credentials_recover(

@@ -506,6 +506,8 @@
     const answering = live && session.response.length > 0;
     thinking.classList.toggle("live", live && !session.thinkingDone && !answering);
     response.classList.toggle("live", answering || (live && session.thinkingDone));
+    thinking.dataset.empty = live ? "waiting…" : "no reasoning from this model";
+    response.dataset.empty = live ? "waiting…" : "no answer";
     $("cancel").disabled = !live;
   }
 
