@@ -260,9 +260,101 @@ def compressor_scenario(args: argparse.Namespace) -> None:
             )
 
 
+def routing_ttft_scenario(args: argparse.Namespace) -> None:
+    """Time to first token with ``model: auto`` (classify + decide) vs a named model.
+
+    Both go through the ingress's own code path (`Gateway`) in one process with the
+    fake engine at zero delay, so the difference is what routing adds: the real
+    MiniLM classification of the prompt and the decision. Under Ray Serve the
+    router and classifier are separate replicas: add about two handle hops.
+    """
+    import asyncio
+
+    from chatfleet.serving.api import LocalEngineClient, LocalRouterClient, create_app
+    from chatfleet.serving.api._schemas import SamplingFields
+    from chatfleet.serving.config import AppConfig
+    from chatfleet.serving.engines.fake import FakeEngine
+    from chatfleet.serving.protocol import Message
+    from chatfleet.serving.routing import Router, create_classifier
+
+    fake = {"reply_tokens": 16}
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {"name": "general", "engine": "fake", "fake": fake},
+                {"name": "coder", "engine": "fake", "fake": fake},
+                {"name": "mathematician", "engine": "fake", "fake": fake},
+            ],
+            "classifier": {},
+            "routing": {
+                "routes": [
+                    {"category": "coding", "model": "coder"},
+                    {"category": "maths", "model": "mathematician"},
+                ],
+                "compress": False,
+            },
+            "auth": {"enabled": False},
+        }
+    )
+    assert config.classifier is not None
+    classifier = create_classifier(config.classifier)
+    classifier.load()
+    _header("routing: time to first token, model auto vs a named model (in process)")
+
+    async def run() -> None:
+        async def classify(prompt: str) -> Any:
+            return (await asyncio.to_thread(classifier.classify_batch, [prompt]))[0]
+
+        engines = {m.name: LocalEngineClient(FakeEngine(m)) for m in config.models}
+        for engine in engines.values():
+            await engine.start()
+        app = create_app(config, engines, router=LocalRouterClient(Router(config, classify)))
+        gw = app.state.gateway
+        sampling = SamplingFields()
+
+        async def named(prompt: str) -> float:
+            started = time.perf_counter()
+            request = gw.generation_request(
+                gw.resolve("general"), [Message("user", prompt)], sampling
+            )
+            stream = await gw.open_stream(request, accepted_at=started)
+            elapsed = time.perf_counter() - started
+            await stream.aclose()
+            return elapsed
+
+        async def auto(prompt: str) -> float:
+            started = time.perf_counter()
+            decision = await gw.decide([Message("user", prompt)])
+            _, _, stream = await gw.open_routed(decision, sampling, started)
+            elapsed = time.perf_counter() - started
+            await stream.aclose()
+            return elapsed
+
+        prompts = bench_prompts(64 if args.quick else 256)
+        for prompt in prompts[:16]:  # warm-up both paths
+            await named(prompt)
+            await auto(prompt)
+        named_s, auto_s = [], []
+        for prompt in prompts:  # interleaved, so both see the same neighbours
+            named_s.append(await named(prompt))
+            auto_s.append(await auto(prompt))
+        for label, values in (("named model", named_s), ("model auto", auto_s)):
+            p50, p99 = (_percentile(values, q) * 1e3 for q in (0.5, 0.99))
+            print(
+                f"{label:<12}: TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  ({len(values)} requests)"
+            )
+        added = [a - n for a, n in zip(auto_s, named_s, strict=True)]
+        p50 = _percentile(added, 0.5) * 1e3
+        verdict = "met" if p50 <= 30 else "MISSED"
+        print(f"added by routing: p50 {p50:.2f} ms (target <= 30 ms p50: {verdict})")
+
+    asyncio.run(run())
+
+
 SCENARIOS: dict[str, Scenario] = {
     "classifier": classifier_scenario,
     "compressor": compressor_scenario,
+    "routing-ttft": routing_ttft_scenario,
 }
 
 

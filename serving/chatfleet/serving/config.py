@@ -360,6 +360,8 @@ class ClassifierConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_categories(self) -> ClassifierConfig:
+        if "{}" not in self.hypothesis_template:
+            raise ValueError("hypothesis_template needs a {} where the label goes")
         names = [c.name for c in self.categories]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
