@@ -32,6 +32,11 @@ class RayServe:
         from chatfleet.serving.app import build_app
 
         if name not in self._apps:
+            # One application at a time: a module's app is done when the next
+            # module deploys, and stale replicas would hold CPUs the next needs.
+            for stale in list(self._apps):
+                serve.delete(stale)
+                del self._apps[stale]
             serve.run(build_app(config), name=name, route_prefix=f"/{name}")
             self._apps[name] = f"{self.base_url}/{name}"
         return self._apps[name]
@@ -48,7 +53,9 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     from ray import serve
 
     ray.init(
-        num_cpus=2,
+        # Logical CPUs: replicas ask for fractions, and a module's app plus the
+        # Serve controller and proxy must fit whatever the physical count.
+        num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={

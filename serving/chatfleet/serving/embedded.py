@@ -230,6 +230,8 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer_config = out / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text())
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # ... which would otherwise also return token_type_ids, which Llama rejects.
+    settings["model_input_names"] = ["input_ids", "attention_mask"]
     tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
     provenance = {
         "source": _DISTRIBUTION,
