@@ -25,10 +25,10 @@ async def paced(chunks: list[Chunk], delay: float) -> AsyncIterator[Chunk]:
         yield chunk
 
 
-async def test_coalesce_flushes_on_count() -> None:
+async def test_coalesce_sends_the_first_token_alone_then_flushes_on_count() -> None:
     chunks = [Chunk("text", f"t{i} ") for i in range(40)]
     batches = [b async for b in coalesce(paced(chunks, 0), max_tokens=16, max_delay=10)]
-    assert [sum(c.tokens for c in b) for b in batches] == [16, 16, 8]
+    assert [sum(c.tokens for c in b) for b in batches] == [1, 16, 16, 7]
     assert "".join(c.text for b in batches for c in b) == "".join(c.text for c in chunks)
 
 
@@ -42,21 +42,30 @@ async def test_coalesce_flushes_on_time() -> None:
 async def test_coalesce_keeps_kinds_apart_and_final_chunk() -> None:
     chunks = [Chunk("thinking", "a"), Chunk("thinking", "b"), Chunk("text", "c")]
     chunks.append(Chunk("text", "", tokens=0, finish_reason="stop"))
-    (batch,) = [b async for b in coalesce(paced(chunks, 0), max_tokens=16, max_delay=1)]
-    assert [(c.kind, c.text) for c in batch] == [("thinking", "ab"), ("text", "c")]
+    first, batch = [b async for b in coalesce(paced(chunks, 0), max_tokens=16, max_delay=1)]
+    assert [(c.kind, c.text) for c in first] == [("thinking", "a")]
+    assert [(c.kind, c.text) for c in batch] == [("thinking", "b"), ("text", "c")]
     assert batch[-1].finish_reason == "stop"
 
 
 async def test_coalesce_delivers_text_before_an_engine_error() -> None:
     async def failing() -> AsyncIterator[Chunk]:
-        yield Chunk("text", "said")
+        yield Chunk("text", "first")
+        yield Chunk("text", " said")
         raise EngineError("boom")
 
     got: list[list[Chunk]] = []
     with pytest.raises(EngineError):
         async for batch in coalesce(failing(), max_tokens=16, max_delay=1):
             got.append(batch)
-    assert got == [[Chunk("text", "said")]]
+    assert got == [[Chunk("text", "first")], [Chunk("text", " said")]]
+
+
+async def test_coalesce_wakes_once_per_batch_at_full_speed() -> None:
+    engine = FakeEngine(ModelConfig(name="fake", engine="fake", fake={"reply_tokens": 256}))
+    batches = [b async for b in coalesce(engine.stream(request()), max_tokens=64, max_delay=1)]
+    assert [sum(c.tokens for c in b) for b in batches] == [1, 64, 64, 64, 63]
+    assert batches[-1][-1].finish_reason == "stop"
 
 
 async def test_closing_coalesce_stops_the_engine() -> None:

@@ -268,7 +268,12 @@ class CoalesceConfig(_Model):
     token caps a replica at a few hundred tokens/s; batching lifts that cap.
     """
 
-    max_tokens: int = Field(16, ge=1, le=1024, description="Flush after this many tokens.")
+    max_tokens: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Flush after this many tokens (the first token is always sent alone).",
+    )
     max_delay_ms: float = Field(
         20.0, ge=0, le=1000, description="Flush when the oldest pending token is this old."
     )
