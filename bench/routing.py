@@ -351,10 +351,92 @@ def routing_ttft_scenario(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def routing_ttft_ray_scenario(args: argparse.Namespace) -> None:
+    """The same comparison through real Ray Serve and HTTP: router and classifier
+    are replicas of their own, so routing adds two handle hops as well."""
+    import json as _json
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from chatfleet.serving.app import build_app
+    from chatfleet.serving.config import AppConfig
+
+    fake = {"reply_tokens": 8}
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {"name": "general", "engine": "fake", "fake": fake},
+                {"name": "coder", "engine": "fake", "fake": fake},
+            ],
+            "classifier": {},
+            "routing": {"routes": [{"category": "coding", "model": "coder"}], "compress": False},
+            "auth": {"enabled": False},
+        }
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(
+            build_app(config),
+            name="bench",
+            route_prefix="/",
+            logging_config={"enable_access_log": False},
+        )
+        _header("routing: time to first token over Ray Serve + HTTP, auto vs named")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def ttft(client: httpx.Client, model: str, prompt: str) -> float:
+            body = {
+                "model": model,
+                "stream": True,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+            started = time.perf_counter()
+            with client.stream("POST", url, json=body) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choices = _json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        elapsed = time.perf_counter() - started
+                        for _ in response.iter_lines():
+                            pass
+                        return elapsed
+            raise RuntimeError("no content")
+
+        prompts = bench_prompts(40 if args.quick else 160)
+        named_s, auto_s = [], []
+        with httpx.Client(timeout=60) as client:
+            for prompt in prompts[:10]:
+                ttft(client, "general", prompt)
+                ttft(client, "auto", prompt)
+            for prompt in prompts:
+                named_s.append(ttft(client, "general", prompt))
+                auto_s.append(ttft(client, "auto", prompt))
+        for label, values in (("named model", named_s), ("model auto", auto_s)):
+            p50, p99 = (_percentile(values, q) * 1e3 for q in (0.5, 0.99))
+            print(
+                f"{label:<12}: TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  ({len(values)} requests)"
+            )
+        added = [a - n for a, n in zip(auto_s, named_s, strict=True)]
+        p50 = _percentile(added, 0.5) * 1e3
+        verdict = "met" if p50 <= 30 else "MISSED"
+        print(f"added by routing: p50 {p50:.2f} ms (target <= 30 ms p50: {verdict})")
+    finally:
+        ray.shutdown()
+
+
 SCENARIOS: dict[str, Scenario] = {
     "classifier": classifier_scenario,
     "compressor": compressor_scenario,
     "routing-ttft": routing_ttft_scenario,
+    "routing-ttft-ray": routing_ttft_ray_scenario,
 }
 
 
