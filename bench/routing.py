@@ -398,16 +398,16 @@ def routing_ttft_ray_scenario(args: argparse.Namespace) -> None:
                 "messages": [{"role": "user", "content": prompt}],
             }
             started = time.perf_counter()
+            first: float | None = None
             with client.stream("POST", url, json=body) as response:
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
+                for line in response.iter_lines():  # read to the end: keep-alive reuse
+                    if first is not None or not line.startswith("data: {"):
                         continue
                     choices = _json.loads(line[6:]).get("choices") or [{}]
                     if choices[0].get("delta", {}).get("content"):
-                        elapsed = time.perf_counter() - started
-                        for _ in response.iter_lines():
-                            pass
-                        return elapsed
+                        first = time.perf_counter() - started
+            if first is not None:
+                return first
             raise RuntimeError("no content")
 
         prompts = bench_prompts(40 if args.quick else 160)
