@@ -932,6 +932,8 @@ def app_config(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from chatfleet.serving.config import CoalesceConfig
+
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
 
@@ -961,9 +963,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--inproc-samples", type=int, default=300, help="In-process engine TTFT samples."
     )
-    p.add_argument("--coalesce-tokens", type=int, default=16, help="AppConfig.coalesce.max_tokens")
     p.add_argument(
-        "--coalesce-delay-ms", type=float, default=20.0, help="AppConfig.coalesce.max_delay_ms"
+        "--coalesce-tokens",
+        type=int,
+        default=CoalesceConfig().max_tokens,
+        help="AppConfig.coalesce.max_tokens (default: the app's)",
+    )
+    p.add_argument(
+        "--coalesce-delay-ms",
+        type=float,
+        default=CoalesceConfig().max_delay_ms,
+        help="AppConfig.coalesce.max_delay_ms (default: the app's)",
     )
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress num_replicas.")
     p.add_argument("--engine-replicas", type=int, default=1, help="Fake models' num_replicas.")
