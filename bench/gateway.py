@@ -372,8 +372,8 @@ def inproc_ttft(
     """The engine called directly (no server): TTFT, and what coalescing costs.
 
     First chunk of ``FakeEngine.stream`` and first batch out of ``coalesce`` at
-    zero delay; the same with the engine paced at ``tps`` (where ``coalesce``
-    holds the first token until a second arrives or ``max_delay_ms`` passes);
+    zero delay; the same with the engine paced at ``tps`` (``coalesce`` sends a
+    stream's first token alone, at once, so the two should match);
     CPU per token of the engine alone and through ``coalesce``.
     """
     from chatfleet.serving.api import LocalEngineClient
@@ -674,8 +674,8 @@ def scenario_ttft(
         f" coalesce() {inproc['coalesced_cpu_us_per_token']:.1f} us."
         f"\n  Engine paced at {args.tps:g} tok/s: first chunk p50"
         f" {inproc['paced_first_chunk_p50_ms']:.2f} ms, first coalesced batch p50"
-        f" {inproc['paced_first_batch_p50_ms']:.2f} ms (coalesce holds the first token up to"
-        f" max_delay_ms={args.coalesce_delay_ms:g})."
+        f" {inproc['paced_first_batch_p50_ms']:.2f} ms (the first token is not batched;"
+        f" later ones wait up to max_delay_ms={args.coalesce_delay_ms:g})."
     )
     top = max(args.s1_concurrency)
     lines.append("Targets:")
