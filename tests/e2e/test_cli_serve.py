@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from tests.fakes.ports import free_port
 
 CHATFLEET = [sys.executable, "-m", "chatfleet.serving.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_bad_config_exits_2_with_a_message(tmp_path: Path) -> None:
@@ -44,7 +38,7 @@ def test_no_command_prints_help() -> None:
 
 @pytest.mark.ray
 def test_serve_streams_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w+")
     # The local signing key lands in the data folder: keep it in the test's.
     env = {**os.environ, "RAY_ADDRESS": "", "CHATFLEET_DATA_DIR": str(tmp_path)}

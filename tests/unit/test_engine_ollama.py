@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from chatfleet.serving.errors import EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message, Usage
 from fakes.local_server import wait_until
 from fakes.ollama_server import Failure, FakeOllamaServer, OllamaAnswer
+from fakes.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +63,6 @@ async def collect(engine: OllamaEngine, request: GenerationRequest | None = None
 
 def joined(chunks: list[Chunk], kind: str) -> str:
     return "".join(c.text for c in chunks if c.kind == kind)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- streaming ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from chatfleet.serving.errors import EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message, Usage
 from fakes.local_server import wait_until
 from fakes.openai_server import Answer, Failure, FakeOpenAIServer
+from fakes.ports import free_port
 
 API_KEY = "sk-test-7f3c9a1e5b2d4c6e8a0f"
 
@@ -74,12 +74,6 @@ async def collect(engine: OpenAIEngine, request: GenerationRequest | None = None
 
 def joined(chunks: list[Chunk], kind: str) -> str:
     return "".join(c.text for c in chunks if c.kind == kind)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- streaming ---------------------------------------------------------------------------
