@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from tests.fakes.local_server import wait_until
+from tests.fakes.ollama_server import Failure, FakeOllamaServer, OllamaAnswer
+from tests.fakes.ports import free_port
 
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines import create_engine
 from chatfleet.serving.engines.ollama import OllamaEngine
 from chatfleet.serving.errors import EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message, Usage
-from fakes.local_server import wait_until
-from fakes.ollama_server import Failure, FakeOllamaServer, OllamaAnswer
-from fakes.ports import free_port
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from tests.fakes.local_server import wait_until
+from tests.fakes.openai_server import Answer, Failure, FakeOpenAIServer
+from tests.fakes.ports import free_port
 
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines import create_engine
 from chatfleet.serving.engines.openai_api import OpenAIEngine
 from chatfleet.serving.errors import EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message, Usage
-from fakes.local_server import wait_until
-from fakes.openai_server import Answer, Failure, FakeOpenAIServer
-from fakes.ports import free_port
 
 API_KEY = "sk-test-7f3c9a1e5b2d4c6e8a0f"
 
