@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 import sys
 from typing import Any
 
@@ -232,7 +233,12 @@ def test_secret_service_and_monitor_are_valid_kubernetes_objects() -> None:
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "ray-metrics"}
+    # Only Ray's metrics port: the API port's /metrics is one random replica's.
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "ray-metrics"
+    (rename,) = endpoint["metricRelabelings"]
+    assert re.fullmatch(rename["regex"], "ray_chatfleet_tokens_total")
+    assert not re.fullmatch(rename["regex"], "ray_serve_num_http_requests_total")
 
 
 def test_builders_are_pure() -> None:

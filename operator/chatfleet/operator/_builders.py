@@ -367,8 +367,26 @@ def build_service(name: str, namespace: str, spec: ChatDeploymentSpec) -> dict[s
     }
 
 
+# Ray's metrics agent exports the ingress replicas' chatfleet_* metrics as ray_chatfleet_*
+# (one series per replica); the dashboards and alerts use the plain names.
+METRIC_RELABELINGS: list[dict[str, Any]] = [
+    {
+        "sourceLabels": ["__name__"],
+        "regex": "ray_(chatfleet_.*)",
+        "targetLabel": "__name__",
+        "replacement": "$1",
+        "action": "replace",
+    }
+]
+
+
 def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
-    """A Prometheus-operator ServiceMonitor scraping the app's and Ray's metrics."""
+    """A Prometheus-operator ServiceMonitor scraping every Serve pod's Ray metrics port.
+
+    That port carries Ray's, Ray Serve's and every replica's chatfleet metrics. The
+    API port's ``/metrics`` is not scraped: behind the proxy it answers for one random
+    ingress replica, and scraped per pod it would count that replica twice.
+    """
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -376,8 +394,12 @@ def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
         "spec": {
             "selector": {"matchLabels": {OWNER_LABEL: name, **MANAGED_BY}},
             "endpoints": [
-                {"port": "http", "path": "/metrics", "interval": "30s"},
-                {"port": "ray-metrics", "path": "/metrics", "interval": "30s"},
+                {
+                    "port": "ray-metrics",
+                    "path": "/metrics",
+                    "interval": "30s",
+                    "metricRelabelings": METRIC_RELABELINGS,
+                },
             ],
         },
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from opentelemetry.trace import SpanKind
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.api import create_app
+from chatfleet.serving.api import Metrics, create_app
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import (
     AppConfig,
@@ -367,6 +368,39 @@ class HandleEngineClient:
         return ready
 
 
+_Record = Callable[[float, dict[str, str]], None]
+
+
+def _tag_keys(labels: Sequence[str]) -> Any:
+    return tuple(labels)  # Ray annotates tag_keys as Tuple[str] where it means Tuple[str, ...]
+
+
+class RayMetricsMirror:
+    """Mirrors the ingress metrics into Ray's metrics system.
+
+    Each node's metrics agent exports them on the node's metrics port (8080 in the
+    cluster) as ``ray_<name>`` with the replica's ``deployment``/``replica`` labels: the
+    per-replica series a cluster scrapes (the operator's ServiceMonitor strips the
+    ``ray_`` prefix, so dashboards see the same names as ``/metrics``).
+    """
+
+    def counter(self, name: str, doc: str, labels: Sequence[str]) -> _Record:
+        metric = serve_metrics.Counter(name, description=doc, tag_keys=_tag_keys(labels))
+        return lambda value, tags: metric.inc(value, tags)
+
+    def histogram(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> _Record:
+        metric = serve_metrics.Histogram(
+            name, description=doc, boundaries=list(buckets), tag_keys=_tag_keys(labels)
+        )
+        return lambda value, tags: metric.observe(value, tags)
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str]) -> _Record:
+        metric = serve_metrics.Gauge(name, description=doc, tag_keys=_tag_keys(labels))
+        return lambda value, tags: metric.set(value, tags)
+
+
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
 @serve.ingress()
 class Ingress:
@@ -397,6 +431,7 @@ class Ingress:
             compressor=routing if compressor is not None else None,
             store=store,
             auth=auth,
+            metrics=Metrics(mirror=RayMetricsMirror()),
             tracer_provider=telemetry.configure_tracing(config.telemetry, component="ingress"),
         )
 

@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         "--num-cpus", type=float, help="CPUs Ray may use (default: all of this machine's)."
     )
     serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Export every replica's metrics (chatfleet's as ray_chatfleet_*, Ray Serve's)"
+        " on this port through Ray's metrics agent, for Prometheus to scrape; /metrics"
+        " on the API port shows the ingress replica's own.",
+    )
+    serve.add_argument(
         "--no-auth",
         action="store_true",
         help="Serve without authentication (local experiments: anyone who reaches the port"
@@ -192,6 +199,7 @@ def serve(args: argparse.Namespace) -> int:
         address=os.environ.get("RAY_ADDRESS") or "local",
         num_cpus=args.num_cpus,
         include_dashboard=False,
+        _metrics_export_port=args.metrics_port,
         configure_logging=True,
         logging_level=logging.WARNING,
     )
@@ -209,10 +217,14 @@ def serve(args: argparse.Namespace) -> int:
             logging_config={"enable_access_log": False},
         )
         bearer = f" -H 'Authorization: Bearer {token}'" if token else ""
+        metrics = ""
+        if args.metrics_port:
+            metrics = f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (all replicas)\n"
         print(
             f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
             f"{access}\n"
             f"  dashboard: {url}/{f'#token={token}' if token else ''}\n"
+            f"{metrics}"
             f"  try: curl -N {url}/v1/chat/completions{bearer}"
             " -H 'Content-Type: application/json'"
             f' -d \'{{"model": "{config.default_model_name}", "stream": true,'

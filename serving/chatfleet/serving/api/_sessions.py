@@ -422,6 +422,8 @@ def add_session_routes(
             "time": time.time(),
         }
 
+    gauge = gw.metrics.websocket_connections.labels("events")
+
     @app.websocket("/ws")
     async def events(ws: WebSocket) -> None:
         await ws.accept()
@@ -435,12 +437,14 @@ def add_session_routes(
         subscriber = hub.subscribe(
             lambda sid: _event("connected", subscriber_id=sid, sessions=runner.active)
         )
+        gauge.inc()
         sender = asyncio.create_task(_send_events(ws, subscriber, settings.ping_interval_s))
         receiver = asyncio.create_task(_receive_frames(ws, subscriber, settings.max_message_bytes))
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hub.unsubscribe(subscriber)
+            gauge.dec()
             for task in (sender, receiver):
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
