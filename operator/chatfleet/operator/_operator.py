@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -76,6 +76,14 @@ def parse_spec(raw: Mapping[str, Any] | None) -> ChatDeploymentSpec:
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ready_status(conditions: Iterable[Mapping[str, Any]] | None) -> str:
+    """The status of the ``Ready`` condition in ``conditions``; ``Unknown`` without one."""
+    for cond in conditions or ():
+        if cond.get("type") == "Ready":
+            return str(cond.get("status") or "Unknown")
+    return "Unknown"
 
 
 class Reconciler:
@@ -276,6 +284,11 @@ class Reconciler:
                 patch.status["serviceStatus"] = rs_status["serviceStatus"]
             result = "applied"
         finally:
+            if not meta.get("deletionTimestamp"):  # else the delete handler forgets it
+                # What this reconcile writes, else what the object already says.
+                written = patch.status.get("conditions")
+                current = (body.get("status") or {}).get("conditions")
+                self.metrics.track_ready(namespace, name, _ready_status(written or current))
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
 
@@ -309,6 +322,7 @@ class Reconciler:
             self.kube.patch_status(API_VERSION, KIND, namespace, owner, update)
             self.metrics.status_updates.inc()
             logger.debug("Mirrored RayService status into %s/%s", namespace, owner)
+        self.metrics.track_ready(namespace, owner, _ready_status(new))
 
     def delete(
         self, *, body: kopf.Body, name: str, namespace: str | None, logger: Any, **_: Any
@@ -331,6 +345,7 @@ class Reconciler:
                     logger.info("Deleted %s %s", kind, obj_name)
             except KubeError as exc:
                 raise kopf.TemporaryError(str(exc), delay=5) from exc
+        self.metrics.forget(namespace, name)
 
 
 def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
