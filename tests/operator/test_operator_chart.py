@@ -189,6 +189,10 @@ def test_pod_monitor_and_minimal() -> None:
         {"watchNamespaces": ["Not_A_Namespace"]},
         {"metrics": {"port": 8081}},  # clashes with the liveness port
         {"operator": {"driftIntervalSeconds": 0}},
+        {"alerts": {"enabled": "yes"}},
+        {"alerts": {"labels": {"release": 1}}},
+        {"tracing": {"otlpProtocol": "thrift"}},
+        {"tracing": {"otlpEndpoint": "collector:4317"}},  # a URL, with its scheme
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:
@@ -278,3 +282,49 @@ def test_readme_lists_every_documented_value() -> None:
         if j >= 0 and lines[j].strip().startswith("# --"):
             assert f"| `{path}` |" in readme, f"{path} missing from the chart README"
         stack.append((indent, key))
+
+
+def test_alerts_are_off_by_default_and_render_the_rule_file() -> None:
+    assert not by_kind(render({}), "PrometheusRule")
+    values = {"alerts": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}}
+    result = helm_python.lint(str(CHART), values, strict=True, kube_version="1.32.0")
+    assert result["errors"] == [], result
+    (rule,) = by_kind(render(values), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == "chatfleet-system"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/instance"] == "cf"
+    # The rule file is the single source: the rendered groups are exactly its groups.
+    source = yaml.safe_load((CHART / "rules" / "chatfleet-alerts.yaml").read_text())
+    assert rule["spec"] == {"groups": source["groups"]}
+
+
+def test_tracing_env_only_with_an_endpoint() -> None:
+    from chatfleet.operator import OperatorSettings
+
+    def operator_env(values: dict[str, Any]) -> dict[str, str]:
+        (deployment,) = by_kind(render(values), "Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+    assert not {k for k in operator_env({}) if "OTLP" in k}
+    assert not {k for k in operator_env({"tracing": {"otlpProtocol": "grpc"}}) if "OTLP" in k}
+    env = operator_env(
+        {
+            "tracing": {
+                "otlpEndpoint": "http://otel-collector.observability:4317",
+                "otlpProtocol": "grpc",
+            }
+        }
+    )
+    assert env["CHATFLEET_OPERATOR_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert env["CHATFLEET_OPERATOR_OTLP_PROTOCOL"] == "grpc"
+    default_protocol = operator_env({"tracing": {"otlpEndpoint": "http://c:4318"}})
+    assert default_protocol["CHATFLEET_OPERATOR_OTLP_PROTOCOL"] == "http/protobuf"
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if "OTLP" in k}):
+        settings = OperatorSettings()
+    assert settings.otlp_endpoint == "http://otel-collector.observability:4317"
+    assert settings.otlp_protocol == "grpc"
