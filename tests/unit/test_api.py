@@ -294,3 +294,21 @@ async def test_metrics_count_requests_tokens_and_errors(client: httpx.AsyncClien
     assert 'chatfleet_time_to_first_token_seconds_count{model="fake"} 1.0' in text
     assert 'chatfleet_active_streams{model="fake"} 0.0' in text
     assert 'chatfleet_generations_total{finish_reason="stop",model="fake"} 1.0' in text
+
+
+async def test_request_duration_covers_the_whole_stream_and_unmatched_paths() -> None:
+    # 20 tokens at 200 tok/s: the stream takes >= 0.1 s after its headers.
+    h = Harness(make_config(fake_model("slow", reply_tokens=20, tokens_per_second=200)))
+    await h.start()
+    async with h.http() as c:
+        body = {**CHAT, "model": "slow", "stream": True}
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_bytes():
+                pass
+        assert (await c.get("/no/such/path")).status_code == 404
+    sample = h.metrics.registry.get_sample_value
+    route = {"route": "/v1/chat/completions"}
+    assert sample("chatfleet_http_request_duration_seconds_sum", route) >= 0.09
+    labels = {"route": "unmatched", "method": "GET", "status": "404"}
+    assert sample("chatfleet_http_requests_total", labels) == 1

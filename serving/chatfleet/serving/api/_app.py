@@ -52,6 +52,39 @@ from chatfleet.serving.store import Store
 logger = logging.getLogger(__name__)
 
 
+class _RequestMetrics:
+    """Counts requests by route template and status, and times them to their last byte.
+
+    A pure ASGI middleware: Starlette's ``@app.middleware("http")`` would hand every
+    streamed event through an extra memory stream and task, and only see the headers.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless the app starts a response
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            # The router stores the matched route in the (shared) scope.
+            template = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.request_duration.labels(template).observe(time.perf_counter() - started)
+
+
 class _BodyLimit:
     """Reject bodies over the limit with 413, declared or streamed."""
 
@@ -210,20 +243,7 @@ def create_app(
         logger.exception("unhandled error", exc_info=exc)
         return error_response(ChatfleetError("internal server error"))
 
-    @app.middleware("http")
-    async def _count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
-        # For streams this is the time to the headers; the stream's own length is
-        # in the TTFT/ITL histograms and chatfleet_generations_total.
-        metrics.request_duration.labels(template).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(_RequestMetrics, metrics=metrics)
     app.add_middleware(_BodyLimit, limit=config.server.max_body_bytes)
     if gw.auth is not None:
         # Outside the body limit (no reading bodies of strangers), inside CORS (preflights).
