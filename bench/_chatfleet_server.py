@@ -1,11 +1,12 @@
 """Run the chatfleet app on a private Ray instance until stdin closes (bench helper).
 
 Usage: ``python bench/_chatfleet_server.py CONFIG_JSON PORT``. Starts Ray the way
-``chatfleet serve`` does (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless already set,
-``ray.init``, ``serve.start(http_options)``, ``serve.run(build_app(config),
-route_prefix="/")``), prints ``READY`` on stdout, and shuts Ray down when its
-stdin reaches EOF (the bench closes it) or on SIGTERM. ``CHATFLEET_BENCH_SERVE_LOGGING``
-(JSON) is passed as Serve's ``logging_config`` to ``serve.start`` and ``serve.run``.
+``chatfleet serve`` does: its ``serve_environment`` (Serve's throughput mode; HAProxy in
+front unless RAY_SERVE_ENABLE_HA_PROXY=0; variables already set win), ``ray.init``,
+``serve.start(http_options)``, ``serve.run(build_app(config), route_prefix="/")``.
+Prints ``READY`` on stdout, and shuts Ray down when its stdin reaches EOF (the bench
+closes it) or on SIGTERM. ``CHATFLEET_BENCH_SERVE_LOGGING`` (JSON) is passed as Serve's
+``logging_config`` to ``serve.start`` and ``serve.run``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import time
 
 def main() -> int:
     config_json, port = sys.argv[1], int(sys.argv[2])
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    try:
+        from chatfleet.serving.cli import serve_environment
+    except ImportError:  # --rev of a chatfleet before HAProxy
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    else:
+        os.environ.update(serve_environment(os.environ)[0])
 
     import ray
     from ray import serve

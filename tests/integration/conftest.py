@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,17 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    from chatfleet.serving.cli import serve_environment
+
+    # The Serve settings `chatfleet serve` runs with (throughput mode, HAProxy in front
+    # of the ingress), for Ray's daemons and workers only: they inherit this process's
+    # environment at ray.init, and later `chatfleet serve` subprocesses must not.
+    env, _ = serve_environment(os.environ)
+    # Each module deletes the previous module's app; in direct-ingress mode Serve keeps a
+    # deleted ingress replica 30 s for load balancers to notice. Nothing here needs that.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    saved = dict(os.environ)
+    os.environ.update(env)
     ray.init(
         # Logical CPUs: replicas ask for fractions, and a module's app plus the
         # Serve controller and proxy must fit whatever the physical count.
@@ -62,7 +74,11 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
         },
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     try:
         yield RayServe(port)
     finally:

@@ -207,6 +207,33 @@ def test_cpu_sample_has_no_gpu_anything() -> None:
     assert "ollama" not in yaml.safe_dump(rs["spec"]["rayClusterConfig"])
 
 
+def test_every_ray_pod_fronts_serve_with_haproxy_unless_asked_not_to() -> None:
+    def env_of_all_ray_containers(spec: ChatDeploymentSpec) -> list[dict[str, str]]:
+        cluster = build_rayservice("demo", "ns", spec)["spec"]["rayClusterConfig"]
+        templates = [cluster["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["workerGroupSpecs"]
+        ]
+        return [
+            {e["name"]: e.get("value", "") for e in c["env"]}
+            for t in templates
+            for n, c in containers(t).items()
+            if n.startswith("ray-")
+        ]
+
+    default = env_of_all_ray_containers(gpu_spec())
+    assert len(default) >= 2  # the head and the GPU workers
+    for env in default:
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    spec = gpu_spec()
+    spec = spec.model_copy(
+        update={"cluster": spec.cluster.model_copy(update={"http_proxy": "serve"})}
+    )
+    for env in env_of_all_ray_containers(spec):
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert parse_spec({"cluster": {"httpProxy": "serve"}}).cluster.http_proxy == "serve"
+
+
 def test_user_jwt_secret_is_referenced_not_created() -> None:
     spec = parse_spec({"cluster": {"jwtSecretRef": {"name": "my-jwt", "key": "k"}}})
     rs = build_rayservice("demo", "ns", spec)
@@ -250,6 +277,7 @@ def test_builders_are_pure() -> None:
 def test_public_surface_is_pinned() -> None:
     assert sorted(chatfleet.operator.__all__) == sorted(
         [
+            "METRIC_RELABELINGS",
             "CPUWorkerGroup",
             "ChatDeploymentSpec",
             "ChatDeploymentStatus",

@@ -5,6 +5,7 @@ the Kopf registry factory. Everything else lives in private modules.
 """
 
 from chatfleet.operator._builders import (
+    METRIC_RELABELINGS,
     build_jwt_secret,
     build_rayservice,
     build_service,
@@ -31,6 +32,7 @@ from chatfleet.operator._operator import (
 from chatfleet.operator._settings import OperatorSettings
 
 __all__ = [
+    "METRIC_RELABELINGS",
     "CPUWorkerGroup",
     "ChatDeploymentSpec",
     "ChatDeploymentStatus",

@@ -161,7 +161,14 @@ def _env(name: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
                     "key": jwt.key if jwt else JWT_SECRET_KEY,
                 }
             },
-        }
+        },
+        # What `chatfleet serve` runs and bench/gateway.py measures: uvloop, handle
+        # calls over gRPC, no per-request log lines.
+        {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+        {
+            "name": "RAY_SERVE_ENABLE_HA_PROXY",
+            "value": "1" if spec.cluster.http_proxy == "haproxy" else "0",
+        },
     ]
     db = spec.cluster.database_secret_ref
     url_env = database_url_env(spec)

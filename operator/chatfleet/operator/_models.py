@@ -221,6 +221,12 @@ class ClusterSpec(_Model):
     service_monitor: bool = Field(
         True, description="Create a ServiceMonitor when the Prometheus operator's CRD exists."
     )
+    http_proxy: Literal["haproxy", "serve"] = Field(
+        "haproxy",
+        description="What answers on each Ray pod's HTTP port: HAProxy (Ray Serve's"
+        " throughput mode; it forwards straight to the ingress replicas' own ports) or"
+        " Serve's Python proxy actor, which costs an extra hop per request.",
+    )
 
 
 class ChatDeploymentSpec(_Model):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,7 +384,17 @@ class RayMetricsMirror:
     cluster) as ``ray_<name>`` with the replica's ``deployment``/``replica`` labels: the
     per-replica series a cluster scrapes (the operator's ServiceMonitor strips the
     ``ray_`` prefix, so dashboards see the same names as ``/metrics``).
+
+    Ray's agent drops a gauge series that was not set again within two report
+    intervals, so a thread sets every gauge's current value again each second
+    (an open WebSocket changes its gauge once, yet must stay visible).
     """
+
+    def __init__(self, refresh_s: float = 1.0) -> None:
+        self._refresh_s = refresh_s
+        self._gauges: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def counter(self, name: str, doc: str, labels: Sequence[str]) -> _Record:
         metric = serve_metrics.Counter(name, description=doc, tag_keys=_tag_keys(labels))
@@ -398,7 +410,26 @@ class RayMetricsMirror:
 
     def gauge(self, name: str, doc: str, labels: Sequence[str]) -> _Record:
         metric = serve_metrics.Gauge(name, description=doc, tag_keys=_tag_keys(labels))
-        return lambda value, tags: metric.set(value, tags)
+
+        def record(value: float, tags: dict[str, str]) -> None:
+            with self._lock:
+                self._gauges[(id(metric), tuple(tags.items()))] = (metric, value)
+            metric.set(value, tags)
+
+        if self._refresher is None:
+            self._refresher = threading.Thread(
+                target=self._refresh, name="chatfleet-gauges", daemon=True
+            )
+            self._refresher.start()
+        return record
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(self._refresh_s)
+            with self._lock:
+                current = list(self._gauges.items())
+            for (_, tags), (metric, value) in current:
+                metric.set(value, dict(tags))
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)

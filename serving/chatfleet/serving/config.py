@@ -265,11 +265,14 @@ class CoalesceConfig(_Model):
     """How engines batch tokens into messages before they cross a Ray handle.
 
     A streamed message through Ray costs about 1 ms of CPU, so one message per
-    token caps a replica at a few hundred tokens/s; batching lifts that cap.
+    token caps a replica at a few hundred tokens/s; batching lifts that cap. The
+    delay bounds what a paced (GPU-speed) stream waits; the count only matters for
+    bursts, where everything is ready at once and fewer, larger messages cost less
+    (256 rather than 64 took bench/gateway.py from 0.72x to 1.5x the naive server).
     """
 
     max_tokens: int = Field(
-        64,
+        256,
         ge=1,
         le=1024,
         description="Flush after this many tokens (the first token is always sent alone).",

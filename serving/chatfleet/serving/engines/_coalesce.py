@@ -90,7 +90,7 @@ class _Pump:
 
 
 async def coalesce(
-    source: AsyncIterator[Chunk], *, max_tokens: int = 64, max_delay: float = 0.02
+    source: AsyncIterator[Chunk], *, max_tokens: int = 256, max_delay: float = 0.02
 ) -> AsyncIterator[list[Chunk]]:
     """Yield lists of chunks from ``source``: the flushed batches.
 
