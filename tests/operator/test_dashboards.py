@@ -20,6 +20,7 @@ CHART_DASHBOARDS = ROOT / "charts" / "chatfleet" / "dashboards"
 GRAFANA_MANIFESTS = ROOT / "manifests" / "grafana"
 DASHBOARDS = sorted(CHART_DASHBOARDS.glob("*.json"))
 TEMPLATED_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+TRACES_DATASOURCE = {"type": "tempo", "uid": "${traces}"}
 METRIC = re.compile(r"\b(chatfleet_[a-z0-9_]+)")
 
 # The series a family of each type exposes (prometheus_client names a Counter's family
@@ -71,7 +72,12 @@ def panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def queried_panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    return (p for p in panels(board) if p.get("type") != "row")
+    """The panels that query Prometheus (not rows, not the traces table)."""
+    return (
+        p
+        for p in panels(board)
+        if p.get("type") != "row" and p.get("datasource") != TRACES_DATASOURCE
+    )
 
 
 @pytest.fixture(params=DASHBOARDS, ids=lambda p: p.stem)
@@ -163,3 +169,34 @@ def test_grafana_manifests_equal_the_chart_dashboards() -> None:
             f"manifests/grafana/{path.name} differs from the chart's: "
             "cp charts/chatfleet/dashboards/*.json manifests/grafana/"
         )
+
+
+def test_serving_dashboard_filters_by_namespace_and_model() -> None:
+    board = load(CHART_DASHBOARDS / "chatfleet-serving.json")
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["namespace"]["includeAll"] and variables["model"]["includeAll"]
+    exported = exported_metrics()
+    for panel in queried_panels(board):
+        for target in panel["targets"]:
+            for metric in metrics_in(target["expr"]):
+                # Every selector is narrowed by the variables its series carry.
+                selector = re.search(re.escape(metric) + r"\{([^}]*)\}", target["expr"])
+                assert selector, f"{panel['title']}: {metric} has no selector"
+                assert 'namespace=~"$namespace"' in selector.group(1), panel["title"]
+                if "model" in exported[metric]:
+                    assert 'model=~"$model"' in selector.group(1), panel["title"]
+
+
+def test_slow_generations_link_to_their_traces() -> None:
+    """The way from the dashboard to one slow request's trace: a Tempo search table."""
+    board = load(CHART_DASHBOARDS / "chatfleet-serving.json")
+    (traces,) = [v for v in board["templating"]["list"] if v["name"] == "traces"]
+    assert (traces["type"], traces["query"]) == ("datasource", "tempo")
+    (panel,) = [p for p in panels(board) if p.get("datasource") == TRACES_DATASOURCE]
+    (target,) = panel["targets"]
+    assert target["datasource"] == TRACES_DATASOURCE
+    assert target["queryType"] == "traceql"
+    # It selects the spans the engines emit (chatfleet.serving.engines._tracing).
+    assert 'span.gen_ai.operation.name = "chat"' in target["query"]
+    assert "span.gen_ai.request.model" in target["query"]
+    assert "duration >" in target["query"]
