@@ -245,6 +245,9 @@ class RouterDeployment:
         classifier: Handle,
         compressor: Handle | None = None,
     ) -> None:
+        classifier = _local_transport(classifier)
+        compressor = _maybe_local_transport(compressor)
+
         async def classify(prompt: str) -> Classification:
             result: Classification = await classifier.classify.remote(
                 prompt, trace_context=telemetry.inject()
@@ -290,6 +293,23 @@ async def _unwrapped(call: Awaitable[_T]) -> _T:
         raise
 
 
+def _local_transport(handle: Handle) -> Handle:
+    """``handle`` on the transport this process's Serve runs: gRPC in throughput mode.
+
+    A handle carries its transport from the process that built the application, fixed
+    when that process imported Serve; ``serve.run`` from a driver that imported Serve
+    before RAY_SERVE_THROUGHPUT_OPTIMIZED was set would leave Ray actor calls, the
+    slower path, between replicas that all serve gRPC.
+    """
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
+def _maybe_local_transport(handle: Handle | None) -> Handle | None:
+    return None if handle is None else _local_transport(handle)
+
+
 class HandleRouterClient:
     def __init__(
         self,
@@ -297,9 +317,9 @@ class HandleRouterClient:
         classifier: Handle | None,
         compressor: Handle | None,
     ) -> None:
-        self._router = router
-        self._classifier = classifier
-        self._compressor = compressor
+        self._router = _maybe_local_transport(router)
+        self._classifier = _maybe_local_transport(classifier)
+        self._compressor = _maybe_local_transport(compressor)
 
     async def decide(
         self, messages: list[Message], previous: PreviousRoute | None, compress: bool
@@ -342,6 +362,7 @@ class HandleEngineClient:
     """The ingress's view of an `EngineDeployment`: one streaming handle call."""
 
     def __init__(self, handle: Handle, ready_timeout_s: float = 5.0) -> None:
+        handle = _local_transport(handle)
         self._stream = handle.options(stream=True)
         self._handle = handle
         self._ready_timeout_s = ready_timeout_s

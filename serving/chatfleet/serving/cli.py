@@ -226,6 +226,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chatfleet: cannot set up authentication: {exc}", file=sys.stderr)
         return 2
 
+    # Before Ray is imported: Serve reads these once, at import (handles made here
+    # would otherwise default to Ray actor calls instead of the throughput mode's gRPC).
+    env, front = serve_environment(os.environ)
+    os.environ.update(env)
+
     import ray
     from ray import serve as ray_serve
 
@@ -239,8 +244,6 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    env, front = serve_environment(os.environ)
-    os.environ.update(env)
     print(f"chatfleet: starting Ray (about 20 s; HTTP through {front})...", flush=True)
     ray.init(
         # A private local instance, unless RAY_ADDRESS names a cluster to join.

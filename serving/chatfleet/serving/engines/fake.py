@@ -26,8 +26,11 @@ class FakeEngine(Engine):
     """Streams words picked deterministically from the prompt and the seed.
 
     The same request always gives the same answer. ``tokens_per_second`` paces
-    the stream (0: no pacing at all); ``fail_after_tokens`` raises an
-    `EngineError` after that many tokens, to exercise error paths.
+    the stream on a schedule, token i due i / tokens_per_second after the first,
+    like a GPU that decodes at its own pace: a late wake-up (a busy event loop)
+    makes the next tokens come sooner, not the whole stream slower (0: no pacing
+    at all). ``fail_after_tokens`` raises an `EngineError` after that many tokens,
+    to exercise error paths.
     """
 
     def __init__(self, model: ModelConfig) -> None:
@@ -56,14 +59,16 @@ class FakeEngine(Engine):
         plan += [("text", w) for w in self.words(request, answer)]
         self.active += 1
         emitted = 0
+        clock = asyncio.get_running_loop().time
         try:
             if s.time_to_first_token_s:
                 await asyncio.sleep(s.time_to_first_token_s)
+            first = clock()
             for i, (kind, word) in enumerate(plan):
                 if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
                     raise EngineError(f"fake engine failure after {emitted} tokens")
                 if delay and i:
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(max(0.0, first + i * delay - clock()))
                 elif not delay and i % 64 == 63:
                     await asyncio.sleep(0)  # stay cancellable at full speed
                 emitted += 1
