@@ -903,7 +903,12 @@ def extract_revision(rev: str) -> Path:
 
 
 def coalescing(args: argparse.Namespace) -> dict[str, float]:
-    return {"max_tokens": args.coalesce_tokens, "max_delay_ms": args.coalesce_delay_ms}
+    return {
+        "max_tokens": args.coalesce_tokens,
+        "max_delay_ms": args.coalesce_delay_ms,
+        "max_messages_per_s": args.coalesce_messages_per_s,
+        "max_delay_under_load_ms": max(args.coalesce_delay_ms, args.coalesce_delay_under_load_ms),
+    }
 
 
 def app_config(args: argparse.Namespace) -> str:
@@ -975,6 +980,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=CoalesceConfig().max_delay_ms,
         help="AppConfig.coalesce.max_delay_ms (default: the app's)",
+    )
+    p.add_argument(
+        "--coalesce-messages-per-s",
+        type=int,
+        default=CoalesceConfig().max_messages_per_s,
+        help="AppConfig.coalesce.max_messages_per_s (default: the app's)",
+    )
+    p.add_argument(
+        "--coalesce-delay-under-load-ms",
+        type=float,
+        default=CoalesceConfig().max_delay_under_load_ms,
+        help="AppConfig.coalesce.max_delay_under_load_ms (default: the app's)",
     )
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress num_replicas.")
     p.add_argument("--engine-replicas", type=int, default=1, help="Fake models' num_replicas.")
@@ -1080,7 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
                     targets.append((cf, direct))
         print(
             f"config: coalesce max_tokens={args.coalesce_tokens}"
-            f" max_delay_ms={args.coalesce_delay_ms:g};"
+            f" max_delay_ms={args.coalesce_delay_ms:g}"
+            f" max_messages_per_s={args.coalesce_messages_per_s}"
+            f" max_delay_under_load_ms={args.coalesce_delay_under_load_ms:g};"
             f" ingress replicas {args.ingress_replicas}; engine replicas {args.engine_replicas};"
             f" engine max_ongoing_requests {args.engine_max_ongoing};"
             f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized};"

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chatfleet.serving.config import ModelConfig
-from chatfleet.serving.engines import ThinkSplitter, coalesce, create_engine
+from chatfleet.serving.config import CoalesceConfig, ModelConfig
+from chatfleet.serving.engines import ThinkSplitter, coalesce, create_engine, delay_for_load
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.errors import EngineError, ModelNotFound
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
@@ -37,6 +37,33 @@ async def test_coalesce_flushes_on_time() -> None:
     chunks = [Chunk("text", "x") for _ in range(5)]
     batches = [b async for b in coalesce(paced(chunks, 0.03), max_tokens=16, max_delay=0.01)]
     assert len(batches) == 5
+
+
+async def test_coalesce_asks_a_delay_function_at_every_wait() -> None:
+    # 6 tokens 30 ms apart: with 10 ms each goes alone; once the delay becomes 200 ms,
+    # the rest wait for each other.
+    chunks = [Chunk("text", "x") for _ in range(6)]
+    delays = iter([0.01, 0.01] + [0.2] * 100)
+    batches = [
+        b
+        async for b in coalesce(paced(chunks, 0.03), max_tokens=16, max_delay=lambda: next(delays))
+    ]
+    assert [sum(c.tokens for c in b) for b in batches][:2] == [1, 1]
+    assert len(batches) < 6
+    assert sum(c.tokens for b in batches for c in b) == 6
+
+
+def test_delay_grows_with_the_streams_a_replica_carries() -> None:
+    config = CoalesceConfig(max_delay_ms=20, max_messages_per_s=3000, max_delay_under_load_ms=60)
+    assert delay_for_load(config, 0) == 0.02
+    assert delay_for_load(config, 60) == 0.02  # 60 streams x 50 messages/s = 3000/s
+    assert delay_for_load(config, 120) == pytest.approx(0.04)  # kept near 3000 messages/s
+    assert delay_for_load(config, 1000) == 0.06  # never past the cap
+
+
+def test_the_delay_under_load_cannot_undercut_the_base_delay() -> None:
+    with pytest.raises(ValueError, match="max_delay_under_load_ms"):
+        CoalesceConfig(max_delay_ms=50, max_delay_under_load_ms=40)
 
 
 async def test_coalesce_keeps_kinds_apart_and_final_chunk() -> None:

@@ -280,6 +280,27 @@ class CoalesceConfig(_Model):
     max_delay_ms: float = Field(
         20.0, ge=0, le=1000, description="Flush when the oldest pending token is this old."
     )
+    max_messages_per_s: int = Field(
+        3000,
+        ge=1,
+        le=1_000_000,
+        description="Messages per second one engine replica aims to stay under: with more"
+        " streams than this rate allows at max_delay_ms, each stream's delay grows (streams /"
+        " this rate), up to max_delay_under_load_ms. Every message costs CPU, so under load"
+        " fewer, larger ones keep all streams on time instead of all falling behind.",
+    )
+    max_delay_under_load_ms: float = Field(
+        60.0,
+        ge=0,
+        le=1000,
+        description="The longest a token waits however loaded the replica (at least max_delay_ms).",
+    )
+
+    @model_validator(mode="after")
+    def _under_load_is_not_shorter(self) -> CoalesceConfig:
+        if self.max_delay_under_load_ms < self.max_delay_ms:
+            raise ValueError("max_delay_under_load_ms must be at least max_delay_ms")
+        return self
 
 
 class ServerConfig(_Model):

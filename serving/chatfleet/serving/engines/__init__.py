@@ -11,11 +11,18 @@ import importlib
 
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines._base import Engine
-from chatfleet.serving.engines._coalesce import coalesce
+from chatfleet.serving.engines._coalesce import coalesce, delay_for_load
 from chatfleet.serving.engines._thinking import ThinkSplitter
 from chatfleet.serving.engines._tracing import traced_generation
 
-__all__ = ["Engine", "ThinkSplitter", "coalesce", "create_engine", "traced_generation"]
+__all__ = [
+    "Engine",
+    "ThinkSplitter",
+    "coalesce",
+    "create_engine",
+    "delay_for_load",
+    "traced_generation",
+]
 
 _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "fake": ("chatfleet.serving.engines.fake", "FakeEngine"),

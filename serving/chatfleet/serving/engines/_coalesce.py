@@ -5,7 +5,8 @@ so an engine that yields one chunk per token caps a replica at a few hundred
 tokens/s. `coalesce` merges consecutive chunks of the same kind until either
 ``max_tokens`` are pending or the oldest pending one is ``max_delay`` old. The
 first chunk of a stream goes out at once: batching must not add to the time to
-first token.
+first token. ``max_delay`` may be a function, asked at every wait: an engine
+replica lengthens it under load (`delay_for_load`).
 
 One pump task per stream reads the engine; the consumer wakes once per batch,
 not once per token (a task and a wait per token cost ~10 µs of CPU each, more
@@ -16,9 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from chatfleet.serving.config import CoalesceConfig
 from chatfleet.serving.protocol import Chunk
+
+
+def delay_for_load(config: CoalesceConfig, active_streams: int) -> float:
+    """Seconds a batch may wait when a replica streams ``active_streams`` at once.
+
+    ``max_delay_ms`` while the replica's streams together send fewer than
+    ``max_messages_per_s`` messages; beyond that, the delay grows with the streams so
+    that they stay near that rate, up to ``max_delay_under_load_ms``.
+    """
+    spread_s = active_streams / config.max_messages_per_s
+    return min(max(config.max_delay_ms / 1000, spread_s), config.max_delay_under_load_ms / 1000)
 
 
 def _merge(pending: list[Chunk]) -> list[Chunk]:
@@ -90,7 +103,10 @@ class _Pump:
 
 
 async def coalesce(
-    source: AsyncIterator[Chunk], *, max_tokens: int = 256, max_delay: float = 0.02
+    source: AsyncIterator[Chunk],
+    *,
+    max_tokens: int = 256,
+    max_delay: float | Callable[[], float] = 0.02,
 ) -> AsyncIterator[list[Chunk]]:
     """Yield lists of chunks from ``source``: the flushed batches.
 
@@ -110,7 +126,8 @@ async def coalesce(
                 await pump.wake.wait()
                 continue
             if not (pump.full or pump.done):
-                remaining = pump.first_at + max_delay - loop.time()
+                delay = max_delay() if callable(max_delay) else max_delay
+                remaining = pump.first_at + delay - loop.time()
                 if remaining > 0:
                     pump.wake.clear()
                     with contextlib.suppress(TimeoutError):
