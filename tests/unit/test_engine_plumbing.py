@@ -53,6 +53,27 @@ async def test_coalesce_asks_a_delay_function_at_every_wait() -> None:
     assert sum(c.tokens for b in batches for c in b) == 6
 
 
+def test_coalesce_does_not_spin_on_uvloops_early_timers() -> None:
+    # uvloop fires timers on a 1 ms clock, up to 1 ms early: waiting again for the
+    # remainder would spin with zero timeouts until the deadline. Each pass of the
+    # wait loop asks for the delay once, so the asks per batch count the passes.
+    uvloop = pytest.importorskip("uvloop")
+    asks = 0
+
+    def delay() -> float:
+        nonlocal asks
+        asks += 1
+        return 0.02133
+
+    async def main() -> int:
+        chunks = [Chunk("text", "x") for _ in range(30)]
+        return len([b async for b in coalesce(paced(chunks, 1 / 60), max_delay=delay)])
+
+    batches = uvloop.run(main())
+    assert batches >= 10
+    assert asks <= 3 * batches
+
+
 def test_delay_grows_with_the_streams_a_replica_carries() -> None:
     config = CoalesceConfig(max_delay_ms=20, max_messages_per_s=3000, max_delay_under_load_ms=60)
     assert delay_for_load(config, 0) == 0.02
