@@ -43,3 +43,10 @@ def test_without_haproxy_serve_keeps_its_python_proxy(monkeypatch: pytest.Monkey
     env, front = cli.serve_environment({})
     assert front == "Ray Serve's proxy (no HAProxy binary found)"
     assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def test_a_bad_metrics_port_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["serve", "--engine", "fake", "--metrics-port", "0"]) == 2
+    assert "--metrics-port 0: not a port" in capsys.readouterr().err

@@ -213,6 +213,9 @@ def serve_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        print(f"chatfleet: --metrics-port {args.metrics_port}: not a port", file=sys.stderr)
+        return 2
     try:
         config = _serve_config(args)
     except (ValidationError, FileNotFoundError) as exc:
