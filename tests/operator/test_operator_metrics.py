@@ -6,7 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from operator_helpers import CD_RESOURCE, RS_RESOURCE, eventually
+from operator_helpers import CD_RESOURCE, RS_RESOURCE, eventually, ready_rayservice_status
 from test_operator_kopf import NS, Api, chat_deployment, operator
 
 from chatfleet.operator._metrics import READY_STATES, OperatorMetrics
@@ -45,25 +45,6 @@ async def api(emulator: Any) -> Any:
         yield Api(session)
 
 
-def ready_rayservice_status(generation: int) -> dict[str, Any]:
-    return {
-        "status": {
-            "observedGeneration": generation,
-            "serviceStatus": "Running",
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "RayServiceReady",
-                    "message": "",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z",
-                }
-            ],
-            "activeServiceStatus": {"applicationStatuses": {"chatfleet": {"status": "RUNNING"}}},
-        }
-    }
-
-
 async def test_gauge_follows_a_chatdeployment_from_creation_to_deletion(kubeconfig, api, objects):
     async with operator(kubeconfig) as rec:
         assert by_ready(rec.metrics) == {"True": 0, "False": 0, "Unknown": 0}
@@ -76,7 +57,7 @@ async def test_gauge_follows_a_chatdeployment_from_creation_to_deletion(kubeconf
         await api.patch(
             RS_RESOURCE,
             "demo",
-            ready_rayservice_status(rs["metadata"]["generation"]),
+            {"status": ready_rayservice_status(rs["metadata"]["generation"])},
             sub="status",
         )
         await eventually(lambda: by_ready(rec.metrics)["True"] == 1)

