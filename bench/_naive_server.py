@@ -10,6 +10,7 @@ engine settings}``). Serves
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,8 @@ from pydantic import BaseModel
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.protocol import GenerationRequest, Message
+
+_TOKEN = re.compile(r" ?\S+")
 
 
 class Body(BaseModel):
@@ -51,8 +54,12 @@ def build(models: dict[str, dict[str, object]]) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             finish = "stop"
             async for chunk in engine.stream(request):
-                if chunk.text:
-                    yield f"event: text_chunk\ndata: {json.dumps({'text': chunk.text})}\n\n"
+                # One event per token, even when the engine hands over several that
+                # came due together (it does when this loop reads late).
+                pieces = _TOKEN.findall(chunk.text) if chunk.tokens > 1 else [chunk.text]
+                for text in pieces:
+                    if text:
+                        yield f"event: text_chunk\ndata: {json.dumps({'text': text})}\n\n"
                 finish = chunk.finish_reason or finish
             yield f"event: end_stream\ndata: {json.dumps({'finish_reason': finish})}\n\n"
 

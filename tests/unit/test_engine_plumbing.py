@@ -74,6 +74,39 @@ def test_coalesce_does_not_spin_on_uvloops_early_timers() -> None:
     assert asks <= 3 * batches
 
 
+async def test_coalesce_reads_a_paced_source_once_per_batch() -> None:
+    # The fake engine decodes on its own schedule (200 tokens/s): the pump leaves it
+    # unread until a batch is due, then gets every token due so far in one chunk.
+    engine = FakeEngine(
+        ModelConfig(name="fake", engine="fake", fake={"reply_tokens": 40, "tokens_per_second": 200})
+    )
+    reads = 0
+
+    async def counted() -> AsyncIterator[Chunk]:
+        nonlocal reads
+        async for chunk in engine.stream(request()):
+            reads += 1
+            yield chunk
+
+    batches = [
+        b async for b in coalesce(counted(), max_tokens=256, max_delay=0.05, runs_ahead=True)
+    ]
+    eager = [c async for c in engine.stream(request())]
+    assert "".join(c.text for b in batches for c in b) == "".join(c.text for c in eager)
+    assert sum(c.tokens for b in batches for c in b) == 40
+    assert len(batches) <= 12  # 200 ms of tokens in 50 ms batches, not one per token
+    assert reads <= 2 * len(batches) + 2  # not one read per token (41 chunks read eagerly)
+
+
+async def test_coalesce_reads_other_sources_eagerly() -> None:
+    # A source that starts each chunk's 10 ms only when read: leaving it unread for
+    # 50 ms would send one token per batch.
+    chunks = [Chunk("text", "x") for _ in range(20)]
+    batches = [b async for b in coalesce(paced(chunks, 0.01), max_tokens=256, max_delay=0.05)]
+    assert sum(c.tokens for b in batches for c in b) == 20
+    assert len(batches) <= 10
+
+
 def test_delay_grows_with_the_streams_a_replica_carries() -> None:
     config = CoalesceConfig(max_delay_ms=20, max_messages_per_s=3000, max_delay_under_load_ms=60)
     assert delay_for_load(config, 0) == 0.02

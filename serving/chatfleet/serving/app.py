@@ -116,6 +116,7 @@ class EngineDeployment:
             ),
             max_tokens=self._coalescing.max_tokens,
             max_delay=lambda: delay_for_load(self._coalescing, self._stats["active"]),
+            runs_ahead=self._engine.runs_ahead,
         )
         try:
             async for batch in batches:

@@ -116,6 +116,7 @@ class LocalEngineClient:
             ),
             max_tokens=self.coalescing.max_tokens,
             max_delay=self.coalescing.max_delay_ms / 1000,
+            runs_ahead=self.engine.runs_ahead,
         )
 
     async def is_ready(self) -> bool:

@@ -26,6 +26,17 @@ class Engine(abc.ABC):
     def name(self) -> str:
         return self.model.name
 
+    @property
+    def runs_ahead(self) -> bool:
+        """Whether the engine goes on generating while nobody reads its stream.
+
+        True of anything that decodes on its own (a GPU, a thread, a remote server):
+        `coalesce` may then leave the stream unread until a batch is due and take
+        what piled up in one go. An engine that only computes a chunk when asked
+        says False, and is read eagerly.
+        """
+        return True
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open connections. Called once before any `stream`."""
 

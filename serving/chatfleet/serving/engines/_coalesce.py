@@ -1,16 +1,22 @@
 """Batch a token stream into messages before it crosses a Ray handle.
 
-Every message through a Ray Serve streaming handle costs about 0.5-1 ms of CPU,
-so an engine that yields one chunk per token caps a replica at a few hundred
-tokens/s. `coalesce` merges consecutive chunks of the same kind until either
-``max_tokens`` are pending or the oldest pending one is ``max_delay`` old. The
-first chunk of a stream goes out at once: batching must not add to the time to
-first token. ``max_delay`` may be a function, asked at every wait: an engine
-replica lengthens it under load (`delay_for_load`).
+Every message through a Ray Serve streaming handle costs about 0.1 ms of CPU on
+each side, so an engine that yields one chunk per token caps a replica at a few
+thousand tokens/s. `coalesce` merges consecutive chunks of the same kind into
+batches, like Nagle's algorithm: a chunk goes out at once when nothing went out
+in the last ``max_delay`` seconds, otherwise it waits until ``max_delay`` after
+the previous batch, or until ``max_tokens`` are pending. So no token waits more
+than ``max_delay``, a slow stream's tokens are not held at all, and a stream
+sends at most one message per ``max_delay``. The first chunk and the last one
+(with a finish reason) always go out at once. ``max_delay`` may be a function,
+asked once per batch: an engine replica lengthens it under load (`delay_for_load`).
 
-One pump task per stream reads the engine; the consumer wakes once per batch,
-not once per token (a task and a wait per token cost ~10 µs of CPU each, more
-than a fast engine spends on the token itself).
+One pump task per stream reads the engine, and the consumer wakes once per batch.
+A source that runs ahead (it goes on decoding while unread: a GPU, a generation
+thread, a remote server, `FakeEngine` at a set tokens/s) is not read again until
+the batch is due: the pump sleeps once per batch instead of waking for every
+token, and takes what piled up when it wakes. Any other source is read eagerly,
+and its batch goes out when due even if the source then stalls.
 """
 
 from __future__ import annotations
@@ -21,12 +27,6 @@ from collections.abc import AsyncIterator, Callable
 
 from chatfleet.serving.config import CoalesceConfig
 from chatfleet.serving.protocol import Chunk
-
-# uvloop (Serve's throughput mode runs it) keeps timers on a 1 ms clock and may fire
-# one up to a millisecond early; waiting again for the remainder then spins the loop
-# with zero timeouts (at 64 streams it tripled a replica's CPU). A batch that is due
-# within this margin goes out now.
-_TIMER_SLACK_S = 0.001
 
 
 def delay_for_load(config: CoalesceConfig, active_streams: int) -> float:
@@ -58,29 +58,35 @@ def _merge(pending: list[Chunk]) -> list[Chunk]:
 
 
 class _Pump:
-    """Reads ``source`` into ``pending``; pauses while a full batch awaits delivery."""
+    """Reads ``source`` into ``pending`` and tells the consumer when a batch is due."""
 
-    def __init__(self, source: AsyncIterator[Chunk], max_tokens: int) -> None:
+    def __init__(
+        self,
+        source: AsyncIterator[Chunk],
+        max_tokens: int,
+        max_delay: Callable[[], float],
+        lazy: bool,
+    ) -> None:
         self.source = source
+        self.lazy = lazy
         self.max_tokens = max_tokens
+        self.max_delay = max_delay
         self.pending: list[Chunk] = []
         self.tokens = 0
-        self.first_at = 0.0
-        self.full = False  # deliver now: count reached, stream end, or first chunk
+        self.due_at = 0.0  # loop time before which a new batch waits (last batch + delay)
         self.delivered_any = False
         self.done = False
         self.error: Exception | None = None
-        self.wake = asyncio.Event()  # set on: first pending chunk, full, done
-        self.room = asyncio.Event()  # clear while a full batch waits
+        self.ready = asyncio.Event()  # the consumer's wake-up: a batch is due, or the end
+        self.room = asyncio.Event()  # cleared while a batch that must go first waits
         self.room.set()
+        self.timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             async for chunk in self.source:
-                if not self.pending:
-                    self.first_at = loop.time()
-                    self.wake.set()
+                now = loop.time()
                 self.pending.append(chunk)
                 self.tokens += chunk.tokens
                 if (
@@ -88,22 +94,36 @@ class _Pump:
                     or self.tokens >= self.max_tokens
                     or chunk.finish_reason is not None
                 ):
-                    self.full = True
-                    self.wake.set()
+                    # Out at once, and alone: the first token, a full batch, the end.
+                    self.ready.set()
                     self.room.clear()
                     await self.room.wait()
+                elif now >= self.due_at:
+                    # Due now: the consumer takes it (with whatever the source yields
+                    # before it next makes the pump wait).
+                    self.ready.set()
+                elif self.lazy:
+                    # Early, from a source that runs ahead: read it again when due.
+                    await asyncio.sleep(self.due_at - now)
+                    self.ready.set()
+                elif self.timer is None:
+                    # Read on, but the batch goes when due even if the source stalls.
+                    self.timer = loop.call_at(self.due_at, self.ready.set)
         except Exception as exc:
             self.error = exc
         finally:
             self.done = True
-            self.wake.set()
+            self.ready.set()
 
     def take(self) -> list[Chunk]:
         batch = _merge(self.pending)
         self.pending = []
         self.tokens = 0
-        self.full = False
         self.delivered_any = True
+        self.due_at = asyncio.get_running_loop().time() + self.max_delay()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.room.set()
         return batch
 
@@ -113,34 +133,36 @@ async def coalesce(
     *,
     max_tokens: int = 256,
     max_delay: float | Callable[[], float] = 0.02,
+    runs_ahead: bool = False,
 ) -> AsyncIterator[list[Chunk]]:
     """Yield lists of chunks from ``source``: the flushed batches.
+
+    ``runs_ahead``: the source goes on producing while unread (`Engine.runs_ahead`),
+    so it is left unread until a batch is due.
 
     An engine error is raised after the text produced before it has been
     delivered. Closing the returned generator stops the pump and closes
     ``source``, so the engine stops generating.
     """
-    loop = asyncio.get_running_loop()
-    pump = _Pump(source, max_tokens)
+    if callable(max_delay):
+        delay = max_delay
+    else:
+        fixed = max_delay
+
+        def delay() -> float:
+            return fixed
+
+    pump = _Pump(source, max_tokens, delay, runs_ahead)
     task = asyncio.create_task(pump.run())
     try:
         while True:
-            if not pump.pending:
-                if pump.done:
-                    break
-                pump.wake.clear()
-                await pump.wake.wait()
-                continue
-            if not (pump.full or pump.done):
-                delay = max_delay() if callable(max_delay) else max_delay
-                remaining = pump.first_at + delay - loop.time()
-                if remaining > _TIMER_SLACK_S:
-                    pump.wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(remaining):
-                            await pump.wake.wait()
-                    continue
-            yield pump.take()
+            if not pump.done:
+                await pump.ready.wait()
+                pump.ready.clear()
+            if pump.pending:
+                yield pump.take()
+            elif pump.done:
+                break
         if pump.error is not None:
             raise pump.error
     finally:

@@ -42,6 +42,11 @@ class FakeEngine(Engine):
         self.cancelled: list[str] = []
         self.active = 0
 
+    @property
+    def runs_ahead(self) -> bool:
+        # Paced, it decodes on its schedule; at full speed, a token is computed when asked.
+        return self.settings.tokens_per_second > 0
+
     def words(self, request: GenerationRequest, count: int, *, offset: int = 0) -> list[str]:
         last = request.messages[-1].content if request.messages else ""
         digest = hashlib.sha256(f"{self.settings.seed}:{last}".encode()).digest()
@@ -64,16 +69,32 @@ class FakeEngine(Engine):
             if s.time_to_first_token_s:
                 await asyncio.sleep(s.time_to_first_token_s)
             first = clock()
-            for i, (kind, word) in enumerate(plan):
+            i = 0
+            while i < len(plan):
                 if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
                     raise EngineError(f"fake engine failure after {emitted} tokens")
+                end = i + 1
                 if delay and i:
-                    await asyncio.sleep(max(0.0, first + i * delay - clock()))
+                    wait = first + i * delay - clock()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    # Every token due by now goes in this chunk: a reader that comes
+                    # late gets them together, as vLLM merges the outputs a slow
+                    # reader has not taken yet.
+                    end = max(end, min(int((clock() - first) / delay) + 1, len(plan)))
+                    if s.fail_after_tokens is not None:
+                        end = min(end, i + s.fail_after_tokens - emitted)
                 elif not delay and i % 64 == 63:
                     await asyncio.sleep(0)  # stay cancellable at full speed
-                emitted += 1
+                kind, word = plan[i]
                 text = word if i == 0 or plan[i - 1][0] != kind else " " + word
-                yield Chunk(kind=kind, text=text)  # type: ignore[arg-type]
+                count = 1
+                while i + count < end and plan[i + count][0] == kind:
+                    text += " " + plan[i + count][1]
+                    count += 1
+                emitted += count
+                i += count
+                yield Chunk(kind=kind, text=text, tokens=count)  # type: ignore[arg-type]
             if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
                 raise EngineError(f"fake engine failure after {emitted} tokens")
             yield Chunk(
