@@ -2,7 +2,8 @@
 
 Usage: ``python bench/_load_client.py SPEC_JSON``. SPEC keys: ``host``, ``port``,
 ``path``, ``body`` (JSON object sent as the POST body; ``prompt`` gets a per-request
-suffix), ``concurrency``, ``warmup_s``, ``duration_s``, ``read_timeout_s``, ``result_path``.
+suffix), ``concurrency``, ``warmup_s``, ``duration_s``, ``read_timeout_s``, ``result_path``,
+``ramp_s`` (the workers start evenly spread over it; default 0.1).
 
 Each of ``concurrency`` workers keeps one HTTP/1.1 keep-alive connection (raw
 asyncio streams, no HTTP library) and sends requests back to back until the
@@ -187,12 +188,13 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
     duration = float(spec["duration_s"])
     win = Window(loop_start + warmup, loop_start + warmup + duration)
     concurrency = int(spec["concurrency"])
-    # Stagger the start over 100 ms so streams do not all tick in phase.
+    # Stagger the starts over ramp_s so streams do not all tick in phase.
+    ramp = float(spec.get("ramp_s", 0.1))
     tasks = []
     for i in range(concurrency):
         tasks.append(asyncio.create_task(_worker(i, spec, win, win.end)))
         if concurrency > 1:
-            await asyncio.sleep(0.1 / concurrency)
+            await asyncio.sleep(ramp / concurrency)
     await asyncio.sleep(max(0.0, win.start - time.perf_counter()))
     cpu0 = _cpu()
     print("START", flush=True)
