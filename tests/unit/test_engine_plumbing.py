@@ -98,6 +98,31 @@ async def test_coalesce_reads_a_paced_source_once_per_batch() -> None:
     assert reads <= 2 * len(batches) + 2  # not one read per token (41 chunks read eagerly)
 
 
+async def test_coalesce_does_not_hold_the_end_of_a_stream_cut_at_its_limit() -> None:
+    # 40 tokens at 200/s take 0.2 s; batches may wait 5 s. Once the stream is due to
+    # reach its max_tokens within the batch, the pump reads on, and the end goes out
+    # as it comes instead of 5 s later.
+    engine = FakeEngine(
+        ModelConfig(name="fake", engine="fake", fake={"reply_tokens": 40, "tokens_per_second": 200})
+    )
+
+    async def run(limit: int | None) -> list[list[Chunk]]:
+        stream = coalesce(
+            engine.stream(request(max_tokens=40)),
+            max_tokens=256,
+            max_delay=5,
+            runs_ahead=True,
+            limit=limit,
+        )
+        return [b async for b in stream]
+
+    batches = await asyncio.wait_for(run(40), timeout=2.5)
+    assert sum(c.tokens for b in batches for c in b) == 40
+    assert batches[-1][-1].finish_reason == "stop"
+    with pytest.raises(TimeoutError):  # without the limit, the end waits for the batch
+        await asyncio.wait_for(run(None), timeout=2.5)
+
+
 async def test_coalesce_reads_other_sources_eagerly() -> None:
     # A source that starts each chunk's 10 ms only when read: leaving it unread for
     # 50 ms would send one token per batch.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
+
+import pytest
 
 from chatfleet.serving.api import Metrics
 
@@ -84,3 +87,53 @@ def test_without_a_mirror_only_the_registry_records() -> None:
     metrics.errors.labels("not_found").inc()
     assert metrics.registry.get_sample_value("chatfleet_errors_total", {"code": "not_found"}) == 1
     assert b"chatfleet_errors_total" in metrics.render()
+
+
+class _RayMetric:
+    """Stands in for ray.serve.metrics' Counter/Gauge/Histogram: keeps the calls."""
+
+    calls: list[tuple[str, str, float, dict[str, str]]] = []
+
+    def __init__(self, name: str, **_: object) -> None:
+        self.name = name
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("inc", self.name, value, dict(tags)))
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("set", self.name, value, dict(tags)))
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("observe", self.name, value, dict(tags)))
+
+
+def test_ray_mirror_sums_counters_between_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatfleet.serving import app
+
+    fake = types.SimpleNamespace(Counter=_RayMetric, Gauge=_RayMetric, Histogram=_RayMetric)
+    monkeypatch.setattr(app, "serve_metrics", fake)
+    monkeypatch.setattr(_RayMetric, "calls", [])
+    mirror = app.RayMetricsMirror(refresh_s=3600)  # flushed by hand below
+    metrics = Metrics(mirror=mirror)
+    out = metrics.tokens.labels("m", "output")
+    for _ in range(3):
+        out.inc(5)
+    metrics.tokens.labels("m", "input").inc(7)
+    metrics.time_to_first_token.labels("m").observe(0.2)  # histograms: at once
+    assert [c[0] for c in _RayMetric.calls] == ["observe"]
+    mirror.flush()
+    incs = [c[1:] for c in _RayMetric.calls if c[0] == "inc"]
+    assert sorted(incs, key=str) == sorted(
+        [
+            ("chatfleet_tokens_total", 15, {"model": "m", "type": "output"}),
+            ("chatfleet_tokens_total", 7, {"model": "m", "type": "input"}),
+        ],
+        key=str,
+    )
+    _RayMetric.calls.clear()
+    out.inc(2)
+    mirror.flush()
+    mirror.flush()  # nothing new: nothing added
+    assert [c[1:] for c in _RayMetric.calls if c[0] == "inc"] == [
+        ("chatfleet_tokens_total", 2, {"model": "m", "type": "output"})
+    ]

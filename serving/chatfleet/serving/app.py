@@ -117,6 +117,7 @@ class EngineDeployment:
             max_tokens=self._coalescing.max_tokens,
             max_delay=lambda: delay_for_load(self._coalescing, self._stats["active"]),
             runs_ahead=self._engine.runs_ahead,
+            limit=request.max_tokens,
         )
         try:
             async for batch in batches:
@@ -425,20 +426,38 @@ class RayMetricsMirror:
     per-replica series a cluster scrapes (the operator's ServiceMonitor strips the
     ``ray_`` prefix, so dashboards see the same names as ``/metrics``).
 
-    Ray's agent drops a gauge series that was not set again within two report
-    intervals, so a thread sets every gauge's current value again each second
-    (an open WebSocket changes its gauge once, yet must stay visible).
+    A thread does the Ray calls that can wait, once a second: counters are summed in
+    process and added then (a Ray metric call costs microseconds, and a stream adds to
+    its token counter with every batch), and gauges are set again then, because Ray's
+    agent drops a gauge series that was not set within two report intervals (an open
+    WebSocket changes its gauge once, yet must stay visible). Histograms are recorded
+    at once.
     """
 
     def __init__(self, refresh_s: float = 1.0) -> None:
         self._refresh_s = refresh_s
         self._gauges: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float]] = {}
+        # (id(metric), id(tags)) -> [metric, tags, sum]; the tags dict of a cached
+        # series is the same object at every call.
+        self._counts: dict[tuple[int, int], list[Any]] = {}
         self._lock = threading.Lock()
         self._refresher: threading.Thread | None = None
 
     def counter(self, name: str, doc: str, labels: Sequence[str]) -> _Record:
         metric = serve_metrics.Counter(name, description=doc, tag_keys=_tag_keys(labels))
-        return lambda value, tags: metric.inc(value, tags)
+        counts, lock = self._counts, self._lock
+
+        def record(value: float, tags: dict[str, str]) -> None:
+            key = (id(metric), id(tags))
+            with lock:
+                entry = counts.get(key)
+                if entry is None:
+                    counts[key] = [metric, tags, value]
+                else:
+                    entry[2] += value
+
+        self._start_refresher()
+        return record
 
     def histogram(
         self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
@@ -456,20 +475,31 @@ class RayMetricsMirror:
                 self._gauges[(id(metric), tuple(tags.items()))] = (metric, value)
             metric.set(value, tags)
 
-        if self._refresher is None:
-            self._refresher = threading.Thread(
-                target=self._refresh, name="chatfleet-gauges", daemon=True
-            )
-            self._refresher.start()
+        self._start_refresher()
         return record
 
-    def _refresh(self) -> None:
+    def _start_refresher(self) -> None:
+        if self._refresher is None:
+            self._refresher = threading.Thread(
+                target=self._refresh_forever, name="chatfleet-metrics", daemon=True
+            )
+            self._refresher.start()
+
+    def _refresh_forever(self) -> None:
         while True:
             time.sleep(self._refresh_s)
-            with self._lock:
-                current = list(self._gauges.items())
-            for (_, tags), (metric, value) in current:
-                metric.set(value, dict(tags))
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the summed counters to Ray's, and set every gauge again."""
+        with self._lock:
+            counts = list(self._counts.values())
+            self._counts.clear()
+            gauges = list(self._gauges.items())
+        for metric, tags, total in counts:
+            metric.inc(total, dict(tags))
+        for (_, tags), (metric, value) in gauges:
+            metric.set(value, dict(tags))
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)

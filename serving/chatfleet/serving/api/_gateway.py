@@ -117,6 +117,7 @@ class LocalEngineClient:
             max_tokens=self.coalescing.max_tokens,
             max_delay=self.coalescing.max_delay_ms / 1000,
             runs_ahead=self.engine.runs_ahead,
+            limit=request.max_tokens,
         )
 
     async def is_ready(self) -> bool:

@@ -15,8 +15,10 @@ One pump task per stream reads the engine, and the consumer wakes once per batch
 A source that runs ahead (it goes on decoding while unread: a GPU, a generation
 thread, a remote server, `FakeEngine` at a set tokens/s) is not read again until
 the batch is due: the pump sleeps once per batch instead of waking for every
-token, and takes what piled up when it wakes. Any other source is read eagerly,
-and its batch goes out when due even if the source then stalls.
+token, and takes what piled up when it wakes; near the request's max_tokens it
+is read eagerly again, so an answer cut at its length is not held at its end (one
+that stops on its own may be, by up to ``max_delay``). Any other source is read
+eagerly, and its batch goes out when due even if the source then stalls.
 """
 
 from __future__ import annotations
@@ -66,9 +68,13 @@ class _Pump:
         max_tokens: int,
         max_delay: Callable[[], float],
         lazy: bool,
+        limit: int | None,
     ) -> None:
         self.source = source
         self.lazy = lazy
+        self.limit = limit
+        self.read = 0  # tokens read from the source so far
+        self.first_read_at = 0.0
         self.max_tokens = max_tokens
         self.max_delay = max_delay
         self.pending: list[Chunk] = []
@@ -87,6 +93,9 @@ class _Pump:
         try:
             async for chunk in self.source:
                 now = loop.time()
+                if not self.read:
+                    self.first_read_at = now
+                self.read += chunk.tokens
                 self.pending.append(chunk)
                 self.tokens += chunk.tokens
                 if (
@@ -102,7 +111,7 @@ class _Pump:
                     # Due now: the consumer takes it (with whatever the source yields
                     # before it next makes the pump wait).
                     self.ready.set()
-                elif self.lazy:
+                elif self.lazy and not self.ends_before(self.due_at, now):
                     # Early, from a source that runs ahead: read it again when due.
                     await asyncio.sleep(self.due_at - now)
                     self.ready.set()
@@ -114,6 +123,17 @@ class _Pump:
         finally:
             self.done = True
             self.ready.set()
+
+    def ends_before(self, when: float, now: float) -> bool:
+        """Whether, at its pace so far, the stream reaches its token limit by ``when``.
+
+        Such a stream is read eagerly from then on, so its end is not held back.
+        """
+        elapsed = now - self.first_read_at
+        if self.limit is None or self.read < 2 or elapsed <= 0:
+            return False
+        rate = (self.read - 1) / elapsed
+        return self.read + rate * (when - now) >= self.limit
 
     def take(self) -> list[Chunk]:
         batch = _merge(self.pending)
@@ -134,11 +154,14 @@ async def coalesce(
     max_tokens: int = 256,
     max_delay: float | Callable[[], float] = 0.02,
     runs_ahead: bool = False,
+    limit: int | None = None,
 ) -> AsyncIterator[list[Chunk]]:
     """Yield lists of chunks from ``source``: the flushed batches.
 
     ``runs_ahead``: the source goes on producing while unread (`Engine.runs_ahead`),
-    so it is left unread until a batch is due.
+    so it is left unread until a batch is due; ``limit`` (the request's max_tokens):
+    once the stream is due to reach it within a batch, it is read eagerly, so an
+    answer cut at its length ends without waiting for the batch.
 
     An engine error is raised after the text produced before it has been
     delivered. Closing the returned generator stops the pump and closes
@@ -152,7 +175,7 @@ async def coalesce(
         def delay() -> float:
             return fixed
 
-    pump = _Pump(source, max_tokens, delay, runs_ahead)
+    pump = _Pump(source, max_tokens, delay, runs_ahead, limit)
     task = asyncio.create_task(pump.run())
     try:
         while True:
