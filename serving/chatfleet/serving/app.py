@@ -14,11 +14,13 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 from fastapi import FastAPI
 from opentelemetry.trace import SpanKind
 from ray import serve
@@ -52,6 +54,7 @@ from chatfleet.serving.protocol import (
     GenerationRequest,
     Message,
 )
+from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
 from chatfleet.serving.store import Store
 
@@ -102,12 +105,20 @@ class EngineDeployment:
         )
         self._tracer = telemetry.get_tracer(provider)
         self._engine = create_engine(model)
+        self._links = Links()
         self._coalescing = coalescing
         self._stats = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0}
         await self._engine.start()
         logger.info("engine %s (%s) ready", model.name, model.engine)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
+    async def generate(
+        self,
+        request: GenerationRequest,
+        relay: RelayAddress | None = None,
+        relay_key: str = "",
+    ) -> AsyncIterator[list[Chunk] | int]:
+        """Batches of ``request``'s answer; with ``relay``, sent on the token relay
+        instead, and then only their count is yielded (see `chatfleet.serving.relay`)."""
         self._stats["active"] += 1
         outcome = "completed"
         batches = coalesce(
@@ -119,9 +130,13 @@ class EngineDeployment:
             runs_ahead=self._engine.runs_ahead,
             limit=request.max_tokens,
         )
+        link = await self._links.get(relay) if relay is not None else None
+        source: AsyncIterator[list[Chunk] | int] = (
+            batches if link is None else relay_batches(link, relay_key, batches)
+        )
         try:
-            async for batch in batches:
-                yield batch
+            async for message in source:
+                yield message
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
             raise
@@ -135,6 +150,8 @@ class EngineDeployment:
         finally:
             self._stats["active"] -= 1
             self._stats[outcome] += 1
+            if source is not batches:
+                await source.aclose()  # type: ignore[attr-defined]
             await batches.aclose()  # type: ignore[attr-defined]
 
     async def ready(self) -> bool:
@@ -381,17 +398,27 @@ class HandleRouterClient:
 class HandleEngineClient:
     """The ingress's view of an `EngineDeployment`: one streaming handle call."""
 
-    def __init__(self, handle: Handle, ready_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, handle: Handle, ready_timeout_s: float = 5.0, relay: Relay | None = None
+    ) -> None:
         handle = _local_transport(handle)
         self._stream = handle.options(stream=True)
         self._handle = handle
         self._ready_timeout_s = ready_timeout_s
+        self._relay = relay
 
     async def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
-        response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
+        if self._relay is None:
+            response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
+            source: AsyncIterator[list[Chunk]] = response
+        else:
+            address = await self._relay.start()
+            key = uuid.uuid4().hex
+            response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
+            source = self._relay.receive(key, response)
         finished = False
         try:
-            async for batch in response:
+            async for batch in source:
                 yield batch
             finished = True
         except RayTaskError as exc:
@@ -399,10 +426,14 @@ class HandleEngineClient:
             if cause is None:
                 raise EngineError(f"model {request.model} failed") from exc
             raise cause from None
+        except ConnectionError as exc:
+            raise EngineError(f"model {request.model} failed: {exc}") from exc
         finally:
             if not finished:
                 # The client went away (or we failed): stop the engine's generation.
                 response.cancel()  # type: ignore[no-untyped-call]
+                if source is not response:
+                    await source.aclose()  # type: ignore[attr-defined]
 
     async def is_ready(self) -> bool:
         ready: bool = await asyncio.wait_for(
@@ -518,6 +549,8 @@ class Ingress:
         logging.basicConfig(level=logging.INFO)
         _favour_the_event_loop()
         routing = HandleRouterClient(router, classifier, compressor)
+        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        relay = Relay(node_ip) if config.coalesce.relay else None
         # Opened (and migrated) by the app's lifespan. Sessions run in this replica:
         # their live events reach its /ws subscribers only; the database is shared.
         store = Store(config.store)
@@ -527,7 +560,7 @@ class Ingress:
             auth = Authenticator.from_config(config.auth, store, data_dir=config.store.data_dir)
         self._app = create_app(
             config,
-            {name: HandleEngineClient(handle) for name, handle in engines.items()},
+            {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
             router=routing if router is not None else None,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,

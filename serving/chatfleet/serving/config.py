@@ -262,13 +262,16 @@ class ModelConfig(_Model):
 
 
 class CoalesceConfig(_Model):
-    """How engines batch tokens into messages before they cross a Ray handle.
+    """How engines batch tokens into messages on their way to the ingress.
 
-    A streamed message through Ray costs about 1 ms of CPU, so one message per
-    token caps a replica at a few hundred tokens/s; batching lifts that cap. The
-    delay bounds what a paced (GPU-speed) stream waits; the count only matters for
-    bursts, where everything is ready at once and fewer, larger messages cost less
-    (256 rather than 64 took bench/gateway.py from 0.72x to 1.5x the naive server).
+    Every message from an engine replica to the ingress costs CPU on both sides
+    (about 0.1 ms each through a Serve handle, a few µs on the token relay), so one
+    message per token caps a replica at a few thousand tokens/s; batching lifts that
+    cap. Batching is Nagle-like: a token goes out at once when nothing went out in
+    the last ``max_delay_ms``, otherwise with the next batch, at most that long after
+    the previous one. The count only matters for bursts, where everything is ready at
+    once and fewer, larger messages cost less (256 rather than 64 took
+    bench/gateway.py from 0.72x to 1.5x the naive server).
     """
 
     max_tokens: int = Field(
@@ -278,7 +281,11 @@ class CoalesceConfig(_Model):
         description="Flush after this many tokens (the first token is always sent alone).",
     )
     max_delay_ms: float = Field(
-        20.0, ge=0, le=1000, description="Flush when the oldest pending token is this old."
+        20.0,
+        ge=0,
+        le=1000,
+        description="A stream's next batch goes out at most this long after its previous one"
+        " (a token after a quiet spell goes at once).",
     )
     max_messages_per_s: int = Field(
         3000,
@@ -294,6 +301,16 @@ class CoalesceConfig(_Model):
         ge=0,
         le=1000,
         description="The longest a token waits however loaded the replica (at least max_delay_ms).",
+    )
+
+    relay: bool = Field(
+        True,
+        description="Send engine batches to the ingress on the token relay (one TCP link per"
+        " engine and ingress replica pair, shared by their streams, on a random port of the"
+        " ingress pod) instead of one Serve handle message each; requests, errors and"
+        " cancellation still go through the handle, and so do batches when the link cannot be"
+        " opened. Off: everything goes through the handle (e.g. behind a NetworkPolicy that"
+        " allows only Ray's ports).",
     )
 
     @model_validator(mode="after")

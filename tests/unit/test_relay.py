@@ -1,0 +1,186 @@
+"""The token relay on loopback: a real listening socket, real links, many streams."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chatfleet.serving import relay as relay_module
+from chatfleet.serving.errors import EngineError
+from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
+
+
+def answer(stream: int, n: int) -> list[list[Chunk]]:
+    batches = [[Chunk("text", f"s{stream}t{i} "), Chunk("thinking", "hm", 2)] for i in range(n)]
+    batches.append([Chunk("text", "", 0, "stop", Usage(3, 3 * n))])
+    return batches
+
+
+async def source(
+    batches: list[list[Chunk]], fail_after: int | None = None
+) -> AsyncIterator[list[Chunk]]:
+    for i, batch in enumerate(batches):
+        if i == fail_after:
+            raise EngineError("the engine broke")
+        await asyncio.sleep(0)
+        yield batch
+
+
+async def engine_call(
+    links: Links, address: RelayAddress, key: str, batches: AsyncIterator[list[Chunk]]
+) -> AsyncIterator[list[Chunk] | int]:
+    """What `EngineDeployment.generate` yields on the handle: batches, or one count."""
+    link = await links.get(address)
+    if link is None:
+        async for batch in batches:
+            yield batch
+        return
+    async for count in relay_batches(link, key, batches):
+        yield count
+
+
+async def test_batches_of_many_streams_share_one_link_and_arrive_in_order() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links = Links()
+    sent = {i: answer(i, 50) for i in range(20)}
+
+    async def one(i: int) -> list[list[Chunk]]:
+        key = uuid.uuid4().hex
+        return [
+            b async for b in relay.receive(key, engine_call(links, address, key, source(sent[i])))
+        ]
+
+    got = await asyncio.gather(*(one(i) for i in range(20)))
+    assert got == [sent[i] for i in range(20)]
+    assert len(links._links) == 1
+    await relay.close()
+
+
+async def test_a_link_with_the_wrong_secret_delivers_nothing() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    forged = RelayAddress(address.host, address.port, "not-the-secret")
+    key = uuid.uuid4().hex
+
+    async def handle() -> AsyncIterator[list[Chunk] | int]:
+        link = await Links().get(forged)
+        assert link is not None
+        async for count in relay_batches(link, key, source(answer(0, 3))):
+            yield count
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(relay_module, "SETTLE_S", 0.3)
+        # The relay hangs up: the engine's call fails, or the ingress gives up waiting.
+        with pytest.raises(ConnectionError):
+            async for _ in relay.receive(key, handle()):
+                pytest.fail("a batch came through a link with the wrong secret")
+    await relay.close()
+
+
+async def test_an_unreachable_relay_falls_back_to_the_handle() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    await relay.close()
+    await asyncio.sleep(0.05)
+    links = Links(connect_timeout_s=0.5)
+    key = uuid.uuid4().hex
+    sent = answer(0, 5)
+    live = Relay("127.0.0.1")  # receives, but the engine cannot reach `address`
+    got = [b async for b in live.receive(key, engine_call(links, address, key, source(sent)))]
+    assert got == sent
+    assert await links.get(address) is None  # remembered: no second connect attempt
+
+
+async def test_an_engine_failure_arrives_after_the_batches_before_it() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    key = uuid.uuid4().hex
+    sent = answer(0, 10)
+    got: list[list[Chunk]] = []
+    with pytest.raises(EngineError, match="broke"):
+        async for batch in relay.receive(
+            key, engine_call(Links(), address, key, source(sent, fail_after=4))
+        ):
+            got.append(batch)
+    assert got == sent[:4]
+    await relay.close()
+
+
+async def test_a_receiver_that_stops_early_leaves_the_link_serving_others() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links = Links()
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    stream = relay.receive(first, engine_call(links, address, first, source(answer(0, 100))))
+    assert await anext(stream) == answer(0, 100)[0]
+    await stream.aclose()  # the client went away
+    assert first not in relay._streams
+    sent = answer(1, 30)
+    got = [
+        b async for b in relay.receive(second, engine_call(links, address, second, source(sent)))
+    ]
+    assert got == sent
+    await relay.close()
+
+
+async def test_a_link_lost_midway_is_reported_not_hung() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links = Links()
+    key = uuid.uuid4().hex
+
+    async def handle() -> AsyncIterator[list[Chunk] | int]:
+        link = await links.get(address)
+        assert link is not None
+        link.send(key, relay_module.encode_batch(answer(0, 1)[0]))
+        await link.drain()
+        link._writer.close()  # the ingress node went away under the engine
+        await asyncio.sleep(0.05)
+        async for count in relay_batches(link, key, source(answer(0, 5))):
+            yield count
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(relay_module, "SETTLE_S", 0.3)
+        with pytest.raises(ConnectionError):
+            async for _ in relay.receive(key, handle()):
+                pass
+    assert await links.get(address) is not None  # a broken link is replaced
+    await relay.close()
+
+
+def test_frames_are_json_not_pickles() -> None:
+    batch = answer(7, 2)[-1] + answer(7, 2)[0]
+    encoded = relay_module.encode_batch(batch)
+    import json
+
+    assert relay_module.decode_batch(json.loads(json.dumps(encoded))) == batch
+
+
+async def test_a_failure_is_raised_even_when_its_error_lags_the_relay() -> None:
+    # The relay may deliver every item, the failure marker included, before the
+    # handle call's error arrives: the stream must wait for it, not end cleanly.
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    key = uuid.uuid4().hex
+
+    async def slow_error() -> AsyncIterator[list[Chunk] | int]:
+        try:
+            async for message in engine_call(
+                Links(), address, key, source(answer(0, 5), fail_after=2)
+            ):
+                yield message
+        except EngineError:
+            await asyncio.sleep(0.2)
+            raise
+
+    got: list[list[Chunk]] = []
+    with pytest.raises(EngineError, match="broke"):
+        async for batch in relay.receive(key, slow_error()):
+            got.append(batch)
+    assert got == answer(0, 5)[:2]
+    await relay.close()
