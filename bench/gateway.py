@@ -913,12 +913,15 @@ def extract_revision(rev: str) -> Path:
 
 
 def coalescing(args: argparse.Namespace) -> dict[str, float]:
-    return {
+    config = {
         "max_tokens": args.coalesce_tokens,
         "max_delay_ms": args.coalesce_delay_ms,
         "max_messages_per_s": args.coalesce_messages_per_s,
         "max_delay_under_load_ms": max(args.coalesce_delay_ms, args.coalesce_delay_under_load_ms),
     }
+    if not args.relay:  # only when asked: a --rev from before the relay has no such field
+        config["relay"] = False
+    return config
 
 
 def app_config(args: argparse.Namespace) -> str:
@@ -1009,6 +1012,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=CoalesceConfig().max_delay_under_load_ms,
         help="AppConfig.coalesce.max_delay_under_load_ms (default: the app's)",
+    )
+    p.add_argument(
+        "--relay",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="AppConfig.coalesce.relay: 1 (the default) sends batches on the token relay,"
+        " 0 as Serve handle messages.",
     )
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress num_replicas.")
     p.add_argument("--engine-replicas", type=int, default=1, help="Fake models' num_replicas.")
@@ -1116,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
             f"config: coalesce max_tokens={args.coalesce_tokens}"
             f" max_delay_ms={args.coalesce_delay_ms:g}"
             f" max_messages_per_s={args.coalesce_messages_per_s}"
-            f" max_delay_under_load_ms={args.coalesce_delay_under_load_ms:g};"
+            f" max_delay_under_load_ms={args.coalesce_delay_under_load_ms:g}"
+            f" relay={args.relay};"
             f" ingress replicas {args.ingress_replicas}; engine replicas {args.engine_replicas};"
             f" engine max_ongoing_requests {args.engine_max_ongoing};"
             f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized};"
