@@ -184,3 +184,10 @@ async def test_a_failure_is_raised_even_when_its_error_lags_the_relay() -> None:
             got.append(batch)
     assert got == answer(0, 5)[:2]
     await relay.close()
+
+
+async def test_a_relay_that_cannot_listen_is_off_not_an_error() -> None:
+    relay = Relay("203.0.113.7")  # TEST-NET-3: no interface here has this address
+    assert await relay.start() is None
+    assert await relay.start() is None  # tried once
+    await relay.close()

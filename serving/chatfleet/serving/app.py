@@ -408,11 +408,11 @@ class HandleEngineClient:
         self._relay = relay
 
     async def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
-        if self._relay is None:
+        address = None if self._relay is None else await self._relay.start()
+        if self._relay is None or address is None:
             response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
             source: AsyncIterator[list[Chunk]] = response
         else:
-            address = await self._relay.start()
             key = uuid.uuid4().hex
             response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
             source = self._relay.receive(key, response)

@@ -96,12 +96,20 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._starting = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._unavailable = False
         self.address: RelayAddress | None = None
 
-    async def start(self) -> RelayAddress:
+    async def start(self) -> RelayAddress | None:
+        """The relay's address, listening from the first call on; None if it cannot listen
+        (then batches go on the handle)."""
         async with self._starting:
-            if self.address is None:
-                self._server = await asyncio.start_server(self._serve_link, self._bind, 0)
+            if self.address is None and not self._unavailable:
+                try:
+                    self._server = await asyncio.start_server(self._serve_link, self._bind, 0)
+                except OSError as exc:
+                    logger.warning("token relay off: cannot listen on %s (%s)", self._bind, exc)
+                    self._unavailable = True
+                    return None
                 port = self._server.sockets[0].getsockname()[1]
                 self.address = RelayAddress(self._host, port, self._secret)
         return self.address
