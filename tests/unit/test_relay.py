@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -61,7 +62,10 @@ async def test_batches_of_many_streams_share_one_link_and_arrive_in_order() -> N
     await relay.close()
 
 
-async def test_a_link_with_the_wrong_secret_delivers_nothing() -> None:
+async def test_a_link_with_the_wrong_secret_delivers_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "SETTLE_S", 0.3)
     relay = Relay("127.0.0.1")
     address = await relay.start()
     forged = RelayAddress(address.host, address.port, "not-the-secret")
@@ -73,12 +77,10 @@ async def test_a_link_with_the_wrong_secret_delivers_nothing() -> None:
         async for count in relay_batches(link, key, source(answer(0, 3))):
             yield count
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(relay_module, "SETTLE_S", 0.3)
-        # The relay hangs up: the engine's call fails, or the ingress gives up waiting.
-        with pytest.raises(ConnectionError):
-            async for _ in relay.receive(key, handle()):
-                pytest.fail("a batch came through a link with the wrong secret")
+    # The relay hangs up: the engine's call fails, or the ingress gives up waiting.
+    with pytest.raises(ConnectionError):
+        async for _ in relay.receive(key, handle()):
+            pytest.fail("a batch came through a link with the wrong secret")
     await relay.close()
 
 
@@ -128,7 +130,8 @@ async def test_a_receiver_that_stops_early_leaves_the_link_serving_others() -> N
     await relay.close()
 
 
-async def test_a_link_lost_midway_is_reported_not_hung() -> None:
+async def test_a_link_lost_midway_is_reported_not_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "SETTLE_S", 0.3)
     relay = Relay("127.0.0.1")
     address = await relay.start()
     links = Links()
@@ -144,11 +147,9 @@ async def test_a_link_lost_midway_is_reported_not_hung() -> None:
         async for count in relay_batches(link, key, source(answer(0, 5))):
             yield count
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(relay_module, "SETTLE_S", 0.3)
-        with pytest.raises(ConnectionError):
-            async for _ in relay.receive(key, handle()):
-                pass
+    with pytest.raises(ConnectionError):
+        async for _ in relay.receive(key, handle()):
+            pass
     assert await links.get(address) is not None  # a broken link is replaced
     await relay.close()
 
@@ -156,8 +157,6 @@ async def test_a_link_lost_midway_is_reported_not_hung() -> None:
 def test_frames_are_json_not_pickles() -> None:
     batch = answer(7, 2)[-1] + answer(7, 2)[0]
     encoded = relay_module.encode_batch(batch)
-    import json
-
     assert relay_module.decode_batch(json.loads(json.dumps(encoded))) == batch
 
 
