@@ -1,4 +1,4 @@
-"""Batch a token stream into messages before it crosses a Ray handle.
+"""Batch a token stream into messages on its way to the ingress (handle or relay).
 
 Every message through a Ray Serve streaming handle costs about 0.1 ms of CPU on
 each side, so an engine that yields one chunk per token caps a replica at a few
