@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 64 << 20
 _BACKLOG = 1 << 20  # bytes queued on a link before a stream waits for it to drain
-_END = "end"  # the stream's last relay item
 _FAIL = "fail"  # the engine failed: its error follows on the handle call
 #: How long the ingress waits for relay items in flight once the handle call has ended.
 SETTLE_S = 5.0
@@ -88,9 +87,8 @@ class _Stream:
 class Relay:
     """The ingress side: a listening socket and the streams waiting on it."""
 
-    def __init__(self, host: str, bind: str | None = None) -> None:
+    def __init__(self, host: str) -> None:
         self._host = host
-        self._bind = bind or host
         self._secret = secrets.token_urlsafe(24)
         self._streams: dict[str, _Stream] = {}
         self._server: asyncio.Server | None = None
@@ -105,9 +103,9 @@ class Relay:
         async with self._starting:
             if self.address is None and not self._unavailable:
                 try:
-                    self._server = await asyncio.start_server(self._serve_link, self._bind, 0)
+                    self._server = await asyncio.start_server(self._serve_link, self._host, 0)
                 except OSError as exc:
-                    logger.warning("token relay off: cannot listen on %s (%s)", self._bind, exc)
+                    logger.warning("token relay off: cannot listen on %s (%s)", self._host, exc)
                     self._unavailable = True
                     return None
                 port = self._server.sockets[0].getsockname()[1]
@@ -177,7 +175,7 @@ class Relay:
                 if source == "relay":
                     if item == _FAIL:
                         failed = True
-                    elif item != _END:
+                    else:
                         yield decode_batch(item)
                 elif source == "batch":
                     yield item
@@ -319,6 +317,5 @@ async def relay_batches(
             await link.drain()
             yield sent + 1
         raise
-    link.send(stream_id, _END)
-    await link.drain()
-    yield sent + 1
+    await link.drain()  # on the wire before the count goes on the handle
+    yield sent
