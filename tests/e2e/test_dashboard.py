@@ -5,7 +5,7 @@ store and paced fake engines, so the stream is slow enough to watch. Screenshots
 go to ``test-artifacts/`` (look at them: CI keeps them).
 
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never
-``playwright install``: the tests use the system browser); skipped without them.
+``playwright install``: the tests use the system browser); skipped without them (failed in CI).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from tests.fakes.required import missing
 
 from chatfleet.serving.api import LocalEngineClient, create_app
 from chatfleet.serving.auth import Authenticator, MemoryRevocationStore
@@ -31,11 +32,7 @@ from chatfleet.serving.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium", allow_module_level=True)
-pytest.importorskip(
-    "playwright.async_api",
-    reason="the Playwright client is missing: pip install playwright (not `playwright install`)",
-)
+    missing(f"{CHROMIUM} is missing: apt-get install -y chromium", module=True)
 from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
 
 # The flags NOTES.md found to work on these machines (no sandbox, no network chatter).

@@ -21,27 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 from tests.fakes.ports import free_port
+from tests.fakes.required import missing
 
-__all__ = ["PrometheusServer", "in_ci", "require_binary"]
+__all__ = ["PrometheusServer", "require_binary"]
 
 INSTALL_HINT = "apt-get install -y prometheus (Debian's 2.42, with promtool)"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def require_binary(name: str) -> str:
     """The path of ``name``; skips the test without it, or fails it under CI."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed: {INSTALL_HINT}"
-        if in_ci():
-            pytest.fail(f"{message}; CI must have it (scripts/test installs it as root)")
-        pytest.skip(message)
+        missing(f"{name} is not installed: {INSTALL_HINT}")
     return path
 
 

@@ -10,6 +10,7 @@ import pytest
 from tests.fakes.app_server import serving, wait_for
 from tests.fakes.chat_app import ChatApp, fake_model
 from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
+from tests.fakes.required import missing
 
 from chatfleet.serving.store import Store, head_revision
 
@@ -23,7 +24,7 @@ MODELS = (
 def pg_cluster() -> Iterator[PostgresCluster]:
     for cluster in postgres_cluster():
         if cluster is None:
-            pytest.skip(MISSING_REASON)
+            missing(MISSING_REASON)
         yield cluster
 
 

@@ -39,6 +39,124 @@ def load_sample(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "manifests" / "samples" / name).read_text())
 
 
+# Specs the CRD must reject, each with a phrase of the rejection: CEL rules say ours;
+# schema violations are worded by jsonschema here (tests/cluster maps them to the API
+# server's own words).
+FAKE: dict[str, Any] = {"name": "fake", "engine": "fake"}
+CLASSIFIER: dict[str, Any] = {"backend": "embedding"}
+BAD_SPECS: list[tuple[dict[str, Any], str]] = [
+    ({"serving": {"models": [{"name": "m", "engine": "llamacpp"}]}}, "is not one of"),
+    ({"serving": {"models": [{**FAKE, "num_gpus": -1}]}}, "less than the minimum"),
+    ({"cluster": {"gpuWorkers": {"gpusPerPod": -2}}}, "less than the minimum"),
+    ({"serving": {"models": [{"name": "Bad Name", "engine": "fake"}]}}, "does not match"),
+    ({"serving": {"models": []}}, "non-empty"),
+    ({"cluster": {"jwtSecretRef": {"name": "s"}}}, "'key' is a required property"),
+    ({"cluster": {"serviceType": "Ingress"}}, "is not one of"),
+    (
+        {
+            "cluster": {
+                "head": {
+                    "resources": {
+                        "requests": {"cpu": "lots", "memory": "1Gi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    }
+                }
+            }
+        },
+        "does not match",
+    ),
+    ({"serving": {"models": [{"name": "v", "engine": "vllm"}]}}, "need their settings block"),
+    (
+        {"serving": {"models": [{**FAKE, "ollama": {"model": "llama3.2"}}]}},
+        "only the settings block of the model's own engine",
+    ),
+    (
+        {
+            "serving": {
+                "models": [
+                    {
+                        "name": "o",
+                        "engine": "openai",
+                        "openai": {
+                            "base_url": "https://x/v1",
+                            "model": "m",
+                            "api_key": "sk-123",
+                        },
+                    }
+                ]
+            }
+        },
+        "inline openai.api_key",
+    ),
+    ({"serving": {"models": [FAKE], "default_model": "nope"}}, "default_model must name"),
+    ({"serving": {"store": {"url": "postgresql://u:pw@db/x"}}}, "inline store.url"),
+    (
+        {"serving": {"auth": {"clients": [{"client_id": "web"}]}}},
+        "exactly one of secret_env or secret_sha256",
+    ),
+    (
+        {
+            "serving": {
+                "models": [FAKE],
+                "classifier": CLASSIFIER,
+                "routing": {"routes": [{"category": "coding", "model": "gpt-9"}]},
+            }
+        },
+        "every route must target a declared model",
+    ),
+    (
+        {
+            "serving": {
+                "models": [FAKE],
+                "classifier": CLASSIFIER,
+                "routing": {
+                    "routes": [{"category": "coding", "model": "fake", "fallbacks": ["gone"]}]
+                },
+            }
+        },
+        "every route fallback must be a declared model",
+    ),
+    (
+        {
+            "serving": {
+                "models": [FAKE],
+                "classifier": CLASSIFIER,
+                "routing": {"routes": [{"category": "poetry", "model": "fake"}]},
+            }
+        },
+        "every route must name a category",
+    ),
+    (
+        {"serving": {"models": [FAKE], "routing": {"routes": []}}},
+        "routing needs a classifier",
+    ),
+    (
+        {"serving": {"models": [{**FAKE, "num_gpus": 1}]}},
+        "need spec.cluster.gpuWorkers",
+    ),
+    (
+        {"serving": {"models": [FAKE], "classifier": {**CLASSIFIER, "num_gpus": 0.5}}},
+        "need spec.cluster.gpuWorkers",
+    ),
+    (
+        {"cluster": {"cpuWorkers": {"replicas": 5, "maxReplicas": 2}}},
+        "minReplicas <= replicas <= maxReplicas",
+    ),
+    (
+        {
+            "serving": {
+                "models": [{**FAKE, "defaults": {"max_tokens": 500, "max_tokens_limit": 100}}]
+            }
+        },
+        "max_tokens must not exceed",
+    ),
+    (
+        {"cluster": {"head": {"tolerations": [{"operator": "Exists", "value": "x"}]}}},
+        "value must be empty with Exists",
+    ),
+]
+
+
 # --- Kopf against kmock ----------------------------------------------------------------
 
 

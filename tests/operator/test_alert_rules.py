@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from operator_helpers import DATA, ROOT
 from test_dashboards import exported_metrics, metrics_in
+from tests.fakes.prometheus import require_binary
 
 from chatfleet.operator import OperatorSettings, Reconciler
 from chatfleet.operator._kube import KubeError
@@ -91,6 +91,9 @@ class _FailingKube:
     def get(self, *_: Any) -> dict[str, Any]:
         return {"data": {"signing-key": "eA=="}}
 
+    def create(self, obj: dict[str, Any]) -> None:
+        return None  # 409: it exists
+
     def serves(self, *_: Any) -> bool:
         return False
 
@@ -146,9 +149,7 @@ def test_plain_prometheus_copy_equals_the_chart_rules() -> None:
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    promtool = require_binary("promtool")
     return subprocess.run(
         [promtool, *args], capture_output=True, text=True, timeout=120, check=False
     )

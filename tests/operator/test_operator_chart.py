@@ -66,10 +66,11 @@ def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 MANAGED = (
     {("chatfleet.dev", "chatdeployments", v) for v in ("get", "list", "watch", "patch")}
     | {("chatfleet.dev", "chatdeployments/status", "patch")}
-    | {("ray.io", "rayservices", v) for v in ("list", "watch", "create", "patch", "delete")}
-    | {("", "services", v) for v in ("create", "patch", "delete")}
-    | {("", "secrets", v) for v in ("get", "create", "delete")}
-    | {("monitoring.coreos.com", "servicemonitors", v) for v in ("create", "patch", "delete")}
+    | {("chatfleet.dev", "chatdeployments/finalizers", "update")}
+    | {("ray.io", "rayservices", v) for v in ("list", "watch", "create", "patch")}
+    | {("", "services", v) for v in ("list", "watch", "create", "patch")}
+    | {("", "secrets", "create")}
+    | {("monitoring.coreos.com", "servicemonitors", v) for v in ("create", "patch")}
     | {("", "events", "create")}
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
@@ -112,6 +113,11 @@ def test_default_install_is_cluster_wide_and_least_privilege() -> None:
     for dashboard in dashboards:
         assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert not [d for d in docs if d["kind"] == "PodMonitor"]
+
+
+def test_secret_reads_are_opt_in() -> None:
+    (role,) = by_kind(render({"rbac": {"readSecrets": True}}), "ClusterRole")
+    assert rules_of(role) == MANAGED | DISCOVERY | {("", "secrets", "get")}
 
 
 def test_namespaced_ha_uses_roles_and_peering() -> None:
@@ -166,7 +172,7 @@ def test_env_matches_operator_settings() -> None:
         settings = OperatorSettings()
     assert settings.namespaces == ["team-a", "team-b"]
     assert settings.peering == "chatfleet"
-    assert settings.drift_interval_s == 120
+    assert settings.missing_secret_retry_s == 45
 
 
 def test_pod_monitor_and_minimal() -> None:
@@ -188,7 +194,8 @@ def test_pod_monitor_and_minimal() -> None:
         {"image": {"pullPolicy": "Sometimes"}},
         {"watchNamespaces": ["Not_A_Namespace"]},
         {"metrics": {"port": 8081}},  # clashes with the liveness port
-        {"operator": {"driftIntervalSeconds": 0}},
+        {"operator": {"missingSecretRetrySeconds": 0}},
+        {"rbac": {"readSecrets": "yes"}},
         {"alerts": {"enabled": "yes"}},
         {"alerts": {"labels": {"release": 1}}},
         {"tracing": {"otlpProtocol": "thrift"}},

@@ -11,7 +11,7 @@ import cel
 import jsonschema
 import pytest
 import yaml
-from operator_helpers import ROOT, load_sample
+from operator_helpers import BAD_SPECS, FAKE, ROOT, load_sample
 
 from chatfleet.operator import ChatDeploymentSpec, parse_spec, render_crd, render_crd_yaml
 from chatfleet.operator.cli import main as cli_main
@@ -216,124 +216,7 @@ def test_empty_spec_defaults_to_the_embedded_model(crd: dict[str, Any]) -> None:
     assert parse_spec(obj["spec"]) == ChatDeploymentSpec()
 
 
-FAKE = {"name": "fake", "engine": "fake"}
-CLASSIFIER = {"backend": "embedding"}
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ({"serving": {"models": [{"name": "m", "engine": "llamacpp"}]}}, "is not one of"),
-        ({"serving": {"models": [{**FAKE, "num_gpus": -1}]}}, "less than the minimum"),
-        ({"cluster": {"gpuWorkers": {"gpusPerPod": -2}}}, "less than the minimum"),
-        ({"serving": {"models": [{"name": "Bad Name", "engine": "fake"}]}}, "does not match"),
-        ({"serving": {"models": []}}, "non-empty"),
-        ({"cluster": {"jwtSecretRef": {"name": "s"}}}, "'key' is a required property"),
-        ({"cluster": {"serviceType": "Ingress"}}, "is not one of"),
-        (
-            {
-                "cluster": {
-                    "head": {
-                        "resources": {
-                            "requests": {"cpu": "lots", "memory": "1Gi"},
-                            "limits": {"cpu": "1", "memory": "1Gi"},
-                        }
-                    }
-                }
-            },
-            "does not match",
-        ),
-        ({"serving": {"models": [{"name": "v", "engine": "vllm"}]}}, "need their settings block"),
-        (
-            {"serving": {"models": [{**FAKE, "ollama": {"model": "llama3.2"}}]}},
-            "only the settings block of the model's own engine",
-        ),
-        (
-            {
-                "serving": {
-                    "models": [
-                        {
-                            "name": "o",
-                            "engine": "openai",
-                            "openai": {
-                                "base_url": "https://x/v1",
-                                "model": "m",
-                                "api_key": "sk-123",
-                            },
-                        }
-                    ]
-                }
-            },
-            "inline openai.api_key",
-        ),
-        ({"serving": {"models": [FAKE], "default_model": "nope"}}, "default_model must name"),
-        ({"serving": {"store": {"url": "postgresql://u:pw@db/x"}}}, "inline store.url"),
-        (
-            {"serving": {"auth": {"clients": [{"client_id": "web"}]}}},
-            "exactly one of secret_env or secret_sha256",
-        ),
-        (
-            {
-                "serving": {
-                    "models": [FAKE],
-                    "classifier": CLASSIFIER,
-                    "routing": {"routes": [{"category": "coding", "model": "gpt-9"}]},
-                }
-            },
-            "every route must target a declared model",
-        ),
-        (
-            {
-                "serving": {
-                    "models": [FAKE],
-                    "classifier": CLASSIFIER,
-                    "routing": {
-                        "routes": [{"category": "coding", "model": "fake", "fallbacks": ["gone"]}]
-                    },
-                }
-            },
-            "every route fallback must be a declared model",
-        ),
-        (
-            {
-                "serving": {
-                    "models": [FAKE],
-                    "classifier": CLASSIFIER,
-                    "routing": {"routes": [{"category": "poetry", "model": "fake"}]},
-                }
-            },
-            "every route must name a category",
-        ),
-        (
-            {"serving": {"models": [FAKE], "routing": {"routes": []}}},
-            "routing needs a classifier",
-        ),
-        (
-            {"serving": {"models": [{**FAKE, "num_gpus": 1}]}},
-            "need spec.cluster.gpuWorkers",
-        ),
-        (
-            {"serving": {"models": [FAKE], "classifier": {**CLASSIFIER, "num_gpus": 0.5}}},
-            "need spec.cluster.gpuWorkers",
-        ),
-        (
-            {"cluster": {"cpuWorkers": {"replicas": 5, "maxReplicas": 2}}},
-            "minReplicas <= replicas <= maxReplicas",
-        ),
-        (
-            {
-                "serving": {
-                    "models": [{**FAKE, "defaults": {"max_tokens": 500, "max_tokens_limit": 100}}]
-                }
-            },
-            "max_tokens must not exceed",
-        ),
-        (
-            {"cluster": {"head": {"tolerations": [{"operator": "Exists", "value": "x"}]}}},
-            "value must be empty with Exists",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("spec", "expected"), BAD_SPECS)
 def test_bad_specs_are_rejected_by_schema_or_cel(
     crd: dict[str, Any], spec: dict[str, Any], expected: str
 ) -> None:

@@ -54,7 +54,7 @@ async def operator(
         kubeconfig=str(kubeconfig),
         metrics_port=0,
         metrics_host="127.0.0.1",
-        **({"drift_interval_s": 3600.0} | overrides),
+        **overrides,
     )
     reconciler = Reconciler(settings)
     registry = build_registry(settings, reconciler)
@@ -370,40 +370,60 @@ async def test_missing_secret_reference_is_invalid_until_created(kubeconfig, api
     } in env
 
 
-async def test_delete_removes_everything(kubeconfig, api, objects):
+async def test_delete_is_left_to_the_garbage_collector(kubeconfig, api, objects):
     async with operator(kubeconfig):
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects("v1/secrets", NS, "demo-jwt"))
         await eventually(lambda: objects("v1/services", NS, "demo-chat"))
-        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        rs = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
+        cd = objects(CD_RESOURCE, NS, "demo")
+        # Owned, so the garbage collector deletes them; no finalizer holds the owner.
+        assert rs["metadata"]["ownerReferences"][0]["uid"] == cd["metadata"]["uid"]
+        assert not cd["metadata"].get("finalizers")
         await api.delete(CD_RESOURCE, "demo")
         await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
-    assert objects(RS_RESOURCE, NS, "demo") is None
+        await eventually(lambda: objects(RS_RESOURCE, NS, "demo") is None)
     assert objects("v1/services", NS, "demo-chat") is None
     assert objects("v1/secrets", NS, "demo-jwt") is None
 
 
 @pytest.mark.service_monitors
 async def test_drift_is_repaired_and_service_monitor_created(kubeconfig, api, objects):
-    async with operator(kubeconfig, drift_interval_s=0.5) as rec:
+    async with operator(kubeconfig) as rec:
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects(SM_RESOURCE, NS, "demo-chat"))
         svc = await eventually(lambda: objects("v1/services", NS, "demo-chat"))
         await api.delete("v1/services", "demo-chat")
-        # Someone deleted it: the next drift check creates it again (a new object).
+        # Someone deleted it: its watch event makes the operator create it again.
         await eventually(
             lambda: (
                 (again := objects("v1/services", NS, "demo-chat"))
                 and again["metadata"]["uid"] != svc["metadata"]["uid"]
             )
         )
+        # Someone edited the RayService: our fields come back, theirs stay.
+        rs = objects(RS_RESOURCE, NS, "demo")
+        config = rs["spec"]["serveConfigV2"]
+        await api.patch(
+            RS_RESOURCE,
+            "demo",
+            {"metadata": {"annotations": {"theirs": "x"}}, "spec": {"serveConfigV2": "edited"}},
+        )
+        repaired = await eventually(
+            lambda: (
+                (now := objects(RS_RESOURCE, NS, "demo"))
+                and now["spec"]["serveConfigV2"] == config
+                and now
+            )
+        )
+        assert repaired["metadata"]["annotations"]["theirs"] == "x"
         # Operator metrics are served over HTTP.
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{rec.metrics_port}/metrics") as r,
         ):
             text = await r.text()
-    assert 'chatfleet_operator_reconciles_total{result="applied",trigger="timer"}' in text
+    assert 'chatfleet_operator_reconciles_total{result="applied",trigger="drift"} 2.0' in text
     assert "chatfleet_operator_reconcile_duration_seconds_bucket" in text
 
 
@@ -442,7 +462,7 @@ async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects
     # A whole lifecycle, audited like RBAC would see it, against the chart's ClusterRole.
     from test_operator_chart import by_kind, render, rules_of
 
-    async with operator(kubeconfig, drift_interval_s=0.5):
+    async with operator(kubeconfig):
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects(SM_RESOURCE, NS, "demo-chat"))
         rs = await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
@@ -454,7 +474,8 @@ async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects
                 and c["status"] == "True"
             )
         )
-        await asyncio.sleep(1.0)  # a few drift checks
+        await api.delete("v1/services", "demo-chat")  # drift, repaired from the watch
+        await asyncio.sleep(1.0)
         await api.delete(CD_RESOURCE, "demo")
         await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
     assert rs
@@ -462,6 +483,7 @@ async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects
     ours = {
         ("create", "chatfleet.dev", "chatdeployments"),
         ("delete", "chatfleet.dev", "chatdeployments"),
+        ("delete", "", "services"),
         ("patch", "ray.io", "rayservices/status"),
     }
     used = emulator.audit - ours
@@ -470,78 +492,36 @@ async def test_operator_only_uses_what_the_chart_grants(kubeconfig, api, objects
     missing = {(verb, group, res) for verb, group, res in used if (group, res, verb) not in granted}
     assert not missing, f"the operator needs RBAC the chart does not grant: {missing}"
     # ... and nothing it does not use, but "create" for server-side apply, which creates
-    # what is absent on a real API server (the emulator records that as a patch).
+    # what is absent on a real API server (the emulator records that as a patch), and
+    # the finalizers subresource a real API server checks for blockOwnerDeletion
+    # (tests/cluster shows both are needed).
     unused = {(g, r, v) for g, r, v in granted if (v, g, r) not in used}
     assert unused <= {
         ("ray.io", "rayservices", "create"),
         ("", "services", "create"),
         ("monitoring.coreos.com", "servicemonitors", "create"),
+        ("chatfleet.dev", "chatdeployments/finalizers", "update"),
     }
 
 
-async def test_delete_while_the_operator_is_down_completes_when_it_returns(
-    kubeconfig, api, objects
-):
+async def test_delete_while_the_operator_is_down_needs_no_operator(kubeconfig, api, objects):
     async with operator(kubeconfig):
         await api.create(CD_RESOURCE, chat_deployment())
         await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
         await eventually(lambda: objects("v1/secrets", NS, "demo-jwt"))
     await api.delete(CD_RESOURCE, "demo")
-    # The finalizer holds the object (and so its children) until the operator is back.
-    held = objects(CD_RESOURCE, NS, "demo")
-    assert held["metadata"]["deletionTimestamp"]
-    assert held["metadata"]["finalizers"] == ["chatfleet.dev/finalizer"]
-    async with operator(kubeconfig):
-        await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
-    assert objects(RS_RESOURCE, NS, "demo") is None
+    # No finalizer: the object and (through the garbage collector) its children go at
+    # once, with the operator stopped or uninstalled.
+    await eventually(lambda: objects(CD_RESOURCE, NS, "demo") is None)
+    await eventually(lambda: objects(RS_RESOURCE, NS, "demo") is None)
     assert objects("v1/secrets", NS, "demo-jwt") is None
     assert objects("v1/services", NS, "demo-chat") is None
 
 
-async def test_two_replicas_peer_and_one_reconciles(kubeconfig, api, objects, emulator):
-    # The chart's HA mode: Kopf peering through a ClusterKopfPeering object.
-    import kmock
-
-    emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
-        kind="ClusterKopfPeering",
-        singular="clusterkopfpeering",
-        namespaced=False,
-        verbs={"get", "list", "watch", "create", "patch"},
-    )
-    async with api.s.post(
-        "/apis/kopf.dev/v1/clusterkopfpeerings",
-        json={
-            "apiVersion": "kopf.dev/v1",
-            "kind": "ClusterKopfPeering",
-            "metadata": {"name": "chatfleet"},
-        },
-    ) as r:
-        assert r.status < 300, await r.text()
-    # Replicas get distinct priorities (chatfleet-operator run picks a random one).
-    async with (
-        operator(kubeconfig, peering="chatfleet", priority=10) as low,
-        operator(kubeconfig, peering="chatfleet", priority=20) as high,
-    ):
-        await asyncio.sleep(2.0)  # the replicas see each other's peering records
-        await api.create(CD_RESOURCE, chat_deployment())
-        await eventually(lambda: objects(RS_RESOURCE, NS, "demo"), within=20)
-        await asyncio.sleep(1.0)
-        counts = [
-            rec.metrics.reconciles.labels("create", "applied")._value.get() for rec in (low, high)
-        ]
-    assert counts == [0, 1]  # the lower priority stood by
-
-
-async def test_namespaced_operator_ignores_other_namespaces(kubeconfig, api, objects):
-    # The chart's watchNamespaces mode.
-    async with operator(kubeconfig, namespaces=(NS,)):
-        other = chat_deployment("elsewhere")
-        other["metadata"]["namespace"] = "team-b"
-        async with api.s.post(
-            "/apis/chatfleet.dev/v1alpha1/namespaces/team-b/chatdeployments", json=other
-        ) as r:
-            assert r.status < 300
-        await api.create(CD_RESOURCE, chat_deployment())
+async def test_the_finalizer_of_earlier_versions_is_removed(kubeconfig, api, objects):
+    legacy = chat_deployment()
+    legacy["metadata"]["finalizers"] = ["chatfleet.dev/finalizer"]
+    await api.create(CD_RESOURCE, legacy)
+    async with operator(kubeconfig):
         await eventually(lambda: objects(RS_RESOURCE, NS, "demo"))
-        await asyncio.sleep(0.5)
-    assert objects(RS_RESOURCE, "team-b", "elsewhere") is None
+        await eventually(lambda: not objects(CD_RESOURCE, NS, "demo")["metadata"].get("finalizers"))

@@ -116,13 +116,13 @@ def test_invalid_spec_messages_name_the_fields() -> None:
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATFLEET_OPERATOR_NAMESPACES", '["a", "b"]')
     monkeypatch.setenv("CHATFLEET_OPERATOR_METRICS_PORT", "9100")
-    monkeypatch.setenv("CHATFLEET_OPERATOR_DRIFT_INTERVAL_S", "15")
+    monkeypatch.setenv("CHATFLEET_OPERATOR_FORBIDDEN_RETRY_S", "15")
     settings = OperatorSettings()
     assert settings.namespaces == ["a", "b"]
     assert settings.metrics_port == 9100
-    assert settings.drift_interval_s == 15
-    monkeypatch.setenv("CHATFLEET_OPERATOR_DRIFT_INTERVAL_S", "0")
-    with pytest.raises(ValueError, match="drift_interval_s"):
+    assert settings.forbidden_retry_s == 15
+    monkeypatch.setenv("CHATFLEET_OPERATOR_FORBIDDEN_RETRY_S", "0")
+    with pytest.raises(ValueError, match="forbidden_retry_s"):
         OperatorSettings()
 
 

@@ -38,9 +38,7 @@ async def test_a_reconcile_is_a_span_with_namespace_and_name(
         component="operator",
         processor=SimpleSpanProcessor(exporter),
     )
-    settings = OperatorSettings(
-        kubeconfig=str(kubeconfig), metrics_enabled=False, drift_interval_s=3600.0
-    )
+    settings = OperatorSettings(kubeconfig=str(kubeconfig), metrics_enabled=False)
     registry = build_registry(settings, Reconciler(settings, tracer_provider=provider))
     runner = KopfRunner(["run", "--standalone", "-A"], registry=registry, timeout=60)
     runner.__enter__()

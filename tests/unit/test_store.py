@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
+from tests.fakes.required import missing
 
 import chatfleet.serving.store as store_pkg
 from chatfleet.serving.cli import main
@@ -36,7 +37,7 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
         return f"sqlite+aiosqlite:///{tmp_path}/store.db"
     cluster: PostgresCluster | None = request.getfixturevalue("pg_cluster")
     if cluster is None:
-        pytest.skip(MISSING_REASON)
+        missing(MISSING_REASON)
     return await cluster.new_database()
 
 

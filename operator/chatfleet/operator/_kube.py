@@ -38,6 +38,7 @@ class KubeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.message = message
 
 
 def _collection(api_version: str, kind: str, namespace: str) -> str:

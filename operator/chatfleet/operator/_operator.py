@@ -10,8 +10,18 @@ Error classes at this boundary:
   `kopf.PermanentError` (no retries until the spec changes);
 - a referenced Secret (or its key) is missing → ``InvalidSpec`` + Event,
   `kopf.TemporaryError` (re-checked every ``missing_secret_retry_s``);
+- the operator's ServiceAccount lacks a permission (HTTP 403) → ``Ready=False``
+  with reason ``Forbidden`` naming what RBAC refused + Warning Event,
+  `kopf.TemporaryError` (retried: a fixed Role heals it);
 - an API conflict, throttling or server error → `kopf.TemporaryError` with a
   short delay; anything else → Kopf's own retry with backoff.
+
+Everything the operator creates carries an owner reference to its ChatDeployment,
+so deleting one is the garbage collector's job: no finalizer holds a
+ChatDeployment, and one deleted while the operator is down (or uninstalled) goes
+away all the same. Drift is repaired from watch events, not from a timer (Kopf
+timers need a finalizer): an owned RayService or Service that someone edits or
+deletes is re-applied at once.
 """
 
 from __future__ import annotations
@@ -41,11 +51,14 @@ from chatfleet.operator._models import (
 from chatfleet.operator._settings import OperatorSettings
 from chatfleet.operator._status import (
     conditions_from_rayservice,
+    forbidden_conditions,
     invalid_spec_conditions,
     stamp_transitions,
 )
 from chatfleet.serving import telemetry
 
+# Earlier versions put this finalizer on every ChatDeployment. Kopf still knows it as
+# its own, so it removes it from such objects now that no handler needs it.
 FINALIZER = f"{GROUP}/finalizer"
 
 
@@ -156,7 +169,19 @@ class Reconciler:
 
     # --- reconcile -----------------------------------------------------------------
 
-    def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str) -> None:
+    def _read_secret(self, namespace: str, name: str, logger: Any) -> dict[str, Any] | None:
+        """A referenced Secret; ``{}`` (unchecked) when RBAC does not let us read Secrets."""
+        try:
+            return self.kube.get("v1", "Secret", namespace, name)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            # The chart grants no Secret reads unless rbac.readSecrets is set: then a
+            # missing Secret shows in the Ray pods' status instead of here.
+            logger.debug("Not checking Secret %s/%s: %s", namespace, name, exc)
+            return {}
+
+    def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str, logger: Any) -> None:
         refs = [
             ("spec.cluster.jwtSecretRef", spec.cluster.jwt_secret_ref),
             ("spec.cluster.databaseSecretRef", spec.cluster.database_secret_ref),
@@ -164,29 +189,31 @@ class Reconciler:
         for field, ref in refs:
             if ref is None:
                 continue
-            secret = self.kube.get("v1", "Secret", namespace, ref.name)
+            secret = self._read_secret(namespace, ref.name, logger)
             if secret is None:
                 raise MissingSecretError(f"{field}: Secret {ref.name!r} not found in {namespace}")
-            if ref.key not in (secret.get("data") or {}) | (secret.get("stringData") or {}):
+            keys = (secret.get("data") or {}) | (secret.get("stringData") or {})
+            if secret and ref.key not in keys:
                 raise MissingSecretError(f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
         for i, secret_name in enumerate(spec.cluster.env_from_secrets):
-            if self.kube.get("v1", "Secret", namespace, secret_name) is None:
+            if self._read_secret(namespace, secret_name, logger) is None:
                 raise MissingSecretError(
                     f"spec.cluster.envFromSecrets[{i}]: Secret {secret_name!r} not found"
                 )
 
     def _ensure_jwt_secret(self, name: str, namespace: str, body: kopf.Body, logger: Any) -> None:
-        # Created once with a fresh key, then left alone: rotating it would log
-        # every user out, so that is a human's decision (delete the Secret).
-        secret_name = b.jwt_secret_name(name)
-        if self.kube.get("v1", "Secret", namespace, secret_name) is not None:
-            return
+        # Created once with a fresh key, then left alone: rotating it would log every
+        # user out, so that is a human's decision (delete the Secret). Create-or-409
+        # needs no right to read Secrets.
         secret = b.build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
         kopf.adopt(secret, owner=body)
         if self.kube.create(secret) is not None:
-            logger.info("Created the JWT signing key Secret %s", secret_name)
+            logger.info("Created the JWT signing key Secret %s", b.jwt_secret_name(name))
 
-    def _render(self, name: str, namespace: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
+    def _render(
+        self, name: str, namespace: str, spec: ChatDeploymentSpec, owner: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The owned objects, adopted by ``owner`` (the ChatDeployment)."""
         objects = [
             b.build_rayservice(name, namespace, spec),
             b.build_service(name, namespace, spec),
@@ -195,6 +222,8 @@ class Reconciler:
             "monitoring.coreos.com/v1", "servicemonitors"
         ):
             objects.append(b.build_service_monitor(name, namespace))
+        for obj in objects:
+            kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]
         return objects
 
     def _invalid(
@@ -217,6 +246,26 @@ class Reconciler:
             kopf.warn(body, reason="InvalidSpec", message=str(exc))
         logger.warning("Invalid spec: %s", exc)
 
+    def _forbidden(
+        self,
+        exc: KubeError,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        generation: int | None,
+        logger: Any,
+    ) -> None:
+        message = (
+            f"RBAC refused the operator: {exc.message}. Grant it (helm upgrade the chatfleet"
+            " chart, or fix its ClusterRole/Role); the operator retries on its own."
+        )
+        previous = (body.get("status") or {}).get("conditions")
+        patch.status["conditions"] = stamp_transitions(
+            forbidden_conditions(message, generation), previous, _now()
+        )
+        if self.settings.post_events:
+            kopf.warn(body, reason="Forbidden", message=message)
+        logger.error("%s", message)
+
     def reconcile(
         self,
         *,
@@ -227,7 +276,7 @@ class Reconciler:
         logger: Any,
         trigger: str,
     ) -> None:
-        """Render, apply and report one ChatDeployment (create/update/resume/timer)."""
+        """Render, apply and report one ChatDeployment (create/update/resume)."""
         started = time.perf_counter()
         meta = body.get("metadata") or {}
         generation = meta.get("generation")
@@ -240,12 +289,10 @@ class Reconciler:
                         " longer names from it)"
                     )
                 spec = parse_spec(body.get("spec"))
-                self._check_secrets(spec, namespace)
+                self._check_secrets(spec, namespace, logger)
             except InvalidSpecError as exc:
                 result = "invalid"
                 self._invalid(exc, body, patch, generation, logger)
-                if trigger == "timer":
-                    return
                 if isinstance(exc, MissingSecretError):
                     raise kopf.TemporaryError(
                         str(exc), delay=self.settings.missing_secret_retry_s
@@ -255,13 +302,18 @@ class Reconciler:
                 if spec.cluster.jwt_secret_ref is None:
                     self._ensure_jwt_secret(name, namespace, body, logger)
                 applied: dict[str, Any] | None = None
-                for obj in self._render(name, namespace, spec):
-                    kopf.adopt(obj, owner=body)
+                for obj in self._render(name, namespace, spec, body):
                     out = self.kube.apply(obj)
                     if obj["kind"] == "RayService":
                         applied = out
             except KubeError as exc:
                 self.metrics.errors.labels("api").inc()
+                if exc.status == 403:
+                    result = "forbidden"
+                    self._forbidden(exc, body, patch, generation, logger)
+                    raise kopf.TemporaryError(
+                        str(exc), delay=self.settings.forbidden_retry_s
+                    ) from exc
                 if exc.status == 404:
                     # Applying creates; a 404 means the kind itself is not served.
                     raise kopf.TemporaryError(
@@ -292,60 +344,109 @@ class Reconciler:
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
 
-    def on_rayservice_event(
+    def on_owned_event(
         self, *, body: kopf.Body, namespace: str | None, type: str, logger: Any, **_: Any
     ) -> None:
-        """Mirror a RayService's status into its ChatDeployment's conditions."""
+        """An owned RayService or Service changed: mirror its status, repair any drift."""
         owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
-        if not owner or not namespace or type == "DELETED":
+        if not owner or not namespace:
             return
         cd = self.kube.get(API_VERSION, KIND, namespace, owner)
         if cd is None or (cd.get("metadata") or {}).get("deletionTimestamp"):
-            return
+            return  # the garbage collector is on it
         status = cd.get("status") or {}
         if any(
             c.get("type") == "InvalidSpec" and c.get("status") == "True"
             for c in status.get("conditions") or []
         ):
-            return  # the spec's problem is the news; the old RayService's is not
+            return  # the spec's problem is the news; the old objects are left alone
+        if body.get("kind") == "RayService" and type != "DELETED":
+            self._mirror_status(cd, body, logger)
+        self._repair(cd, body, type, logger)
+
+    def _mirror_status(self, cd: Mapping[str, Any], rayservice: kopf.Body, logger: Any) -> None:
+        """Mirror a RayService's status into its ChatDeployment's conditions."""
+        meta = cd.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        status = cd.get("status") or {}
         generation = status.get("observedGeneration")
         new = stamp_transitions(
-            conditions_from_rayservice(body, generation), status.get("conditions"), _now()
+            conditions_from_rayservice(rayservice, generation), status.get("conditions"), _now()
         )
         update: dict[str, Any] = {}
         if new != status.get("conditions"):
             update["conditions"] = new
-        service_status = (body.get("status") or {}).get("serviceStatus")
+        service_status = (rayservice.get("status") or {}).get("serviceStatus")
         if service_status and service_status != status.get("serviceStatus"):
             update["serviceStatus"] = service_status
         if update:
-            self.kube.patch_status(API_VERSION, KIND, namespace, owner, update)
+            self.kube.patch_status(API_VERSION, KIND, namespace, name, update)
             self.metrics.status_updates.inc()
-            logger.debug("Mirrored RayService status into %s/%s", namespace, owner)
-        self.metrics.track_ready(namespace, owner, _ready_status(new))
+            logger.debug("Mirrored RayService status into %s/%s", namespace, name)
+        self.metrics.track_ready(namespace, name, _ready_status(new))
 
-    def delete(
-        self, *, body: kopf.Body, name: str, namespace: str | None, logger: Any, **_: Any
+    def _repair(self, cd: Mapping[str, Any], actual: kopf.Body, type: str, logger: Any) -> None:
+        """Re-apply the owned object ``actual`` if it was deleted or no longer what we render."""
+        meta = cd.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        try:
+            spec = parse_spec(cd.get("spec"))
+        except InvalidSpecError:
+            return  # the next reconcile reports it
+        wanted = next(
+            (
+                obj
+                for obj in self._render(name, namespace, spec, cd)
+                if obj["kind"] == actual.get("kind")
+                and obj["metadata"]["name"] == (actual.get("metadata") or {}).get("name")
+            ),
+            None,
+        )
+        if wanted is None:
+            return
+        drifted = type == "DELETED" or not all(
+            contains(actual.get(part), wanted.get(part)) for part in ("metadata", "spec")
+        )
+        if not drifted:
+            return
+        started = time.perf_counter()
+        result = "applied"
+        try:
+            self.kube.apply(wanted)
+            logger.info("Repaired %s %s (%s)", wanted["kind"], wanted["metadata"]["name"], type)
+        except KubeError as exc:
+            result = "error"
+            self.metrics.errors.labels("api").inc()
+            logger.warning("Could not repair %s: %s", wanted["metadata"]["name"], exc)
+        finally:
+            self.metrics.reconciles.labels("drift", result).inc()
+            self.metrics.duration.labels("drift").observe(time.perf_counter() - started)
+
+    def on_chatdeployment_event(
+        self, *, namespace: str | None, name: str | None, type: str, **_: Any
     ) -> None:
-        """Delete what the ChatDeployment owned (owner references would also GC it)."""
-        assert namespace is not None  # ChatDeployments are namespaced
-        spec_raw = body.get("spec") or {}
-        owned = [
-            ("ray.io/v1", "RayService", b.rayservice_name(name)),
-            ("v1", "Service", b.service_name(name)),
-        ]
-        jwt_ref = (spec_raw.get("cluster") or {}).get("jwtSecretRef")
-        if not jwt_ref:
-            owned.append(("v1", "Secret", b.jwt_secret_name(name)))
-        if self.kube.serves("monitoring.coreos.com/v1", "servicemonitors"):
-            owned.append(("monitoring.coreos.com/v1", "ServiceMonitor", b.service_name(name)))
-        for api_version, kind, obj_name in owned:
-            try:
-                if self.kube.delete(api_version, kind, namespace, obj_name):
-                    logger.info("Deleted %s %s", kind, obj_name)
-            except KubeError as exc:
-                raise kopf.TemporaryError(str(exc), delay=5) from exc
-        self.metrics.forget(namespace, name)
+        """A deleted ChatDeployment: forget its metrics (its objects are garbage-collected)."""
+        if type == "DELETED" and namespace and name:
+            self.metrics.forget(namespace, name)
+
+
+def contains(actual: Any, wanted: Any) -> bool:
+    """Whether ``actual`` has every field ``wanted`` sets, with the same value.
+
+    What the API server or a controller adds (defaults, ``clusterIP``, annotations of
+    others) is not drift; a field of ours that changed or vanished is.
+    """
+    if isinstance(wanted, Mapping):
+        return isinstance(actual, Mapping) and all(
+            contains(actual.get(key), value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(wanted)
+            and all(contains(a, w) for a, w in zip(actual, wanted, strict=True))
+        )
+    return bool(actual == wanted)
 
 
 def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -394,21 +495,13 @@ def build_registry(
     kopf.on.create(*cd, registry=registry, id="reconcile")(make("create"))
     kopf.on.update(*cd, registry=registry, id="reconcile")(make("update"))
     kopf.on.resume(*cd, registry=registry, id="reconcile")(make("resume"))
-    kopf.timer(
-        *cd,
-        registry=registry,
-        id="drift",
-        interval=settings.drift_interval_s,
-        initial_delay=settings.drift_interval_s,
-        idle=None,
-    )(make("timer"))
-    kopf.on.delete(*cd, registry=registry, id="cleanup")(rec.delete)
-    kopf.on.event(
-        "ray.io",
-        "v1",
-        "rayservices",
-        registry=registry,
-        id="mirror-status",
-        labels={b.OWNER_LABEL: kopf.PRESENT},
-    )(rec.on_rayservice_event)
+    # Kopf stamps nothing on the objects for these: no finalizer, no annotations.
+    kopf.on.event(*cd, registry=registry, id="forget-deleted")(rec.on_chatdeployment_event)
+    for resource in (("ray.io", "v1", "rayservices"), ("v1", "services")):
+        kopf.on.event(
+            *resource,
+            registry=registry,
+            id=f"owned-{resource[-1]}",
+            labels={b.OWNER_LABEL: kopf.PRESENT},
+        )(rec.on_owned_event)
     return registry

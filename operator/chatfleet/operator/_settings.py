@@ -36,11 +36,11 @@ class OperatorSettings(BaseSettings):
         8080, ge=0, le=65535, description="Port of the /metrics server; 0 picks a free one."
     )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics.")
-    drift_interval_s: float = Field(
-        60.0, gt=0, description="How often owned objects are re-applied to repair drift."
-    )
     missing_secret_retry_s: float = Field(
         30.0, gt=0, description="Retry delay while a referenced Secret does not exist."
+    )
+    forbidden_retry_s: float = Field(
+        20.0, gt=0, description="Retry delay while RBAC refuses the operator a request."
     )
     kubeconfig: str | None = Field(
         None, description="Kubeconfig path outside a cluster; empty uses the default."

@@ -124,6 +124,16 @@ def invalid_spec_conditions(message: str, generation: int | None) -> list[dict[s
     ]
 
 
+def forbidden_conditions(message: str, generation: int | None) -> list[dict[str, Any]]:
+    """Conditions while RBAC refuses the operator something it needs to reconcile."""
+    return [
+        _make("Ready", False, "Forbidden", message[:32768], generation),
+        _make("Progressing", False, "Forbidden", "", generation),
+        _make("Degraded", True, "Forbidden", message[:32768], generation),
+        _make("InvalidSpec", False, "SpecValid", "", generation),
+    ]
+
+
 def stamp_transitions(
     new: list[dict[str, Any]], previous: Iterable[Mapping[str, Any]] | None, now: str
 ) -> list[dict[str, Any]]:
