@@ -60,6 +60,24 @@ def _parser() -> argparse.ArgumentParser:
         help="Serve without authentication (local experiments: anyone who reaches the port"
         " can use it). By default a token for the local user is printed at start-up.",
     )
+    token = commands.add_parser(
+        "token",
+        help="Print an access token signed with a deployment's JWT signing key.",
+        description="Mint an access token the way POST /auth/token would, from the signing"
+        " key itself: --signing-key-file (- reads stdin; in a cluster the ChatDeployment's"
+        " <name>-jwt Secret, key signing-key), else $CHATFLEET_JWT_SIGNING_KEY, else this"
+        " machine's local key (the one chatfleet serve uses). Whoever holds the key can"
+        " mint tokens: this is an operator's tool, not a login.",
+    )
+    token.add_argument("--config", type=Path, help="YAML or JSON AppConfig file (issuer, TTL).")
+    token.add_argument("--signing-key-file", help="File with the signing key; - reads stdin.")
+    token.add_argument("--client-id", default="admin", help="The token's subject (default admin).")
+    token.add_argument(
+        "--scope", action="append", default=[], help="A scope to grant (repeatable)."
+    )
+    token.add_argument(
+        "--refresh", action="store_true", help="Print the access and refresh pair as JSON."
+    )
     db = commands.add_parser("db", help="Manage the conversation/session database.")
     db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
     upgrade = db_commands.add_parser(
@@ -90,6 +108,30 @@ def db_upgrade(args: argparse.Namespace) -> int:
         print(f"chatfleet: {exc}", file=sys.stderr)
         return 1
     print(f"chatfleet: database {store.url} is at revision {revision}", flush=True)
+    return 0
+
+
+def mint_token(args: argparse.Namespace) -> int:
+    import json
+
+    from chatfleet.serving.auth import Authenticator, MemoryRevocationStore, load_signing_key
+
+    try:
+        config = load_config(args.config)
+        if args.signing_key_file:
+            source = sys.stdin if args.signing_key_file == "-" else open(args.signing_key_file)  # noqa: SIM115
+            with source:
+                key = source.read().strip()
+            environ = {config.auth.signing_key_env: key}
+        else:
+            environ = dict(os.environ)
+        key = load_signing_key(config.auth, environ=environ)
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"chatfleet token: {exc}", file=sys.stderr)
+        return 2
+    auth = Authenticator(config.auth, key, MemoryRevocationStore(), environ={})
+    pair = auth.mint(args.client_id, args.scope)
+    print(json.dumps(pair.as_response()) if args.refresh else pair.access_token)
     return 0
 
 
@@ -303,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "token":
+        logging.getLogger().setLevel(logging.WARNING)  # stdout is the token alone
+        return mint_token(args)
     if args.command == "db" and args.db_command == "upgrade":
         return db_upgrade(args)
     parser.print_help()
