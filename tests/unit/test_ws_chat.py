@@ -314,7 +314,17 @@ async def test_connection_limit_and_auth_off() -> None:
         assert closed.value.rcvd.code == 1013
         async with httpx.AsyncClient() as http:
             health = (await http.get(f"http://{server.base}/ws/health")).json()
-        assert health == {"status": "full", "connections": 1, "max_connections": 1}
+        assert (health["status"], health["connections"], health["max_connections"]) == (
+            "full",
+            1,
+            1,
+        )
+        # The refused connection was never open.
+        assert health["metrics"] == {
+            "active_connections": 1,
+            "total_connections": 1,
+            "max_connections": 1,
+        }
 
 
 async def test_50_concurrent_chats(server: Server) -> None:

@@ -267,25 +267,15 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    async def model_states() -> dict[str, str]:
-        states = {}
-        for name, client in engines.items():
-            try:
-                states[name] = "ready" if await client.is_ready() else "loading"
-            except Exception:
-                logger.warning("readiness check of %s failed", name, exc_info=True)
-                states[name] = "unavailable"
-        return states
-
     @app.get("/health", tags=["health"], summary="Details: version and each model's state.")
     async def health() -> dict[str, Any]:
-        states = await model_states()
+        states = await gw.model_states()
         ok = all(s == "ready" for s in states.values())
         return {"status": "ok" if ok else "degraded", "version": VERSION, "models": states}
 
     @app.get("/ready", tags=["health"], summary="Readiness: every model can serve.")
     async def ready() -> JSONResponse:
-        states = await model_states()
+        states = await gw.model_states()
         ok = all(s == "ready" for s in states.values())
         body: dict[str, Any] = {"ready": ok, "models": states}
         if store is not None:

@@ -216,6 +216,9 @@ class TokenRequest(_Form):
     client_id: str = Field(min_length=1, max_length=200, description="A registered client.")
     client_secret: str = Field(min_length=1, max_length=4096, description="Its secret.")
     scope: str | None = Field(None, description="Space-separated subset of its scopes.")
+    # What the chat gateway's clients send along; accepted (and documented) for them.
+    device_name: str | None = Field(None, description="The caller's device name; not used.")
+    device_type: str | None = Field(None, description="The caller's kind of device; not used.")
 
 
 class RefreshRequest(_Form):

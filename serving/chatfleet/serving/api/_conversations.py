@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
 from chatfleet.serving.api._gateway import AUTO_MODEL, ROUTE_HEADER, Gateway
@@ -34,15 +34,18 @@ _TITLE_CHARS = 80
 
 
 class MessagesRequest(SamplingFields):
-    """`POST /v1/messages`: new messages for a stored conversation (or a new one)."""
+    """`POST /v1/messages`: new messages for a stored conversation (or a new one).
 
-    model_config = ConfigDict(extra="forbid")
+    Fields chatfleet has no use for are accepted and ignored.
+    """
+
+    model_config = ConfigDict(extra="ignore")
 
     conversation_id: str | None = Field(
         None,
         min_length=1,
         max_length=64,
-        description="A stored conversation to continue; empty starts a new one.",
+        description='A stored conversation to continue; absent, null or "" starts a new one.',
     )
     messages: list[ChatMessage] = Field(
         min_length=1, description="The new messages (usually one user message)."
@@ -53,6 +56,12 @@ class MessagesRequest(SamplingFields):
         " (the conversation keeps its model unless a new topic clearly wins).",
     )
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
+
+    @field_validator("conversation_id", mode="before")
+    @classmethod
+    def _empty_is_new(cls, value: object) -> object:
+        # The orchestrator's clients send "" for "start a new conversation".
+        return None if value == "" else value
 
 
 def _title(messages: list[Message]) -> str | None:

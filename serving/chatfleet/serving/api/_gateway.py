@@ -43,6 +43,13 @@ ROUTE_HEADER = "x-chatfleet-route"
 CONVERSATION_HEADER = "x-chatfleet-conversation-id"
 
 
+class NotConfigured(RequestError):
+    """The request needs a part of the server (classifier, compressor, router) it lacks."""
+
+    status_code = 404
+    code = "not_configured"
+
+
 class EngineClient(Protocol):
     """How the ingress reaches one model: batches of chunks, and readiness."""
 
@@ -161,7 +168,29 @@ class Gateway:
         # until conversations are stored (then the store holds it).
         self.routes: OrderedDict[str, PreviousRoute] = OrderedDict()
         self.created = int(time.time())
+        self.tracer_provider = tracer_provider
         self.tracer = telemetry.get_tracer(tracer_provider)
+        # Routing among a client's own categories: the client has ruled the others out,
+        # so the confidence floor (which sends prompts that fit no category well to the
+        # default model) does not apply.
+        self._routing_among = (
+            None
+            if config.routing is None
+            else config.model_copy(
+                update={"routing": config.routing.model_copy(update={"confidence_threshold": 0.0})}
+            )
+        )
+
+    async def model_states(self) -> dict[str, str]:
+        """Each model's state: ``ready``, ``loading`` or ``unavailable``."""
+        states = {}
+        for name, client in self.engines.items():
+            try:
+                states[name] = "ready" if await client.is_ready() else "loading"
+            except Exception:
+                logger.warning("readiness check of %s failed", name, exc_info=True)
+                states[name] = "unavailable"
+        return states
 
     def remember_route(self, conversation_id: str | None, decision: RoutingDecision) -> None:
         if not conversation_id:
@@ -172,8 +201,12 @@ class Gateway:
             self.routes.popitem(last=False)
 
     async def decide(
-        self, messages: list[ChatMessage], conversation_id: str | None = None
+        self,
+        messages: list[ChatMessage],
+        conversation_id: str | None = None,
+        categories: list[str] | None = None,
     ) -> RoutingDecision:
+        """Choose a model; with ``categories``, among those categories' routes only."""
         if self.router is None:
             raise ModelNotFound(
                 "model 'auto' needs routing: this server has no routing configured",
@@ -181,11 +214,53 @@ class Gateway:
             )
         previous = self.routes.get(conversation_id) if conversation_id else None
         started = time.perf_counter()
-        decision = await self.router.decide(messages, previous, True)
+        if categories is None:
+            decision = await self.router.decide(messages, previous, True)
+        else:
+            decision = await self._decide_among(categories, messages, previous)
         self.metrics.routing_duration.observe(time.perf_counter() - started)
         if decision.trace_id is None:
             decision.trace_id = telemetry.trace_id()
         return decision
+
+    async def _decide_among(
+        self,
+        categories: list[str],
+        messages: list[ChatMessage],
+        previous: PreviousRoute | None,
+    ) -> RoutingDecision:
+        """The router's decision over ``categories`` alone, run here on the classifier.
+
+        `Router` is pure logic over a classify and a compress call, so this one routes
+        with the same rules (routes, fallbacks, hysteresis, compression) as the shared
+        router, only classifying over the client's categories.
+        """
+        classifier, compressor = self.classifier, self.compressor
+        if classifier is None or self._routing_among is None:
+            raise NotConfigured(
+                "routing among given categories needs a classifier: none is configured here",
+                param="possible_categories",
+            )
+        configured = self.config.classifier.categories if self.config.classifier else []
+        described = {c.name: c.description for c in configured if c.description}
+        descriptions = {n: described[n] for n in categories if n in described} or None
+
+        async def classify(prompt: str) -> Classification:
+            return await classifier.classify(prompt, categories, descriptions, False)
+
+        async def compress(context: str, question: str) -> Compression:
+            assert compressor is not None
+            return await compressor.compress(context, question, None)
+
+        router = Router(
+            self._routing_among,
+            classify,
+            compress if compressor is not None else None,
+            tracer_provider=self.tracer_provider,
+        )
+        if previous is not None and previous.category not in categories:
+            previous = None  # a conversation never sticks to a category the client excluded
+        return await router.decide(messages, previous, True)
 
     async def open_routed(
         self, decision: RoutingDecision, sampling: SamplingFields, accepted_at: float

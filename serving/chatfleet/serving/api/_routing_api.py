@@ -10,16 +10,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway, generate_events
+from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway, NotConfigured, generate_events
 from chatfleet.serving.api._schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.errors import RequestError
 from chatfleet.serving.routing import RoutingDecision
-
-
-class _NotConfigured(RequestError):
-    status_code = 404
-    code = "not_configured"
 
 
 def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
@@ -31,7 +25,7 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
     )
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         if gw.classifier is None:
-            raise _NotConfigured("no classifier is configured on this server")
+            raise NotConfigured("no classifier is configured on this server")
         started = time.perf_counter()
         result = await gw.classifier.classify(
             body.prompt, body.possible_categories, body.descriptions, body.multi_label
@@ -54,7 +48,7 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
     )
     async def compress(body: CompressRequest) -> dict[str, Any]:
         if gw.compressor is None:
-            raise _NotConfigured("no compressor is configured on this server")
+            raise NotConfigured("no compressor is configured on this server")
         started = time.perf_counter()
         result = await gw.compressor.compress(body.text, body.question, body.ratio)
         gw.metrics.compressor_duration.observe(time.perf_counter() - started)
@@ -76,7 +70,7 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
     )
     async def model_rankings() -> dict[str, Any]:
         if gw.router is None:
-            raise _NotConfigured("no routing is configured on this server")
+            raise NotConfigured("no routing is configured on this server")
         return await gw.router.rankings()
 
     @app.post(
@@ -85,13 +79,18 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
         summary="Route a prompt to a model and stream its answer (SSE).",
         description=(
             "Events: `metadata` {selected_model, category, confidence, reason, scores,"
-            " compression, fallbacks}; `thinking_chunk` and `text_chunk` {text}; `error`;"
-            " `end_stream` {finish_reason, usage}."
+            " classification {category, confidence, labels, scores}, compression,"
+            " fallbacks}; `thinking_chunk` and `text_chunk` {text}; `error`;"
+            " `end_stream` {finish_reason, usage}. With `possible_categories`"
+            " (`possibleCategories`), the prompt is classified over those categories only"
+            " and the best one's route answers."
         ),
     )
     async def select(body: SelectRequest) -> Response:
         accepted_at = time.perf_counter()
-        decision = await gw.decide(body.to_messages(), body.conversation_id)
+        decision = await gw.decide(
+            body.to_messages(), body.conversation_id, body.possible_categories
+        )
         decision, request, batches = await gw.open_routed(decision, body, accepted_at)
         gw.remember_route(body.conversation_id, decision)
         return EventStream(
@@ -106,6 +105,16 @@ async def _select_events(
     info = decision.explain()
     info["selected_model"] = info.pop("model")
     info["request_id"] = request_id
+    # The classifier's own verdict, shaped as /api/classify answers (a sticky route's
+    # category above may differ from it).
+    ranked = sorted(decision.scores.items(), key=lambda item: -item[1])
+    if ranked:
+        info["classification"] = {
+            "category": ranked[0][0],
+            "confidence": round(ranked[0][1], 4),
+            "labels": [label for label, _ in ranked],
+            "scores": [round(score, 4) for _, score in ranked],
+        }
     yield sse(info, "metadata")
     events = generate_events(gw, batches, decision.model, request_id, metadata=False)
     async with contextlib.aclosing(events):

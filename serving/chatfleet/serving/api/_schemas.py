@@ -1,10 +1,22 @@
-"""Request bodies of the public API (validated at the boundary)."""
+"""Request bodies of the public API (validated at the boundary).
+
+The bodies that clients of the prompt router chatfleet replaces still send (generate,
+classify, compress, select) accept fields chatfleet has no use for and ignore them;
+`SelectRequest` also takes that router's camelCase spellings.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from chatfleet.serving.protocol import Message
 
@@ -84,7 +96,7 @@ class ChatCompletionRequest(SamplingFields):
 class GenerateRequest(SamplingFields):
     """`POST /api/generate`: a prompt or a message list, streamed back as SSE."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Model name; empty means the default model.")
     prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
@@ -111,10 +123,26 @@ class GenerateRequest(SamplingFields):
         return out
 
 
+MAX_CATEGORIES = 64
+
+
+def checked_categories(value: list[str]) -> list[str]:
+    """Category names without surrounding blanks; none empty or repeated, at most 64."""
+    names = [v.strip() for v in value]
+    if any(not n for n in names):
+        raise ValueError("categories must not be empty strings")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate categories: {', '.join(duplicates)}")
+    if len(names) > MAX_CATEGORIES:
+        raise ValueError(f"at most {MAX_CATEGORIES} categories")
+    return names
+
+
 class ClassifyRequest(BaseModel):
     """`POST /api/classify`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(description="The text to classify.")
     possible_categories: list[str] | None = Field(
@@ -139,20 +167,13 @@ class ClassifyRequest(BaseModel):
             return None
         if not value:
             raise ValueError("give at least one category, or leave the field out")
-        if any(not v.strip() for v in value):
-            raise ValueError("categories must not be empty strings")
-        duplicates = sorted({v for v in value if value.count(v) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate categories: {', '.join(duplicates)}")
-        if len(value) > 64:
-            raise ValueError("at most 64 categories")
-        return value
+        return checked_categories(value)
 
 
 class CompressRequest(BaseModel):
     """`POST /api/compress`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     text: str = Field(min_length=1, description="The context to compress.")
     question: str = Field("", description="A question kept verbatim; guides what is kept.")
@@ -162,10 +183,27 @@ class CompressRequest(BaseModel):
 
 
 class SelectRequest(SamplingFields):
-    """`POST /api/models/select`: route a prompt, then stream the answer."""
+    """`POST /api/models/select`: route a prompt, then stream the answer.
 
-    model_config = ConfigDict(extra="forbid")
+    The prompt router's clients send ``topP``, ``maxTokens`` and ``possibleCategories``
+    (camelCase): each spelling works, and fields chatfleet does not use are ignored.
+    """
 
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=AliasChoices("max_tokens", "maxTokens"),
+        description="Answer length cap (or `maxTokens`).",
+    )
+    top_p: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        validation_alias=AliasChoices("top_p", "topP"),
+        description="Nucleus sampling mass (or `topP`).",
+    )
     prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="A conversation, instead of prompt."
@@ -173,6 +211,19 @@ class SelectRequest(SamplingFields):
     conversation_id: str | None = Field(
         None, max_length=200, description="Keeps a conversation on its model (hysteresis)."
     )
+    possible_categories: list[str] | None = Field(
+        None,
+        validation_alias=AliasChoices("possible_categories", "possibleCategories"),
+        description="Route among these categories only (or `possibleCategories`): the prompt"
+        " is classified over them, and the best one's route answers, whatever its"
+        " confidence (an unrouted one: the default model). Empty: every configured category.",
+    )
+
+    @field_validator("possible_categories")
+    @classmethod
+    def _categories(cls, value: list[str] | None) -> list[str] | None:
+        # The prompt router's clients send an empty list for "no restriction".
+        return checked_categories(value) if value else None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> SelectRequest:

@@ -1,20 +1,27 @@
 """Background sessions and their live events: ``/api/sessions``, ``WS /ws``, ``GET /ws/sessions``.
 
-A session is one message answered in the background: ``POST /api/sessions``
-stores it (``pending``) and starts an asyncio task owned by the app, so the
-generation goes on when the client goes away. At most ``max_concurrent`` run at
-once; the others wait (still ``pending``). Every subscriber of ``WS /ws`` gets,
-in order::
+A session is one message answered in the background: ``POST /api/sessions`` (or
+``POST /api/alerts``, the dashboard PoC's name for it) stores it (``pending``) and
+starts an asyncio task owned by the app, so the generation goes on when the client
+goes away. At most ``max_concurrent`` run at once; the others wait (still
+``pending``). Every subscriber of ``WS /ws`` gets, in order (``data`` shown)::
 
-    connected {subscriber_id, sessions}
-    session.created {session}
-    llm.thinking {delta, is_complete: false}...  llm.thinking {content, is_complete: true}
-    llm.response {delta, is_complete: false, is_final: false}...
-    llm.response {content, is_complete, is_final: true}
-    session.completed | session.failed | session.cancelled {session}
+    connected {message, subscriber_id, sessions}
+    session.created {<the session>}
+    llm.thinking {content: <piece>, is_complete: false}...
+    llm.thinking {content: <all the reasoning>, is_complete: true}
+    llm.response {content: <piece>, is_complete: false, is_final: false}...
+    llm.response {content: <the whole answer>, is_complete, is_final: true}
+    session.completed | session.failed | session.cancelled {<the session>, usage?}
+
+Every event is ``{type, session_id, data, ts}`` (``connected``, ``ping``, ``pong``
+and ``error`` have no ``session_id``). Each also carries chatfleet's first, flat
+shape beside ``data``, which the dashboard reads: ``session`` (the record) on the
+``session.*`` events; ``delta`` (the piece) or ``content`` (the whole text, on the
+closing event), ``is_complete`` and ``is_final`` on the ``llm.*`` ones; ``error``,
+``usage`` on the finishing ones; ``subscriber_id``, ``sessions`` on ``connected``.
 
 Reasoning goes only in ``llm.thinking`` and the answer only in ``llm.response``.
-Every event carries ``type``, ``session_id`` (except ``connected``) and ``ts``.
 A subscriber that falls ``queue_size`` events behind is dropped and closed
 (1013), so a slow browser never slows a generation down.
 
@@ -53,9 +60,9 @@ _TRY_AGAIN_LATER = 1013
 
 
 class SessionRequest(SamplingFields):
-    """`POST /api/sessions`."""
+    """`POST /api/sessions` and `POST /api/alerts`; other fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     message: str = Field(min_length=1, description="The user message to answer in the background.")
     model: str | None = Field(None, description="Model name; empty means the default model.")
@@ -66,9 +73,16 @@ class SessionRequest(SamplingFields):
         return [*out, Message(role="user", content=self.message)]
 
 
-def _event(type_: str, **fields: Any) -> str:
+_GREETING = "connected to chatfleet: live session events"
+
+
+def _event(type_: str, data: dict[str, Any] | None = None, **flat: Any) -> str:
+    """One ``/ws`` event; ``data`` defaults to the flat fields but ``session_id``."""
+    if data is None:
+        data = {k: v for k, v in flat.items() if k != "session_id"}
     return json.dumps(
-        {"type": type_, **fields, "ts": datetime.now(UTC).isoformat()}, separators=(",", ":")
+        {"type": type_, **flat, "data": data, "ts": datetime.now(UTC).isoformat()},
+        separators=(",", ":"),
     )
 
 
@@ -103,8 +117,8 @@ class EventHub:
     def unsubscribe(self, subscriber: _Subscriber) -> None:
         self._subscribers.pop(subscriber.id, None)
 
-    def publish(self, type_: str, **fields: Any) -> None:
-        frame = _event(type_, **fields)
+    def publish(self, type_: str, data: dict[str, Any] | None = None, **flat: Any) -> None:
+        frame = _event(type_, data, **flat)
         for subscriber in list(self._subscribers.values()):
             if subscriber.queue.qsize() >= self.queue_size:
                 self._drop(subscriber)
@@ -160,7 +174,7 @@ class SessionRunner:
         model = self.gw.resolve(body.model)
         request = self.gw.generation_request(model, body.to_messages(), body)
         session = await store.create_session(body.message, model=model.name)
-        self.hub.publish("session.created", session_id=session.id, session=session.to_dict())
+        self._publish_session("session.created", session.to_dict())
         task = asyncio.create_task(self._run(session.id, request), name=f"session-{session.id}")
         self._tasks[session.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(session.id, None))
@@ -186,6 +200,7 @@ class SessionRunner:
                             thinking_open = True
                             self.hub.publish(
                                 "llm.thinking",
+                                {"content": thinking, "is_complete": False},
                                 session_id=session_id,
                                 delta=thinking,
                                 is_complete=False,
@@ -196,6 +211,7 @@ class SessionRunner:
                                 self._thinking_done(session_id, answer)
                             self.hub.publish(
                                 "llm.response",
+                                {"content": text, "is_complete": False, "is_final": False},
                                 session_id=session_id,
                                 delta=text,
                                 is_complete=False,
@@ -264,10 +280,9 @@ class SessionRunner:
             status = record.status if record is not None else status
         except Exception:
             logger.exception("could not store the end of session %s", session_id)
-        self.hub.publish(
+        self._publish_session(
             f"session.{status}",
-            session_id=session_id,
-            session=record.to_dict() if record is not None else {"id": session_id},
+            record.to_dict() if record is not None else {"id": session_id},
             error=error,
             usage=answer.usage_dict(),
         )
@@ -301,8 +316,14 @@ class SessionRunner:
         record = await store.finish_session(
             session_id, "cancelled", error="cancelled; it was not running on this replica"
         )
-        self.hub.publish("session.cancelled", session_id=session_id, session=record.to_dict())
+        self._publish_session("session.cancelled", record.to_dict())
         return record
+
+    def _publish_session(self, type_: str, session: dict[str, Any], **more: Any) -> None:
+        """A ``session.*`` event: its ``data`` is the session (plus ``more``)."""
+        self.hub.publish(
+            type_, {**session, **more}, session_id=session["id"], session=session, **more
+        )
 
     async def close(self) -> None:
         """Cancel every session of this replica (stored as cancelled); drop subscribers."""
@@ -378,6 +399,16 @@ def add_session_routes(
         session = await runner.create(body)
         return JSONResponse(session.to_dict(), status_code=202)
 
+    @app.post(
+        "/api/alerts",
+        tags=["sessions"],
+        status_code=202,
+        summary="POST /api/sessions under the dashboard PoC's name; adds session_id.",
+    )
+    async def create_alert(body: SessionRequest) -> JSONResponse:
+        session = await runner.create(body)
+        return JSONResponse({**session.to_dict(), "session_id": session.id}, status_code=202)
+
     @app.get("/api/sessions", tags=["sessions"], summary="Sessions, newest first.")
     async def list_sessions(
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -435,7 +466,9 @@ def add_session_routes(
             await ws.close(code=_TRY_AGAIN_LATER, reason="too many subscribers")
             return
         subscriber = hub.subscribe(
-            lambda sid: _event("connected", subscriber_id=sid, sessions=runner.active)
+            lambda sid: _event(
+                "connected", message=_GREETING, subscriber_id=sid, sessions=runner.active
+            )
         )
         gauge.inc()
         sender = asyncio.create_task(_send_events(ws, subscriber, settings.ping_interval_s))

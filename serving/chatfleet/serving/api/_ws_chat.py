@@ -3,22 +3,30 @@
 Frames are JSON text. Server to client::
 
     connection_ack  {client_id, session_id, ping_interval_s, max_message_bytes}
-    token           {content, kind: "text" | "thinking"}     (a piece of the reply)
-    complete        {total_tokens, latency_ms, finish_reason, model}
-    error           {error, code[, retry_after]}             (the connection stays up)
-    ping | pong
+    token           {content, token, kind: "text" | "thinking", conversation_id}
+    complete        {conversation_id, total_tokens, latency_ms, finish_reason, model}
+    error           {error, code[, retry_after][, conversation_id]}  (the connection stays up)
+    ping {timestamp} | pong {timestamp}
 
 Client to server::
 
-    chat    {content, model?, system?, max_tokens?, temperature?, top_p?, stop?, seed?}
+    chat    {content, conversation_id?, model?, system?, max_tokens?, temperature?, top_p?,
+             stop?, seed?}
     cancel  (stop the reply that is streaming; it completes with finish_reason "cancelled")
-    pong    (the answer to a server ping) | ping (answered with a pong)
+    pong {timestamp?} (the answer to a server ping) | ping {timestamp?} (answered with a pong)
+
+A ``token`` frame carries its text twice: in ``content`` (chatfleet's name) and in
+``token`` (the name the chat gateway's clients read). ``timestamp`` is Unix seconds;
+a ``pong`` answering a client's ``ping`` echoes its timestamp.
 
 One reply streams at a time per connection: a ``chat`` that arrives while one
 is streaming is refused with an ``error`` frame (code ``busy``); send ``cancel``
-first to interrupt. The connection keeps the conversation (bounded by
-``server.max_messages``), so each ``chat`` continues it. ``total_tokens`` counts
-the reply's generated tokens (thinking included).
+first to interrupt. The connection keeps its conversations: a ``chat`` without
+``conversation_id`` (or with ``""``) continues the connection's own, whose id is
+its ``session_id``; with one, it continues that conversation (a connection keeps
+up to `MAX_CONVERSATIONS`, the least recently used is forgotten). Each is bounded
+by ``server.max_messages``. ``total_tokens`` counts the reply's generated tokens
+(thinking included).
 
 The token is checked again at each ``chat``: once it has expired or been
 revoked, the ``chat`` gets an ``error`` frame (``invalid_token``) and the
@@ -43,6 +51,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,11 +78,13 @@ from chatfleet.serving.errors import (
 )
 from chatfleet.serving.protocol import Message
 
-__all__ = ["ChatFrame", "add_chat_ws_routes", "ws_close_code"]
+__all__ = ["MAX_CONVERSATIONS", "ChatFrame", "add_chat_ws_routes", "ws_close_code"]
 
 logger = logging.getLogger(__name__)
 
 WS_PONG_TIMEOUT = 4408
+#: Conversations one connection keeps (each bounded by ``server.max_messages``).
+MAX_CONVERSATIONS = 8
 _INVALID_FRAME = "invalid_frame"
 _BUSY = "busy"
 
@@ -94,6 +105,11 @@ class ChatFrame(SamplingFields):
 
     type: Literal["chat"]
     content: str = Field(min_length=1, description="The user's message.")
+    conversation_id: str | None = Field(
+        None,
+        max_length=200,
+        description="The conversation this continues; empty: the connection's own.",
+    )
     model: str | None = Field(None, description="Model name or 'auto'; empty: the default.")
     system: str | None = Field(None, description="A system prompt for this turn.")
 
@@ -104,6 +120,7 @@ class _Progress:
 
     started: float
     model: str | None
+    conversation_id: str
     tokens: int = 0
 
 
@@ -112,10 +129,11 @@ class _PeerGone(Exception):
 
 
 class _Connections:
-    """This replica's /ws/chat connections."""
+    """This replica's /ws/chat connections: open now, and accepted since it started."""
 
     def __init__(self) -> None:
         self.open = 0
+        self.total = 0
 
 
 class _ChatConnection:
@@ -126,9 +144,10 @@ class _ChatConnection:
         self.client_id = claims.client_id if claims is not None else "anonymous"
         self.session_id = uuid.uuid4().hex
         self.settings = gw.config.websocket
-        self.history: list[Message] = []
+        # Conversation id -> its messages, least recently used first.
+        self.histories: OrderedDict[str, list[Message]] = OrderedDict()
         self.generation: asyncio.Task[None] | None = None
-        self.progress = _Progress(time.perf_counter(), None)
+        self.progress = _Progress(time.perf_counter(), None, self.session_id)
         self.pong = asyncio.Event()
         self._send_lock = asyncio.Lock()
 
@@ -190,7 +209,7 @@ class _ChatConnection:
             self.pong.clear()
             try:
                 async with asyncio.timeout(self.settings.pong_timeout_s):
-                    await self.send_frame("ping")
+                    await self.send_frame("ping", timestamp=time.time())
                     await self.pong.wait()
             except TimeoutError:
                 return
@@ -219,7 +238,8 @@ class _ChatConnection:
             if kind == "pong":
                 self.pong.set()
             elif kind == "ping":
-                await self.send_frame("pong")
+                echoed = data.get("timestamp")
+                await self.send_frame("pong", timestamp=time.time() if echoed is None else echoed)
             elif kind == "chat":
                 if not await self.still_authorized():
                     return
@@ -275,6 +295,7 @@ class _ChatConnection:
         p = self.progress
         await self.send_frame(
             "complete",
+            conversation_id=p.conversation_id,
             total_tokens=p.tokens,
             latency_ms=round((time.perf_counter() - p.started) * 1000, 1),
             finish_reason="cancelled",
@@ -298,16 +319,17 @@ class _ChatConnection:
     async def reply(self, frame: ChatFrame) -> None:
         gw = self.gw
         started = time.perf_counter()
-        self.progress = progress = _Progress(started, frame.model)
+        conversation = frame.conversation_id or self.session_id
+        self.progress = progress = _Progress(started, frame.model, conversation)
         question = Message(role="user", content=frame.content)
-        messages = [*self.history, question]
+        messages = [*self.histories.get(conversation, ()), question]
         if frame.system:
             messages.insert(0, Message(role="system", content=frame.system))
         try:
             if frame.model == AUTO_MODEL:
-                decision = await gw.decide(messages, self.session_id)
+                decision = await gw.decide(messages, conversation)
                 decision, request, batches = await gw.open_routed(decision, frame, started)
-                gw.remember_route(self.session_id, decision)
+                gw.remember_route(conversation, decision)
             else:
                 request = gw.generation_request(gw.resolve(frame.model), messages, frame)
                 batches = await gw.open_stream(request, accepted_at=started)
@@ -330,7 +352,14 @@ class _ChatConnection:
                         else:
                             runs.append((chunk.kind, [chunk.text]))
                     for kind, texts in runs:
-                        await self.send_frame("token", content="".join(texts), kind=kind)
+                        text = "".join(texts)
+                        await self.send_frame(
+                            "token",
+                            content=text,
+                            token=text,
+                            kind=kind,
+                            conversation_id=conversation,
+                        )
             finally:
                 aclose = getattr(batches, "aclose", None)
                 if aclose is not None:
@@ -338,27 +367,32 @@ class _ChatConnection:
         except _PeerGone:
             raise
         except ChatfleetError as exc:
-            await self.send_error(exc)
+            await self.send_error(exc, conversation_id=conversation)
             return
         except Exception:
             logger.exception("ws/chat %s: generation failed", self.session_id)
-            await self.send_error(ChatfleetError("generation failed"))
+            await self.send_error(ChatfleetError("generation failed"), conversation_id=conversation)
             return
-        self.remember(question, "".join(answer))
+        self.remember(conversation, question, "".join(answer))
         await self.send_frame(
             "complete",
+            conversation_id=conversation,
             total_tokens=progress.tokens,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
             finish_reason=finish or "stop",
             model=request.model,
         )
 
-    def remember(self, question: Message, answer: str) -> None:
-        self.history += [question, Message(role="assistant", content=answer)]
+    def remember(self, conversation: str, question: Message, answer: str) -> None:
+        history = self.histories.pop(conversation, [])
+        history += [question, Message(role="assistant", content=answer)]
         # Leave room for a system prompt and the next question.
         keep = max(0, self.gw.config.server.max_messages - 2)
-        if len(self.history) > keep:
-            del self.history[: len(self.history) - keep]
+        if len(history) > keep:
+            del history[: len(history) - keep]
+        self.histories[conversation] = history  # now the most recently used
+        while len(self.histories) > MAX_CONVERSATIONS:
+            self.histories.popitem(last=False)
 
 
 def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
@@ -377,6 +411,7 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
             await ws.close(ws_close_code(exc), "too many connections")
             return
         connections.open += 1
+        connections.total += 1
         gauge.inc()
         try:
             await ws.accept()
@@ -386,10 +421,26 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
             connections.open -= 1
             gauge.dec()
 
-    @app.get("/ws/health", tags=["health"], summary="WebSocket chat connections of this replica.")
+    @app.get(
+        "/ws/health",
+        tags=["health"],
+        summary="WebSocket chat connections of this replica, and its models' state.",
+    )
     async def ws_health() -> dict[str, Any]:
+        states = await gw.model_states()
         return {
             "status": "ok" if connections.open < settings.max_connections else "full",
+            "service": "chatfleet-ws-chat",
             "connections": connections.open,
             "max_connections": settings.max_connections,
+            "metrics": {
+                "active_connections": connections.open,
+                "total_connections": connections.total,
+                "max_connections": settings.max_connections,
+            },
+            # What the chat gateway reported of its Ollama backend: here, every model.
+            "backend": {
+                "status": "ok" if all(s == "ready" for s in states.values()) else "degraded",
+                "models": states,
+            },
         }
