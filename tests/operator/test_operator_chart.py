@@ -218,12 +218,33 @@ def test_notes_print_the_next_command() -> None:
     assert "team-a, team-b" in notes({"watchNamespaces": ["team-a", "team-b"]})
 
 
-def test_chart_crds() -> None:
-    crds = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert crds == ["chatfleet.dev_chatdeployments.yaml", "kopf.dev_clusterkopfpeerings.yaml"]
-    for path in (CHART / "crds").glob("*.yaml"):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["kind"] == "CustomResourceDefinition"
+def test_chart_crds_are_templates_that_upgrade_and_stay() -> None:
+    files = sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))
+    assert files == ["chatfleet.dev_chatdeployments.yaml", "kopf.dev_clusterkopfpeerings.yaml"]
+    assert not (CHART / "crds").exists()  # Helm would install those once, never upgrade
+    crds = by_kind(render({}), "CustomResourceDefinition")
+    sources = {
+        doc["metadata"]["name"]: doc
+        for name in files
+        for doc in yaml.safe_load_all((CHART / "files" / "crds" / name).read_text())
+    }
+    assert (
+        sorted(c["metadata"]["name"] for c in crds)
+        == sorted(sources)
+        == [
+            "chatdeployments.chatfleet.dev",
+            "clusterkopfpeerings.kopf.dev",
+            "kopfpeerings.kopf.dev",
+        ]
+    )
+    for crd in crds:
+        # Rendered unchanged but for the chart's labels and the keep policy.
+        assert crd["spec"] == sources[crd["metadata"]["name"]]["spec"]
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    for crd in by_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    assert not by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition")
 
 
 def test_values_are_documented() -> None:

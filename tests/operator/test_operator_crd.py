@@ -48,8 +48,8 @@ def test_checked_in_crd_matches_the_models() -> None:
 
 
 def test_chart_ships_the_same_crd() -> None:
-    chart_crd = ROOT / "charts" / "chatfleet" / "crds" / CRD_PATH.name
-    assert chart_crd.read_text() == CRD_PATH.read_text(), "copy crds/ into charts/chatfleet/crds/"
+    chart_crd = ROOT / "charts" / "chatfleet" / "files" / "crds" / CRD_PATH.name
+    assert chart_crd.read_text() == CRD_PATH.read_text(), "run `chatfleet-operator crd`"
 
 
 def test_cli_writes_the_crd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 CRD_FILE = "chatfleet.dev_chatdeployments.yaml"
 # The CRD lives at the repository root and, identical, in the Helm chart.
-DEFAULT_CRD_PATHS = (Path("crds") / CRD_FILE, Path("charts") / "chatfleet" / "crds" / CRD_FILE)
+DEFAULT_CRD_PATHS = (
+    Path("crds") / CRD_FILE,
+    Path("charts") / "chatfleet" / "files" / "crds" / CRD_FILE,
+)
 
 
 def _crd(args: argparse.Namespace) -> int:
