@@ -6,13 +6,15 @@
 #   DRY_RUN=1 hack/kind-up.sh  # print the commands instead of running them
 #
 # Environment: CLUSTER (chatfleet), NAMESPACE (chatfleet-system), KUBERAY_VERSION
-# (1.7.0), TAG (dev), PORT (8000), SAMPLE (the CPU sample), WAIT (20m).
+# (hack/versions.env's, the KubeRay the cluster tests run), TAG (dev), PORT (8000),
+# SAMPLE (the CPU sample), WAIT (20m).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER="${CLUSTER:-chatfleet}"
 NAMESPACE="${NAMESPACE:-chatfleet-system}"
-KUBERAY_VERSION="${KUBERAY_VERSION:-1.7.0}"
+# shellcheck source=versions.env
+KUBERAY_VERSION="${KUBERAY_VERSION:-$(. "${ROOT}/hack/versions.env" && echo "${KUBERAY_VERSION#v}")}"
 TAG="${TAG:-dev}"
 PORT="${PORT:-8000}"
 SAMPLE="${SAMPLE:-${ROOT}/manifests/samples/chatfleet.dev_v1alpha1_chatdeployment.yaml}"
@@ -65,5 +67,11 @@ run kubectl wait "chatdeployment/${NAME}" --for=condition=Ready --timeout="${WAI
 run kubectl get chatdeployment "${NAME}"
 
 # 6. The chat API on localhost (Ctrl-C to stop; the cluster stays).
-echo "chat API: http://localhost:${PORT} (try: curl localhost:${PORT}/v1/models)"
+# Every API call needs a token: mint one from the ChatDeployment's signing key (the
+# Secret the operator created), with the chatfleet CLI (scripts/serve's .venv has it).
+cat <<EOF
+chat API: http://localhost:${PORT}
+a token:  TOKEN=\$(kubectl get secret ${NAME}-jwt -o jsonpath='{.data.signing-key}' | base64 -d | chatfleet token --signing-key-file -)
+try:      curl -H "Authorization: Bearer \$TOKEN" localhost:${PORT}/v1/models
+EOF
 run kubectl port-forward "svc/${NAME}-chat" "${PORT}:8000"

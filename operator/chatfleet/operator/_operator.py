@@ -308,6 +308,10 @@ class Reconciler:
                         applied = out
             except KubeError as exc:
                 self.metrics.errors.labels("api").inc()
+                if exc.status == 403 and "RESTMapping" in exc.message:
+                    # Admission checks owner references against the API server's view
+                    # of the kinds, which learns a just-installed CRD a moment later.
+                    raise kopf.TemporaryError(str(exc), delay=2) from exc
                 if exc.status == 403:
                     result = "forbidden"
                     self._forbidden(exc, body, patch, generation, logger)
