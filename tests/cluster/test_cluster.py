@@ -17,6 +17,7 @@ import base64
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -461,3 +462,38 @@ def test_kubeconfig_of_the_operator_cannot_read_secrets_elsewhere(
     assert result.stdout.strip() == "no", (result.stdout, result.stderr)
     with pytest.raises(KubectlError, match=r"(?i)forbidden"):
         cluster.kubectl("get", "secrets", "-n", "kube-system", kubeconfig=kubeconfig)
+
+
+def test_helm_upgrade_upgrades_the_crd(
+    cluster: Cluster, chart: dict[str, Any], tmp_path: Path
+) -> None:
+    """CRDs under a chart's crds/ never upgrade; ours are templates, so they do."""
+    newer = tmp_path / "chatfleet"
+    shutil.copytree(ROOT / "charts" / "chatfleet", newer)
+    crd_file = newer / "files" / "crds" / "chatfleet.dev_chatdeployments.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    column = {"name": "Upgraded", "type": "string", "jsonPath": ".status.rayService"}
+    crd["spec"]["versions"][0]["additionalPrinterColumns"].append(column)
+    crd_file.write_text(yaml.safe_dump(crd, sort_keys=False))
+    try:
+        cluster.helm("upgrade", RELEASE, str(newer), "-n", SYSTEM_NS)
+        live = cluster.get("crd", "chatdeployments.chatfleet.dev")
+        assert column in live["spec"]["versions"][0]["additionalPrinterColumns"]  # type: ignore[index]
+    finally:
+        cluster.helm("upgrade", RELEASE, str(ROOT / "charts" / "chatfleet"), "-n", SYSTEM_NS)
+    live = cluster.get("crd", "chatdeployments.chatfleet.dev")
+    assert column not in live["spec"]["versions"][0]["additionalPrinterColumns"]  # type: ignore[index]
+
+
+def test_helm_uninstall_keeps_the_crds_and_every_chatdeployment(
+    cluster: Cluster, chart: dict[str, Any], operator: OperatorProcess
+) -> None:
+    """Last: deleting a CRD would delete every ChatDeployment, so uninstall keeps them."""
+    operator.stop()
+    kept = chatd("kept", {"serving": {"models": [{"name": "fake", "engine": "fake"}]}})
+    cluster.apply(kept)
+    cluster.helm("uninstall", RELEASE, "-n", SYSTEM_NS)
+    assert cluster.get("deployment", chart["metadata"]["name"], SYSTEM_NS) is None
+    for name in ("chatdeployments.chatfleet.dev", "kopfpeerings.kopf.dev"):
+        assert cluster.get("crd", name) is not None, name
+    assert cluster.get("chatd", "kept", APPS_NS) is not None
