@@ -97,6 +97,27 @@ out=$(kubectl get pods -n "$ns" --as=system:serviceaccount:"$ns":default 2>&1 ||
 [[ $out == *Forbidden* ]] || fail "expected Forbidden for the impersonated service account: $out"
 ok "impersonation (--as) with RBAC applied"
 
+# OwnerReferencesPermissionEnforcement: setting blockOwnerDeletion needs permission to
+# update the owner's finalizers; a service account that may only create ConfigMaps is refused.
+kubectl create role cm-creator -n "$ns" --verb=create,get --resource=configmaps >/dev/null
+kubectl create rolebinding cm-creator -n "$ns" --role=cm-creator --serviceaccount="$ns":default >/dev/null
+kubectl create configmap orp-owner -n "$ns" >/dev/null
+uid=$(kubectl get configmap orp-owner -n "$ns" -o jsonpath='{.metadata.uid}')
+orp_owned() { # <name> <blockOwnerDeletion>
+  kubectl create -n "$ns" --as=system:serviceaccount:"$ns":default -f - 2>&1 <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: $1
+  ownerReferences:
+  - {apiVersion: v1, kind: ConfigMap, name: orp-owner, uid: $uid, blockOwnerDeletion: $2}
+EOF
+}
+out=$(orp_owned orp-plain false) || fail "service account could not create a ConfigMap (RBAC setup): $out"
+if out=$(orp_owned orp-blocking true); then fail "blockOwnerDeletion was allowed without finalizers permission"; fi
+[[ $out == *"cannot set blockOwnerDeletion"* ]] || fail "unexpected rejection: $out"
+ok "OwnerReferencesPermissionEnforcement admission (blockOwnerDeletion refused without permission)"
+
 # KubeRay reconciles a RayCluster: head Pod (Pending: no kubelet) and head Service.
 kubectl apply -n "$ns" -f - >/dev/null <<'EOF'
 apiVersion: ray.io/v1
