@@ -10,7 +10,40 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import chatfleet.serving.config as config_pkg
 from chatfleet.serving.config import AppConfig, ModelConfig, load_config
+
+
+def test_public_surface() -> None:
+    assert sorted(config_pkg.__all__) == [
+        "AppConfig",
+        "AuthConfig",
+        "CategoryConfig",
+        "ClassifierConfig",
+        "ClientCredential",
+        "CoalesceConfig",
+        "CompressorConfig",
+        "ENGINE_KINDS",
+        "ENV_PREFIX",
+        "EngineKind",
+        "FakeEngineConfig",
+        "GenerationDefaults",
+        "IngressDeploymentConfig",
+        "ModelConfig",
+        "OllamaEngineConfig",
+        "OpenAIEngineConfig",
+        "RateLimitConfig",
+        "RouteConfig",
+        "RoutingConfig",
+        "ServerConfig",
+        "StoreConfig",
+        "TelemetryConfig",
+        "TransformersEngineConfig",
+        "VLLMEngineConfig",
+        "WebSocketConfig",
+        "load_config",
+    ]
+    assert all(hasattr(config_pkg, name) for name in config_pkg.__all__)
 
 
 def test_default_is_the_embedded_cpu_model() -> None:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,7 +116,7 @@ class EngineDeployment:
         request: GenerationRequest,
         relay: RelayAddress | None = None,
         relay_key: str = "",
-    ) -> AsyncIterator[list[Chunk] | int]:
+    ) -> AsyncGenerator[list[Chunk] | int, None]:
         """Batches of ``request``'s answer; with ``relay``, sent on the token relay
         instead, and then only their count is yielded (see `chatfleet.serving.relay`)."""
         self._stats["active"] += 1
@@ -131,7 +131,7 @@ class EngineDeployment:
             limit=request.max_tokens,
         )
         link = await self._links.get(relay) if relay is not None else None
-        source: AsyncIterator[list[Chunk] | int] = (
+        source: AsyncGenerator[list[Chunk] | int, None] = (
             batches if link is None else relay_batches(link, relay_key, batches)
         )
         try:
@@ -151,8 +151,8 @@ class EngineDeployment:
             self._stats["active"] -= 1
             self._stats[outcome] += 1
             if source is not batches:
-                await source.aclose()  # type: ignore[attr-defined]
-            await batches.aclose()  # type: ignore[attr-defined]
+                await source.aclose()
+            await batches.aclose()
 
     async def ready(self) -> bool:
         return True
@@ -407,7 +407,7 @@ class HandleEngineClient:
         self._ready_timeout_s = ready_timeout_s
         self._relay = relay
 
-    async def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
+    async def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
         address = None if self._relay is None else await self._relay.start()
         if self._relay is None or address is None:
             response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]

@@ -28,7 +28,7 @@ import json
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +143,7 @@ class Relay:
 
     def receive(
         self, stream_id: str, handle_stream: AsyncIterator[Any]
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """The batches of one request: from the relay, or from the handle call itself.
 
         ``handle_stream`` is the handle call's response; it is read in a task of its own
@@ -155,7 +155,7 @@ class Relay:
 
     async def _receive(
         self, stream_id: str, stream: _Stream, handle_stream: AsyncIterator[Any]
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         watcher = asyncio.create_task(self._watch(handle_stream, stream))
         error: BaseException | None = None
         failed = False  # the engine said so on the relay: its error comes on the handle
@@ -297,8 +297,8 @@ class Links:
 
 
 async def relay_batches(
-    link: _Link, stream_id: str, batches: AsyncIterator[list[Chunk]]
-) -> AsyncIterator[int]:
+    link: _Link, stream_id: str, batches: AsyncGenerator[list[Chunk], None]
+) -> AsyncGenerator[int, None]:
     """Send ``batches`` on ``link``; yields once, at the end, how many items went."""
     sent = 0
     try:

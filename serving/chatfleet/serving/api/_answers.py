@@ -1,16 +1,17 @@
-"""Collecting a streamed answer while it is stored: text and thinking apart, usage, checkpoints."""
+"""An answer as it streams (`Answer`, what `Gateway.open` returns) and storing it safely."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chatfleet.serving.errors import StoreUnavailable
-from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
+from chatfleet.serving.routing import RoutingDecision
 from chatfleet.serving.store import Store
 
 logger = logging.getLogger(__name__)
@@ -22,16 +23,68 @@ _T = TypeVar("_T")
 CHECKPOINT_INTERVAL_S = 1.0
 
 
-@dataclass(slots=True)
-class Answer:
-    """The answer so far: reasoning and reply kept apart."""
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One batch of an answer, with the reasoning and the reply text it added."""
 
-    text: list[str] = field(default_factory=list)
-    thinking: list[str] = field(default_factory=list)
-    tokens: int = 0
-    usage: Usage | None = None
-    finish_reason: str | None = None
-    _checkpointed: float = field(default_factory=time.monotonic)
+    chunks: list[Chunk]
+    thinking: str
+    text: str
+
+
+class Answer:
+    """One generation, opened by `Gateway.open`: its batches, and what they add up to.
+
+    Iterate `deltas()` once (or `collect()`); either keeps the running totals (`content`,
+    `reasoning`, `tokens`, `usage`, `finish_reason`) and closes the engine's stream
+    however the iteration ends, which stops the generation when a client goes away.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        batches: AsyncGenerator[list[Chunk], None],
+        decision: RoutingDecision | None = None,
+    ) -> None:
+        self.request = request
+        self.decision = decision
+        self._batches = batches
+        self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.tokens = 0
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self._checkpointed = time.monotonic()
+
+    @classmethod
+    def unopened(cls, request: GenerationRequest) -> Answer:
+        """The answer to a request whose engine never started: empty, no usage."""
+        return cls(request, _nothing())
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @property
+    def route(self) -> dict[str, Any] | None:
+        """Why ``model: auto`` chose this model; ``None`` for a named model."""
+        return None if self.decision is None else self.decision.explain()
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        try:
+            async for batch in self._batches:
+                yield Delta(batch, *self.add(batch))
+        finally:
+            await self._batches.aclose()
+
+    async def collect(self) -> Answer:
+        async for _ in self.deltas():
+            pass
+        return self
+
+    async def aclose(self) -> None:
+        """Give up on an answer that will not be read (stops the engine)."""
+        await self._batches.aclose()
 
     def add(self, batch: list[Chunk]) -> tuple[str, str]:
         """Take a batch; returns the (thinking, text) it added."""
@@ -55,6 +108,10 @@ class Answer:
     def reasoning(self) -> str:
         return "".join(self.thinking)
 
+    @property
+    def finish(self) -> str:
+        return self.finish_reason or "stop"
+
     def final_usage(self) -> Usage:
         return self.usage or Usage(prompt_tokens=0, completion_tokens=self.tokens)
 
@@ -72,6 +129,11 @@ class Answer:
             return False
         self._checkpointed = now
         return True
+
+
+async def _nothing() -> AsyncGenerator[list[Chunk], None]:
+    return
+    yield  # an async generator that ends at once
 
 
 class BackgroundWrites:

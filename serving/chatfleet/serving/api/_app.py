@@ -26,7 +26,6 @@ from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._gateway import (
     AUTO_MODEL,
     CONVERSATION_HEADER,
-    ROUTE_HEADER,
     VERSION,
     ClassifierClient,
     CompressorClient,
@@ -36,6 +35,7 @@ from chatfleet.serving.api._gateway import (
     generate_events,
     openai_completion,
     openai_events,
+    route_headers,
 )
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._routing_api import add_routing_routes
@@ -317,32 +317,22 @@ def create_app(
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completion, streamed or not.")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        accepted_at = time.perf_counter()
-        messages = [m.to_message() for m in body.messages]
-        route: dict[str, Any] | None = None
-        if body.model == AUTO_MODEL:
-            conversation_id = raw.headers.get(CONVERSATION_HEADER) or body.conversation_id()
-            decision = await gw.decide(messages, conversation_id)
-            decision, request, batches = await gw.open_routed(decision, body, accepted_at)
-            gw.remember_route(conversation_id, decision)
-            route = decision.explain()
-            headers = {ROUTE_HEADER: decision.header()}
-        else:
-            model = gw.resolve(body.model)
-            request = gw.generation_request(model, messages, body)
-            batches = await gw.open_stream(request, accepted_at=accepted_at)
-            headers = {}
-        completion_id = f"chatcmpl-{request.request_id}"
+        answer = await gw.open(
+            body.model,
+            [m.to_message() for m in body.messages],
+            body,
+            conversation_id=raw.headers.get(CONVERSATION_HEADER) or body.conversation_id(),
+            accepted_at=time.perf_counter(),
+        )
+        headers = route_headers(answer)
+        completion_id = f"chatcmpl-{answer.request.request_id}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(
-                openai_events(gw, batches, completion_id, request.model, include_usage, route),
-                headers=headers,
+                openai_events(gw, answer, completion_id, include_usage), headers=headers
             )
-        completion = await openai_completion(batches, completion_id, request.model)
-        if route is not None:
-            completion["chatfleet_route"] = route
-        return JSONResponse(completion, headers=headers)
+        await answer.collect()
+        return JSONResponse(openai_completion(answer, completion_id), headers=headers)
 
     # ---- chatfleet native --------------------------------------------------------
 
@@ -356,10 +346,8 @@ def create_app(
         ),
     )
     async def generate(body: GenerateRequest) -> Response:
-        model = gw.resolve(body.model)
-        request = gw.generation_request(model, body.to_messages(), body)
-        batches = await gw.open_stream(request)
-        return EventStream(generate_events(gw, batches, model.name, request.request_id))
+        answer = await gw.open(gw.resolve(body.model).name, body.to_messages(), body)
+        return EventStream(generate_events(gw, answer, answer.request.request_id))
 
     add_routing_routes(app, gw)
     conversation_writes = add_conversation_routes(app, gw)

@@ -13,19 +13,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, field_validator
 
-from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
-from chatfleet.serving.api._gateway import AUTO_MODEL, ROUTE_HEADER, Gateway
+from chatfleet.serving.api._answers import (
+    Answer,
+    BackgroundWrites,
+    Delta,
+    best_effort,
+    require_store,
+)
+from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway, route_headers
 from chatfleet.serving.api._schemas import ChatMessage, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.errors import ChatfleetError, ModelNotFound, NotFound
-from chatfleet.serving.protocol import Chunk, Message
+from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -72,12 +78,6 @@ def _title(messages: list[Message]) -> str | None:
     return first if len(first) <= _TITLE_CHARS else first[: _TITLE_CHARS - 1] + "…"
 
 
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read by then)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -94,30 +94,26 @@ class _Turn:
         writes: BackgroundWrites,
         conversation_id: str,
         message_id: int,
-        model: str,
-        route: dict[str, Any] | None = None,
+        answer: Answer,
     ) -> None:
         self.gw = gw
         self.store = store
         self.writes = writes
         self.conversation_id = conversation_id
         self.message_id = message_id
-        self.model = model
-        self.route = route
-        self.answer = Answer()
+        self.answer = answer
+        self.model = answer.model
+        self.route = answer.route
 
-    async def deltas(
-        self, batches: AsyncIterator[list[Chunk]]
-    ) -> AsyncGenerator[tuple[str, str], None]:
-        """(thinking, text) as they come; the message is finished however this ends."""
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        """The answer's deltas; the stored message is finished however this ends."""
         status: MessageStatus = "cancelled"  # unless the stream ends or fails
         error: str | None = None
         try:
-            async for batch in batches:
-                added = self.answer.add(batch)
+            async for delta in self.answer.deltas():
                 if self.answer.checkpoint_due():
                     await best_effort(self._checkpoint, "checkpoint of a partial answer")
-                yield added
+                yield delta
             status = "complete"
         except ChatfleetError as exc:
             status, error = "failed", exc.message
@@ -126,7 +122,7 @@ class _Turn:
             status, error = "failed", "generation failed"
             raise
         finally:
-            await _aclose(batches)
+            await self.answer.aclose()
             await self.finish(status, error)
 
     async def _checkpoint(self) -> None:
@@ -176,7 +172,7 @@ class _Turn:
             "message_id": self.message_id,
             "model": self.model,
             "reply": self.answer.content,
-            "finish_reason": self.answer.finish_reason or "stop",
+            "finish_reason": self.answer.finish,
             "usage": self.answer.usage_dict(),
         }
         if self.answer.thinking:
@@ -185,11 +181,11 @@ class _Turn:
             body["route"] = self.route
         return body
 
-    async def collect(self, batches: AsyncIterator[list[Chunk]], request: Request) -> None:
+    async def collect(self, request: Request) -> None:
         """Consume the whole answer; stop it (stored as cancelled) if the client goes away."""
 
         async def consume() -> None:
-            async with contextlib.aclosing(self.deltas(batches)) as deltas:
+            async with contextlib.aclosing(self.deltas()) as deltas:
                 async for _ in deltas:
                     pass
 
@@ -204,7 +200,7 @@ class _Turn:
         if not consumer.cancelled():
             consumer.result()  # engine errors surface here
 
-    async def events(self, batches: AsyncIterator[list[Chunk]]) -> AsyncIterator[str]:
+    async def events(self) -> AsyncGenerator[str, None]:
         metadata: dict[str, Any] = {
             "conversation_id": self.conversation_id,
             "message_id": self.message_id,
@@ -214,12 +210,12 @@ class _Turn:
             metadata["route"] = self.route
         yield sse(metadata, "metadata")
         try:
-            async with contextlib.aclosing(self.deltas(batches)) as deltas:
-                async for thinking, text in deltas:
-                    if thinking:
-                        yield sse({"text": thinking}, "thinking_chunk")
-                    if text:
-                        yield sse({"text": text}, "text_chunk")
+            async with contextlib.aclosing(self.deltas()) as deltas:
+                async for delta in deltas:
+                    if delta.thinking:
+                        yield sse({"text": delta.thinking}, "thinking_chunk")
+                    if delta.text:
+                        yield sse({"text": delta.text}, "text_chunk")
         except Exception as exc:
             yield sse(self.gw.error_event(exc), "error")
             self.answer.finish_reason = "error"
@@ -227,7 +223,7 @@ class _Turn:
             {
                 "conversation_id": self.conversation_id,
                 "message_id": self.message_id,
-                "finish_reason": self.answer.finish_reason or "stop",
+                "finish_reason": self.answer.finish,
                 "usage": self.answer.usage_dict(),
             },
             "end_stream",
@@ -278,32 +274,25 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
             Message(role=m.role, content=m.content)
             for m in await store.history(conversation.id, limit)
         ]
-        route: dict[str, Any] | None = None
-        headers: dict[str, str] = {}
         try:
-            if auto:
-                decision = await gw.decide(history, conversation.id)
-                decision, request, batches = await gw.open_routed(decision, body, accepted_at)
-                gw.remember_route(conversation.id, decision)
-                route = decision.explain()
-                headers[ROUTE_HEADER] = decision.header()
-            else:
-                request = gw.generation_request(gw.resolve(body.model), history, body)
-                batches = await gw.open_stream(request, accepted_at=accepted_at)
+            answer = await gw.open(
+                body.model, history, body, conversation_id=conversation.id, accepted_at=accepted_at
+            )
         except ChatfleetError as exc:
             await store.append_message(
                 conversation.id, "assistant", "", status="failed", error=exc.message
             )
             raise
         try:
-            assistant = await store.begin_assistant_message(conversation.id, model=request.model)
+            assistant = await store.begin_assistant_message(conversation.id, model=answer.model)
         except BaseException:
-            await _aclose(batches)
+            await answer.aclose()
             raise
-        turn = _Turn(gw, store, writes, conversation.id, assistant.id, request.model, route)
+        turn = _Turn(gw, store, writes, conversation.id, assistant.id, answer)
+        headers = route_headers(answer)
         if body.stream:
-            return EventStream(turn.events(batches), headers=headers)
-        await turn.collect(batches, raw)
+            return EventStream(turn.events(), headers=headers)
+        await turn.collect(raw)
         return JSONResponse(turn.result(), headers=headers)
 
     @app.get(

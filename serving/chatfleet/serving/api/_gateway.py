@@ -6,10 +6,11 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
 from chatfleet.serving import telemetry
+from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._streaming import sse
@@ -27,7 +28,6 @@ from chatfleet.serving.protocol import (
     Classification,
     Compression,
     GenerationRequest,
-    Usage,
 )
 from chatfleet.serving.protocol import Message as ChatMessage
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
@@ -53,7 +53,7 @@ class NotConfigured(RequestError):
 class EngineClient(Protocol):
     """How the ingress reaches one model: batches of chunks, and readiness."""
 
-    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]: ...
+    def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]: ...
 
     async def is_ready(self) -> bool: ...
 
@@ -116,7 +116,7 @@ class LocalEngineClient:
         await self.engine.start()
         self.started = True
 
-    def batches(self, request: GenerationRequest) -> AsyncIterator[list[Chunk]]:
+    def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
         return coalesce(
             traced_generation(
                 self.engine.stream(request), request, self.engine.model.engine, self._tracer
@@ -129,12 +129,6 @@ class LocalEngineClient:
 
     async def is_ready(self) -> bool:
         return self.started
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 class Gateway:
@@ -191,6 +185,39 @@ class Gateway:
                 logger.warning("readiness check of %s failed", name, exc_info=True)
                 states[name] = "unavailable"
         return states
+
+    async def open(
+        self,
+        model: str | None,
+        messages: list[ChatMessage],
+        sampling: SamplingFields,
+        *,
+        conversation_id: str | None = None,
+        categories: list[str] | None = None,
+        accepted_at: float | None = None,
+    ) -> Answer:
+        """Open one answer: the one path every handler takes to a model.
+
+        ``model`` names a served model, ``auto`` (the router decides, among
+        ``categories`` when given, sticking to ``conversation_id``'s last route, and
+        falls back while no model has started), or ``None`` for the default. Errors
+        before the first token raise here (a 4xx/5xx for the handler); later ones end
+        the answer's stream. Metrics and the engine's trace span are taken care of.
+        """
+        accepted_at = time.perf_counter() if accepted_at is None else accepted_at
+        if model == AUTO_MODEL:
+            decision = await self.decide(messages, conversation_id, categories)
+            decision, request, batches = await self.open_routed(decision, sampling, accepted_at)
+            self.remember_route(conversation_id, decision)
+            return Answer(request, batches, decision)
+        request = self.generation_request(self.resolve(model), messages, sampling)
+        return await self.open_request(request, accepted_at=accepted_at)
+
+    async def open_request(
+        self, request: GenerationRequest, *, accepted_at: float | None = None
+    ) -> Answer:
+        """`open` for a request built (and checked) earlier: sessions check before queueing."""
+        return Answer(request, await self.open_stream(request, accepted_at=accepted_at))
 
     def remember_route(self, conversation_id: str | None, decision: RoutingDecision) -> None:
         if not conversation_id:
@@ -264,7 +291,7 @@ class Gateway:
 
     async def open_routed(
         self, decision: RoutingDecision, sampling: SamplingFields, accepted_at: float
-    ) -> tuple[RoutingDecision, GenerationRequest, AsyncIterator[list[Chunk]]]:
+    ) -> tuple[RoutingDecision, GenerationRequest, AsyncGenerator[list[Chunk], None]]:
         """Open a stream on the decided model, falling back while none has started."""
         current: RoutingDecision | None = decision
         while True:
@@ -331,7 +358,7 @@ class Gateway:
 
     async def open_stream(
         self, request: GenerationRequest, *, accepted_at: float | None = None
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """Start generating; errors before the first token raise here, not mid-stream.
 
         The returned iterator replays the first batch, records metrics, and stops
@@ -352,14 +379,14 @@ class Gateway:
         except BaseException:
             m.active_streams.labels(model).dec()
             m.generations.labels(model, "error").inc()
-            await _aclose(source)
+            await source.aclose()
             raise
         m.time_to_first_token.labels(model).observe(time.perf_counter() - started)
         return self._instrumented(model, first, source)
 
     async def _instrumented(
-        self, model: str, first: list[Chunk], source: AsyncIterator[list[Chunk]]
-    ) -> AsyncIterator[list[Chunk]]:
+        self, model: str, first: list[Chunk], source: AsyncGenerator[list[Chunk], None]
+    ) -> AsyncGenerator[list[Chunk], None]:
         m = self.metrics
         finish = "cancelled"
         last = time.perf_counter()
@@ -389,7 +416,7 @@ class Gateway:
         finally:
             m.active_streams.labels(model).dec()
             m.generations.labels(model, finish).inc()
-            await _aclose(source)
+            await source.aclose()
 
     def error_event(self, exc: BaseException) -> dict[str, Any]:
         err = exc if isinstance(exc, ChatfleetError) else ChatfleetError("generation failed")
@@ -399,113 +426,75 @@ class Gateway:
         return error_body(err.message, type_=err.error_type, code=err.code, param=err.param)
 
 
-async def openai_completion(
-    batches: AsyncIterator[list[Chunk]], completion_id: str, model: str
-) -> dict[str, Any]:
-    text: list[str] = []
-    thinking: list[str] = []
-    finish: str | None = None
-    usage: Usage | None = None
-    tokens = 0
-    try:
-        async for batch in batches:
-            for chunk in batch:
-                (thinking if chunk.kind == "thinking" else text).append(chunk.text)
-                tokens += chunk.tokens
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-    finally:
-        await _aclose(batches)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
-    if thinking:
-        message["reasoning_content"] = "".join(thinking)
-    usage = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-    return {
+def route_headers(answer: Answer) -> dict[str, str]:
+    """The response headers that explain a routed answer (none for a named model)."""
+    return {} if answer.decision is None else {ROUTE_HEADER: answer.decision.header()}
+
+
+def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
+    """A collected answer in OpenAI's non-streamed shape."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if answer.thinking:
+        message["reasoning_content"] = answer.reasoning
+    completion = {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop"}],
-        "usage": _usage_dict(usage),
+        "model": answer.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish}],
+        "usage": answer.usage_dict(),
     }
-
-
-def _usage_dict(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+    if answer.route is not None:
+        completion["chatfleet_route"] = answer.route
+    return completion
 
 
 async def openai_events(
-    gw: Gateway,
-    batches: AsyncIterator[list[Chunk]],
-    completion_id: str,
-    model: str,
-    include_usage: bool,
-    route: dict[str, Any] | None = None,
-) -> AsyncIterator[str]:
+    gw: Gateway, answer: Answer, completion_id: str, include_usage: bool
+) -> AsyncGenerator[str, None]:
+    """An answer as OpenAI's stream of ``chat.completion.chunk`` events."""
     created = int(time.time())
     head = (
         f'{{"id":"{completion_id}","object":"chat.completion.chunk",'
-        f'"created":{created},"model":{json.dumps(model)},"choices":'
+        f'"created":{created},"model":{json.dumps(answer.model)},"choices":'
     )
 
     def event(choices: str, extra: str = "") -> str:
         return f"data: {head}{choices}{extra}}}\n\n"
 
-    usage: Usage | None = None
-    finish: str | None = None
-    tokens = 0
     try:
-        if route is not None:
+        if answer.route is not None:
             # The route first, in a chunk with no choices (as OpenAI's usage chunk):
             # clients that don't know the field skip it.
-            yield event("[]", f',"chatfleet_route":{json.dumps(route)}')
+            yield event("[]", f',"chatfleet_route":{json.dumps(answer.route)}')
         yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
-        async for batch in batches:
-            for chunk in batch:
-                tokens += chunk.tokens
-                usage = chunk.usage or usage
-                finish = chunk.finish_reason or finish
+        async for delta in answer.deltas():
+            for chunk in delta.chunks:
                 if chunk.text:
                     key = "reasoning_content" if chunk.kind == "thinking" else "content"
-                    delta = json.dumps({key: chunk.text})
-                    yield event(f'[{{"index":0,"delta":{delta},"finish_reason":null}}]')
-        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{finish or "stop"}"}}]')
+                    text = json.dumps({key: chunk.text})
+                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
+        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]')
         if include_usage:
-            final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-            yield event("[]", f',"usage":{json.dumps(_usage_dict(final))}')
-    except ChatfleetError as exc:
+            yield event("[]", f',"usage":{json.dumps(answer.usage_dict())}')
+    except Exception as exc:
         # OpenAI's own streams report late failures as an event with an "error" key.
         yield sse(gw.error_event(exc))
-    except Exception as exc:
-        yield sse(gw.error_event(exc))
     finally:
-        await _aclose(batches)
+        await answer.aclose()
     yield "data: [DONE]\n\n"
 
 
 async def generate_events(
-    gw: Gateway,
-    batches: AsyncIterator[list[Chunk]],
-    model: str,
-    request_id: str,
-    *,
-    metadata: bool = True,
+    gw: Gateway, answer: Answer, request_id: str, *, metadata: bool = True
 ) -> AsyncGenerator[str, None]:
-    usage: Usage | None = None
+    """An answer as chatfleet's native SSE: metadata, thinking/text chunks, end_stream."""
     finish: str | None = None
-    tokens = 0
     try:
         if metadata:
-            yield sse({"model": model, "request_id": request_id}, "metadata")
-        async for batch in batches:
-            for chunk in batch:
-                tokens += chunk.tokens
-                usage = chunk.usage or usage
-                finish = chunk.finish_reason or finish
+            yield sse({"model": answer.model, "request_id": request_id}, "metadata")
+        async for delta in answer.deltas():
+            for chunk in delta.chunks:
                 if chunk.text:
                     kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
                     yield sse({"text": chunk.text}, kind)
@@ -513,6 +502,6 @@ async def generate_events(
         yield sse(gw.error_event(exc), "error")
         finish = "error"
     finally:
-        await _aclose(batches)
-    final = usage or Usage(prompt_tokens=0, completion_tokens=tokens)
-    yield sse({"finish_reason": finish or "stop", "usage": _usage_dict(final)}, "end_stream")
+        await answer.aclose()
+    end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}
+    yield sse(end, "end_stream")

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway, NotConfigured, generate_events
+from chatfleet.serving.api._answers import Answer
+from chatfleet.serving.api._gateway import (
+    AUTO_MODEL,
+    Gateway,
+    NotConfigured,
+    generate_events,
+    route_headers,
+)
 from chatfleet.serving.api._schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.routing import RoutingDecision
 
 
 def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
@@ -87,24 +93,23 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
         ),
     )
     async def select(body: SelectRequest) -> Response:
-        accepted_at = time.perf_counter()
-        decision = await gw.decide(
-            body.to_messages(), body.conversation_id, body.possible_categories
+        answer = await gw.open(
+            AUTO_MODEL,
+            body.to_messages(),
+            body,
+            conversation_id=body.conversation_id,
+            categories=body.possible_categories,
+            accepted_at=time.perf_counter(),
         )
-        decision, request, batches = await gw.open_routed(decision, body, accepted_at)
-        gw.remember_route(body.conversation_id, decision)
-        return EventStream(
-            _select_events(gw, decision, batches, request.request_id),
-            headers={ROUTE_HEADER: decision.header()},
-        )
+        return EventStream(_select_events(gw, answer), headers=route_headers(answer))
 
 
-async def _select_events(
-    gw: Gateway, decision: RoutingDecision, batches: Any, request_id: str
-) -> AsyncIterator[str]:
+async def _select_events(gw: Gateway, answer: Answer) -> AsyncGenerator[str, None]:
+    decision = answer.decision
+    assert decision is not None  # opened with model "auto"
     info = decision.explain()
     info["selected_model"] = info.pop("model")
-    info["request_id"] = request_id
+    info["request_id"] = answer.request.request_id
     # The classifier's own verdict, shaped as /api/classify answers (a sticky route's
     # category above may differ from it).
     ranked = sorted(decision.scores.items(), key=lambda item: -item[1])
@@ -116,7 +121,7 @@ async def _select_events(
             "scores": [round(score, 4) for _, score in ranked],
         }
     yield sse(info, "metadata")
-    events = generate_events(gw, batches, decision.model, request_id, metadata=False)
+    events = generate_events(gw, answer, answer.request.request_id, metadata=False)
     async with contextlib.aclosing(events):
         async for event in events:
             yield event

@@ -182,7 +182,7 @@ class SessionRunner:
 
     async def _run(self, session_id: str, request: GenerationRequest) -> None:
         store = self.store
-        answer = Answer()
+        answer = Answer.unopened(request)  # until the engine has started
         status: SessionStatus = "cancelled"
         error: str | None = None
         thinking_open = False
@@ -192,42 +192,36 @@ class SessionRunner:
                 self.running += 1
                 started = True
                 await store.update_session(session_id, status="running")
-                batches = await self.gw.open_stream(request)
-                try:
-                    async for batch in batches:
-                        thinking, text = answer.add(batch)
-                        if thinking:
-                            thinking_open = True
-                            self.hub.publish(
-                                "llm.thinking",
-                                {"content": thinking, "is_complete": False},
-                                session_id=session_id,
-                                delta=thinking,
-                                is_complete=False,
-                            )
-                        if text:
-                            if thinking_open:
-                                thinking_open = False
-                                self._thinking_done(session_id, answer)
-                            self.hub.publish(
-                                "llm.response",
-                                {"content": text, "is_complete": False, "is_final": False},
-                                session_id=session_id,
-                                delta=text,
-                                is_complete=False,
-                                is_final=False,
-                            )
-                        if answer.checkpoint_due():
-                            await best_effort(
-                                lambda: store.update_session(
-                                    session_id, thinking=answer.reasoning, response=answer.content
-                                ),
-                                "checkpoint of a session",
-                            )
-                finally:
-                    aclose = getattr(batches, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                answer = await self.gw.open_request(request)
+                async for delta in answer.deltas():
+                    if delta.thinking:
+                        thinking_open = True
+                        self.hub.publish(
+                            "llm.thinking",
+                            {"content": delta.thinking, "is_complete": False},
+                            session_id=session_id,
+                            delta=delta.thinking,
+                            is_complete=False,
+                        )
+                    if delta.text:
+                        if thinking_open:
+                            thinking_open = False
+                            self._thinking_done(session_id, answer)
+                        self.hub.publish(
+                            "llm.response",
+                            {"content": delta.text, "is_complete": False, "is_final": False},
+                            session_id=session_id,
+                            delta=delta.text,
+                            is_complete=False,
+                            is_final=False,
+                        )
+                    if answer.checkpoint_due():
+                        await best_effort(
+                            lambda: store.update_session(
+                                session_id, thinking=answer.reasoning, response=answer.content
+                            ),
+                            "checkpoint of a session",
+                        )
             status = "completed"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -390,6 +384,12 @@ def add_session_routes(
     app.state.sessions = runner
 
     @app.post(
+        "/api/alerts",
+        tags=["sessions"],
+        status_code=202,
+        summary="POST /api/sessions under the dashboard PoC's name.",
+    )
+    @app.post(
         "/api/sessions",
         tags=["sessions"],
         status_code=202,
@@ -397,16 +397,7 @@ def add_session_routes(
     )
     async def create_session(body: SessionRequest) -> JSONResponse:
         session = await runner.create(body)
-        return JSONResponse(session.to_dict(), status_code=202)
-
-    @app.post(
-        "/api/alerts",
-        tags=["sessions"],
-        status_code=202,
-        summary="POST /api/sessions under the dashboard PoC's name; adds session_id.",
-    )
-    async def create_alert(body: SessionRequest) -> JSONResponse:
-        session = await runner.create(body)
+        # session_id: the name the dashboard PoC's clients read (chatfleet's is id).
         return JSONResponse({**session.to_dict(), "session_id": session.id}, status_code=202)
 
     @app.get("/api/sessions", tags=["sessions"], summary="Sessions, newest first.")

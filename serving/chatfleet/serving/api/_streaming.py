@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -27,7 +27,9 @@ class EventStream(StreamingResponse):
     blocks down the chain stop the engine.
     """
 
-    def __init__(self, body: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, body: AsyncGenerator[str, None], headers: dict[str, str] | None = None
+    ) -> None:
         self._events = body
         super().__init__(
             body,
@@ -36,7 +38,6 @@ class EventStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        aclose = getattr(self._events, "aclose", None)
         try:
             async with anyio.create_task_group() as group:
 
@@ -52,6 +53,5 @@ class EventStream(StreamingResponse):
                 group.start_soon(send_all)
                 group.start_soon(watch_disconnect)
         finally:
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()

@@ -66,7 +66,7 @@ from chatfleet.serving.api._auth import (
     request_claims,
     ws_error_frame,
 )
-from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway
+from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import SamplingFields
 from chatfleet.serving.auth import Claims
 from chatfleet.serving.errors import (
@@ -326,44 +326,26 @@ class _ChatConnection:
         if frame.system:
             messages.insert(0, Message(role="system", content=frame.system))
         try:
-            if frame.model == AUTO_MODEL:
-                decision = await gw.decide(messages, conversation)
-                decision, request, batches = await gw.open_routed(decision, frame, started)
-                gw.remember_route(conversation, decision)
-            else:
-                request = gw.generation_request(gw.resolve(frame.model), messages, frame)
-                batches = await gw.open_stream(request, accepted_at=started)
-            progress.model = request.model
-            answer: list[str] = []
-            finish: str | None = None
-            try:
-                async for batch in batches:
-                    # One frame per run of same-kind chunks in a batch: fewer, larger frames.
-                    runs: list[tuple[str, list[str]]] = []
-                    for chunk in batch:
-                        progress.tokens += chunk.tokens
-                        finish = chunk.finish_reason or finish
-                        if not chunk.text:
-                            continue
-                        if chunk.kind == "text":
-                            answer.append(chunk.text)
-                        if runs and runs[-1][0] == chunk.kind:
-                            runs[-1][1].append(chunk.text)
-                        else:
-                            runs.append((chunk.kind, [chunk.text]))
-                    for kind, texts in runs:
-                        text = "".join(texts)
-                        await self.send_frame(
-                            "token",
-                            content=text,
-                            token=text,
-                            kind=kind,
-                            conversation_id=conversation,
-                        )
-            finally:
-                aclose = getattr(batches, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            answer = await gw.open(
+                frame.model, messages, frame, conversation_id=conversation, accepted_at=started
+            )
+            progress.model = answer.model
+            async for delta in answer.deltas():
+                progress.tokens = answer.tokens
+                # One frame per run of same-kind chunks in a batch: fewer, larger frames.
+                runs: list[tuple[str, list[str]]] = []
+                for chunk in delta.chunks:
+                    if not chunk.text:
+                        continue
+                    if runs and runs[-1][0] == chunk.kind:
+                        runs[-1][1].append(chunk.text)
+                    else:
+                        runs.append((chunk.kind, [chunk.text]))
+                for kind, texts in runs:
+                    text = "".join(texts)
+                    await self.send_frame(
+                        "token", content=text, token=text, kind=kind, conversation_id=conversation
+                    )
         except _PeerGone:
             raise
         except ChatfleetError as exc:
@@ -373,14 +355,14 @@ class _ChatConnection:
             logger.exception("ws/chat %s: generation failed", self.session_id)
             await self.send_error(ChatfleetError("generation failed"), conversation_id=conversation)
             return
-        self.remember(conversation, question, "".join(answer))
+        self.remember(conversation, question, answer.content)
         await self.send_frame(
             "complete",
             conversation_id=conversation,
-            total_tokens=progress.tokens,
+            total_tokens=answer.tokens,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
-            finish_reason=finish or "stop",
-            model=request.model,
+            finish_reason=answer.finish,
+            model=answer.model,
         )
 
     def remember(self, conversation: str, question: Message, answer: str) -> None:

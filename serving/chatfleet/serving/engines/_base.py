@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.protocol import Chunk, GenerationRequest
@@ -44,5 +44,5 @@ class Engine(abc.ABC):
         """Release what `start` took."""
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Generate the answer to ``request`` chunk by chunk."""

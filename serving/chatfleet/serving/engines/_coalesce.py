@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from chatfleet.serving.config import CoalesceConfig
 from chatfleet.serving.protocol import Chunk
@@ -64,7 +64,7 @@ class _Pump:
 
     def __init__(
         self,
-        source: AsyncIterator[Chunk],
+        source: AsyncGenerator[Chunk, None],
         max_tokens: int,
         max_delay: Callable[[], float],
         lazy: bool,
@@ -149,13 +149,13 @@ class _Pump:
 
 
 async def coalesce(
-    source: AsyncIterator[Chunk],
+    source: AsyncGenerator[Chunk, None],
     *,
     max_tokens: int = 256,
     max_delay: float | Callable[[], float] = 0.02,
     runs_ahead: bool = False,
     limit: int | None = None,
-) -> AsyncIterator[list[Chunk]]:
+) -> AsyncGenerator[list[Chunk], None]:
     """Yield lists of chunks from ``source``: the flushed batches.
 
     ``runs_ahead``: the source goes on producing while unread (`Engine.runs_ahead`),
@@ -193,6 +193,4 @@ async def coalesce(
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await source.aclose()

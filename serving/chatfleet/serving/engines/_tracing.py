@@ -8,7 +8,7 @@ would be detached in the wrong one. No span per token; one event on the first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 
@@ -17,8 +17,8 @@ from chatfleet.serving.protocol import Chunk, GenerationRequest
 
 
 def traced_generation(
-    source: AsyncIterator[Chunk], request: GenerationRequest, system: str, tracer: Tracer
-) -> AsyncIterator[Chunk]:
+    source: AsyncGenerator[Chunk, None], request: GenerationRequest, system: str, tracer: Tracer
+) -> AsyncGenerator[Chunk, None]:
     """``source``'s chunks inside a ``chat {model}`` span parented on the request.
 
     With a no-op tracer (no exporter), ``source`` itself: no extra generator layer.
@@ -43,7 +43,7 @@ def traced_generation(
     return _traced(source, span)
 
 
-async def _traced(source: AsyncIterator[Chunk], span: Span) -> AsyncIterator[Chunk]:
+async def _traced(source: AsyncGenerator[Chunk, None], span: Span) -> AsyncGenerator[Chunk, None]:
     output_tokens = 0
     finish: str | None = None
     try:
@@ -73,10 +73,4 @@ async def _traced(source: AsyncIterator[Chunk], span: Span) -> AsyncIterator[Chu
         span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
         span.set_attribute("gen_ai.response.finish_reasons", [finish or "stop"])
         span.end()
-        await _aclose(source)
-
-
-async def _aclose(source: AsyncIterator[Chunk]) -> None:
-    aclose = getattr(source, "aclose", None)
-    if aclose is not None:
-        await aclose()
+        await source.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from chatfleet.serving.config import FakeEngineConfig, ModelConfig
 from chatfleet.serving.engines._base import Engine
@@ -53,7 +53,7 @@ class FakeEngine(Engine):
         start = int.from_bytes(digest[:4], "big")
         return [_WORDS[(start + offset + i) % len(_WORDS)] for i in range(count)]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         s = self.settings
         delay = 1.0 / s.tokens_per_second if s.tokens_per_second > 0 else 0.0
         answer = min(s.reply_tokens, request.max_tokens)

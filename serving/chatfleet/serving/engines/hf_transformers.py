@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +111,7 @@ class TransformersEngine(Engine):
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         if not self.loaded or self._threads is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded")
         async with self._slots:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
@@ -66,7 +66,7 @@ class OllamaEngine(Engine):
         if client is not None:
             await client.aclose()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         client = self._connect()
         try:
             async with client.stream("POST", "/api/chat", json=self._body(request)) as response:

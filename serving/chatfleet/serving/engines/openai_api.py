@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from contextlib import aclosing
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -89,7 +89,7 @@ class OpenAIEngine(Engine):
         if client is not None:
             await client.close()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         client = self._connect()
         answering = False
         try:

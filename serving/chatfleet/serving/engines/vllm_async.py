@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +180,7 @@ class VLLMEngine(Engine):
         (engine_input,) = await render([prompt])
         return engine_input
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         llm, api = self.llm, self._api
         if llm is None or api is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded (vLLM engine not started)")
