@@ -376,3 +376,21 @@ async def test_chat_frames_are_rate_limited_per_client() -> None:
                 await asyncio.wait_for(refused.recv(), 5)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1013
+
+
+async def test_a_cancel_right_after_a_chat_reports_that_chat_not_the_one_before(
+    server: Server,
+) -> None:
+    async with connect(server.url()) as ws:
+        await recv(ws)
+        _, first = await chat(ws)
+        assert first["type"] == "complete" and first["total_tokens"] > 0
+        # Back to back: the cancel can reach the server before the reply has started.
+        await ws.send(json.dumps({"type": "chat", "content": "long", "model": "slow"}))
+        await ws.send(json.dumps({"type": "cancel"}))
+        while (frame := await recv(ws))["type"] == "token":
+            pass
+    assert frame["type"] == "complete" and frame["finish_reason"] == "cancelled"
+    assert frame["model"] == "slow"
+    assert frame["total_tokens"] < first["total_tokens"]
+    assert frame["latency_ms"] < 5000

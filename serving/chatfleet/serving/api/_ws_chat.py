@@ -284,7 +284,14 @@ class _ChatConnection:
                     Overloaded("rate limit exceeded"), retry_after=max(1, math.ceil(wait))
                 )
                 return
-        self.generation = asyncio.create_task(self.generate(frame))
+        # The reply's progress starts now, not when its task first runs: a cancel that
+        # arrives before then must report this chat, not the one before.
+        self.progress = _Progress(
+            time.perf_counter(),
+            frame.model or self.gw.config.default_model_name,
+            frame.conversation_id or self.session_id,
+        )
+        self.generation = asyncio.create_task(self.generate(frame, self.progress))
 
     async def cancel_chat(self) -> None:
         task = self.generation
@@ -302,7 +309,7 @@ class _ChatConnection:
             model=p.model,
         )
 
-    async def generate(self, frame: ChatFrame) -> None:
+    async def generate(self, frame: ChatFrame, progress: _Progress) -> None:
         # One trace per chat message (the connection itself has no span: it lives for hours).
         with (
             self.gw.tracer.start_as_current_span(
@@ -314,13 +321,12 @@ class _ChatConnection:
             ),
             contextlib.suppress(_PeerGone),  # nobody to tell; the reader ends the connection
         ):
-            await self.reply(frame)
+            await self.reply(frame, progress)
 
-    async def reply(self, frame: ChatFrame) -> None:
+    async def reply(self, frame: ChatFrame, progress: _Progress) -> None:
         gw = self.gw
-        started = time.perf_counter()
-        conversation = frame.conversation_id or self.session_id
-        self.progress = progress = _Progress(started, frame.model, conversation)
+        started = progress.started
+        conversation = progress.conversation_id
         question = Message(role="user", content=frame.content)
         messages = [*self.histories.get(conversation, ()), question]
         if frame.system:
