@@ -334,5 +334,5 @@ def test_application_name_matches_the_serving_app() -> None:
 
     from chatfleet.operator._builders import APPLICATION_NAME
 
-    source = (ROOT / "serving" / "chatfleet" / "serving" / "app.py").read_text()
+    source = (ROOT / "serving" / "chatfleet" / "serving" / "app" / "_build.py").read_text()
     assert f'APP_NAME = "{APPLICATION_NAME}"' in source

@@ -109,9 +109,10 @@ class _RayMetric:
 
 def test_ray_mirror_sums_counters_between_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
     from chatfleet.serving import app
+    from chatfleet.serving.app import _metrics
 
     fake = types.SimpleNamespace(Counter=_RayMetric, Gauge=_RayMetric, Histogram=_RayMetric)
-    monkeypatch.setattr(app, "serve_metrics", fake)
+    monkeypatch.setattr(_metrics, "serve_metrics", fake)
     monkeypatch.setattr(_RayMetric, "calls", [])
     mirror = app.RayMetricsMirror(refresh_s=3600)  # flushed by hand below
     metrics = Metrics(mirror=mirror)

@@ -1,0 +1,35 @@
+"""Ray Serve wiring: the only place deployments are bound.
+
+``build_app`` is the application builder that ``serve run``, ``chatfleet serve``
+and a RayService's serveConfigV2 (``import_path: chatfleet.serving.app:build_app``)
+use. It lays out one ``EngineDeployment`` per model and one ``Ingress`` that
+hosts the FastAPI app; the ingress streams straight from the engine chosen for a
+request, one handle hop, with tokens already batched by the engine replica.
+
+One module per concept: ``_engine`` (`EngineDeployment`), ``_routing`` (the
+classifier, compressor and router deployments), ``_ingress`` (`Ingress`),
+``_handles`` (the clients the ingress and router call other deployments through),
+``_metrics`` (`RayMetricsMirror`), ``_replica`` (what every replica shares) and
+``_build`` (`build_app`, `APP_NAME`).
+"""
+
+from chatfleet.serving.app._build import APP_NAME, build_app
+from chatfleet.serving.app._engine import EngineDeployment
+from chatfleet.serving.app._ingress import Ingress
+from chatfleet.serving.app._metrics import RayMetricsMirror
+from chatfleet.serving.app._routing import (
+    ClassifierDeployment,
+    CompressorDeployment,
+    RouterDeployment,
+)
+
+__all__ = [
+    "APP_NAME",
+    "ClassifierDeployment",
+    "CompressorDeployment",
+    "EngineDeployment",
+    "Ingress",
+    "RayMetricsMirror",
+    "RouterDeployment",
+    "build_app",
+]

@@ -1,0 +1,101 @@
+"""The engine deployment: one model's engine, streaming batched chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+
+from ray import serve
+
+from chatfleet.serving import telemetry
+from chatfleet.serving.app._replica import _GRACEFUL_SHUTDOWN_S, _favour_the_event_loop
+from chatfleet.serving.config import CoalesceConfig, ModelConfig, TelemetryConfig
+from chatfleet.serving.engines import (
+    coalesce,
+    create_engine,
+    delay_for_load,
+    traced_generation,
+)
+from chatfleet.serving.errors import ChatfleetError, EngineError
+from chatfleet.serving.protocol import Chunk, GenerationRequest
+from chatfleet.serving.relay import Links, RelayAddress, relay_batches
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
+class EngineDeployment:
+    """One model's engine. Streams batched chunks to the ingress."""
+
+    async def __init__(  # type: ignore[misc]
+        self,
+        model: ModelConfig,
+        coalescing: CoalesceConfig,
+        tracing: TelemetryConfig | None = None,
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        _favour_the_event_loop()
+        provider = telemetry.configure_tracing(
+            tracing or TelemetryConfig(), component=f"engine-{model.name}"
+        )
+        self._tracer = telemetry.get_tracer(provider)
+        self._engine = create_engine(model)
+        self._links = Links()
+        self._coalescing = coalescing
+        self._stats = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0}
+        await self._engine.start()
+        logger.info("engine %s (%s) ready", model.name, model.engine)
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        relay: RelayAddress | None = None,
+        relay_key: str = "",
+    ) -> AsyncGenerator[list[Chunk] | int, None]:
+        """Batches of ``request``'s answer; with ``relay``, sent on the token relay
+        instead, and then only their count is yielded (see `chatfleet.serving.relay`)."""
+        self._stats["active"] += 1
+        outcome = "completed"
+        batches = coalesce(
+            traced_generation(
+                self._engine.stream(request), request, self._engine.model.engine, self._tracer
+            ),
+            max_tokens=self._coalescing.max_tokens,
+            max_delay=lambda: delay_for_load(self._coalescing, self._stats["active"]),
+            runs_ahead=self._engine.runs_ahead,
+            limit=request.max_tokens,
+        )
+        link = await self._links.get(relay) if relay is not None else None
+        source: AsyncGenerator[list[Chunk] | int, None] = (
+            batches if link is None else relay_batches(link, relay_key, batches)
+        )
+        try:
+            async for message in source:
+                yield message
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "cancelled"
+            raise
+        except ChatfleetError:
+            outcome = "failed"
+            raise
+        except Exception as exc:
+            outcome = "failed"
+            logger.exception("engine %s failed", self._engine.name)
+            raise EngineError(f"model {self._engine.name} failed") from exc
+        finally:
+            self._stats["active"] -= 1
+            self._stats[outcome] += 1
+            if source is not batches:
+                await source.aclose()
+            await batches.aclose()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict[str, int]:
+        """Counts of generations by outcome (how tests observe cancellation)."""
+        return dict(self._stats)
+
+    async def __del__(self) -> None:
+        await self._engine.close()

@@ -1,0 +1,159 @@
+"""How the ingress and the router reach other deployments: handle clients.
+
+`HandleEngineClient` and `HandleRouterClient` are what ``create_app`` receives
+under Ray Serve (see `chatfleet.serving.api`); ``_unwrapped`` and
+``_local_transport`` are what every handle call here goes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from chatfleet.serving import telemetry
+from chatfleet.serving.errors import ChatfleetError, EngineError
+from chatfleet.serving.protocol import (
+    Chunk,
+    Classification,
+    Compression,
+    GenerationRequest,
+    Message,
+)
+from chatfleet.serving.relay import Relay
+from chatfleet.serving.routing import PreviousRoute, RoutingDecision
+
+_T = TypeVar("_T")
+Handle = DeploymentHandle[Any]
+
+
+async def _unwrapped(call: Awaitable[_T]) -> _T:
+    """Await a handle call; re-raise our own errors as themselves, not RayTaskError."""
+    try:
+        return await call
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ChatfleetError):
+            raise exc.cause from None
+        raise
+
+
+def _local_transport(handle: Handle) -> Handle:
+    """``handle`` on the transport this process's Serve runs: gRPC in throughput mode.
+
+    A handle carries its transport from the process that built the application, fixed
+    when that process imported Serve; ``serve.run`` from a driver that imported Serve
+    before RAY_SERVE_THROUGHPUT_OPTIMIZED was set would leave Ray actor calls, the
+    slower path, between replicas that all serve gRPC.
+    """
+    # Private Ray: the flag lives in ray.serve._private.constants and the transport is
+    # the underscored `_by_reference` option. Ray fixes a handle's `_by_reference` as a
+    # dataclass default (`not RAY_SERVE_USE_GRPC_BY_DEFAULT` in
+    # ray/serve/_private/handle_options.py) when the building process imports Serve,
+    # and pickles it with the handle. This would go if Ray chose the transport in the
+    # process that makes the call, or offered it as a public handle option.
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
+def _maybe_local_transport(handle: Handle | None) -> Handle | None:
+    return None if handle is None else _local_transport(handle)
+
+
+class HandleRouterClient:
+    def __init__(
+        self,
+        router: Handle | None,
+        classifier: Handle | None,
+        compressor: Handle | None,
+    ) -> None:
+        self._router = _maybe_local_transport(router)
+        self._classifier = _maybe_local_transport(classifier)
+        self._compressor = _maybe_local_transport(compressor)
+
+    async def decide(
+        self, messages: list[Message], previous: PreviousRoute | None, compress: bool
+    ) -> RoutingDecision:
+        assert self._router is not None
+        return await _unwrapped(
+            self._router.decide.remote(
+                messages, previous, compress, trace_context=telemetry.inject()
+            )
+        )
+
+    async def rankings(self) -> dict[str, Any]:
+        assert self._router is not None
+        return await _unwrapped(self._router.rankings.remote())
+
+    async def classify(
+        self,
+        prompt: str,
+        labels: list[str] | None,
+        descriptions: dict[str, str] | None,
+        multi_label: bool,
+    ) -> Classification:
+        assert self._classifier is not None
+        return await _unwrapped(
+            self._classifier.classify.remote(
+                prompt, labels, descriptions, multi_label, trace_context=telemetry.inject()
+            )
+        )
+
+    async def compress(self, context: str, question: str, ratio: float | None) -> Compression:
+        assert self._compressor is not None
+        return await _unwrapped(
+            self._compressor.compress.remote(
+                context, question, ratio, trace_context=telemetry.inject()
+            )
+        )
+
+
+class HandleEngineClient:
+    """The ingress's view of an `EngineDeployment`: one streaming handle call."""
+
+    def __init__(
+        self, handle: Handle, ready_timeout_s: float = 5.0, relay: Relay | None = None
+    ) -> None:
+        handle = _local_transport(handle)
+        self._stream = handle.options(stream=True)
+        self._handle = handle
+        self._ready_timeout_s = ready_timeout_s
+        self._relay = relay
+
+    async def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
+        address = None if self._relay is None else await self._relay.start()
+        if self._relay is None or address is None:
+            response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
+            source: AsyncIterator[list[Chunk]] = response
+        else:
+            key = uuid.uuid4().hex
+            response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
+            source = self._relay.receive(key, response)
+        finished = False
+        try:
+            async for batch in source:
+                yield batch
+            finished = True
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, ChatfleetError) else None
+            if cause is None:
+                raise EngineError(f"model {request.model} failed") from exc
+            raise cause from None
+        except ConnectionError as exc:
+            raise EngineError(f"model {request.model} failed: {exc}") from exc
+        finally:
+            if not finished:
+                # The client went away (or we failed): stop the engine's generation.
+                response.cancel()  # type: ignore[no-untyped-call]
+                if source is not response:
+                    await source.aclose()  # type: ignore[attr-defined]
+
+    async def is_ready(self) -> bool:
+        ready: bool = await asyncio.wait_for(
+            self._handle.ready.remote(), timeout=self._ready_timeout_s
+        )
+        return ready
