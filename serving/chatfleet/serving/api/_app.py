@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,7 +40,12 @@ from chatfleet.serving.api._gateway import (
 )
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._routing_api import add_routing_routes
-from chatfleet.serving.api._schemas import ChatCompletionRequest, GenerateRequest, error_body
+from chatfleet.serving.api._schemas import (
+    ChatCompletionRequest,
+    GenerateRequest,
+    error_body,
+    parse_json,
+)
 from chatfleet.serving.api._sessions import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tracing import TracingMiddleware
@@ -140,6 +146,32 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
+class _ClientRequest(Request):
+    """A request whose JSON body `parse_json` reads: what is not JSON is a 400, never a 500."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
+
+
+class _ClientRoute(APIRoute):
+    """A route that hands FastAPI's body parsing a `_ClientRequest`.
+
+    FastAPI turns `json.JSONDecodeError` into a validation error (400) but any other
+    parse failure into a vague 400, and `json.loads` raises `RecursionError` for deeply
+    nested input: with `parse_json` every body that is not JSON gets the same answer.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_client_request(request: Request) -> Response:
+            return await handle(_ClientRequest(request.scope, request.receive))
+
+        return handle_client_request
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -210,6 +242,7 @@ def create_app(
         summary="Streaming LLM chat gateway: OpenAI-compatible API, SSE and WebSocket.",
         lifespan=lifespan,
     )
+    app.router.route_class = _ClientRoute  # before any route is added
     app.state.gateway = gw
 
     def error_response(exc: ChatfleetError) -> JSONResponse:

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._metrics import Metrics
-from chatfleet.serving.api._schemas import error_body
+from chatfleet.serving.api._schemas import ClientBody, error_body, parse_json
 from chatfleet.serving.auth import Authenticator, Claims
 from chatfleet.serving.errors import AuthenticationError, ChatfleetError, Overloaded, RequestError
 
@@ -203,7 +203,7 @@ async def _refuse_websocket(
 # ---- /auth/* ---------------------------------------------------------------------
 
 
-class _Form(BaseModel):
+class _Form(ClientBody):
     model_config = ConfigDict(extra="ignore")
 
 
@@ -255,7 +255,7 @@ async def _fields(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        data = parse_json(raw)
     except ValueError:
         raise RequestError("request body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -1,10 +1,13 @@
 """Stored conversations: ``POST /v1/messages`` with the history kept server-side.
 
-The user's messages are committed before generation starts; the assistant's
-message is created (status ``partial``) before the engine is asked, checkpointed
-while it streams, and finished as ``complete``, ``cancelled`` (the client went
-away) or ``failed`` (the engine failed), with whatever text was produced. So a
-disconnect or an engine crash loses nothing that was already said.
+A turn is stored whole or not at all. Once the engine has started (its first token
+is ready), one transaction stores the user's messages and the assistant's message
+(status ``partial``); that one is checkpointed while it streams, and finished as
+``complete``, ``cancelled`` (the client went away) or ``failed`` (the engine failed),
+with whatever text was produced. So a disconnect or an engine crash loses nothing
+that was already said. When the engine cannot start, the user's messages are stored
+with a ``failed`` assistant message whose ``error`` says why; a request refused as
+invalid (4xx, even when that is only found out after routing) stores nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, field_validator
 
@@ -28,9 +32,9 @@ from chatfleet.serving.api._answers import (
     require_store,
 )
 from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway, route_headers
-from chatfleet.serving.api._schemas import ChatMessage, SamplingFields
+from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.errors import ChatfleetError, ModelNotFound, NotFound
+from chatfleet.serving.errors import ChatfleetError, ModelNotFound, NotFound, RequestError
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
 
@@ -255,40 +259,55 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
                 "model 'auto' needs routing: this server has no routing configured", param="model"
             )
         new = [m.to_message() for m in body.messages]
-        # Reject bad input before anything is stored (auto: checked against the default).
-        gw.generation_request(gw.resolve(None if auto else body.model), new, body)
-        if body.conversation_id is not None:
-            conversation = await store.get_conversation(body.conversation_id)
-            if conversation is None:
-                raise NotFound(
-                    f"conversation {body.conversation_id!r} not found", param="conversation_id"
-                )
-        else:
-            conversation = await store.create_conversation(
-                title=_title(new), model=None if auto else gw.resolve(body.model).name
-            )
-        for message in new:
-            await store.append_message(conversation.id, message.role, message.content)
+        # Reject bad input before anything is read (auto: checked against the default).
+        requested = gw.resolve(None if auto else body.model)
+        gw.generation_request(requested, new, body)
         limit = min(store.history_limit, gw.config.server.max_messages)
-        history = [
-            Message(role=m.role, content=m.content)
-            for m in await store.history(conversation.id, limit)
-        ]
+        earlier: list[Message] = []
+        if body.conversation_id is None:
+            conversation_id = uuid.uuid4().hex  # created with the turn, if it is stored
+        else:
+            conversation_id = body.conversation_id
+            if await store.get_conversation(conversation_id) is None:
+                raise NotFound(
+                    f"conversation {conversation_id!r} not found", param="conversation_id"
+                )
+            earlier = [
+                Message(role=m.role, content=m.content)
+                for m in await store.history(conversation_id, limit)
+            ]
+        # As the store's history has it: messages without text are left out.
+        history = [*earlier, *(m for m in new if m.content)][-limit:]
+
+        async def store_turn(*, model: str | None = None, error: str | None = None) -> int:
+            reply = await store.add_turn(
+                conversation_id,
+                [(m.role, m.content) for m in new],
+                create=body.conversation_id is None,
+                title=_title(new),
+                conversation_model=None if auto else requested.name,
+                model=model,
+                error=error,
+            )
+            return reply.id
+
         try:
             answer = await gw.open(
-                body.model, history, body, conversation_id=conversation.id, accepted_at=accepted_at
+                body.model, history, body, conversation_id=conversation_id, accepted_at=accepted_at
             )
-        except ChatfleetError as exc:
-            await store.append_message(
-                conversation.id, "assistant", "", status="failed", error=exc.message
-            )
+        except RequestError:
+            raise  # the request was wrong (maybe only for the routed model): nothing stored
+        except Exception as exc:
+            # The engine could not start: the user's turn is kept, with a reply saying why.
+            why = exc.message if isinstance(exc, ChatfleetError) else "generation failed"
+            await best_effort(lambda: store_turn(error=why), "store of a failed turn")
             raise
         try:
-            assistant = await store.begin_assistant_message(conversation.id, model=answer.model)
+            message_id = await store_turn(model=answer.model)
         except BaseException:
             await answer.aclose()
             raise
-        turn = _Turn(gw, store, writes, conversation.id, assistant.id, answer)
+        turn = _Turn(gw, store, writes, conversation_id, message_id, answer)
         headers = route_headers(answer)
         if body.stream:
             return EventStream(turn.events(), headers=headers)
@@ -300,10 +319,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
         tags=["conversations"],
         summary="Stored conversations, most recently active first.",
     )
-    async def list_conversations(
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict[str, Any]:
+    async def list_conversations(limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
         store = require_store(gw.store)
         found = await store.list_conversations(limit=limit, offset=offset)
         return {"object": "list", "data": [c.to_dict() for c in found]}

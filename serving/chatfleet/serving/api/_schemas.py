@@ -1,4 +1,8 @@
-"""Request bodies of the public API (validated at the boundary).
+"""Request bodies of the public API, parsed and validated at the boundary.
+
+What a client sends is refused with a 400 before anything runs or is stored when it is
+not JSON (`parse_json`: malformed, not UTF-8, nested too deeply), or when a string in it
+holds text no store keeps as sent (`ClientBody`: NUL, a lone surrogate).
 
 The bodies that clients of the prompt router chatfleet replaces still send (generate,
 classify, compress, select) accept fields chatfleet has no use for and ignore them;
@@ -7,34 +11,113 @@ classify, compress, select) accept fields chatfleet has no use for and ignore th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
 
 from chatfleet.serving.protocol import Message
 
+#: The largest ``offset`` of a listing: far past any store's rows, and far inside the
+#: 64-bit integers SQL's OFFSET takes (past 2**63 - 1 PostgreSQL and SQLite fail).
+MAX_OFFSET = 1_000_000_000
+MAX_PAGE = 500
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="How many to return.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="How many to skip.")]
+_INT64 = 2**63
 
-class ContentPart(BaseModel):
+
+def parse_json(raw: str | bytes) -> Any:
+    """A client's JSON document; `json.JSONDecodeError` for anything that is not one.
+
+    `json.loads` raises `RecursionError` (not a `ValueError`) for 100,000 nested
+    ``[``, and `UnicodeDecodeError` for bytes that are not UTF-8: both are the
+    client's mistake, reported like any malformed JSON.
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        doc = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8"
+        raise json.JSONDecodeError(reason, doc, 0) from None
+
+
+def check_text(value: str) -> str:
+    """``value`` if every store keeps it as sent; else `ValueError`.
+
+    PostgreSQL refuses NUL in text (SQLite would keep it), and a lone surrogate
+    (``"\\ud800"`` sent as a JSON escape) cannot be encoded as UTF-8 at all.
+    """
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "must be valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)"
+        ) from None
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    # Nested bodies are ClientBody too: they check their own fields (precise locations).
+
+
+class ClientBody(BaseModel):
+    """A request body, or a part of one: no string in it may hold NUL or a lone surrogate."""
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _storable_text(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, str):
+            check_text(value)  # before a length constraint says something vaguer
+        validated = handler(value)
+        _check_strings(validated)
+        return validated
+
+
+class ContentPart(ClientBody):
     model_config = ConfigDict(extra="allow")
 
     type: str = Field(description="Part type; only 'text' parts are read.")
     text: str | None = Field(None, description="The text of a 'text' part.")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ClientBody):
     """An OpenAI chat message (string or list-of-parts content)."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _storable_content(cls, value: Any) -> Any:
+        # Before the union is tried: a bad part is then one error naming this field,
+        # not one per member of the union.
+        _check_strings(value)
+        return value
 
     def to_message(self) -> Message:
         if isinstance(self.content, list):
@@ -45,16 +128,21 @@ class ChatMessage(BaseModel):
         return Message(role=role, content=text)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(ClientBody):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ClientBody):
     max_tokens: int | None = Field(None, ge=1, description="Answer length cap.")
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
-    seed: int | None = Field(None, description="Sampling seed, where the engine supports it.")
+    seed: int | None = Field(
+        None,
+        ge=-_INT64,
+        lt=_INT64,
+        description="Sampling seed (a 64-bit integer), where the engine supports it.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -139,7 +227,7 @@ def checked_categories(value: list[str]) -> list[str]:
     return names
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(ClientBody):
     """`POST /api/classify`."""
 
     model_config = ConfigDict(extra="ignore")
@@ -170,7 +258,7 @@ class ClassifyRequest(BaseModel):
         return checked_categories(value)
 
 
-class CompressRequest(BaseModel):
+class CompressRequest(ClientBody):
     """`POST /api/compress`."""
 
     model_config = ConfigDict(extra="ignore")

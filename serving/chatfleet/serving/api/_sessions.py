@@ -47,7 +47,7 @@ from pydantic import ConfigDict, Field
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.api._schemas import Limit, Offset, SamplingFields, parse_json
 from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
 from chatfleet.serving.protocol import GenerationRequest, Message
 from chatfleet.serving.store import Session, SessionStatus, Store
@@ -352,7 +352,7 @@ async def _receive_frames(ws: WebSocket, subscriber: _Subscriber, max_bytes: int
         try:
             if len(raw) > max_bytes:
                 raise ValueError("frame too large")
-            frame = json.loads(raw)
+            frame = parse_json(raw)
             kind = frame.get("type") if isinstance(frame, dict) else None
         except ValueError:
             kind = None
@@ -402,8 +402,8 @@ def add_session_routes(
 
     @app.get("/api/sessions", tags=["sessions"], summary="Sessions, newest first.")
     async def list_sessions(
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Limit = 50,
+        offset: Offset = 0,
         status: Annotated[
             SessionStatus | None, Query(description="Only sessions in this state.")
         ] = None,

@@ -67,7 +67,7 @@ from chatfleet.serving.api._auth import (
     ws_error_frame,
 )
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.api._schemas import SamplingFields, parse_json
 from chatfleet.serving.auth import Claims
 from chatfleet.serving.errors import (
     AuthenticationError,
@@ -228,7 +228,7 @@ class _ChatConnection:
                 await self.send_error(PayloadTooLarge(f"frame exceeds {limit} bytes"))
                 continue
             try:
-                data = json.loads(text)
+                data = parse_json(text)
             except ValueError:
                 data = None
             if not isinstance(data, dict):

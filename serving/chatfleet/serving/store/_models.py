@@ -1,11 +1,15 @@
 """The tables (SQLAlchemy 2 declarative). The migrations create exactly these.
 
 Timestamps are stored in UTC and always come back timezone-aware, on SQLite
-(which has no timezone type) as on PostgreSQL.
+(which has no timezone type) as on PostgreSQL. Text is stored alike on both: NUL
+(which PostgreSQL refuses and SQLite keeps) and lone surrogates (which neither can
+encode) become U+FFFD, in what is written and in what is looked up. The API refuses
+them in what clients send; this is for the rest (an engine's answer, an id in a path).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -62,6 +67,31 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(value: str) -> str:
+    """``value`` as every backend stores it: NUL and lone surrogates become U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+class StorableString(TypeDecorator[str]):
+    """A bounded string (``StorableString(64)``) stored alike on every backend (`storable`)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class StorableText(StorableString):
+    """Text stored alike on every backend (`storable`)."""
+
+    impl = Text
+    cache_ok = True
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=_NAMING)
 
@@ -69,9 +99,9 @@ class Base(DeclarativeBase):
 class ConversationRow(Base):
     __tablename__ = "conversations"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
-    title: Mapped[str | None] = mapped_column(String(200))
-    model: Mapped[str | None] = mapped_column(String(100))
+    id: Mapped[str] = mapped_column(StorableString(64), primary_key=True, default=new_id)
+    title: Mapped[str | None] = mapped_column(StorableString(200))
+    model: Mapped[str | None] = mapped_column(StorableString(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
@@ -82,16 +112,16 @@ class MessageRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     conversation_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("conversations.id", ondelete="CASCADE")
+        StorableString(64), ForeignKey("conversations.id", ondelete="CASCADE")
     )
-    role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text, default="")
-    thinking: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="complete")
-    model: Mapped[str | None] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(StorableString(16))
+    content: Mapped[str] = mapped_column(StorableText, default="")
+    thinking: Mapped[str | None] = mapped_column(StorableText)
+    status: Mapped[str] = mapped_column(StorableString(16), default="complete")
+    model: Mapped[str | None] = mapped_column(StorableString(100))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(StorableText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -99,13 +129,13 @@ class MessageRow(Base):
 class SessionRow(Base):
     __tablename__ = "sessions"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    message: Mapped[str] = mapped_column(Text)
-    thinking: Mapped[str] = mapped_column(Text, default="")
-    response: Mapped[str] = mapped_column(Text, default="")
-    model: Mapped[str | None] = mapped_column(String(100))
-    error: Mapped[str | None] = mapped_column(Text)
+    id: Mapped[str] = mapped_column(StorableString(64), primary_key=True, default=new_id)
+    status: Mapped[str] = mapped_column(StorableString(16), default="pending", index=True)
+    message: Mapped[str] = mapped_column(StorableText)
+    thinking: Mapped[str] = mapped_column(StorableText, default="")
+    response: Mapped[str] = mapped_column(StorableText, default="")
+    model: Mapped[str | None] = mapped_column(StorableString(100))
+    error: Mapped[str | None] = mapped_column(StorableText)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
@@ -119,16 +149,35 @@ class LogRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    level: Mapped[str] = mapped_column(String(16), default="info")
-    event: Mapped[str] = mapped_column(String(100), index=True)
-    conversation_id: Mapped[str | None] = mapped_column(String(64), index=True)
-    session_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    level: Mapped[str] = mapped_column(StorableString(16), default="info")
+    event: Mapped[str] = mapped_column(StorableString(100), index=True)
+    conversation_id: Mapped[str | None] = mapped_column(StorableString(64), index=True)
+    session_id: Mapped[str | None] = mapped_column(StorableString(64), index=True)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class RevokedTokenRow(Base):
     __tablename__ = "revoked_tokens"
 
-    jti: Mapped[str] = mapped_column(String(200), primary_key=True)
+    jti: Mapped[str] = mapped_column(StorableString(200), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+def _store_alike(_target: Any, value: Any, _old: Any, _initiator: Any) -> Any:
+    return storable(value) if isinstance(value, str) else value
+
+
+def _hold_what_is_stored() -> None:
+    """A row object holds what its row holds: its text columns run `storable` when set.
+
+    The bind step alone would leave a record handed back by a write (``create_session``)
+    different from the same record read back later.
+    """
+    for mapper in Base.registry.mappers:
+        for column in mapper.column_attrs:
+            if isinstance(column.columns[0].type, StorableString):
+                event.listen(column.class_attribute, "set", _store_alike, retval=True)
+
+
+_hold_what_is_stored()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -409,6 +409,72 @@ class Store:
         return await self.append_message(
             conversation_id, "assistant", "", status="partial", model=model
         )
+
+    async def add_turn(
+        self,
+        conversation_id: str,
+        messages: Sequence[tuple[MessageRole, str]],
+        *,
+        create: bool = False,
+        title: str | None = None,
+        conversation_model: str | None = None,
+        model: str | None = None,
+        error: str | None = None,
+    ) -> StoredMessage:
+        """One turn, all of it or nothing: the new ``messages``, then the assistant's reply.
+
+        The reply is returned: empty and ``partial`` (to fill as the answer streams,
+        as `begin_assistant_message`'s), or ``failed`` with ``error`` saying why no
+        answer came. With ``create``, the conversation is created under
+        ``conversation_id`` (with ``title`` and ``conversation_model``); otherwise it
+        must exist (`NotFound`).
+        """
+        now = utcnow()
+        try:
+            async with self._tx() as s:
+                if create:
+                    conversation = ConversationRow(
+                        id=conversation_id,
+                        title=title[:200] if title else None,
+                        model=conversation_model,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    s.add(conversation)
+                else:
+                    found = await s.get(ConversationRow, conversation_id)
+                    if found is None:
+                        raise NotFound(f"conversation {conversation_id!r} not found")
+                    found.updated_at = now
+                rows = [
+                    MessageRow(
+                        conversation_id=conversation_id,
+                        role=role,
+                        content=content,
+                        status="complete",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    for role, content in messages
+                ]
+                reply = MessageRow(
+                    conversation_id=conversation_id,
+                    role="assistant",
+                    content="",
+                    status="partial" if error is None else "failed",
+                    model=model,
+                    error=error,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for row in [*rows, reply]:
+                    s.add(row)
+                    await s.flush()  # one at a time: ids follow the conversation's order
+                return _message(reply)
+        except IntegrityError as exc:
+            if create:
+                raise Conflict(f"conversation {conversation_id!r} already exists") from exc
+            raise NotFound(f"conversation {conversation_id!r} not found") from exc  # deleted
 
     async def update_message(
         self, message_id: int, *, content: str, thinking: str | None = None
