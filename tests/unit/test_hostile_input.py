@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,6 @@ import pytest
 from fastapi.routing import APIRoute
 from tests.fakes.app_server import serving
 from tests.fakes.chat_app import ChatApp, fake_model
-from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
-from tests.fakes.required import missing
 from websockets.asyncio.client import connect
 
 from chatfleet.serving.api import LocalEngineClient, Metrics, create_app
@@ -35,21 +33,6 @@ MODELS = (
     fake_model("fake", reply_tokens=5),
     fake_model("dead", fail_after_tokens=0),
 )
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PostgresCluster | None]:
-    yield from postgres_cluster()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/store.db"
-    cluster: PostgresCluster | None = request.getfixturevalue("pg_cluster")
-    if cluster is None:
-        missing(MISSING_REASON)
-    return await cluster.new_database()
 
 
 @pytest.fixture

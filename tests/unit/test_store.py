@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,8 +15,6 @@ from alembic.runtime.migration import MigrationContext
 from pydantic import SecretStr
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
-from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
-from tests.fakes.required import missing
 
 import chatfleet.serving.store as store_pkg
 from chatfleet.serving.cli import main
@@ -24,21 +22,6 @@ from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.errors import Conflict, NotFound, StoreUnavailable
 from chatfleet.serving.store import Store, head_revision, resolve_url
 from chatfleet.serving.store._models import Base
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PostgresCluster | None]:
-    yield from postgres_cluster()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/store.db"
-    cluster: PostgresCluster | None = request.getfixturevalue("pg_cluster")
-    if cluster is None:
-        missing(MISSING_REASON)
-    return await cluster.new_database()
 
 
 @pytest.fixture
