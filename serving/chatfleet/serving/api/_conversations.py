@@ -31,10 +31,10 @@ from chatfleet.serving.api._answers import (
     best_effort,
     require_store,
 )
-from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway, route_headers
+from chatfleet.serving.api._gateway import Gateway, route_headers
 from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
-from chatfleet.serving.errors import ChatfleetError, ModelNotFound, NotFound, RequestError
+from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
 
@@ -253,15 +253,8 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
     async def post_messages(body: MessagesRequest, raw: Request) -> Response:
         accepted_at = time.perf_counter()
         store = require_store(gw.store)
-        auto = body.model == AUTO_MODEL
-        if auto and gw.router is None:
-            raise ModelNotFound(
-                "model 'auto' needs routing: this server has no routing configured", param="model"
-            )
         new = [m.to_message() for m in body.messages]
-        # Reject bad input before anything is read (auto: checked against the default).
-        requested = gw.resolve(None if auto else body.model)
-        gw.generation_request(requested, new, body)
+        requested = gw.check(body.model, new, body)  # bad input: refused before any read
         limit = min(store.history_limit, gw.config.server.max_messages)
         earlier: list[Message] = []
         if body.conversation_id is None:
@@ -285,7 +278,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
                 [(m.role, m.content) for m in new],
                 create=body.conversation_id is None,
                 title=_title(new),
-                conversation_model=None if auto else requested.name,
+                conversation_model=None if requested is None else requested.name,
                 model=model,
                 error=error,
             )

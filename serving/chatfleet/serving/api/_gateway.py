@@ -227,6 +227,30 @@ class Gateway:
         while len(self.routes) > _ROUTE_MEMORY:
             self.routes.popitem(last=False)
 
+    def _router(self) -> RouterClient:
+        if self.router is None:
+            raise ModelNotFound(
+                "model 'auto' needs routing: this server has no routing configured",
+                param="model",
+            )
+        return self.router
+
+    def check(
+        self, model: str | None, messages: list[ChatMessage], sampling: SamplingFields
+    ) -> ModelConfig | None:
+        """Refuse what `open` would refuse before it routes or opens anything.
+
+        Returns the named (or default) model; ``None`` for ``auto``, whose request is
+        checked against the default model (the routed one is checked again by `open`).
+        """
+        if model == AUTO_MODEL:
+            self._router()
+            self.generation_request(self.resolve(None), messages, sampling)
+            return None
+        config = self.resolve(model)
+        self.generation_request(config, messages, sampling)
+        return config
+
     async def decide(
         self,
         messages: list[ChatMessage],
@@ -234,15 +258,11 @@ class Gateway:
         categories: list[str] | None = None,
     ) -> RoutingDecision:
         """Choose a model; with ``categories``, among those categories' routes only."""
-        if self.router is None:
-            raise ModelNotFound(
-                "model 'auto' needs routing: this server has no routing configured",
-                param="model",
-            )
+        router = self._router()
         previous = self.routes.get(conversation_id) if conversation_id else None
         started = time.perf_counter()
         if categories is None:
-            decision = await self.router.decide(messages, previous, True)
+            decision = await router.decide(messages, previous, True)
         else:
             decision = await self._decide_among(categories, messages, previous)
         self.metrics.routing_duration.observe(time.perf_counter() - started)
