@@ -397,17 +397,15 @@ class Reconciler:
             spec = parse_spec(cd.get("spec"))
         except InvalidSpecError:
             return  # the next reconcile reports it
-        wanted = next(
-            (
-                obj
-                for obj in self._render(name, namespace, spec, cd)
-                if obj["kind"] == actual.get("kind")
-                and obj["metadata"]["name"] == (actual.get("metadata") or {}).get("name")
-            ),
-            None,
-        )
-        if wanted is None:
+        # Only the watched kinds, built directly: `_render` would also ask the API server
+        # whether ServiceMonitors exist, on every status update KubeRay writes.
+        build = _WATCHED_BUILDERS.get(str(actual.get("kind")))
+        if build is None:
             return
+        wanted = build(name, namespace, spec)
+        if wanted["metadata"]["name"] != (actual.get("metadata") or {}).get("name"):
+            return  # e.g. a Service KubeRay made, labelled like ours
+        kopf.adopt(wanted, owner=cd)  # type: ignore[arg-type]
         drifted = type == "DELETED" or not all(
             contains(actual.get(part), wanted.get(part)) for part in ("metadata", "spec")
         )
@@ -432,6 +430,13 @@ class Reconciler:
         """A deleted ChatDeployment: forget its metrics (its objects are garbage-collected)."""
         if type == "DELETED" and namespace and name:
             self.metrics.forget(namespace, name)
+
+
+# The owned kinds the operator watches for drift, and how each is built.
+_WATCHED_BUILDERS: dict[str, Callable[[str, str, ChatDeploymentSpec], dict[str, Any]]] = {
+    "RayService": b.build_rayservice,
+    "Service": b.build_service,
+}
 
 
 def contains(actual: Any, wanted: Any) -> bool:
