@@ -173,15 +173,15 @@ class OperatorProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with_suppressed = self.proc
+        proc = self.proc
         self.proc = None
-        if with_suppressed.poll() is None:
-            os.killpg(with_suppressed.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
-                with_suppressed.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(with_suppressed.pid, signal.SIGKILL)
-                with_suppressed.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -412,7 +412,7 @@ def test_a_missing_permission_is_a_condition_and_an_event(
         "the Service once the permission is back",
         timeout=90,
     )
-    ready = eventually(
+    eventually(
         lambda: (
             (r := condition(cluster.get("chatd", name, APPS_NS), "Ready"))
             and r["reason"] != "Forbidden"
