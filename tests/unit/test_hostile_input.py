@@ -183,7 +183,7 @@ async def test_text_from_elsewhere_is_stored_alike_on_both_stores(chat: ChatApp)
     stores keep U+FFFD in their place rather than fail the write.
     """
     store = chat.store
-    conversation = await store.create_conversation(title="t\x00itle")
+    conversation = await store.create_conversation(owner="alice", title="t\x00itle")
     assert conversation.title == "t\ufffditle"
     message = await store.append_message(conversation.id, "assistant", "a\x00b\ud800c")
     await store.finish_message(
@@ -191,10 +191,10 @@ async def test_text_from_elsewhere_is_stored_alike_on_both_stores(chat: ChatApp)
     )
     (stored,) = await store.messages(conversation.id)
     assert (stored.content, stored.thinking, stored.error) == ("a\ufffdb", "\ufffd", "e\ufffd")
-    session = await store.create_session("m\x00")
+    session = await store.create_session("m\x00", owner="alice")
     finished = await store.finish_session(session.id, "completed", response="r\ud800")
     assert (finished.message, finished.response) == ("m\ufffd", "r\ufffd")
-    await store.add_log("x\x00", data={"error": "a\x00b\ud800"})
+    await store.add_log("x\x00", owner="alice", data={"error": "a\x00b\ud800"})
     (log,) = await store.list_logs()
     assert log.event == "x\ufffd"
     assert await store.get_conversation("a\x00b") is None

@@ -15,7 +15,7 @@ from tests.fakes.chat_app import ChatApp, fake_model
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from chatfleet.serving.api._sessions import EventHub
+from chatfleet.serving.api._events import EventHub
 from chatfleet.serving.store import Store
 
 MODELS = (
@@ -199,11 +199,11 @@ async def test_subscribers_beyond_the_limit_are_refused(tmp_path: Path) -> None:
 
 async def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:
     hub = EventHub(queue_size=3)
-    slow = hub.subscribe(lambda sid: f"hello {sid}")
-    fast = hub.subscribe(lambda sid: f"hello {sid}")
+    slow = hub.subscribe(lambda sid: f"hello {sid}", sees=None)
+    fast = hub.subscribe(lambda sid: f"hello {sid}", sees="alice")
     received = [fast.queue.get_nowait()]
     for i in range(5):
-        hub.publish("tick", n=i)
+        hub.publish("tick", owner="alice", n=i)
         received.append(fast.queue.get_nowait() or "")
     assert hub.count == 1
     assert hub.dropped == 1
@@ -211,3 +211,18 @@ async def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:
     frames = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())]
     assert frames[-1] is None  # the sender closes the socket (1013) when it reads this
     assert len(frames) == 4
+
+
+def test_a_subscriber_gets_only_its_clients_events_and_an_admin_all() -> None:
+    hub = EventHub()
+    alice = hub.subscribe(lambda sid: "hello", sees="alice")
+    admin = hub.subscribe(lambda sid: "hello", sees=None)
+    hub.publish("llm.response", owner="bob", session_id="s1", delta="bob's secret")
+    hub.publish("llm.response", owner="alice", session_id="s2", delta="alice's")
+
+    def frames(subscriber: Any) -> list[str]:
+        out = [subscriber.queue.get_nowait() for _ in range(subscriber.queue.qsize())]
+        return [json.loads(f)["session_id"] for f in out[1:]]
+
+    assert frames(alice) == ["s2"]
+    assert frames(admin) == ["s1", "s2"]

@@ -13,14 +13,15 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pydantic import SecretStr
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import chatfleet.serving.store as store_pkg
 from chatfleet.serving.cli import main
 from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.errors import Conflict, NotFound, StoreUnavailable
-from chatfleet.serving.store import Store, head_revision, resolve_url
+from chatfleet.serving.store import LOCAL_OWNER, Store, head_revision, resolve_url
 from chatfleet.serving.store._models import Base
 
 
@@ -35,6 +36,7 @@ async def store(store_url: str) -> AsyncIterator[Store]:
 def test_public_surface() -> None:
     assert set(store_pkg.__all__) == {
         "FINISHED_SESSION_STATUSES",
+        "LOCAL_OWNER",
         "Conversation",
         "LogEntry",
         "MessageRole",
@@ -49,7 +51,7 @@ def test_public_surface() -> None:
 
 
 async def test_migrations_build_exactly_the_models(store: Store, store_url: str) -> None:
-    assert await store.revision() == head_revision() == "0001"
+    assert await store.revision() == head_revision() == "0002"
     engine = create_async_engine(store_url)
 
     def diff(conn: Connection) -> list[object]:
@@ -60,11 +62,11 @@ async def test_migrations_build_exactly_the_models(store: Store, store_url: str)
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
-    assert await store.upgrade() == "0001"  # again: a no-op
+    assert await store.upgrade() == "0002"  # again: a no-op
 
 
 async def test_conversation_messages_and_history(store: Store) -> None:
-    conv = await store.create_conversation(title="greetings", model="fake")
+    conv = await store.create_conversation(owner="alice", title="greetings", model="fake")
     await store.add_user_message(conv.id, "hello")
     answer = await store.begin_assistant_message(conv.id, model="fake")
     assert answer.status == "partial"
@@ -102,7 +104,7 @@ async def test_conversation_messages_and_history(store: Store) -> None:
     ]
     assert [m.content for m in await store.history(conv.id, limit=2)] == ["hi there", "and then?"]
 
-    other = await store.create_conversation()
+    other = await store.create_conversation(owner="alice")
     await store.add_user_message(other.id, "newer")
     listed = await store.list_conversations()
     assert [c.id for c in listed] == [other.id, conv.id]
@@ -120,7 +122,7 @@ async def test_conversation_messages_and_history(store: Store) -> None:
 
 
 async def test_concurrent_writers(store: Store) -> None:
-    conv = await store.create_conversation()
+    conv = await store.create_conversation(owner="alice")
     await asyncio.gather(*(store.add_user_message(conv.id, f"m{i}") for i in range(20)))
     assert sorted(m.content for m in await store.messages(conv.id)) == sorted(
         f"m{i}" for i in range(20)
@@ -129,11 +131,11 @@ async def test_concurrent_writers(store: Store) -> None:
 
 async def test_everything_survives_a_restart(store_url: str) -> None:
     async with Store.from_url(store_url) as first:
-        conv = await first.create_conversation()
+        conv = await first.create_conversation(owner="alice")
         await first.add_user_message(conv.id, "remember me")
         await first.revoke("jti-1", time.time() + 60)
         await first.revoke("jti-expired", time.time() - 60)
-        session = await first.create_session("background")
+        session = await first.create_session("background", owner="alice")
     async with Store.from_url(store_url) as second:
         assert [m.content for m in await second.history(conv.id)] == ["remember me"]
         assert await second.is_revoked("jti-1")
@@ -144,7 +146,7 @@ async def test_everything_survives_a_restart(store_url: str) -> None:
 
 
 async def test_session_lifecycle(store: Store) -> None:
-    first = await store.create_session("one", model="fake")
+    first = await store.create_session("one", owner="alice", model="fake")
     assert (first.status, first.started_at, first.finished) == ("pending", None, False)
     running = await store.update_session(first.id, status="running")
     assert running.started_at is not None
@@ -165,7 +167,7 @@ async def test_session_lifecycle(store: Store) -> None:
     with pytest.raises(ValueError, match="not a final"):
         await store.finish_session(first.id, "running")
 
-    second = await store.create_session("two")
+    second = await store.create_session("two", owner="alice")
     failed = await store.finish_session(second.id, "failed", error="engine crashed")
     assert failed.error == "engine crashed"
     assert [s.id for s in await store.list_sessions()] == [second.id, first.id]
@@ -174,9 +176,11 @@ async def test_session_lifecycle(store: Store) -> None:
 
 
 async def test_logs(store: Store) -> None:
-    await store.add_log("request", data={"path": "/v1/messages", "n": [1, 2]})
-    await store.add_log("engine.error", level="error", conversation_id="c1", data={"e": "x"})
-    await store.add_log("session.completed", session_id="s1")
+    await store.add_log("request", owner="alice", data={"path": "/v1/messages", "n": [1, 2]})
+    await store.add_log(
+        "engine.error", owner="alice", level="error", conversation_id="c1", data={"e": "x"}
+    )
+    await store.add_log("session.completed", owner="alice", session_id="s1")
     logs = await store.list_logs()
     assert [entry.event for entry in logs] == ["session.completed", "engine.error", "request"]
     assert logs[2].data == {"path": "/v1/messages", "n": [1, 2]}
@@ -253,9 +257,79 @@ async def test_cli_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # main() runs its own event loop: keep it off this test's loop.
     rc = await asyncio.to_thread(main, ["db", "upgrade", "--config", str(config)])
     assert rc == 0
-    assert "is at revision 0001" in capsys.readouterr().out
+    assert "is at revision 0002" in capsys.readouterr().out
     assert (tmp_path / "data" / "chatfleet.db").is_file()
     missing = await asyncio.to_thread(
         main, ["db", "upgrade", "--config", str(tmp_path / "absent.yaml")]
     )
     assert missing == 2
+
+
+async def test_each_client_finds_only_its_own(store: Store) -> None:
+    alice = await store.create_conversation(owner="alice", title="alice's")
+    bob = await store.create_conversation(owner="bob", title="my password is hunter2")
+    assert [c.id for c in await store.list_conversations(owner="alice")] == [alice.id]
+    assert {c.id for c in await store.list_conversations()} == {alice.id, bob.id}  # admins
+    assert await store.get_conversation(bob.id, owner="alice") is None
+    found = await store.get_conversation(bob.id)
+    assert found is not None and found.owner == "bob"
+    assert await store.delete_conversation(bob.id, owner="alice") is False
+    assert await store.get_conversation(bob.id, owner="bob") is not None  # still there
+    assert await store.delete_conversation(bob.id, owner="bob") is True
+
+    mine = await store.create_session("mine", owner="alice")
+    theirs = await store.create_session("theirs", owner="bob")
+    assert [s.id for s in await store.list_sessions(owner="alice")] == [mine.id]
+    assert [s.id for s in await store.list_sessions(owner="bob", status="pending")] == [theirs.id]
+    assert await store.get_session(theirs.id, owner="alice") is None
+    assert (await store.get_session(theirs.id)) == theirs
+
+    await store.add_log("one", owner="alice")
+    await store.add_log("two", owner="bob")
+    assert [e.event for e in await store.list_logs(owner="bob")] == ["two"]
+    assert [e.owner for e in await store.list_logs()] == ["bob", "alice"]
+
+
+async def test_migration_0002_gives_earlier_rows_to_the_local_client(store_url: str) -> None:
+    """A database written before owners existed: its rows go to `local`, none is lost."""
+    engine = create_async_engine(store_url)
+    try:
+        await Store.from_url(store_url).upgrade("0001")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO conversations (id, title, created_at, updated_at)"
+                    " VALUES ('c1', 'old', :t, :t)"
+                ),
+                {"t": datetime(2026, 11, 1, tzinfo=UTC)},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO sessions (id, status, message, thinking, response,"
+                    " created_at, updated_at) VALUES ('s1', 'completed', 'm', '', 'r', :t, :t)"
+                ),
+                {"t": datetime(2026, 11, 1, tzinfo=UTC)},
+            )
+    finally:
+        await engine.dispose()
+    async with Store.from_url(store_url) as store:  # migrates to head on start
+        assert await store.revision() == "0002"
+        conversation = await store.get_conversation("c1", owner=LOCAL_OWNER)
+        assert conversation is not None and conversation.title == "old"
+        session = await store.get_session("s1", owner=LOCAL_OWNER)
+        assert session is not None and session.response == "r"
+        assert await store.get_conversation("c1", owner="alice") is None
+    # The default that filled the old rows is gone: a new row must name its owner.
+    engine = create_async_engine(store_url)
+    try:
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO conversations (id, created_at, updated_at)"
+                        " VALUES ('c2', :t, :t)"
+                    ),
+                    {"t": datetime(2026, 12, 1, tzinfo=UTC)},
+                )
+    finally:
+        await engine.dispose()

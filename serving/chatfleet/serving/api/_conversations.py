@@ -34,6 +34,7 @@ from chatfleet.serving.api._answers import (
 from chatfleet.serving.api._gateway import Gateway, route_headers
 from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
+from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
@@ -96,6 +97,7 @@ class _Turn:
         gw: Gateway,
         store: Store,
         writes: BackgroundWrites,
+        owner: str,
         conversation_id: str,
         message_id: int,
         answer: Answer,
@@ -103,6 +105,7 @@ class _Turn:
         self.gw = gw
         self.store = store
         self.writes = writes
+        self.owner = owner
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.answer = answer
@@ -150,6 +153,7 @@ class _Turn:
             await best_effort(
                 lambda: self.store.add_log(
                     "message.finished",
+                    owner=self.owner,
                     level="info" if status == "complete" else "warning",
                     conversation_id=self.conversation_id,
                     data={
@@ -250,21 +254,24 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
             " `end_stream` {conversation_id, message_id, finish_reason, usage}."
         ),
     )
-    async def post_messages(body: MessagesRequest, raw: Request) -> Response:
+    async def post_messages(body: MessagesRequest, raw: Request, caller: CallerDep) -> Response:
         accepted_at = time.perf_counter()
         store = require_store(gw.store)
         new = [m.to_message() for m in body.messages]
         requested = gw.check(body.model, new, body)  # bad input: refused before any read
         limit = min(store.history_limit, gw.config.server.max_messages)
         earlier: list[Message] = []
+        owner = caller.client_id
         if body.conversation_id is None:
             conversation_id = uuid.uuid4().hex  # created with the turn, if it is stored
         else:
             conversation_id = body.conversation_id
-            if await store.get_conversation(conversation_id) is None:
+            found = await store.get_conversation(conversation_id, owner=caller.sees)
+            if found is None:
                 raise NotFound(
                     f"conversation {conversation_id!r} not found", param="conversation_id"
                 )
+            owner = found.owner  # an admin's turn goes into the owner's conversation
             earlier = [
                 Message(role=m.role, content=m.content)
                 for m in await store.history(conversation_id, limit)
@@ -276,7 +283,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
             reply = await store.add_turn(
                 conversation_id,
                 [(m.role, m.content) for m in new],
-                create=body.conversation_id is None,
+                create_for=owner if body.conversation_id is None else None,
                 title=_title(new),
                 conversation_model=None if requested is None else requested.name,
                 model=model,
@@ -286,7 +293,12 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
 
         try:
             answer = await gw.open(
-                body.model, history, body, conversation_id=conversation_id, accepted_at=accepted_at
+                body.model,
+                history,
+                body,
+                conversation_id=conversation_id,
+                owner=owner,
+                accepted_at=accepted_at,
             )
         except RequestError:
             raise  # the request was wrong (maybe only for the routed model): nothing stored
@@ -300,7 +312,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
         except BaseException:
             await answer.aclose()
             raise
-        turn = _Turn(gw, store, writes, conversation_id, message_id, answer)
+        turn = _Turn(gw, store, writes, owner, conversation_id, message_id, answer)
         headers = route_headers(answer)
         if body.stream:
             return EventStream(turn.events(), headers=headers)
@@ -310,11 +322,14 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
     @app.get(
         "/v1/conversations",
         tags=["conversations"],
-        summary="Stored conversations, most recently active first.",
+        summary="The caller's stored conversations (an admin's: everyone's), most recently"
+        " active first.",
     )
-    async def list_conversations(limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+    async def list_conversations(
+        caller: CallerDep, limit: Limit = 50, offset: Offset = 0
+    ) -> dict[str, Any]:
         store = require_store(gw.store)
-        found = await store.list_conversations(limit=limit, offset=offset)
+        found = await store.list_conversations(owner=caller.sees, limit=limit, offset=offset)
         return {"object": "list", "data": [c.to_dict() for c in found]}
 
     @app.get(
@@ -322,9 +337,9 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
         tags=["conversations"],
         summary="A conversation with all its messages (statuses included).",
     )
-    async def get_conversation(conversation_id: str) -> dict[str, Any]:
+    async def get_conversation(conversation_id: str, caller: CallerDep) -> dict[str, Any]:
         store = require_store(gw.store)
-        conversation = await store.get_conversation(conversation_id)
+        conversation = await store.get_conversation(conversation_id, owner=caller.sees)
         if conversation is None:
             raise NotFound(f"conversation {conversation_id!r} not found")
         body = conversation.to_dict()
@@ -336,9 +351,9 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
         tags=["conversations"],
         summary="Delete a conversation and its messages.",
     )
-    async def delete_conversation(conversation_id: str) -> dict[str, Any]:
+    async def delete_conversation(conversation_id: str, caller: CallerDep) -> dict[str, Any]:
         store = require_store(gw.store)
-        if not await store.delete_conversation(conversation_id):
+        if not await store.delete_conversation(conversation_id, owner=caller.sees):
             raise NotFound(f"conversation {conversation_id!r} not found")
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 

@@ -158,9 +158,10 @@ class Gateway:
         self.compressor = compressor
         self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
-        # Conversation -> its last route, for hysteresis. Bounded; replica-local
+        # (owner, conversation) -> its last route, for hysteresis; keyed by owner too,
+        # so one client's ids never steer another's routing. Bounded; replica-local
         # until conversations are stored (then the store holds it).
-        self.routes: OrderedDict[str, PreviousRoute] = OrderedDict()
+        self.routes: OrderedDict[tuple[str | None, str], PreviousRoute] = OrderedDict()
         self.created = int(time.time())
         self.tracer_provider = tracer_provider
         self.tracer = telemetry.get_tracer(tracer_provider)
@@ -193,22 +194,24 @@ class Gateway:
         sampling: SamplingFields,
         *,
         conversation_id: str | None = None,
+        owner: str | None = None,
         categories: list[str] | None = None,
         accepted_at: float | None = None,
     ) -> Answer:
         """Open one answer: the one path every handler takes to a model.
 
         ``model`` names a served model, ``auto`` (the router decides, among
-        ``categories`` when given, sticking to ``conversation_id``'s last route, and
-        falls back while no model has started), or ``None`` for the default. Errors
-        before the first token raise here (a 4xx/5xx for the handler); later ones end
-        the answer's stream. Metrics and the engine's trace span are taken care of.
+        ``categories`` when given, sticking to the last route of ``owner``'s
+        ``conversation_id``, and falls back while no model has started), or ``None``
+        for the default. Errors before the first token raise here (a 4xx/5xx for the
+        handler); later ones end the answer's stream. Metrics and the engine's trace span are taken care of.
         """
         accepted_at = time.perf_counter() if accepted_at is None else accepted_at
         if model == AUTO_MODEL:
-            decision = await self.decide(messages, conversation_id, categories)
+            key = None if not conversation_id else (owner, conversation_id)
+            decision = await self.decide(messages, key, categories)
             decision, request, batches = await self.open_routed(decision, sampling, accepted_at)
-            self.remember_route(conversation_id, decision)
+            self.remember_route(key, decision)
             return Answer(request, batches, decision)
         request = self.generation_request(self.resolve(model), messages, sampling)
         return await self.open_request(request, accepted_at=accepted_at)
@@ -219,11 +222,11 @@ class Gateway:
         """`open` for a request built (and checked) earlier: sessions check before queueing."""
         return Answer(request, await self.open_stream(request, accepted_at=accepted_at))
 
-    def remember_route(self, conversation_id: str | None, decision: RoutingDecision) -> None:
-        if not conversation_id:
+    def remember_route(self, key: tuple[str | None, str] | None, decision: RoutingDecision) -> None:
+        if key is None:
             return
-        self.routes[conversation_id] = decision.as_previous()
-        self.routes.move_to_end(conversation_id)
+        self.routes[key] = decision.as_previous()
+        self.routes.move_to_end(key)
         while len(self.routes) > _ROUTE_MEMORY:
             self.routes.popitem(last=False)
 
@@ -254,12 +257,15 @@ class Gateway:
     async def decide(
         self,
         messages: list[ChatMessage],
-        conversation_id: str | None = None,
+        conversation: tuple[str | None, str] | None = None,
         categories: list[str] | None = None,
     ) -> RoutingDecision:
-        """Choose a model; with ``categories``, among those categories' routes only."""
+        """Choose a model; with ``categories``, among those categories' routes only.
+
+        ``conversation`` (owner, id) sticks to that conversation's last route.
+        """
         router = self._router()
-        previous = self.routes.get(conversation_id) if conversation_id else None
+        previous = self.routes.get(conversation) if conversation else None
         started = time.perf_counter()
         if categories is None:
             decision = await router.decide(messages, previous, True)

@@ -22,8 +22,9 @@ closing event), ``is_complete`` and ``is_final`` on the ``llm.*`` ones; ``error`
 ``usage`` on the finishing ones; ``subscriber_id``, ``sessions`` on ``connected``.
 
 Reasoning goes only in ``llm.thinking`` and the answer only in ``llm.response``.
-A subscriber that falls ``queue_size`` events behind is dropped and closed
-(1013), so a slow browser never slows a generation down.
+A session belongs to the client that started it: other clients neither find it
+(404) nor get its events; admins see every session (`chatfleet.serving.api._tenancy`).
+The hub and the socket are in `chatfleet.serving.api._events`.
 
 Under Ray Serve a session runs in the ingress replica that accepted it, and its
 live events reach that replica's subscribers only: with several ingress
@@ -33,12 +34,8 @@ replicas, ``GET /api/sessions/{id}`` (the database) is the source of truth.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, WebSocket
@@ -46,17 +43,22 @@ from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
+from chatfleet.serving.api._events import (
+    GREETING,
+    TRY_AGAIN_LATER,
+    EventHub,
+    event_frame,
+    receive_frames,
+    send_events,
+)
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import Limit, Offset, SamplingFields, parse_json
+from chatfleet.serving.api._schemas import Limit, Offset, SamplingFields
+from chatfleet.serving.api._tenancy import Caller, CallerDep, caller_of
 from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
 from chatfleet.serving.protocol import GenerationRequest, Message
 from chatfleet.serving.store import Session, SessionStatus, Store
 
 logger = logging.getLogger(__name__)
-
-# WebSocket close codes (RFC 6455 §7.4.1).
-_GOING_AWAY = 1001
-_TRY_AGAIN_LATER = 1013
 
 
 class SessionRequest(SamplingFields):
@@ -71,72 +73,6 @@ class SessionRequest(SamplingFields):
     def to_messages(self) -> list[Message]:
         out = [Message(role="system", content=self.system)] if self.system else []
         return [*out, Message(role="user", content=self.message)]
-
-
-_GREETING = "connected to chatfleet: live session events"
-
-
-def _event(type_: str, data: dict[str, Any] | None = None, **flat: Any) -> str:
-    """One ``/ws`` event; ``data`` defaults to the flat fields but ``session_id``."""
-    if data is None:
-        data = {k: v for k, v in flat.items() if k != "session_id"}
-    return json.dumps(
-        {"type": type_, **flat, "data": data, "ts": datetime.now(UTC).isoformat()},
-        separators=(",", ":"),
-    )
-
-
-class _Subscriber:
-    __slots__ = ("id", "queue")
-
-    def __init__(self, queue_size: int) -> None:
-        self.id = uuid.uuid4().hex
-        # None is the "you are dropped" sentinel; one slot is kept free for it.
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=queue_size + 1)
-
-
-class EventHub:
-    """Fans events out to every ``/ws`` subscriber without ever waiting for one."""
-
-    def __init__(self, queue_size: int = 256) -> None:
-        self.queue_size = queue_size
-        self._subscribers: dict[str, _Subscriber] = {}
-        self.dropped = 0
-
-    @property
-    def count(self) -> int:
-        return len(self._subscribers)
-
-    def subscribe(self, greeting: Callable[[str], str]) -> _Subscriber:
-        """A new subscriber whose first frame is ``greeting(its id)``."""
-        subscriber = _Subscriber(self.queue_size)
-        subscriber.queue.put_nowait(greeting(subscriber.id))
-        self._subscribers[subscriber.id] = subscriber
-        return subscriber
-
-    def unsubscribe(self, subscriber: _Subscriber) -> None:
-        self._subscribers.pop(subscriber.id, None)
-
-    def publish(self, type_: str, data: dict[str, Any] | None = None, **flat: Any) -> None:
-        frame = _event(type_, data, **flat)
-        for subscriber in list(self._subscribers.values()):
-            if subscriber.queue.qsize() >= self.queue_size:
-                self._drop(subscriber)
-            else:
-                subscriber.queue.put_nowait(frame)
-
-    def _drop(self, subscriber: _Subscriber) -> None:
-        logger.warning(
-            "dropping /ws subscriber %s: %d events behind", subscriber.id, self.queue_size
-        )
-        self.dropped += 1
-        self.unsubscribe(subscriber)
-        subscriber.queue.put_nowait(None)
-
-    def close_all(self) -> None:
-        for subscriber in list(self._subscribers.values()):
-            self.unsubscribe(subscriber)
-            subscriber.queue.put_nowait(None)
 
 
 class SessionRunner:
@@ -167,21 +103,22 @@ class SessionRunner:
     def active(self) -> int:
         return len(self._tasks)
 
-    async def create(self, body: SessionRequest) -> Session:
+    async def create(self, body: SessionRequest, owner: str) -> Session:
         store = self.store
         if len(self._tasks) >= self.max_concurrent + self.max_waiting:
             raise Overloaded("too many sessions in progress on this server; retry later")
         model = self.gw.resolve(body.model)
         request = self.gw.generation_request(model, body.to_messages(), body)
-        session = await store.create_session(body.message, model=model.name)
-        self._publish_session("session.created", session.to_dict())
-        task = asyncio.create_task(self._run(session.id, request), name=f"session-{session.id}")
+        session = await store.create_session(body.message, owner=owner, model=model.name)
+        self._publish_session("session.created", session)
+        task = asyncio.create_task(self._run(session, request), name=f"session-{session.id}")
         self._tasks[session.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(session.id, None))
         return session
 
-    async def _run(self, session_id: str, request: GenerationRequest) -> None:
+    async def _run(self, session: Session, request: GenerationRequest) -> None:
         store = self.store
+        session_id, owner = session.id, session.owner
         answer = Answer.unopened(request)  # until the engine has started
         status: SessionStatus = "cancelled"
         error: str | None = None
@@ -199,6 +136,7 @@ class SessionRunner:
                         self.hub.publish(
                             "llm.thinking",
                             {"content": delta.thinking, "is_complete": False},
+                            owner=owner,
                             session_id=session_id,
                             delta=delta.thinking,
                             is_complete=False,
@@ -206,10 +144,11 @@ class SessionRunner:
                     if delta.text:
                         if thinking_open:
                             thinking_open = False
-                            self._thinking_done(session_id, answer)
+                            self._thinking_done(session, answer)
                         self.hub.publish(
                             "llm.response",
                             {"content": delta.text, "is_complete": False, "is_final": False},
+                            owner=owner,
                             session_id=session_id,
                             delta=delta.text,
                             is_complete=False,
@@ -236,19 +175,25 @@ class SessionRunner:
             if started:
                 self.running -= 1
             if thinking_open and status == "completed":
-                self._thinking_done(session_id, answer)
-            await self._finish(session_id, status, error, answer)
+                self._thinking_done(session, answer)
+            await self._finish(session, status, error, answer)
 
-    def _thinking_done(self, session_id: str, answer: Answer) -> None:
+    def _thinking_done(self, session: Session, answer: Answer) -> None:
         self.hub.publish(
-            "llm.thinking", session_id=session_id, content=answer.reasoning, is_complete=True
+            "llm.thinking",
+            owner=session.owner,
+            session_id=session.id,
+            content=answer.reasoning,
+            is_complete=True,
         )
 
     async def _finish(
-        self, session_id: str, status: SessionStatus, error: str | None, answer: Answer
+        self, session: Session, status: SessionStatus, error: str | None, answer: Answer
     ) -> None:
+        session_id = session.id
         self.hub.publish(
             "llm.response",
+            owner=session.owner,
             session_id=session_id,
             content=answer.content,
             is_complete=status == "completed",
@@ -275,14 +220,12 @@ class SessionRunner:
         except Exception:
             logger.exception("could not store the end of session %s", session_id)
         self._publish_session(
-            f"session.{status}",
-            record.to_dict() if record is not None else {"id": session_id},
-            error=error,
-            usage=answer.usage_dict(),
+            f"session.{status}", record or session, error=error, usage=answer.usage_dict()
         )
         await best_effort(
             lambda: self.store.add_log(
                 f"session.{status}",
+                owner=session.owner,
                 level="info" if status == "completed" else "warning",
                 session_id=session_id,
                 data={"error": error, "completion_tokens": usage.completion_tokens},
@@ -290,9 +233,13 @@ class SessionRunner:
             "log of a finished session",
         )
 
-    async def cancel(self, session_id: str) -> Session:
-        """Stop a session; `Conflict` if it had finished, `NotFound` if it never existed."""
+    async def cancel(self, session_id: str, caller: Caller) -> Session:
+        """Stop a session of ``caller``'s; `Conflict` if it had finished, `NotFound` if
+        it never existed or is another client's."""
         store = self.store
+        found = await store.get_session(session_id, owner=caller.sees)
+        if found is None:
+            raise NotFound(f"session {session_id!r} not found")
         task = self._tasks.get(session_id)
         if task is not None and not task.done():
             task.cancel()
@@ -300,9 +247,6 @@ class SessionRunner:
             found = await store.get_session(session_id)
             assert found is not None
             return found
-        found = await store.get_session(session_id)
-        if found is None:
-            raise NotFound(f"session {session_id!r} not found")
         if found.finished:
             raise Conflict(f"session {session_id!r} already {found.status}")
         # Not running here: another replica's (which then stops storing it), or one
@@ -310,13 +254,19 @@ class SessionRunner:
         record = await store.finish_session(
             session_id, "cancelled", error="cancelled; it was not running on this replica"
         )
-        self._publish_session("session.cancelled", record.to_dict())
+        self._publish_session("session.cancelled", record)
         return record
 
-    def _publish_session(self, type_: str, session: dict[str, Any], **more: Any) -> None:
+    def _publish_session(self, type_: str, session: Session, **more: Any) -> None:
         """A ``session.*`` event: its ``data`` is the session (plus ``more``)."""
+        record = session.to_dict()
         self.hub.publish(
-            type_, {**session, **more}, session_id=session["id"], session=session, **more
+            type_,
+            {**record, **more},
+            owner=session.owner,
+            session_id=session.id,
+            session=record,
+            **more,
         )
 
     async def close(self) -> None:
@@ -328,46 +278,6 @@ class SessionRunner:
             await asyncio.wait(tasks)
         await self.writes.drain()
         self.hub.close_all()
-
-
-async def _send_events(ws: WebSocket, subscriber: _Subscriber, ping_interval: float) -> None:
-    while True:
-        try:
-            frame = await asyncio.wait_for(subscriber.queue.get(), ping_interval)
-        except TimeoutError:
-            frame = _event("ping")
-        if frame is None:
-            await ws.close(code=_TRY_AGAIN_LATER, reason="too slow: events were dropped")
-            return
-        await ws.send_text(frame)
-
-
-async def _receive_frames(ws: WebSocket, subscriber: _Subscriber, max_bytes: int) -> None:
-    """Clients only listen; a ``ping`` gets a ``pong``, anything unreadable an ``error``."""
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        raw = message.get("text") or message.get("bytes") or ""
-        try:
-            if len(raw) > max_bytes:
-                raise ValueError("frame too large")
-            frame = parse_json(raw)
-            kind = frame.get("type") if isinstance(frame, dict) else None
-        except ValueError:
-            kind = None
-        if kind == "pong":
-            continue
-        if kind == "ping":
-            reply = _event("pong")
-        else:
-            reply = _event(
-                "error",
-                error='expected a JSON object such as {"type": "ping"}; /ws only sends events',
-                code="invalid_frame",
-            )
-        if subscriber.queue.qsize() < subscriber.queue.maxsize - 1:
-            subscriber.queue.put_nowait(reply)
 
 
 def add_session_routes(
@@ -395,25 +305,32 @@ def add_session_routes(
         status_code=202,
         summary="Answer a message in the background; follow it on WS /ws.",
     )
-    async def create_session(body: SessionRequest) -> JSONResponse:
-        session = await runner.create(body)
+    async def create_session(body: SessionRequest, caller: CallerDep) -> JSONResponse:
+        session = await runner.create(body, caller.client_id)
         # session_id: the name the dashboard PoC's clients read (chatfleet's is id).
         return JSONResponse({**session.to_dict(), "session_id": session.id}, status_code=202)
 
-    @app.get("/api/sessions", tags=["sessions"], summary="Sessions, newest first.")
+    @app.get(
+        "/api/sessions",
+        tags=["sessions"],
+        summary="The caller's sessions (an admin's: everyone's), newest first.",
+    )
     async def list_sessions(
+        caller: CallerDep,
         limit: Limit = 50,
         offset: Offset = 0,
         status: Annotated[
             SessionStatus | None, Query(description="Only sessions in this state.")
         ] = None,
     ) -> dict[str, Any]:
-        found = await runner.store.list_sessions(limit=limit, offset=offset, status=status)
+        found = await runner.store.list_sessions(
+            owner=caller.sees, limit=limit, offset=offset, status=status
+        )
         return {"object": "list", "data": [s.to_dict() for s in found]}
 
     @app.get("/api/sessions/{session_id}", tags=["sessions"], summary="One session.")
-    async def get_session(session_id: str) -> dict[str, Any]:
-        found = await runner.store.get_session(session_id)
+    async def get_session(session_id: str, caller: CallerDep) -> dict[str, Any]:
+        found = await runner.store.get_session(session_id, owner=caller.sees)
         if found is None:
             raise NotFound(f"session {session_id!r} not found")
         return found.to_dict()
@@ -423,8 +340,8 @@ def add_session_routes(
         tags=["sessions"],
         summary="Cancel a session (409 if it has already finished).",
     )
-    async def cancel_session(session_id: str) -> dict[str, Any]:
-        return (await runner.cancel(session_id)).to_dict()
+    async def cancel_session(session_id: str, caller: CallerDep) -> dict[str, Any]:
+        return (await runner.cancel(session_id, caller)).to_dict()
 
     @app.get(
         "/ws/sessions",
@@ -452,18 +369,21 @@ def add_session_routes(
         settings = gw.config.websocket
         if hub.count >= settings.max_connections:
             await ws.send_text(
-                _event("error", error="too many event subscribers; retry later", code="overloaded")
+                event_frame(
+                    "error", error="too many event subscribers; retry later", code="overloaded"
+                )
             )
-            await ws.close(code=_TRY_AGAIN_LATER, reason="too many subscribers")
+            await ws.close(code=TRY_AGAIN_LATER, reason="too many subscribers")
             return
         subscriber = hub.subscribe(
-            lambda sid: _event(
-                "connected", message=_GREETING, subscriber_id=sid, sessions=runner.active
-            )
+            lambda sid: event_frame(
+                "connected", message=GREETING, subscriber_id=sid, sessions=runner.active
+            ),
+            sees=caller_of(ws).sees,
         )
         gauge.inc()
-        sender = asyncio.create_task(_send_events(ws, subscriber, settings.ping_interval_s))
-        receiver = asyncio.create_task(_receive_frames(ws, subscriber, settings.max_message_bytes))
+        sender = asyncio.create_task(send_events(ws, subscriber, settings.ping_interval_s))
+        receiver = asyncio.create_task(receive_frames(ws, subscriber, settings.max_message_bytes))
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -333,7 +333,12 @@ class _ChatConnection:
             messages.insert(0, Message(role="system", content=frame.system))
         try:
             answer = await gw.open(
-                frame.model, messages, frame, conversation_id=conversation, accepted_at=started
+                frame.model,
+                messages,
+                frame,
+                conversation_id=conversation,
+                owner=self.client_id,
+                accepted_at=started,
             )
             progress.model = answer.model
             async for delta in answer.deltas():

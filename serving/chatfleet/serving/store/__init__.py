@@ -1,4 +1,5 @@
-"""Storage of conversations, background sessions, logs and revoked tokens.
+"""Storage of conversations, background sessions, logs and revoked tokens, each
+conversation, session and log entry owned by a client.
 
 SQLAlchemy 2 (async) over SQLite (default, a file under the data directory) or
 PostgreSQL (``postgresql+asyncpg://``, in a cluster from a Secret through
@@ -10,6 +11,7 @@ package; `Store.start` applies them when ``migrate_on_start`` is set, and
 from chatfleet.serving.store._migrations import head_revision
 from chatfleet.serving.store._records import (
     FINISHED_SESSION_STATUSES,
+    LOCAL_OWNER,
     Conversation,
     LogEntry,
     MessageRole,
@@ -23,6 +25,7 @@ from chatfleet.serving.store._url import resolve_url
 
 __all__ = [
     "FINISHED_SESSION_STATUSES",
+    "LOCAL_OWNER",
     "Conversation",
     "LogEntry",
     "MessageRole",

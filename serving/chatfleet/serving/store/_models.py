@@ -100,6 +100,7 @@ class ConversationRow(Base):
     __tablename__ = "conversations"
 
     id: Mapped[str] = mapped_column(StorableString(64), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(StorableString(200), index=True)
     title: Mapped[str | None] = mapped_column(StorableString(200))
     model: Mapped[str | None] = mapped_column(StorableString(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -130,6 +131,7 @@ class SessionRow(Base):
     __tablename__ = "sessions"
 
     id: Mapped[str] = mapped_column(StorableString(64), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(StorableString(200), index=True)
     status: Mapped[str] = mapped_column(StorableString(16), default="pending", index=True)
     message: Mapped[str] = mapped_column(StorableText)
     thinking: Mapped[str] = mapped_column(StorableText, default="")
@@ -148,6 +150,7 @@ class LogRow(Base):
     __tablename__ = "logs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(StorableString(200), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     level: Mapped[str] = mapped_column(StorableString(16), default="info")
     event: Mapped[str] = mapped_column(StorableString(100), index=True)

@@ -27,6 +27,7 @@ FINISHED_SESSION_STATUSES: frozenset[SessionStatus] = frozenset(
 @dataclass(frozen=True, slots=True)
 class Conversation:
     id: str
+    owner: str
     title: str | None
     model: str | None
     created_at: datetime
@@ -36,6 +37,7 @@ class Conversation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "owner": self.owner,
             "title": self.title,
             "model": self.model,
             "created_at": self.created_at.isoformat(),
@@ -81,6 +83,7 @@ class Session:
     """A background generation: one message in, thinking and a response out."""
 
     id: str
+    owner: str
     status: SessionStatus
     message: str
     thinking: str
@@ -104,6 +107,7 @@ class Session:
 
         return {
             "id": self.id,
+            "owner": self.owner,
             "status": self.status,
             "message": self.message,
             "thinking": self.thinking,
@@ -122,6 +126,7 @@ class Session:
 @dataclass(frozen=True, slots=True)
 class LogEntry:
     id: int
+    owner: str
     created_at: datetime
     level: str
     event: str
@@ -132,6 +137,7 @@ class LogEntry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "owner": self.owner,
             "created_at": self.created_at.isoformat(),
             "level": self.level,
             "event": self.event,
@@ -139,3 +145,9 @@ class LogEntry:
             "session_id": self.session_id,
             "data": self.data,
         }
+
+
+#: The client that owns what was stored before rows had owners (migration 0002 gives
+#: them to it), and everything stored while auth is off: ``chatfleet serve``'s own
+#: client is called so too, so a laptop's history stays its user's.
+LOCAL_OWNER = "local"

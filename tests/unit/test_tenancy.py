@@ -1,0 +1,179 @@
+"""Tenancy through the API: two clients never see, change or delete each other's data;
+an admin sees and manages everything. A real uvicorn server with auth on, over the
+store on SQLite and on PostgreSQL (no mock of the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.fakes.app_server import serving, wait_for
+from tests.fakes.chat_app import fake_model
+from websockets.asyncio.client import ClientConnection, connect
+
+from chatfleet.serving.api import LocalEngineClient, Metrics, create_app
+from chatfleet.serving.auth import Authenticator
+from chatfleet.serving.config import AppConfig
+from chatfleet.serving.engines.fake import FakeEngine
+from chatfleet.serving.store import Store
+
+KEY = "k" * 48
+SECRETS = {"alice": "alice-secret", "bob": "bob-secret", "ops": "ops-secret"}
+CLIENTS = [
+    {
+        "client_id": name,
+        "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+        "scopes": ["chat", "admin"] if name == "ops" else ["chat"],
+    }
+    for name, secret in SECRETS.items()
+]
+
+
+class Tenants:
+    def __init__(self, url: str, tokens: dict[str, str]) -> None:
+        self.url = url
+        self.tokens = tokens
+
+    def http(self, who: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.tokens[who]}"},
+            timeout=30,
+        )
+
+    def ws(self, who: str, path: str = "/ws") -> Any:
+        return connect(f"ws://{self.url.removeprefix('http://')}{path}?token={self.tokens[who]}")
+
+
+@pytest.fixture
+async def tenants(store_url: str) -> AsyncIterator[Tenants]:
+    config = AppConfig(
+        models=[fake_model("fake", reply_tokens=6, tokens_per_second=300)],
+        auth={"clients": CLIENTS},
+    )
+    store = Store.from_url(store_url)
+    auth = Authenticator(config.auth, KEY, store)
+    engines = {m.name: LocalEngineClient(FakeEngine(m)) for m in config.models}
+
+    async def start_engines() -> None:
+        for engine in engines.values():
+            await engine.start()
+
+    app = create_app(
+        config, engines, metrics=Metrics(), auth=auth, store=store, on_startup=start_engines
+    )
+    async with serving(app) as url:
+        tokens = {}
+        async with httpx.AsyncClient(base_url=url) as anonymous:
+            for name, secret in SECRETS.items():
+                r = await anonymous.post(
+                    "/auth/token", json={"client_id": name, "client_secret": secret}
+                )
+                assert r.status_code == 200, r.text
+                tokens[name] = r.json()["access_token"]
+        yield Tenants(url, tokens)
+
+
+async def test_conversations_are_their_clients_own(tenants: Tenants) -> None:
+    async with (
+        tenants.http("alice") as alice,
+        tenants.http("bob") as bob,
+        tenants.http("ops") as ops,
+    ):
+        said = await alice.post(
+            "/v1/messages",
+            json={"messages": [{"role": "user", "content": "my password is hunter2"}]},
+        )
+        assert said.status_code == 200, said.text
+        cid = said.json()["conversation_id"]
+        mine = (
+            await bob.post("/v1/messages", json={"messages": [{"role": "user", "content": "hi"}]})
+        ).json()
+
+        listed = (await bob.get("/v1/conversations")).json()["data"]
+        assert [c["id"] for c in listed] == [mine["conversation_id"]]
+        for refused in (
+            await bob.get(f"/v1/conversations/{cid}"),
+            await bob.delete(f"/v1/conversations/{cid}"),
+            await bob.post(
+                "/v1/messages",
+                json={"conversation_id": cid, "messages": [{"role": "user", "content": "x"}]},
+            ),
+        ):
+            # Not found, as an id that never existed: ids cannot be probed.
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"]["code"] == "not_found"
+            assert "hunter2" not in refused.text
+
+        kept = (await alice.get(f"/v1/conversations/{cid}")).json()
+        assert kept["owner"] == "alice"
+        assert [m["content"] for m in kept["messages"]][:1] == ["my password is hunter2"]
+        assert len(kept["messages"]) == 2  # bob's append stored nothing
+
+        # An admin sees and manages everyone's.
+        every = {c["id"]: c["owner"] for c in (await ops.get("/v1/conversations")).json()["data"]}
+        assert every == {cid: "alice", mine["conversation_id"]: "bob"}
+        added = await ops.post(
+            "/v1/messages",
+            json={"conversation_id": cid, "messages": [{"role": "user", "content": "ops"}]},
+        )
+        assert added.status_code == 200, added.text
+        assert (await alice.get(f"/v1/conversations/{cid}")).json()["message_count"] == 4
+        assert (await ops.delete(f"/v1/conversations/{cid}")).status_code == 200
+        assert (await alice.get(f"/v1/conversations/{cid}")).status_code == 404
+
+
+async def session_done(client: httpx.AsyncClient, session_id: str) -> Any:
+    async def probe() -> Any:
+        body = (await client.get(f"/api/sessions/{session_id}")).json()
+        return body if body["status"] == "completed" else None
+
+    return await wait_for(probe)
+
+
+async def frames_until(ws: ClientConnection, type_: str, session_id: str) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(20):
+        while not (seen and seen[-1]["type"] == type_ and seen[-1].get("session_id") == session_id):
+            seen.append(json.loads(await ws.recv()))
+    return seen
+
+
+async def test_sessions_and_their_events_are_their_clients_own(tenants: Tenants) -> None:
+    async with tenants.http("alice") as alice, tenants.http("bob") as bob:
+        async with (
+            tenants.ws("alice") as alice_ws,
+            tenants.ws("bob") as bob_ws,
+            tenants.ws("ops") as ops_ws,
+        ):
+            for ws in (alice_ws, bob_ws, ops_ws):
+                assert json.loads(await ws.recv())["type"] == "connected"
+            secret = (await alice.post("/api/sessions", json={"message": "hunter2"})).json()
+            await session_done(alice, secret["id"])
+            own = (await bob.post("/api/sessions", json={"message": "mine"})).json()
+            await session_done(bob, own["id"])
+
+            # Bob's feed: his own session's events, none of alice's, though hers came first.
+            bob_saw = await frames_until(bob_ws, "session.completed", own["id"])
+            assert {f.get("session_id") for f in bob_saw} <= {None, own["id"]}
+            alice_saw = await frames_until(alice_ws, "session.completed", secret["id"])
+            assert {f.get("session_id") for f in alice_saw} <= {None, secret["id"]}
+            ops_saw = await frames_until(ops_ws, "session.completed", own["id"])
+            assert {secret["id"], own["id"]} <= {f.get("session_id") for f in ops_saw}
+
+        assert [s["id"] for s in (await bob.get("/api/sessions")).json()["data"]] == [own["id"]]
+        for refused in (
+            await bob.get(f"/api/sessions/{secret['id']}"),
+            await bob.post(f"/api/sessions/{secret['id']}/cancel"),
+        ):
+            assert refused.status_code == 404, refused.text
+            assert "hunter2" not in refused.text
+    async with tenants.http("ops") as ops:
+        listed = {s["id"]: s["owner"] for s in (await ops.get("/api/sessions")).json()["data"]}
+        assert listed == {secret["id"]: "alice", own["id"]: "bob"}
+        assert (await ops.get(f"/api/sessions/{secret['id']}")).json()["response"]
