@@ -15,6 +15,7 @@ import pytest
 from tests.fakes.app_server import serving, wait_for
 from tests.fakes.chat_app import fake_model
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from chatfleet.serving.api import LocalEngineClient, Metrics, create_app
 from chatfleet.serving.auth import Authenticator
@@ -35,9 +36,11 @@ CLIENTS = [
 
 
 class Tenants:
-    def __init__(self, url: str, tokens: dict[str, str]) -> None:
+    def __init__(self, url: str, tokens: dict[str, str], config: AppConfig, store: Store) -> None:
         self.url = url
         self.tokens = tokens
+        self.config = config
+        self.store = store
 
     def http(self, who: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -54,7 +57,7 @@ class Tenants:
 async def tenants(store_url: str) -> AsyncIterator[Tenants]:
     config = AppConfig(
         models=[fake_model("fake", reply_tokens=6, tokens_per_second=300)],
-        auth={"clients": CLIENTS},
+        auth={"clients": CLIENTS, "socket_recheck_s": 0.2},
     )
     store = Store.from_url(store_url)
     auth = Authenticator(config.auth, KEY, store)
@@ -76,7 +79,7 @@ async def tenants(store_url: str) -> AsyncIterator[Tenants]:
                 )
                 assert r.status_code == 200, r.text
                 tokens[name] = r.json()["access_token"]
-        yield Tenants(url, tokens)
+        yield Tenants(url, tokens, config, store)
 
 
 async def test_conversations_are_their_clients_own(tenants: Tenants) -> None:
@@ -177,3 +180,31 @@ async def test_sessions_and_their_events_are_their_clients_own(tenants: Tenants)
         listed = {s["id"]: s["owner"] for s in (await ops.get("/api/sessions")).json()["data"]}
         assert listed == {secret["id"]: "alice", own["id"]: "bob"}
         assert (await ops.get(f"/api/sessions/{secret['id']}")).json()["response"]
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/chat"])
+async def test_a_token_revoked_through_another_replica_closes_open_sockets(
+    tenants: Tenants, path: str
+) -> None:
+    # Another replica: its own Authenticator over the same store.
+    elsewhere = Authenticator(tenants.config.auth, KEY, tenants.store)
+    async with tenants.ws("alice", path) as alice_ws, tenants.ws("bob", path) as bob_ws:
+        assert json.loads(await alice_ws.recv())["type"] in ("connected", "connection_ack")
+        await bob_ws.recv()
+        await elsewhere.revoke(tenants.tokens["alice"])
+        frames = []
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    frames.append(json.loads(await alice_ws.recv()))
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            1008,
+            "token has been revoked",
+        )
+        assert [f["code"] for f in frames if f["type"] == "error"] == ["token_revoked"]
+        # Bob's token still holds: his socket stays open and answers.
+        await bob_ws.send(json.dumps({"type": "ping"}))
+        async with asyncio.timeout(5):
+            while json.loads(await bob_ws.recv())["type"] != "pong":
+                pass

@@ -7,7 +7,9 @@
     │   ├── Conflict                   409 conflict (e.g. cancelling a finished session)
     │   └── PayloadTooLarge            413 payload_too_large
     ├── AuthenticationError            401 invalid_token (missing, forged, expired, revoked)
-    │   └── InvalidClient              401 invalid_client (unknown client or wrong secret)
+    │   ├── InvalidClient              401 invalid_client (unknown client or wrong secret)
+    │   ├── TokenExpired               401 token_expired (ends an open WebSocket: 1008)
+    │   └── TokenRevoked               401 token_revoked (ends an open WebSocket: 1008)
     ├── EngineError                    502 engine_error
     │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
     │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
@@ -35,6 +37,8 @@ __all__ = [
     "PayloadTooLarge",
     "RequestError",
     "StoreUnavailable",
+    "TokenExpired",
+    "TokenRevoked",
     "UpstreamError",
 ]
 
@@ -90,6 +94,18 @@ class AuthenticationError(ChatfleetError):
 
 class InvalidClient(AuthenticationError):
     code = "invalid_client"
+
+
+class TokenExpired(AuthenticationError):
+    """The token of an open WebSocket expired: refresh it and reconnect."""
+
+    code = "token_expired"
+
+
+class TokenRevoked(AuthenticationError):
+    """The token of an open WebSocket was revoked."""
+
+    code = "token_revoked"
 
 
 class EngineError(ChatfleetError):

@@ -54,7 +54,6 @@ class MessagesRequest(SamplingFields):
 
     conversation_id: str | None = Field(
         None,
-        min_length=1,
         max_length=64,
         description='A stored conversation to continue; absent, null or "" starts a new one.',
     )
@@ -66,7 +65,7 @@ class MessagesRequest(SamplingFields):
         description="Model name; empty means the default model, 'auto' lets the router choose"
         " (the conversation keeps its model unless a new topic clearly wins).",
     )
-    stream: bool = Field(False, description="Stream the answer as server-sent events.")
+    stream: bool = Field(False, strict=True, description="Stream the answer as server-sent events.")
 
     @field_validator("conversation_id", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ and ``error`` have no ``session_id``); the event types and the flat fields besid
 events of its own client's sessions (an admin's: every session's). A subscriber
 that falls ``queue_size`` events behind is dropped and closed (1013), so a slow
 browser never slows a generation down; one whose token expires or is revoked gets
-an ``error`` frame and is closed (1008, see `SocketGuard`).
+an ``error`` event (code ``token_expired`` or ``token_revoked``) and is closed
+with 1008 (`end_for_token`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import WebSocket
+from fastapi import FastAPI, WebSocket
 
+from chatfleet.serving.api._auth import request_claims
+from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import parse_json
+from chatfleet.serving.api._tenancy import caller_of
+from chatfleet.serving.errors import AuthenticationError
 
 logger = logging.getLogger(__name__)
 
 # WebSocket close codes (RFC 6455 §7.4.1).
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 
 GREETING = "connected to chatfleet: live session events"
@@ -104,6 +110,50 @@ class EventHub:
             subscriber.queue.put_nowait(None)
 
 
+def add_events_socket(app: FastAPI, gw: Gateway, hub: EventHub, active: Callable[[], int]) -> None:
+    """``WS /ws``: ``hub``'s events for the caller; ``active()`` counts this replica's sessions."""
+    gauge = gw.metrics.websocket_connections.labels("events")
+
+    @app.websocket("/ws")
+    async def events(ws: WebSocket) -> None:
+        await ws.accept()
+        settings = gw.config.websocket
+        if hub.count >= settings.max_connections:
+            await ws.send_text(
+                event_frame(
+                    "error", error="too many event subscribers; retry later", code="overloaded"
+                )
+            )
+            await ws.close(code=TRY_AGAIN_LATER, reason="too many subscribers")
+            return
+        subscriber = hub.subscribe(
+            lambda sid: event_frame(
+                "connected", message=GREETING, subscriber_id=sid, sessions=active()
+            ),
+            sees=caller_of(ws).sees,
+        )
+        gauge.inc()
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(send_events(ws, subscriber, settings.ping_interval_s)),
+            asyncio.create_task(receive_frames(ws, subscriber, settings.max_message_bytes)),
+        ]
+        claims = request_claims(ws)
+        token = None
+        if gw.auth is not None and claims is not None:
+            token = asyncio.create_task(gw.auth.until_invalid(claims))
+            tasks.append(token)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hub.unsubscribe(subscriber)
+            gauge.dec()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if token is not None and token.done() and not token.cancelled():
+            await end_for_token(ws, token.result())
+
+
 async def send_events(ws: WebSocket, subscriber: Subscriber, ping_interval: float) -> None:
     while True:
         try:
@@ -142,3 +192,12 @@ async def receive_frames(ws: WebSocket, subscriber: Subscriber, max_bytes: int) 
             )
         if subscriber.queue.qsize() < subscriber.queue.maxsize - 1:
             subscriber.queue.put_nowait(reply)
+
+
+async def end_for_token(ws: WebSocket, ended: AuthenticationError) -> None:
+    """Close a subscriber whose token expired or was revoked: an ``error`` event, then 1008."""
+    try:
+        await ws.send_text(event_frame("error", error=ended.message, code=ended.code))
+        await ws.close(code=POLICY_VIOLATION, reason=ended.message)
+    except Exception:  # gone meanwhile: nothing left to tell it
+        logger.debug("closing a /ws subscriber whose token ended failed", exc_info=True)

@@ -204,7 +204,8 @@ class Gateway:
         ``categories`` when given, sticking to the last route of ``owner``'s
         ``conversation_id``, and falls back while no model has started), or ``None``
         for the default. Errors before the first token raise here (a 4xx/5xx for the
-        handler); later ones end the answer's stream. Metrics and the engine's trace span are taken care of.
+        handler); later ones end the answer's stream. Metrics and the engine's trace
+        span are taken care of.
         """
         accepted_at = time.perf_counter() if accepted_at is None else accepted_at
         if model == AUTO_MODEL:

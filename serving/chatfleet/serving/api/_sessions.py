@@ -38,22 +38,15 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, WebSocket
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
-from chatfleet.serving.api._events import (
-    GREETING,
-    TRY_AGAIN_LATER,
-    EventHub,
-    event_frame,
-    receive_frames,
-    send_events,
-)
+from chatfleet.serving.api._events import EventHub, add_events_socket
 from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import Limit, Offset, SamplingFields
-from chatfleet.serving.api._tenancy import Caller, CallerDep, caller_of
+from chatfleet.serving.api._tenancy import Caller, CallerDep
 from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
 from chatfleet.serving.protocol import GenerationRequest, Message
 from chatfleet.serving.store import Session, SessionStatus, Store
@@ -361,36 +354,6 @@ def add_session_routes(
             "time": time.time(),
         }
 
-    gauge = gw.metrics.websocket_connections.labels("events")
-
-    @app.websocket("/ws")
-    async def events(ws: WebSocket) -> None:
-        await ws.accept()
-        settings = gw.config.websocket
-        if hub.count >= settings.max_connections:
-            await ws.send_text(
-                event_frame(
-                    "error", error="too many event subscribers; retry later", code="overloaded"
-                )
-            )
-            await ws.close(code=TRY_AGAIN_LATER, reason="too many subscribers")
-            return
-        subscriber = hub.subscribe(
-            lambda sid: event_frame(
-                "connected", message=GREETING, subscriber_id=sid, sessions=runner.active
-            ),
-            sees=caller_of(ws).sees,
-        )
-        gauge.inc()
-        sender = asyncio.create_task(send_events(ws, subscriber, settings.ping_interval_s))
-        receiver = asyncio.create_task(receive_frames(ws, subscriber, settings.max_message_bytes))
-        try:
-            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hub.unsubscribe(subscriber)
-            gauge.dec()
-            for task in (sender, receiver):
-                task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+    add_events_socket(app, gw, hub, lambda: runner.active)
 
     return runner

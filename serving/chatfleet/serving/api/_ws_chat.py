@@ -1,46 +1,5 @@
-"""``WS /ws/chat``: chat over one WebSocket, and ``GET /ws/health``.
-
-Frames are JSON text. Server to client::
-
-    connection_ack  {client_id, session_id, ping_interval_s, max_message_bytes}
-    token           {content, token, kind: "text" | "thinking", conversation_id}
-    complete        {conversation_id, total_tokens, latency_ms, finish_reason, model}
-    error           {error, code[, retry_after][, conversation_id]}  (the connection stays up)
-    ping {timestamp} | pong {timestamp}
-
-Client to server::
-
-    chat    {content, conversation_id?, model?, system?, max_tokens?, temperature?, top_p?,
-             stop?, seed?}
-    cancel  (stop the reply that is streaming; it completes with finish_reason "cancelled")
-    pong {timestamp?} (the answer to a server ping) | ping {timestamp?} (answered with a pong)
-
-A ``token`` frame carries its text twice: in ``content`` (chatfleet's name) and in
-``token`` (the name the chat gateway's clients read). ``timestamp`` is Unix seconds;
-a ``pong`` answering a client's ``ping`` echoes its timestamp.
-
-One reply streams at a time per connection: a ``chat`` that arrives while one
-is streaming is refused with an ``error`` frame (code ``busy``); send ``cancel``
-first to interrupt. The connection keeps its conversations: a ``chat`` without
-``conversation_id`` (or with ``""``) continues the connection's own, whose id is
-its ``session_id``; with one, it continues that conversation (a connection keeps
-up to `MAX_CONVERSATIONS`, the least recently used is forgotten). Each is bounded
-by ``server.max_messages``. ``total_tokens`` counts the reply's generated tokens
-(thinking included).
-
-The token is checked again at each ``chat``: once it has expired or been
-revoked, the ``chat`` gets an ``error`` frame (``invalid_token``) and the
-connection is closed with 1008; reconnect with a fresh token.
-
-Malformed frames (not JSON, unknown type, missing content, over
-``websocket.max_message_bytes``, binary) get an ``error`` frame and the
-connection stays up. The server sends ``ping`` every
-``websocket.ping_interval_s``; a peer that doesn't ``pong`` within
-``websocket.pong_timeout_s`` is closed with code 4408. When the client goes
-away, its generation is cancelled (the engine stops). Close codes: 1008 bad
-token (sent by the auth middleware), 1013 too many connections or rate-limited,
-4408 pong timeout.
-"""
+"""``WS /ws/chat``: chat over one WebSocket (the protocol, frame by frame, is in
+`chatfleet.serving.api._ws_protocol`), and ``GET /ws/health``."""
 
 from __future__ import annotations
 
@@ -53,21 +12,27 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, WebSocket
 from opentelemetry.trace import SpanKind
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from chatfleet.serving.api._auth import (
-    WS_POLICY_VIOLATION,
-    WS_TRY_AGAIN_LATER,
     request_claims,
     ws_error_frame,
 )
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import SamplingFields, parse_json
+from chatfleet.serving.api._schemas import parse_json
+from chatfleet.serving.api._ws_protocol import (
+    BUSY,
+    INVALID_FRAME,
+    MAX_CONVERSATIONS,
+    WS_PONG_TIMEOUT,
+    ChatFrame,
+    ws_close_code,
+)
 from chatfleet.serving.auth import Claims
 from chatfleet.serving.errors import (
     AuthenticationError,
@@ -81,37 +46,6 @@ from chatfleet.serving.protocol import Message
 __all__ = ["MAX_CONVERSATIONS", "ChatFrame", "add_chat_ws_routes", "ws_close_code"]
 
 logger = logging.getLogger(__name__)
-
-WS_PONG_TIMEOUT = 4408
-#: Conversations one connection keeps (each bounded by ``server.max_messages``).
-MAX_CONVERSATIONS = 8
-_INVALID_FRAME = "invalid_frame"
-_BUSY = "busy"
-
-
-def ws_close_code(exc: ChatfleetError) -> int:
-    """The close code for an error that ends a connection."""
-    if isinstance(exc, AuthenticationError):
-        return WS_POLICY_VIOLATION
-    if isinstance(exc, Overloaded):
-        return WS_TRY_AGAIN_LATER
-    return 1011  # internal error
-
-
-class ChatFrame(SamplingFields):
-    """A client's ``chat`` frame."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["chat"]
-    content: str = Field(min_length=1, description="The user's message.")
-    conversation_id: str | None = Field(
-        None,
-        max_length=200,
-        description="The conversation this continues; empty: the connection's own.",
-    )
-    model: str | None = Field(None, description="Model name or 'auto'; empty: the default.")
-    system: str | None = Field(None, description="A system prompt for this turn.")
 
 
 @dataclass(slots=True)
@@ -178,16 +112,25 @@ class _ChatConnection:
         )
         reader = asyncio.create_task(self.read_frames())
         heartbeat = asyncio.create_task(self.heartbeat())
+        token = asyncio.create_task(self.token_ends())
         try:
-            done, _ = await asyncio.wait({reader, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {reader, heartbeat, token}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
-            tasks = [t for t in (reader, heartbeat, self.generation) if t is not None]
+            tasks = [t for t in (reader, heartbeat, token, self.generation) if t is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if heartbeat in done and not heartbeat.cancelled() and heartbeat.exception() is None:
             logger.info("ws/chat %s: no pong in time; closing", self.session_id)
             await self.close(WS_PONG_TIMEOUT, "pong timeout")
+        if token in done and not token.cancelled() and token.exception() is None:
+            ended = token.result()
+            if ended is not None:
+                with contextlib.suppress(_PeerGone):
+                    await self.send_error(ended)
+                await self.close(ws_close_code(ended), ended.message)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 logger.debug("ws/chat %s ended: %r", self.session_id, task.exception())
@@ -201,6 +144,13 @@ class _ChatConnection:
                 await self.ws.close(code, reason)
             except Exception:
                 logger.debug("close of a gone WebSocket failed", exc_info=True)
+
+    async def token_ends(self) -> AuthenticationError | None:
+        """Returns when the connection's token stops holding (never with auth off)."""
+        if self.claims is None or self.gw.auth is None:
+            await asyncio.Event().wait()
+            return None
+        return await self.gw.auth.until_invalid(self.claims)
 
     async def heartbeat(self) -> None:
         """Returns (the peer is dead) when a ping goes unanswered."""
@@ -232,7 +182,7 @@ class _ChatConnection:
             except ValueError:
                 data = None
             if not isinstance(data, dict):
-                await self.send_error_frame("frame is not a JSON object", _INVALID_FRAME)
+                await self.send_error_frame("frame is not a JSON object", INVALID_FRAME)
                 continue
             kind = data.get("type")
             if kind == "pong":
@@ -249,7 +199,7 @@ class _ChatConnection:
             else:
                 await self.send_error_frame(
                     f"unknown frame type {kind!r} (expected chat, cancel, ping or pong)",
-                    _INVALID_FRAME,
+                    INVALID_FRAME,
                 )
 
     async def still_authorized(self) -> bool:
@@ -267,7 +217,7 @@ class _ChatConnection:
     async def start_chat(self, data: dict[str, Any]) -> None:
         if self.generation is not None and not self.generation.done():
             await self.send_error_frame(
-                'a reply is still streaming; send {"type": "cancel"} first', _BUSY
+                'a reply is still streaming; send {"type": "cancel"} first', BUSY
             )
             return
         try:

@@ -18,22 +18,33 @@ class RevocationStore(Protocol):
 
     async def is_revoked(self, jti: str) -> bool: ...
 
+    async def revoked_since(self, after: datetime) -> list[str]:
+        """The ids revoked after ``after`` (still unexpired), for `TokenWatch`."""
+        ...
+
 
 class MemoryRevocationStore:
     """Revocations in this process only (tests, ``--no-store`` experiments)."""
 
     def __init__(self) -> None:
-        self._revoked: dict[str, float] = {}
+        self._revoked: dict[str, float] = {}  # jti -> exp
+        self._revoked_at: dict[str, float] = {}
 
     async def revoke(self, jti: str, expires_at: datetime) -> None:
         self._prune()
         self._revoked[jti] = expires_at.timestamp()
+        self._revoked_at.setdefault(jti, time.time())
 
     async def is_revoked(self, jti: str) -> bool:
         return jti in self._revoked
+
+    async def revoked_since(self, after: datetime) -> list[str]:
+        cutoff = after.timestamp()
+        return [jti for jti, at in self._revoked_at.items() if at > cutoff]
 
     def _prune(self) -> None:
         # An expired token fails validation anyway: forget it.
         now = time.time()
         for jti in [j for j, exp in self._revoked.items() if exp < now]:
             del self._revoked[jti]
+            self._revoked_at.pop(jti, None)

@@ -22,8 +22,15 @@ import jwt
 from chatfleet.serving.auth._keys import load_signing_key
 from chatfleet.serving.auth._ratelimit import RateLimiter
 from chatfleet.serving.auth._revocation import RevocationStore
+from chatfleet.serving.auth._watch import TokenWatch
 from chatfleet.serving.config import AuthConfig, ClientCredential
-from chatfleet.serving.errors import AuthenticationError, InvalidClient, RequestError
+from chatfleet.serving.errors import (
+    AuthenticationError,
+    InvalidClient,
+    RequestError,
+    TokenExpired,
+    TokenRevoked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +150,7 @@ class Authenticator:
         )
         self._rotation = asyncio.Lock()
         self._revocation_cache = _RevocationCache(revocation_cache_s)
+        self.watch = TokenWatch(revocations, poll_s=config.socket_recheck_s, clock=clock)
 
     @classmethod
     def from_config(
@@ -261,7 +269,19 @@ class Authenticator:
         if claims.expires_at > self._clock():
             await self.revocations.revoke(claims.jti, _datetime(claims.expires_at))
             self._revocation_cache.revoked(claims.jti, claims.expires_at)
+            self.watch.revoked(claims.jti)
         return claims
+
+    async def until_invalid(self, claims: Claims) -> AuthenticationError:
+        """Wait while an open connection's token holds; returns the error that ends it.
+
+        Expiry ends it on time; a revocation through this replica at once, through
+        another within ``config.socket_recheck_s``.
+        """
+        ending = await self.watch.until_invalid(claims.jti, claims.expires_at)
+        if ending == "expired":
+            return TokenExpired("token has expired; refresh it and reconnect")
+        return TokenRevoked("token has been revoked")
 
     async def _is_revoked(self, claims: Claims) -> bool:
         cached = self._revocation_cache.get(claims.jti)

@@ -20,7 +20,10 @@ class ClientCredential(_Model):
         description="Hex SHA-256 of the client secret, for config files.",
     )
     scopes: list[str] = Field(
-        default_factory=lambda: ["chat"], description="Scopes granted in its tokens."
+        default_factory=lambda: ["chat"],
+        description="Scopes granted in its tokens. chat: use the API, with its own"
+        " conversations, sessions, events and usage only; admin: see and manage every"
+        " client's (the dashboard's view).",
     )
 
     @model_validator(mode="after")
@@ -57,6 +60,13 @@ class AuthConfig(_Model):
     )
     refresh_token_ttl_s: int = Field(
         1_209_600, ge=60, le=31_536_000, description="Lifetime of refresh tokens, seconds."
+    )
+    socket_recheck_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How soon an open WebSocket whose token was revoked through another"
+        " replica is closed, seconds (through its own replica: at once; on expiry: on time).",
     )
     clients: list[ClientCredential] = Field(
         default_factory=list, max_length=1000, description="Clients that may obtain tokens."

@@ -164,7 +164,7 @@ class RevokedTokenRow(Base):
 
     jti: Mapped[str] = mapped_column(StorableString(200), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 def _store_alike(_target: Any, value: Any, _old: Any, _initiator: Any) -> Any:

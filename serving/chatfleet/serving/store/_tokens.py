@@ -31,6 +31,14 @@ class TokenStore(Database):
             found = await s.scalar(select(RevokedTokenRow.jti).where(RevokedTokenRow.jti == jti))
             return found is not None
 
+    async def revoked_since(self, after: datetime) -> list[str]:
+        """The ids revoked after ``after`` whose tokens have not expired."""
+        query = select(RevokedTokenRow.jti).where(
+            RevokedTokenRow.revoked_at > when(after), RevokedTokenRow.expires_at > utcnow()
+        )
+        async with self._tx() as s:
+            return list((await s.scalars(query)).all())
+
     async def purge_expired(self, now: datetime | float | None = None) -> int:
         """Forget revocations of tokens that have expired anyway; returns how many."""
         cutoff = when(now) if now is not None else utcnow()

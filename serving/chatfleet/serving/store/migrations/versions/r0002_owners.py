@@ -1,4 +1,5 @@
-"""Owners: every conversation, session and log entry belongs to a client.
+"""Owners: every conversation, session and log entry belongs to a client; revocations
+are found by time (open WebSockets learn of those made through other replicas).
 
 Rows from before are given to the ``local`` client (`LOCAL_OWNER`: the client
 ``chatfleet serve`` registers); admins see them whatever their owner. To give them
@@ -38,9 +39,13 @@ def upgrade() -> None:
         with op.batch_alter_table(table) as batch:
             batch.alter_column("owner", server_default=None)
             batch.create_index(op.f(f"ix_{table}_owner"), ["owner"], unique=False)
+    op.create_index(
+        op.f("ix_revoked_tokens_revoked_at"), "revoked_tokens", ["revoked_at"], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_revoked_tokens_revoked_at"), table_name="revoked_tokens")
     for table in _TABLES:
         with op.batch_alter_table(table) as batch:
             batch.drop_index(op.f(f"ix_{table}_owner"))
