@@ -34,6 +34,7 @@ CLIENTS = [
     {"client_id": "ops", "secret_env": "OPS_SECRET", "scopes": ["chat", "admin"]},
 ]
 ENV = {"OPS_SECRET": "ops-secret"}
+APP = {"client_id": "app", "client_secret": SECRET}
 
 
 def auth_config(**fields: Any) -> AuthConfig:
@@ -345,15 +346,70 @@ async def test_rate_limit_429_with_retry_after() -> None:
         assert r.status_code == 429
         assert r.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(r.headers["retry-after"]) <= 10
-        # Public paths are not counted.
+        # Public paths are not counted, nor is getting a token (guessing has its own limits).
         assert (await c.get("/healthz")).status_code == 200
-        # Guessing secrets: /auth/token has a bucket per client id.
+        for _ in range(3):
+            assert (await c.post("/auth/token", json=APP)).status_code == 200
+
+
+def from_address(address: str) -> dict[str, str]:
+    # One proxy in front appends the client's address (auth.guessing.forwarded_hops: 1);
+    # what the client itself put in the header (left of it) is not believed.
+    return {"X-Forwarded-For": f"203.0.113.99, {address}"}
+
+
+async def test_wrong_secrets_cost_the_address_not_the_client() -> None:
+    guessing = {"failures_per_client_address": 3, "failures_per_address": 5, "forwarded_hops": 1}
+    config = app_config(guessing=guessing)
+    async with await http_client(config, make_auth(config.auth)) as c:
         wrong = {"client_id": "ops", "client_secret": "guess"}
-        assert (await c.post("/auth/token", json=wrong)).status_code == 401
-        assert (await c.post("/auth/token", json=wrong)).status_code == 401
-        r = await c.post("/auth/token", json=wrong)
-        assert r.status_code == 429
-        assert "retry-after" in r.headers
+        codes = [
+            (await c.post("/auth/token", json=wrong, headers=from_address("10.0.0.1"))).status_code
+            for _ in range(1000)
+        ]
+        assert codes[:3] == [401, 401, 401]
+        assert set(codes[3:]) == {429}
+        refused = await c.post("/auth/token", json=wrong, headers=from_address("10.0.0.1"))
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["retry-after"]) >= 1
+        # The guesser's address is stopped even with the right secret: it learns nothing.
+        right = {"client_id": "ops", "client_secret": ENV["OPS_SECRET"]}
+        headers = from_address("10.0.0.1")
+        assert (await c.post("/auth/token", json=right, headers=headers)).status_code == 429
+        # The right secret from anywhere else still works: no one can lock a client out.
+        ok = await c.post("/auth/token", json=right, headers=from_address("10.0.0.2"))
+        assert ok.status_code == 200, ok.text
+        # A spray over many client ids from one address is stopped too.
+        spray = [
+            await c.post(
+                "/auth/token",
+                json={"client_id": f"client-{i}", "client_secret": "guess"},
+                headers=from_address("10.0.0.3"),
+            )
+            for i in range(8)
+        ]
+        assert [r.status_code for r in spray] == [401] * 5 + [429] * 3
+        assert (
+            await c.post("/auth/token", json=APP, headers=from_address("10.0.0.3"))
+        ).status_code == 429
+        assert (
+            await c.post("/auth/token", json=APP, headers=from_address("10.0.0.4"))
+        ).status_code == 200
+
+
+def test_the_source_address_believes_only_the_hops_configured() -> None:
+    from starlette.requests import Request
+
+    from chatfleet.serving.api._source import source_address
+
+    def request(*forwarded: str) -> Request:
+        headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+        return Request({"type": "http", "headers": headers, "client": ("10.1.1.1", 5000)})
+
+    assert source_address(request("1.1.1.1"), 0) == "10.1.1.1"  # no proxy: the peer
+    assert source_address(request("6.6.6.6, 1.1.1.1"), 1) == "1.1.1.1"
+    assert source_address(request("6.6.6.6, 1.1.1.1", "2.2.2.2"), 2) == "1.1.1.1"
+    assert source_address(request(), 1) == "10.1.1.1"  # no header: the peer
 
 
 async def test_auth_off_serves_everyone_and_has_no_auth_routes() -> None:

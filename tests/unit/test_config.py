@@ -23,6 +23,7 @@ def test_public_surface() -> None:
         "ClientCredential",
         "CoalesceConfig",
         "CompressorConfig",
+        "CredentialGuessingConfig",
         "ENGINE_KINDS",
         "ENV_PREFIX",
         "EngineKind",

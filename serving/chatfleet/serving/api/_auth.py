@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import ClientBody, error_body, parse_json
+from chatfleet.serving.api._source import source_address
 from chatfleet.serving.auth import Authenticator, Claims
 from chatfleet.serving.errors import AuthenticationError, ChatfleetError, Overloaded, RequestError
 
@@ -337,12 +338,14 @@ def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
     async def token(request: Request) -> JSONResponse:
         fields = {**await _fields(request), **_basic_credentials(request)}
         body = _parse(TokenRequest, fields)
-        # Secrets are guessed here: a bucket per client id, apart from its API bucket.
-        wait = auth.retry_after(f"/auth/token {body.client_id}")
+        # Secrets are guessed here: a wrong one costs the address it comes from (for
+        # that client id, and in all), never the client id, so no one can lock it out.
+        source = source_address(request, auth.config.guessing.forwarded_hops)
+        wait = auth.guessing.wait(body.client_id, source)
         if wait > 0:
             gw.metrics.errors.labels(Overloaded.code).inc()
             return _too_many_requests(max(1, math.ceil(wait)))
-        pair = await auth.issue(body.client_id, body.client_secret, body.scope)
+        pair = await auth.issue(body.client_id, body.client_secret, body.scope, source=source)
         return JSONResponse(pair.as_response(), headers=no_store)
 
     @app.post(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jwt
 
+from chatfleet.serving.auth._guessing import GuessingGuard
 from chatfleet.serving.auth._keys import load_signing_key
 from chatfleet.serving.auth._ratelimit import RateLimiter
 from chatfleet.serving.auth._revocation import RevocationStore
@@ -148,6 +149,7 @@ class Authenticator:
         self.rate_limiter = (
             RateLimiter(limit.requests_per_minute, limit.burst) if limit.enabled else None
         )
+        self.guessing = GuessingGuard(config.guessing)
         self._rotation = asyncio.Lock()
         self._revocation_cache = _RevocationCache(revocation_cache_s)
         self.watch = TokenWatch(revocations, poll_s=config.socket_recheck_s, clock=clock)
@@ -196,12 +198,22 @@ class Authenticator:
         return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     async def issue(
-        self, client_id: str, client_secret: str, scope: str | None = None
+        self,
+        client_id: str,
+        client_secret: str,
+        scope: str | None = None,
+        *,
+        source: str = "unknown",
     ) -> TokenPair:
-        """The client-credentials grant. Raises `InvalidClient` on any mismatch."""
+        """The client-credentials grant. Raises `InvalidClient` on any mismatch.
+
+        ``source`` is the caller's address: a mismatch counts against it (see
+        `GuessingGuard`; ask ``guessing.wait`` before calling this).
+        """
         expected = self._digests.get(client_id, self._decoy)
         matches = hmac.compare_digest(_sha256(client_secret), expected)
         if not matches or client_id not in self._digests:
+            self.guessing.failed(client_id, source)
             raise InvalidClient("unknown client or wrong secret")
         granted = self._clients[client_id].scopes
         if scope:

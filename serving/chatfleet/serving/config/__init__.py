@@ -15,7 +15,12 @@ One module per concern: ``_engines`` (the models served and their engines),
 """
 
 from chatfleet.serving.config._app import ENV_PREFIX, AppConfig, load_config
-from chatfleet.serving.config._auth import AuthConfig, ClientCredential, RateLimitConfig
+from chatfleet.serving.config._auth import (
+    AuthConfig,
+    ClientCredential,
+    CredentialGuessingConfig,
+    RateLimitConfig,
+)
 from chatfleet.serving.config._engines import (
     ENGINE_KINDS,
     EngineKind,
@@ -53,6 +58,7 @@ __all__ = [
     "ClientCredential",
     "CoalesceConfig",
     "CompressorConfig",
+    "CredentialGuessingConfig",
     "EngineKind",
     "FakeEngineConfig",
     "GenerationDefaults",

@@ -45,6 +45,39 @@ class RateLimitConfig(_Model):
     burst: int = Field(60, ge=1, le=100_000, description="Requests a client may send at once.")
 
 
+class CredentialGuessingConfig(_Model):
+    """Limits on wrong client secrets at ``/auth/token``, by where they come from."""
+
+    failures_per_client_address: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="Wrong secrets one source address may try for one client id before it"
+        " must wait (429 with Retry-After); other addresses are not affected.",
+    )
+    failures_per_address: int = Field(
+        30,
+        ge=1,
+        le=100_000,
+        description="Wrong secrets one source address may try across all client ids (sprays).",
+    )
+    forgiven_per_minute: float = Field(
+        2,
+        gt=0,
+        le=10_000,
+        description="Failures forgiven per minute (the buckets refill at this rate).",
+    )
+    forwarded_hops: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Proxies in front of the ingress that append the client's address to"
+        " X-Forwarded-For (e.g. 1 behind an ingress controller that does). 0: the peer"
+        " address is the source; never set it higher than the proxies that really append,"
+        " or clients can choose their own address.",
+    )
+
+
 class AuthConfig(_Model):
     """JWT bearer authentication (on by default)."""
 
@@ -73,4 +106,8 @@ class AuthConfig(_Model):
     )
     rate_limit: RateLimitConfig = Field(
         default_factory=RateLimitConfig, description="Per-client rate limit."
+    )
+    guessing: CredentialGuessingConfig = Field(
+        default_factory=CredentialGuessingConfig,
+        description="Limits on wrong client secrets, per source address.",
     )
