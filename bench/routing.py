@@ -21,6 +21,17 @@ SmolLM2-135M-Instruct; ``--compressor-method llmlingua2 --compressor-model
 PATH`` measures LLMLingua-2 where its model exists (it does not install from a
 registry: see the tests for the random-head mechanics).
 
+Scenario "accuracy": the embedding classifier on the labelled evaluation set
+``bench/data/routing_eval.jsonl`` (see bench/_routing_eval.py), prompts the
+classifier was not built from: top-1 accuracy with the configured categories, with
+bare category names given per request (as ``possible_categories``), with one
+category given by an unknown name (it falls back to its text), and zero-shot
+(descriptions only, no examples: the old classifier) for comparison; a confusion
+matrix, calibration (accuracy per confidence bucket) and the share of prompts
+routed wrongly at the default ``routing.confidence_threshold``. Targets: ≥ 90%
+configured, ≥ 85% bare names, wrong and routed ≤ 5%. ``--classifier-model PATH``
+evaluates another sentence-transformers model.
+
 Scenarios are entries of SCENARIOS (name -> function(args)); each loads what it
 needs and prints its own table, so another (e.g. the time to first token added
 by routing) is one more function. The bench only prints figures, it never
@@ -217,6 +228,77 @@ def classifier_scenario(args: argparse.Namespace) -> None:
             f"   {size / rate * 1e3:6.1f} ms a batch ({rate / single_rate:.1f}x single;"
             f" best run {max(rates):.0f}/s; target >= 200/s)"
         )
+
+
+def _routing_eval() -> Any:
+    """bench/_routing_eval.py, loaded by path: this directory is off sys.path (see above)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_routing_eval", os.path.join(_HERE, "_routing_eval.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+def accuracy_scenario(args: argparse.Namespace) -> None:
+    evaluation = _routing_eval()
+    Outcome, load_eval = evaluation.Outcome, evaluation.load_eval
+
+    from chatfleet.serving.config import RoutingConfig
+    from chatfleet.serving.routing import create_classifier
+
+    samples = load_eval()
+    threshold = RoutingConfig().confidence_threshold
+    config = ClassifierConfig(max_batch_size=32, model=args.classifier_model)
+    classifier = create_classifier(config)
+    load_s, _ = _timed(classifier.load)
+    names = [c.name for c in config.categories]
+    model = args.classifier_model or "all-MiniLM-L6-v2"
+    _header(f"accuracy: embedding, {model}, {len(samples)} held-out prompts")
+    fitted = getattr(classifier, "example_temperature", None)
+    print(f"load: {load_s:.1f} s (fitted temperature {fitted})")
+    prompts = [s.prompt for s in samples]
+    classifier.classify_batch(prompts[:32])  # warm-up: the first forward pass is slow
+
+    def run(title: str, labels: list[str] | None, clf: Any = classifier) -> Outcome:
+        with _CPU() as cpu:
+            elapsed, results = _timed(lambda: clf.classify_batch(prompts, labels))
+        outcome = Outcome(
+            samples, [r.labels[0] for r in results], [r.scores[0] for r in results], names
+        )
+        outcome.print_summary(title, threshold)
+        print(
+            f"  {elapsed / len(prompts) * 1e3:.1f} ms a prompt in batches of 32"
+            f" ({cpu.seconds / len(prompts) * 1e3:.1f} CPU-ms)"
+        )
+        return outcome
+
+    configured = run("configured categories", None)
+    configured.print_confusion()
+    configured.print_calibration()
+    print("  misses:")
+    configured.print_misses(12 if args.quick else 40)
+    bare = run("bare names (possible_categories)", names)
+    bare.print_calibration()
+    # One category the config does not know (its examples are not used): its text decides.
+    renamed = [*names[:-1], "translate"]
+    unknown = run(f"bare names, {names[-1]!r} given as unknown 'translate'", renamed)
+    unknown.predicted = [names[-1] if p == "translate" else p for p in unknown.predicted]
+    print(f"  top-1 with the unknown name counted as {names[-1]}: {unknown.accuracy():.3f}")
+    zero_shot = create_classifier(config.model_copy(update={"builtin_examples": False}))
+    zero_shot.load()
+    zero_shot.classify_batch(prompts[:32])
+    run(
+        "zero-shot: descriptions, no examples (before examples)", None, zero_shot
+    ).print_calibration()
+    print(
+        f"targets: configured >= 90% ({configured.accuracy():.1%}), bare names >= 85%"
+        f" ({bare.accuracy():.1%}), wrong and routed <= 5% ({configured.above(threshold)[1]:.1%})"
+    )
 
 
 def compressor_scenario(args: argparse.Namespace) -> None:
@@ -437,6 +519,8 @@ SCENARIOS: dict[str, Scenario] = {
     "compressor": compressor_scenario,
     "routing-ttft": routing_ttft_scenario,
     "routing-ttft-ray": routing_ttft_ray_scenario,
+    # Last: it loads two classifiers, which slows whatever runs after it in this process.
+    "accuracy": accuracy_scenario,
 }
 
 
@@ -453,6 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--compressor-model", default=None, help="hub id or folder (default: the method's)"
+    )
+    parser.add_argument(
+        "--classifier-model",
+        default=None,
+        help="sentence-transformers folder for accuracy (default: the embedded MiniLM)",
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]

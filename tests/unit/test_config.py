@@ -20,6 +20,7 @@ def test_public_surface() -> None:
         "AuthConfig",
         "CategoryConfig",
         "ClassifierConfig",
+        "ClientBudget",
         "ClientCredential",
         "CoalesceConfig",
         "CompressorConfig",

@@ -114,10 +114,47 @@ async def test_routes_by_category() -> None:
     assert set(decision.scores) == set(CATEGORIES)
 
 
-async def test_low_confidence_goes_to_default() -> None:
+async def test_unclassified_goes_to_default() -> None:
     router = Router(routed_config(), KeywordClassifier())
     decision = await router.decide(user("tell me something"))
-    assert (decision.model, decision.reason) == ("general", "low_confidence")
+    assert (decision.model, decision.category, decision.reason) == (
+        "general",
+        None,
+        "unclassified",
+    )
+    assert decision.confidence < 0.4
+    assert set(decision.scores) == set(CATEGORIES)  # what it was not sure about stays visible
+
+
+def explained_classifier(nearest: dict[str, list[tuple[str, float]]]) -> Any:
+    async def classify(prompt: str) -> Classification:
+        return Classification(["coding", "maths"], [0.9, 0.1], nearest=nearest)
+
+    return classify
+
+
+async def test_explanation_shows_the_nearest_examples() -> None:
+    nearest = {
+        "coding": [("Écris une fonction Python qui trie une liste", 0.61), ("x" * 200, 0.5)],
+        "maths": [("What is 2 + 2?", 0.2)],
+    }
+    decision = await Router(routed_config(), explained_classifier(nearest)).decide(user("x"))
+    assert decision.explain()["nearest"] == [
+        {"example": "Écris une fonction Python qui trie une liste", "similarity": 0.61},
+        {"example": "x" * 200, "similarity": 0.5},
+    ]
+    header = decision.header()
+    assert header.isascii()  # a valid header value whatever the example's language
+    assert json.loads(header)["nearest"] == {
+        "example": "Écris une fonction Python qui trie une liste",
+        "similarity": 0.61,
+    }
+    assert "scores" not in json.loads(header)
+
+    unsure = routed_config(confidence_threshold=0.95)
+    decision = await Router(unsure, explained_classifier(nearest)).decide(user("x"))
+    assert decision.reason == "unclassified"
+    assert "nearest" not in decision.explain()  # no category decided it
 
 
 async def test_unrouted_category_goes_to_default() -> None:
@@ -262,6 +299,27 @@ async def test_fallback_when_model_fails_before_first_token(client: httpx.AsyncC
     metrics = (await client.get("/metrics")).text
     assert (
         'chatfleet_routing_fallbacks_total{from_model="broken",to_model="general"} 1.0' in metrics
+    )
+
+
+async def test_unclassified_prompts_are_counted(client: httpx.AsyncClient) -> None:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "tell me something"}]}
+    for _ in range(2):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        route = json.loads(r.headers["x-chatfleet-route"])
+        assert (route["model"], route["category"], route["reason"]) == (
+            "general",
+            None,
+            "unclassified",
+        )
+    body["messages"][0]["content"] = "python code bug"
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert "chatfleet_routing_unclassified_total 2.0" in metrics
+    assert (
+        'chatfleet_routing_decisions_total{category="none",model="general",reason="unclassified"}'
+        " 2.0" in metrics
     )
 
 

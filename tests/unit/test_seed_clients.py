@@ -484,7 +484,7 @@ async def test_prompt_router_select_in_camel_case(router: PromptRouter) -> None:
     r = await http.post("/api/models/select", json={"prompt": "a python question"})
     assert (sse(r.text)[0][1]["selected_model"], sse(r.text)[0][1]["reason"]) == (
         "general",
-        "low_confidence",
+        "unclassified",
     )
     r = await http.post(
         "/api/models/select",

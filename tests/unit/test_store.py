@@ -45,13 +45,14 @@ def test_public_surface() -> None:
         "SessionStatus",
         "Store",
         "StoredMessage",
+        "UsageEntry",
         "head_revision",
         "resolve_url",
     }
 
 
 async def test_migrations_build_exactly_the_models(store: Store, store_url: str) -> None:
-    assert await store.revision() == head_revision() == "0002"
+    assert await store.revision() == head_revision() == "0003"
     engine = create_async_engine(store_url)
 
     def diff(conn: Connection) -> list[object]:
@@ -62,7 +63,7 @@ async def test_migrations_build_exactly_the_models(store: Store, store_url: str)
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
-    assert await store.upgrade() == "0002"  # again: a no-op
+    assert await store.upgrade() == "0003"  # again: a no-op
 
 
 async def test_conversation_messages_and_history(store: Store) -> None:
@@ -257,7 +258,7 @@ async def test_cli_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # main() runs its own event loop: keep it off this test's loop.
     rc = await asyncio.to_thread(main, ["db", "upgrade", "--config", str(config)])
     assert rc == 0
-    assert "is at revision 0002" in capsys.readouterr().out
+    assert "is at revision 0003" in capsys.readouterr().out
     assert (tmp_path / "data" / "chatfleet.db").is_file()
     missing = await asyncio.to_thread(
         main, ["db", "upgrade", "--config", str(tmp_path / "absent.yaml")]
@@ -313,7 +314,7 @@ async def test_migration_0002_gives_earlier_rows_to_the_local_client(store_url: 
     finally:
         await engine.dispose()
     async with Store.from_url(store_url) as store:  # migrates to head on start
-        assert await store.revision() == "0002"
+        assert await store.revision() == "0003"
         conversation = await store.get_conversation("c1", owner=LOCAL_OWNER)
         assert conversation is not None and conversation.title == "old"
         session = await store.get_session("s1", owner=LOCAL_OWNER)
@@ -333,3 +334,42 @@ async def test_migration_0002_gives_earlier_rows_to_the_local_client(store_url: 
                 )
     finally:
         await engine.dispose()
+
+
+async def test_usage_adds_up_per_client_model_and_day(store: Store) -> None:
+    day = datetime(2026, 12, 5, 10, tzinfo=UTC)
+    await asyncio.gather(  # counted at once, as replicas do: no count is lost
+        *(
+            store.record_usage("alice", "fake", prompt_tokens=3, completion_tokens=5, at=day)
+            for _ in range(20)
+        )
+    )
+    await store.record_usage("alice", "big", prompt_tokens=1, completion_tokens=1, at=day)
+    await store.record_usage("bob", "fake", prompt_tokens=7, completion_tokens=0, at=day)
+    await store.record_usage(
+        "alice", "fake", prompt_tokens=2, completion_tokens=2, at=day - timedelta(days=1)
+    )
+    mine = await store.usage(owner="alice")
+    assert [
+        (u.day.isoformat(), u.model, u.requests, u.prompt_tokens, u.completion_tokens) for u in mine
+    ] == [
+        ("2026-12-05", "big", 1, 1, 1),
+        ("2026-12-05", "fake", 20, 60, 100),
+        ("2026-12-04", "fake", 1, 2, 2),
+    ]
+    assert await store.tokens_on("alice", day.date()) == 162
+    assert await store.tokens_on("bob", day.date()) == 7
+    assert {u.owner for u in await store.usage()} == {"alice", "bob"}
+    assert [u.owner for u in await store.usage(model="fake", since=day.date())] == [
+        "alice",
+        "bob",
+    ]
+    assert mine[0].to_dict()["total_tokens"] == 2
+
+
+async def test_requests_are_counted_per_client_and_minute(store: Store) -> None:
+    at = datetime(2026, 12, 5, 10, 0, 30, tzinfo=UTC)
+    counts = await asyncio.gather(*(store.count_request("alice", at) for _ in range(10)))
+    assert sorted(counts) == list(range(1, 11))
+    assert await store.count_request("bob", at) == 1
+    assert await store.count_request("alice", at + timedelta(seconds=40)) == 1  # next minute

@@ -24,27 +24,33 @@ from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.store import Store
 
 KEY = "k" * 48
-SECRETS = {"alice": "alice-secret", "bob": "bob-secret", "ops": "ops-secret"}
+SECRETS = {n: f"{n}-secret" for n in ("alice", "bob", "ops", "carol", "dave")}
+BUDGETS = {"carol": {"requests_per_minute": 3}, "dave": {"tokens_per_day": 5}}
 CLIENTS = [
     {
         "client_id": name,
         "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
         "scopes": ["chat", "admin"] if name == "ops" else ["chat"],
+        "budget": BUDGETS.get(name),
     }
     for name, secret in SECRETS.items()
 ]
 
 
 class Tenants:
-    def __init__(self, url: str, tokens: dict[str, str], config: AppConfig, store: Store) -> None:
-        self.url = url
+    """Two ingress replicas (``url``, ``other_url``) over one store."""
+
+    def __init__(
+        self, urls: list[str], tokens: dict[str, str], config: AppConfig, store: Store
+    ) -> None:
+        self.url, self.other_url = urls
         self.tokens = tokens
         self.config = config
         self.store = store
 
-    def http(self, who: str) -> httpx.AsyncClient:
+    def http(self, who: str, *, other: bool = False) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            base_url=self.url,
+            base_url=self.other_url if other else self.url,
             headers={"Authorization": f"Bearer {self.tokens[who]}"},
             timeout=30,
         )
@@ -53,13 +59,7 @@ class Tenants:
         return connect(f"ws://{self.url.removeprefix('http://')}{path}?token={self.tokens[who]}")
 
 
-@pytest.fixture
-async def tenants(store_url: str) -> AsyncIterator[Tenants]:
-    config = AppConfig(
-        models=[fake_model("fake", reply_tokens=6, tokens_per_second=300)],
-        auth={"clients": CLIENTS, "socket_recheck_s": 0.2},
-    )
-    store = Store.from_url(store_url)
+def replica(config: AppConfig, store: Store) -> Any:
     auth = Authenticator(config.auth, KEY, store)
     engines = {m.name: LocalEngineClient(FakeEngine(m)) for m in config.models}
 
@@ -67,10 +67,22 @@ async def tenants(store_url: str) -> AsyncIterator[Tenants]:
         for engine in engines.values():
             await engine.start()
 
-    app = create_app(
+    return create_app(
         config, engines, metrics=Metrics(), auth=auth, store=store, on_startup=start_engines
     )
-    async with serving(app) as url:
+
+
+@pytest.fixture
+async def tenants(store_url: str) -> AsyncIterator[Tenants]:
+    config = AppConfig(
+        models=[fake_model("fake", reply_tokens=6, tokens_per_second=300)],
+        auth={"clients": CLIENTS, "socket_recheck_s": 0.2},
+    )
+    store, other_store = Store.from_url(store_url), Store.from_url(store_url)
+    async with (
+        serving(replica(config, store)) as url,
+        serving(replica(config, other_store)) as other_url,
+    ):
         tokens = {}
         async with httpx.AsyncClient(base_url=url) as anonymous:
             for name, secret in SECRETS.items():
@@ -79,7 +91,7 @@ async def tenants(store_url: str) -> AsyncIterator[Tenants]:
                 )
                 assert r.status_code == 200, r.text
                 tokens[name] = r.json()["access_token"]
-        yield Tenants(url, tokens, config, store)
+        yield Tenants([url, other_url], tokens, config, store)
 
 
 async def test_conversations_are_their_clients_own(tenants: Tenants) -> None:
@@ -208,3 +220,64 @@ async def test_a_token_revoked_through_another_replica_closes_open_sockets(
         async with asyncio.timeout(5):
             while json.loads(await bob_ws.recv())["type"] != "pong":
                 pass
+
+
+HELLO = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
+
+
+async def test_a_request_budget_holds_across_replicas(tenants: Tenants) -> None:
+    async with tenants.http("carol") as here, tenants.http("carol", other=True) as there:
+        codes = [
+            (await client.post("/v1/chat/completions", json=HELLO)).status_code
+            for client in (here, there, here)
+        ]
+        assert codes == [200, 200, 200]
+        refused = await there.post("/v1/chat/completions", json=HELLO)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("budget_exceeded", "requests_per_minute")
+        assert "3 requests per minute" in error["message"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        # Other clients are not affected.
+        async with tenants.http("alice") as alice:
+            assert (await alice.post("/v1/chat/completions", json=HELLO)).status_code == 200
+
+
+async def test_a_token_budget_and_usage_per_client(tenants: Tenants) -> None:
+    async with tenants.http("dave") as dave, tenants.http("alice") as alice:
+        assert (await dave.post("/v1/chat/completions", json=HELLO)).status_code == 200
+
+        async def counted() -> Any:
+            body = (await dave.get("/api/usage")).json()
+            return body if body["totals"]["requests"] == 1 else None
+
+        usage = await wait_for(counted)  # written when the answer ended
+        [row] = usage["data"]
+        assert (row["client_id"], row["model"], row["completion_tokens"]) == ("dave", "fake", 6)
+        assert row["total_tokens"] >= 6
+        # Over the budget of 5 tokens a day: refused on every path, on every replica.
+        async with tenants.http("dave", other=True) as there:
+            for refused in (
+                await there.post("/v1/chat/completions", json=HELLO),
+                await dave.post("/api/generate", json={"model": "fake", "prompt": "hi"}),
+                await dave.post("/v1/messages", json={"messages": HELLO["messages"]}),
+                await dave.post("/api/sessions", json={"message": "hi"}),
+            ):
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["error"]["param"] == "tokens_per_day"
+                assert "resets at" in refused.json()["error"]["message"]
+        # Usage is the caller's own; an admin sees and filters everyone's.
+        assert (await alice.post("/v1/chat/completions", json=HELLO)).status_code == 200
+        await wait_for(lambda: _requests(alice, "/api/usage"))
+        assert {r["client_id"] for r in (await alice.get("/api/usage")).json()["data"]} == {"alice"}
+        assert (await alice.get("/api/usage", params={"client_id": "dave"})).json()["data"] == []
+    async with tenants.http("ops") as ops:
+        every = (await ops.get("/api/usage")).json()["data"]
+        assert {r["client_id"] for r in every} >= {"alice", "dave"}
+        only = (await ops.get("/api/usage", params={"client_id": "dave"})).json()["data"]
+        assert {r["client_id"] for r in only} == {"dave"}
+
+
+async def _requests(client: httpx.AsyncClient, path: str) -> int:
+    body = (await client.get(path)).json()
+    return int(body["totals"]["requests"])

@@ -15,6 +15,7 @@
     │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
     ├── StoreUnavailable               503 store_unavailable (database unreachable)
     └── Overloaded                     429 rate_limited
+        └── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
 
 Each class carries its HTTP status and a stable machine-readable ``code``; the
 ingress maps them to OpenAI-shaped JSON bodies, SSE ``error`` events and
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceeded",
     "ChatfleetError",
     "Conflict",
     "EngineError",
@@ -47,6 +49,8 @@ class ChatfleetError(Exception):
     status_code: int = 500
     code: str = "internal_error"
     error_type: str = "server_error"
+    #: Seconds after which a retry may succeed (sent as ``Retry-After``), when known.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -132,3 +136,14 @@ class Overloaded(ChatfleetError):
     status_code = 429
     code = "rate_limited"
     error_type = "rate_limit_error"
+
+
+class BudgetExceeded(Overloaded):
+    """A client used up a budget (``auth.clients[].budget``); ``param`` names which."""
+
+    code = "budget_exceeded"
+    error_type = "insufficient_quota"
+
+    def __init__(self, message: str, *, param: str, retry_after: int) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after

@@ -83,6 +83,9 @@ class Classification:
     labels: list[str]
     scores: list[float]
     multi_label: bool = False
+    #: What decided it: label -> its nearest example prompts with their cosine
+    #: similarity, for the best labels that have examples (empty otherwise).
+    nearest: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
     def top(self) -> tuple[str, float]:

@@ -55,6 +55,7 @@ class Answer:
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self._checkpointed = time.monotonic()
+        self._on_end: list[Callable[[Answer], None]] = []
 
     @classmethod
     def unopened(cls, request: GenerationRequest) -> Answer:
@@ -70,12 +71,25 @@ class Answer:
         """Why ``model: auto`` chose this model; ``None`` for a named model."""
         return None if self.decision is None else self.decision.explain()
 
+    def on_end(self, callback: Callable[[Answer], None]) -> None:
+        """Call ``callback(self)`` once, when the answer ends (read through, failed, closed)."""
+        self._on_end.append(callback)
+
+    def _ended(self) -> None:
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("an end-of-answer callback failed")
+
     async def deltas(self) -> AsyncGenerator[Delta, None]:
         try:
             async for batch in self._batches:
                 yield Delta(batch, *self.add(batch))
         finally:
             await self._batches.aclose()
+            self._ended()
 
     async def collect(self) -> Answer:
         async for _ in self.deltas():
@@ -85,6 +99,7 @@ class Answer:
     async def aclose(self) -> None:
         """Give up on an answer that will not be read (stops the engine)."""
         await self._batches.aclose()
+        self._ended()
 
     def add(self, batch: list[Chunk]) -> tuple[str, str]:
         """Take a batch; returns the (thinking, text) it added."""

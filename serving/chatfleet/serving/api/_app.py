@@ -48,7 +48,9 @@ from chatfleet.serving.api._schemas import (
 )
 from chatfleet.serving.api._sessions import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
+from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._tracing import TracingMiddleware
+from chatfleet.serving.api._usage_api import add_usage_routes
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
@@ -233,6 +235,7 @@ def create_app(
         finally:
             await sessions.close()  # running sessions are stored as cancelled
             await conversation_writes.drain()
+            await gw.usage.drain()
             if store is not None:
                 await store.close()
 
@@ -247,9 +250,11 @@ def create_app(
 
     def error_response(exc: ChatfleetError) -> JSONResponse:
         metrics.errors.labels(exc.code).inc()
+        retry = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
         return JSONResponse(
             error_body(exc.message, type_=exc.error_type, code=exc.code, param=exc.param),
             status_code=exc.status_code,
+            headers=retry,
         )
 
     @app.exception_handler(ChatfleetError)
@@ -349,12 +354,15 @@ def create_app(
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completion, streamed or not.")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+    async def chat_completions(
+        body: ChatCompletionRequest, raw: Request, caller: CallerDep
+    ) -> Response:
         answer = await gw.open(
             body.model,
             [m.to_message() for m in body.messages],
             body,
             conversation_id=raw.headers.get(CONVERSATION_HEADER) or body.conversation_id(),
+            owner=caller.client_id,
             accepted_at=time.perf_counter(),
         )
         headers = route_headers(answer)
@@ -378,8 +386,10 @@ def create_app(
             " {text}; `error` {error: {message, code}}; `end_stream` {finish_reason, usage}."
         ),
     )
-    async def generate(body: GenerateRequest) -> Response:
-        answer = await gw.open(gw.resolve(body.model).name, body.to_messages(), body)
+    async def generate(body: GenerateRequest, caller: CallerDep) -> Response:
+        answer = await gw.open(
+            gw.resolve(body.model).name, body.to_messages(), body, owner=caller.client_id
+        )
         return EventStream(generate_events(gw, answer, answer.request.request_id))
 
     add_routing_routes(app, gw)
@@ -387,5 +397,6 @@ def create_app(
     sessions = add_session_routes(app, gw)
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)
+    add_usage_routes(app, gw)
     add_dashboard_routes(app)
     return app

@@ -296,7 +296,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
                 history,
                 body,
                 conversation_id=conversation_id,
-                owner=owner,
+                owner=caller.client_id,
                 accepted_at=accepted_at,
             )
         except RequestError:

@@ -14,6 +14,7 @@ from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._streaming import sse
+from chatfleet.serving.api._usage import UsageMeter
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
 from chatfleet.serving.engines import Engine, coalesce, traced_generation
@@ -158,6 +159,7 @@ class Gateway:
         self.compressor = compressor
         self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
+        self.usage = UsageMeter(store, config.auth)
         # (owner, conversation) -> its last route, for hysteresis; keyed by owner too,
         # so one client's ids never steer another's routing. Bounded; replica-local
         # until conversations are stored (then the store holds it).
@@ -205,23 +207,37 @@ class Gateway:
         ``conversation_id``, and falls back while no model has started), or ``None``
         for the default. Errors before the first token raise here (a 4xx/5xx for the
         handler); later ones end the answer's stream. Metrics and the engine's trace
-        span are taken care of.
+        span are taken care of. ``owner`` is the client the answer is for: its budget
+        is checked first (`BudgetExceeded`) and its usage counted when the answer ends.
         """
         accepted_at = time.perf_counter() if accepted_at is None else accepted_at
         if model == AUTO_MODEL:
+            await self.usage.admit(owner)
             key = None if not conversation_id else (owner, conversation_id)
             decision = await self.decide(messages, key, categories)
             decision, request, batches = await self.open_routed(decision, sampling, accepted_at)
             self.remember_route(key, decision)
-            return Answer(request, batches, decision)
+            answer = Answer(request, batches, decision)
+            self.usage.meter(answer, owner)
+            return answer
         request = self.generation_request(self.resolve(model), messages, sampling)
-        return await self.open_request(request, accepted_at=accepted_at)
+        return await self.open_request(request, owner=owner, accepted_at=accepted_at)
 
     async def open_request(
-        self, request: GenerationRequest, *, accepted_at: float | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        owner: str | None = None,
+        admitted: bool = False,
+        accepted_at: float | None = None,
     ) -> Answer:
-        """`open` for a request built (and checked) earlier: sessions check before queueing."""
-        return Answer(request, await self.open_stream(request, accepted_at=accepted_at))
+        """`open` for a request built (and checked) earlier: sessions check before queueing
+        (and check ``owner``'s budget then: ``admitted``)."""
+        if not admitted:
+            await self.usage.admit(owner)
+        answer = Answer(request, await self.open_stream(request, accepted_at=accepted_at))
+        self.usage.meter(answer, owner)
+        return answer
 
     def remember_route(self, key: tuple[str | None, str] | None, decision: RoutingDecision) -> None:
         if key is None:
@@ -343,6 +359,8 @@ class Gateway:
             self.metrics.routing_decisions.labels(
                 current.category or "none", current.model, current.reason
             ).inc()
+            if current.reason == "unclassified":
+                self.metrics.unclassified.inc()
             if current.compression is not None and not current.compression.skipped:
                 self.metrics.compression_ratio.observe(current.compression.ratio)
             return current, request, batches

@@ -161,6 +161,12 @@ class Metrics:
             "Routed requests by category, chosen model and reason.",
             ["category", "model", "reason"],
         )
+        self.unclassified = self._counter(
+            "chatfleet_routing_unclassified_total",
+            "Prompts of model auto whose best category scored below"
+            " routing.confidence_threshold, so the default model answered them.",
+            [],
+        )
         self.fallbacks = self._counter(
             "chatfleet_routing_fallbacks_total",
             "Models skipped because they failed before their first token.",

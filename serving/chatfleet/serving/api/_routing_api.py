@@ -20,6 +20,7 @@ from chatfleet.serving.api._gateway import (
 )
 from chatfleet.serving.api._schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
+from chatfleet.serving.api._tenancy import CallerDep
 
 
 def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
@@ -27,7 +28,8 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
         "/api/classify",
         tags=["routing"],
         summary="Zero-shot classification of a prompt.",
-        description="Scores every label; single-label scores sum to 1.",
+        description="Scores every label; single-label scores sum to 1. `nearest`: the"
+        " example prompts nearest to this one, for the best labels that have examples.",
     )
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         if gw.classifier is None:
@@ -44,6 +46,10 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
             "labels": result.labels,
             "scores": result.scores,
             "multi_label": result.multi_label,
+            "nearest": {
+                label: [{"example": text, "similarity": sim} for text, sim in examples]
+                for label, examples in result.nearest.items()
+            },
         }
 
     @app.post(
@@ -92,12 +98,13 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
             " and the best one's route answers."
         ),
     )
-    async def select(body: SelectRequest) -> Response:
+    async def select(body: SelectRequest, caller: CallerDep) -> Response:
         answer = await gw.open(
             AUTO_MODEL,
             body.to_messages(),
             body,
             conversation_id=body.conversation_id,
+            owner=caller.client_id,
             categories=body.possible_categories,
             accepted_at=time.perf_counter(),
         )

@@ -102,6 +102,7 @@ class SessionRunner:
             raise Overloaded("too many sessions in progress on this server; retry later")
         model = self.gw.resolve(body.model)
         request = self.gw.generation_request(model, body.to_messages(), body)
+        await self.gw.usage.admit(owner)  # over budget: refused now, not failed later
         session = await store.create_session(body.message, owner=owner, model=model.name)
         self._publish_session("session.created", session)
         task = asyncio.create_task(self._run(session, request), name=f"session-{session.id}")
@@ -122,7 +123,7 @@ class SessionRunner:
                 self.running += 1
                 started = True
                 await store.update_session(session_id, status="running")
-                answer = await self.gw.open_request(request)
+                answer = await self.gw.open_request(request, owner=owner, admitted=True)
                 async for delta in answer.deltas():
                     if delta.thinking:
                         thinking_open = True

@@ -42,6 +42,7 @@ from chatfleet.serving.errors import (
     RequestError,
 )
 from chatfleet.serving.protocol import Message
+from chatfleet.serving.store import LOCAL_OWNER
 
 __all__ = ["MAX_CONVERSATIONS", "ChatFrame", "add_chat_ws_routes", "ws_close_code"]
 
@@ -76,6 +77,7 @@ class _ChatConnection:
         self.gw = gw
         self.claims = claims
         self.client_id = claims.client_id if claims is not None else "anonymous"
+        self.owner = claims.client_id if claims is not None else LOCAL_OWNER  # of its usage
         self.session_id = uuid.uuid4().hex
         self.settings = gw.config.websocket
         # Conversation id -> its messages, least recently used first.
@@ -96,6 +98,8 @@ class _ChatConnection:
         await self.send(json.dumps({"type": frame_type, **fields}))
 
     async def send_error(self, exc: ChatfleetError, **extra: Any) -> None:
+        if exc.retry_after is not None:
+            extra.setdefault("retry_after", exc.retry_after)
         await self.send_error_frame(exc.message, exc.code, **extra)
 
     async def send_error_frame(self, message: str, code: str, **extra: Any) -> None:
@@ -287,7 +291,7 @@ class _ChatConnection:
                 messages,
                 frame,
                 conversation_id=conversation,
-                owner=self.client_id,
+                owner=self.owner,
                 accepted_at=started,
             )
             progress.model = answer.model

@@ -17,6 +17,7 @@ One module per concern: ``_engines`` (the models served and their engines),
 from chatfleet.serving.config._app import ENV_PREFIX, AppConfig, load_config
 from chatfleet.serving.config._auth import (
     AuthConfig,
+    ClientBudget,
     ClientCredential,
     CredentialGuessingConfig,
     RateLimitConfig,
@@ -55,6 +56,7 @@ __all__ = [
     "AuthConfig",
     "CategoryConfig",
     "ClassifierConfig",
+    "ClientBudget",
     "ClientCredential",
     "CoalesceConfig",
     "CompressorConfig",

@@ -7,6 +7,23 @@ from pydantic import Field, model_validator
 from chatfleet.serving.config._base import _Model
 
 
+class ClientBudget(_Model):
+    """What a client may use, counted through the store (so across every ingress replica)."""
+
+    tokens_per_day: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt plus completion tokens per UTC day, all models together; then"
+        " 429 (budget_exceeded) until midnight UTC. A request under way when it is reached"
+        " finishes.",
+    )
+    requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Generation requests per minute (UTC minutes); then 429 until the next.",
+    )
+
+
 class ClientCredential(_Model):
     """A registered API client allowed to obtain tokens."""
 
@@ -24,6 +41,10 @@ class ClientCredential(_Model):
         description="Scopes granted in its tokens. chat: use the API, with its own"
         " conversations, sessions, events and usage only; admin: see and manage every"
         " client's (the dashboard's view).",
+    )
+
+    budget: ClientBudget | None = Field(
+        None, description="Usage limits of this client; none: unlimited (usage is still counted)."
     )
 
     @model_validator(mode="after")

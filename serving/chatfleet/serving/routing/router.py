@@ -20,7 +20,15 @@ from chatfleet.serving.protocol import Classification, Compression, Message
 
 __all__ = ["PreviousRoute", "Router", "RoutingDecision"]
 
-RouteReason = Literal["route", "low_confidence", "unrouted_category", "sticky", "fallback"]
+RouteReason = Literal["route", "unclassified", "unrouted_category", "sticky", "fallback"]
+"""Why a model was chosen. ``unclassified``: the best category scored below
+``routing.confidence_threshold``, so the prompt fits no category well enough to route
+on and the default model answers it (on purpose; counted apart in the metrics)."""
+
+#: How many of the decided category's nearest examples an explanation shows.
+_EXPLAINED_EXAMPLES = 3
+#: Examples are cut to this length in the one-line header.
+_HEADER_EXAMPLE_CHARS = 80
 
 ClassifyFn = Callable[[str], Awaitable[Classification]]
 CompressFn = Callable[[str, str], Awaitable[Compression]]
@@ -45,6 +53,8 @@ class RoutingDecision:
     reason: RouteReason
     fallbacks: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    #: The nearest examples (text, cosine) of the best category, when it has examples.
+    nearest: list[tuple[str, float]] = field(default_factory=list)
     compression: Compression | None = None
     messages: list[Message] = field(default_factory=list)
     failed_models: list[str] = field(default_factory=list)
@@ -60,6 +70,11 @@ class RoutingDecision:
             "scores": {k: round(v, 4) for k, v in self.scores.items()},
             "fallbacks": self.fallbacks,
         }
+        if self.nearest:
+            out["nearest"] = [
+                {"example": text, "similarity": round(similarity, 4)}
+                for text, similarity in self.nearest[:_EXPLAINED_EXAMPLES]
+            ]
         if self.failed_models:
             out["failed_models"] = self.failed_models
         if self.trace_id is not None:
@@ -78,6 +93,13 @@ class RoutingDecision:
         """A compact one-line form for the ``x-chatfleet-route`` header."""
         info = self.explain()
         info.pop("scores")
+        if self.nearest:  # the one example that decided most, kept short
+            text, similarity = self.nearest[0]
+            info["nearest"] = {
+                "example": text[:_HEADER_EXAMPLE_CHARS],
+                "similarity": round(similarity, 4),
+            }
+        # ASCII escapes (json's default) keep examples in any language a valid header.
         return json.dumps(info, separators=(",", ":"))
 
     def as_previous(self) -> PreviousRoute:
@@ -183,11 +205,14 @@ class Router:
         routing = self.routing
         category, confidence = classification.top
         scores = dict(zip(classification.labels, classification.scores, strict=True))
+        nearest = list(classification.nearest.get(category, []))
         route = self._routes.get(category)
         reason: RouteReason
         own_fallbacks: list[str]
+        chosen: str | None = category
         if confidence < routing.confidence_threshold:
-            model, reason, own_fallbacks = self.default_model, "low_confidence", []
+            model, reason, own_fallbacks = self.default_model, "unclassified", []
+            chosen, nearest = None, []
         elif route is None:
             model, reason, own_fallbacks = self.default_model, "unrouted_category", []
         else:
@@ -212,14 +237,16 @@ class Router:
                         previous.model,
                     ),
                     scores=scores,
+                    nearest=list(classification.nearest.get(previous.category or "", [])),
                 )
         return RoutingDecision(
             model=model,
-            category=category,
+            category=chosen,
             confidence=confidence,
             reason=reason,
             fallbacks=_dedupe([*own_fallbacks, *routing.fallbacks], model),
             scores=scores,
+            nearest=nearest,
         )
 
     async def _compressed(

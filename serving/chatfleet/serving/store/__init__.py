@@ -1,5 +1,5 @@
-"""Storage of conversations, background sessions, logs and revoked tokens, each
-conversation, session and log entry owned by a client.
+"""Storage of conversations, background sessions, logs, revoked tokens and usage,
+each conversation, session, log entry and usage row owned by a client.
 
 SQLAlchemy 2 (async) over SQLite (default, a file under the data directory) or
 PostgreSQL (``postgresql+asyncpg://``, in a cluster from a Secret through
@@ -22,6 +22,7 @@ from chatfleet.serving.store._records import (
 )
 from chatfleet.serving.store._store import Store
 from chatfleet.serving.store._url import resolve_url
+from chatfleet.serving.store._usage import UsageEntry
 
 __all__ = [
     "FINISHED_SESSION_STATUSES",
@@ -34,6 +35,7 @@ __all__ = [
     "SessionStatus",
     "Store",
     "StoredMessage",
+    "UsageEntry",
     "head_revision",
     "resolve_url",
 ]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -165,6 +167,29 @@ class RevokedTokenRow(Base):
     jti: Mapped[str] = mapped_column(StorableString(200), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class UsageRow(Base):
+    """What a client used of a model on a day (UTC): one row, added to as it goes."""
+
+    __tablename__ = "usage"
+
+    owner: Mapped[str] = mapped_column(StorableString(200), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True, index=True)
+    model: Mapped[str] = mapped_column(StorableString(100), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RequestWindowRow(Base):
+    """A client's requests in one minute (UTC), for budgets that hold across replicas."""
+
+    __tablename__ = "request_windows"
+
+    owner: Mapped[str] = mapped_column(StorableString(200), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def _store_alike(_target: Any, value: Any, _old: Any, _initiator: Any) -> Any:

@@ -1,4 +1,4 @@
-"""`Store`: conversations, sessions, logs and revoked tokens behind typed async methods."""
+"""`Store`: conversations, sessions, logs, revoked tokens and usage behind typed async methods."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from chatfleet.serving.store._conversations import ConversationStore
 from chatfleet.serving.store._logs import LogStore
 from chatfleet.serving.store._sessions import SessionStore
 from chatfleet.serving.store._tokens import TokenStore
+from chatfleet.serving.store._usage import UsageStore
 
 logger = logging.getLogger(__name__)
 
 
-class Store(ConversationStore, SessionStore, LogStore, TokenStore):
+class Store(ConversationStore, SessionStore, LogStore, TokenStore, UsageStore):
     """The ingress's database: SQLite by default, PostgreSQL in a cluster.
 
     Build it from a `StoreConfig`, ``await start()`` (migrates when
