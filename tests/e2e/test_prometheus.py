@@ -13,7 +13,8 @@ held open; valid, invalid and API-failing ChatDeployments, and a RayService that
 and every alert rule goes through Prometheus's HTTP API and must parse and return
 series with a value (alert expressions return series only while the alert would
 fire: the traffic is built to make each one fire). ``promtool check rules``
-checks the rule file.
+checks the rule file. Last, the series scraped through Ray's metrics port equal the
+ingress replica's own ``/metrics``.
 
 Without ``prometheus``/``promtool`` the tests skip, except in CI (``$CI`` set),
 where they fail: ``scripts/test`` installs them with apt-get.
@@ -683,3 +684,50 @@ def test_every_alert_expression_fires(prometheus: PrometheusServer, traffic: Non
     assert not failures, f"{len(failures)} of {len(expressions)} rule expressions:\n" + (
         "\n".join(failures)
     )
+
+
+# What a cluster scrapes (Ray's metrics port, through the ServiceMonitor's renaming) and
+# what the replica's /metrics says, by series: one ingress replica here, so they match.
+CLUSTER_EQUALS_REPLICA = {
+    "chatfleet_tokens_total": ("model", "type"),
+    "chatfleet_generations_total": ("model", "finish_reason"),
+    "chatfleet_time_to_first_token_seconds_count": ("model",),
+    "chatfleet_errors_total": ("code",),
+}
+
+
+def test_the_scraped_series_equal_the_replicas_own(
+    serving: Serving, prometheus: PrometheusServer, traffic: None
+) -> None:
+    """Nothing is lost or doubled on the way through Ray's metrics system.
+
+    (A mirror thread that died once froze every ``ray_chatfleet_*`` series while
+    ``/metrics`` kept counting.)
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def replica() -> dict[tuple[str, ...], float]:
+        text = httpx.get(f"{serving.url}/metrics", timeout=30).text
+        return {
+            (s.name, *(s.labels[k] for k in CLUSTER_EQUALS_REPLICA[s.name])): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name in CLUSTER_EQUALS_REPLICA and s.value
+        }
+
+    def scraped() -> dict[tuple[str, ...], float]:
+        found: dict[tuple[str, ...], float] = {}
+        for name, labels in CLUSTER_EQUALS_REPLICA.items():
+            answer = prometheus.query(
+                f'sum by ({", ".join(labels)}) ({name}{{job="{SERVING_JOB}"}})'
+            )
+            for series in answer["data"]["result"]:
+                key = (name, *(series["metric"].get(k, "") for k in labels))
+                found[key] = float(series["value"][1])
+        return found
+
+    deadline = time.monotonic() + EVALUATION_DEADLINE_S
+    while (ours := replica()) != (theirs := scraped()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ours, "the replica recorded nothing"
+    assert ours == theirs

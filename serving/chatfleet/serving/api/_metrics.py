@@ -1,19 +1,35 @@
-"""Prometheus metrics of one ingress replica.
+"""Prometheus metrics of one ingress replica: each defined once, recorded once.
 
-Every instrument records into a registry of its own (served at ``/metrics``) and, when a
-:class:`Mirror` is given, into a second backend too. Inside Ray Serve that mirror is Ray's
-metrics system (see ``chatfleet.serving.app``): each node's metrics agent exports every
-replica's series on the node's metrics port with a ``replica`` label, which is what a
-cluster should scrape. ``/metrics`` itself answers for whichever replica the proxy picked,
-so it is right for one process (``chatfleet serve``) and wrong behind a load balancer.
+Every instrument is declared in `Metrics` and records into one registry, served at
+``/metrics``. Exporters read what was recorded (`Metrics.instruments`); nothing is
+written to a second backend by hand. Inside Ray Serve, ``chatfleet.serving.app``'s
+`RayMetricsMirror` copies the registry into Ray's metrics system: each node's metrics
+agent exports every replica's series on the node's metrics port with a ``replica``
+label, which is what a cluster scrapes. ``/metrics`` answers for whichever replica the
+proxy picked, so it is right for one process (``chatfleet serve``) and wrong behind a
+load balancer.
+
+The metrics path never raises into a request and never stops: what an instrument or an
+exporter cannot take is dropped, counted in ``chatfleet_metrics_errors_total{reason}``
+and logged once (the reasons are listed in ``_instruments``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+
+from chatfleet.serving.api._instruments import (
+    Counter,
+    Gauge,
+    Histogram,
+    Instrument,
+    MetricErrors,
+    Reason,
+)
 
 # Time to first token spans 5 ms (a warm fake engine) to 30 s (a cold GPU).
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -21,87 +37,21 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-Record = Callable[[float, dict[str, str]], None]
-"""Records one value with its labels: a counter's increment, a histogram's observation,
-a gauge's new value."""
-
-
-class Mirror(Protocol):
-    """A second metrics backend: builds one recorder per instrument."""
-
-    def counter(self, name: str, doc: str, labels: Sequence[str]) -> Record: ...
-
-    def histogram(
-        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
-    ) -> Record: ...
-
-    def gauge(self, name: str, doc: str, labels: Sequence[str]) -> Record: ...
-
-
-class _Child:
-    """One labelled series: the Prometheus child plus its mirror recorder."""
-
-    __slots__ = ("_gauge_value", "_prom", "_record", "_tags")
-
-    def __init__(self, prom: Any, record: Record | None, tags: dict[str, str]) -> None:
-        self._prom = prom  # a prometheus_client child: Counter, Gauge or Histogram
-        self._record = record
-        self._tags = tags
-        self._gauge_value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._prom.inc(amount)
-        if self._record is not None:
-            if isinstance(self._prom, Gauge):
-                self._gauge_value += amount
-                self._record(self._gauge_value, self._tags)
-            else:
-                self._record(amount, self._tags)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
-
-    def observe(self, value: float) -> None:
-        self._prom.observe(value)
-        if self._record is not None:
-            self._record(value, self._tags)
-
-
-class _Family:
-    """A metric and its label sets; ``labels()`` children are cached (hot paths)."""
-
-    __slots__ = ("_children", "_labelnames", "_prom", "_record")
-
-    def __init__(
-        self, prom: Counter | Gauge | Histogram, labelnames: Sequence[str], record: Record | None
-    ) -> None:
-        self._prom = prom
-        self._labelnames = tuple(labelnames)
-        self._record = record
-        self._children: dict[tuple[str, ...], _Child] = {}
-
-    def labels(self, *values: str) -> _Child:
-        child = self._children.get(values)
-        if child is None:
-            prom = self._prom.labels(*values) if self._labelnames else self._prom
-            tags = dict(zip(self._labelnames, values, strict=True))
-            child = self._children[values] = _Child(prom, self._record, tags)
-        return child
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
-
-    def observe(self, value: float) -> None:
-        self.labels().observe(value)
-
 
 class Metrics:
     """The serving metrics. Labels are bounded: route templates, models, codes."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, mirror: Mirror | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self._mirror = mirror
+        self._errors = MetricErrors(self.registry)
+        self.instruments: list[Instrument] = []
 
+        self.metrics_errors = self._counter(
+            "chatfleet_metrics_errors_total",
+            "Values, label sets and exports the metrics path dropped or escaped, by reason.",
+            ["reason"],
+            prom=self._errors.prom,
+        )
         self.requests = self._counter(
             "chatfleet_http_requests_total",
             "HTTP requests by route template, method and status code.",
@@ -191,22 +141,32 @@ class Metrics:
             _RATIO_BUCKETS,
         )
 
-    def _counter(self, name: str, doc: str, labels: list[str]) -> _Family:
-        prom = Counter(name, doc, labels, registry=self.registry)
-        record = self._mirror.counter(name, doc, labels) if self._mirror else None
-        return _Family(prom, labels, record)
+    def _counter(self, name: str, doc: str, labels: list[str], prom: Any = None) -> Counter:
+        if prom is None:
+            prom = prometheus_client.Counter(name, doc, labels, registry=self.registry)
+        counter = Counter(prom, name, doc, labels, self._errors)
+        self.instruments.append(counter)
+        return counter
 
     def _histogram(
         self, name: str, doc: str, labels: list[str], buckets: Sequence[float]
-    ) -> _Family:
-        prom = Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
-        record = self._mirror.histogram(name, doc, labels, buckets) if self._mirror else None
-        return _Family(prom, labels, record)
+    ) -> Histogram:
+        prom = prometheus_client.Histogram(
+            name, doc, labels, buckets=buckets, registry=self.registry
+        )
+        histogram = Histogram(prom, name, doc, labels, self._errors, buckets)
+        self.instruments.append(histogram)
+        return histogram
 
-    def _gauge(self, name: str, doc: str, labels: list[str]) -> _Family:
-        prom = Gauge(name, doc, labels, registry=self.registry)
-        record = self._mirror.gauge(name, doc, labels) if self._mirror else None
-        return _Family(prom, labels, record)
+    def _gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:
+        prom = prometheus_client.Gauge(name, doc, labels, registry=self.registry)
+        gauge = Gauge(prom, name, doc, labels, self._errors)
+        self.instruments.append(gauge)
+        return gauge
+
+    def report_error(self, reason: Reason, metric: str, detail: object) -> None:
+        """Count (and log once) something an exporter dropped or escaped."""
+        self._errors.report(reason, metric, detail)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,6 +45,11 @@ class Ingress:
         if config.auth.enabled:
             # Revocations live in the store: they survive restarts and are shared.
             auth = Authenticator.from_config(config.auth, store, data_dir=config.store.data_dir)
+        metrics = Metrics()
+        # Recorded once, in the registry /metrics serves; the mirror's thread copies it
+        # into Ray's metrics system, which is what a cluster scrapes (per replica).
+        self._metrics_mirror = RayMetricsMirror(metrics)
+        self._metrics_mirror.start()
         self._app = create_app(
             config,
             {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
@@ -53,7 +58,7 @@ class Ingress:
             compressor=routing if compressor is not None else None,
             store=store,
             auth=auth,
-            metrics=Metrics(mirror=RayMetricsMirror()),
+            metrics=metrics,
             tracer_provider=telemetry.configure_tracing(config.telemetry, component="ingress"),
         )
 
