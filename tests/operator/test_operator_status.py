@@ -134,6 +134,9 @@ def test_run_command_maps_settings_to_kopf(monkeypatch: pytest.MonkeyPatch) -> N
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(kopf, "configure", lambda **kwargs: None)
+    # No cluster here: the API server check is tested in tests/unit/test_cli_operator.py.
+    monkeypatch.setattr("chatfleet.operator.cli.check_cluster", lambda kubeconfig: None)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # in a pod: every interface
     monkeypatch.delenv("CHATFLEET_OPERATOR_PEERING", raising=False)
     assert main(["run", "--liveness", ""]) == 0
     monkeypatch.setenv("CHATFLEET_OPERATOR_PEERING", "chatfleet")

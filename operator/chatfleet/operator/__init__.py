@@ -2,7 +2,14 @@
 
 Public surface: the resource models, the pure builders, the CRD generator and
 the Kopf registry factory. Everything else lives in private modules.
+
+The Kopf side (`Reconciler`, `build_registry`, `parse_spec`, `InvalidSpecError`)
+is imported on first use: the models, builders and CRD need only pydantic, so
+``chatfleet-operator --help`` and ``crd`` work where only the serving extra is
+installed, and a missing ``kopf`` is reported naming the extra.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from chatfleet.operator._builders import (
     METRIC_RELABELINGS,
@@ -23,13 +30,19 @@ from chatfleet.operator._models import (
     HeadGroup,
     SecretKeyRef,
 )
-from chatfleet.operator._operator import (
-    InvalidSpecError,
-    Reconciler,
-    build_registry,
-    parse_spec,
-)
 from chatfleet.operator._settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from chatfleet.operator._operator import (
+        InvalidSpecError,
+        Reconciler,
+        build_registry,
+        parse_spec,
+    )
+
+#: How to install what the Kopf side needs (named in every "missing" message).
+_OPERATOR_EXTRA = "pip install 'chatfleet[operator]'"
+_KOPF_NAMES = frozenset({"InvalidSpecError", "Reconciler", "build_registry", "parse_spec"})
 
 __all__ = [
     "METRIC_RELABELINGS",
@@ -55,3 +68,17 @@ __all__ = [
     "render_crd_yaml",
     "serve_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _KOPF_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from chatfleet.operator import _operator
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"chatfleet.operator.{name} needs {exc.name or 'kopf'}, part of the operator"
+            f" extra: {_OPERATOR_EXTRA}",
+            name=exc.name,
+        ) from exc
+    return getattr(_operator, name)

