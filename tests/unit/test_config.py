@@ -27,6 +27,7 @@ def test_public_surface() -> None:
         "CredentialGuessingConfig",
         "ENGINE_KINDS",
         "ENV_PREFIX",
+        "EngineCapabilities",
         "EngineKind",
         "FakeEngineConfig",
         "GenerationDefaults",

@@ -45,6 +45,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    #: Further sampling parameters (``top_k``, ``repetition_penalty``...), only those the
+    #: model's engine declares in its capabilities (the ingress refuses the others).
+    sampling: dict[str, int | float] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: The W3C trace context (``traceparent``...) the engine's span is parented on.
     trace_context: dict[str, str] = field(default_factory=dict)

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes
+from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes, is_public
+from chatfleet.serving.api._boundary import ClientRoute, allowed_methods, validation_message
+from chatfleet.serving.api._capabilities import model_capabilities
+from chatfleet.serving.api._chat_request import ChatCompletionRequest
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._gateway import (
@@ -39,13 +41,9 @@ from chatfleet.serving.api._gateway import (
     route_headers,
 )
 from chatfleet.serving.api._metrics import Metrics
+from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._routing_api import add_routing_routes
-from chatfleet.serving.api._schemas import (
-    ChatCompletionRequest,
-    GenerateRequest,
-    error_body,
-    parse_json,
-)
+from chatfleet.serving.api._schemas import GenerateRequest, error_body
 from chatfleet.serving.api._sessions import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
@@ -53,7 +51,7 @@ from chatfleet.serving.api._tracing import TracingMiddleware
 from chatfleet.serving.api._usage_api import add_usage_routes
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
-from chatfleet.serving.config import AppConfig
+from chatfleet.serving.config import AppConfig, EngineCapabilities
 from chatfleet.serving.errors import ChatfleetError, PayloadTooLarge, RequestError
 from chatfleet.serving.store import Store
 
@@ -148,45 +146,6 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
-class _ClientRequest(Request):
-    """A request whose JSON body `parse_json` reads: what is not JSON is a 400, never a 500."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = parse_json(await self.body())
-        return self._json
-
-
-class _ClientRoute(APIRoute):
-    """A route that hands FastAPI's body parsing a `_ClientRequest`.
-
-    FastAPI turns `json.JSONDecodeError` into a validation error (400) but any other
-    parse failure into a vague 400, and `json.loads` raises `RecursionError` for deeply
-    nested input: with `parse_json` every body that is not JSON gets the same answer.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handle_client_request(request: Request) -> Response:
-            return await handle(_ClientRequest(request.scope, request.receive))
-
-        return handle_client_request
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = str(first.get("msg", "invalid value"))
-    return (f"{param}: {msg}" if param else msg), param
-
-
 def create_app(
     config: AppConfig,
     engines: Mapping[str, EngineClient],
@@ -245,7 +204,7 @@ def create_app(
         summary="Streaming LLM chat gateway: OpenAI-compatible API, SSE and WebSocket.",
         lifespan=lifespan,
     )
-    app.router.route_class = _ClientRoute  # before any route is added
+    app.router.route_class = ClientRoute  # before any route is added
     app.state.gateway = gw
 
     def error_response(exc: ChatfleetError) -> JSONResponse:
@@ -263,17 +222,22 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return error_response(RequestError(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         metrics.errors.labels(code).inc()
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; a path served by
+            # several routes (GET and DELETE) allows all of theirs.
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return JSONResponse(
             error_body(str(exc.detail), type_="invalid_request_error", code=code),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)
@@ -311,7 +275,12 @@ def create_app(
         ok = all(s == "ready" for s in states.values())
         return {"status": "ok" if ok else "degraded", "version": VERSION, "models": states}
 
-    @app.get("/ready", tags=["health"], summary="Readiness: every model can serve.")
+    @app.get(
+        "/ready",
+        tags=["health"],
+        summary="Readiness: every model can serve.",
+        responses={503: {"description": "Not ready: the same body, with ready false."}},
+    )
     async def ready() -> JSONResponse:
         states = await gw.model_states()
         ok = all(s == "ready" for s in states.values())
@@ -337,6 +306,7 @@ def create_app(
                 "owned_by": "chatfleet",
                 "engine": m.engine,
                 "description": m.description,
+                "capabilities": model_capabilities([m]),
             }
             for m in config.models
         ]
@@ -349,6 +319,8 @@ def create_app(
                     "owned_by": "chatfleet",
                     "engine": "router",
                     "description": "Chooses a model from the prompt's category.",
+                    # The routed model is checked again: only what all of them do.
+                    "capabilities": model_capabilities(config.models),
                 }
             )
         return {"object": "list", "data": data}
@@ -361,7 +333,7 @@ def create_app(
             body.model,
             [m.to_message() for m in body.messages],
             body,
-            conversation_id=raw.headers.get(CONVERSATION_HEADER) or body.conversation_id(),
+            conversation_id=raw.headers.get(CONVERSATION_HEADER) or body.conversation_id,
             owner=caller.client_id,
             accepted_at=time.perf_counter(),
         )
@@ -399,4 +371,10 @@ def create_app(
     add_chat_ws_routes(app, gw)
     add_usage_routes(app, gw)
     add_dashboard_routes(app)
+    document_responses(
+        app,
+        is_public=is_public if gw.auth is not None else None,
+        max_tokens=max(m.defaults.max_tokens_limit for m in config.models),
+        served=EngineCapabilities.combined([m.capabilities() for m in config.models]),
+    )
     return app

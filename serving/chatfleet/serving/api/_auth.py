@@ -235,14 +235,15 @@ class TokenField(_Form):
     token: str | None = Field(None, max_length=8192, description="The token in question.")
 
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+def _body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
     schema = model.model_json_schema()
     return {
         "requestBody": {
+            "required": required,
             "content": {
                 "application/json": {"schema": schema},
                 "application/x-www-form-urlencoded": {"schema": schema},
-            }
+            },
         }
     }
 
@@ -371,7 +372,7 @@ def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
         "/auth/validate",
         tags=["auth"],
         summary="The claims of a valid token (default: the bearer token), else 401.",
-        openapi_extra=_body_doc(TokenField),
+        openapi_extra=_body_doc(TokenField, required=False),
     )
     async def validate(request: Request) -> dict[str, Any]:
         body = _parse(TokenField, await _fields(request))
@@ -384,7 +385,7 @@ def add_auth_routes(app: FastAPI, gw: Gateway) -> None:
         "/auth/revoke",
         tags=["auth"],
         summary="Revoke one of the caller's tokens (default: the bearer token itself).",
-        openapi_extra=_body_doc(TokenField),
+        openapi_extra=_body_doc(TokenField, required=False),
     )
     async def revoke(request: Request) -> dict[str, Any]:
         body = _parse(TokenField, await _fields(request))

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api._answers import Answer
+from chatfleet.serving.api._capabilities import checked_sampling
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._streaming import sse
@@ -389,6 +390,7 @@ class Gateway:
                 f"max_tokens {max_tokens} exceeds this model's limit of {limits.max_tokens_limit}",
                 param="max_tokens",
             )
+        extras = checked_sampling(model, sampling)  # what the engine lacks is refused
         return GenerationRequest(
             model=model.name,
             messages=messages,
@@ -399,6 +401,7 @@ class Gateway:
             top_p=limits.top_p if sampling.top_p is None else sampling.top_p,
             stop=sampling.stop_list(),
             seed=sampling.seed,
+            sampling=extras,
         )
 
     async def open_stream(

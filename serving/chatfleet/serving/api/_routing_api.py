@@ -18,7 +18,7 @@ from chatfleet.serving.api._gateway import (
     generate_events,
     route_headers,
 )
-from chatfleet.serving.api._schemas import ClassifyRequest, CompressRequest, SelectRequest
+from chatfleet.serving.api._routing_schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
 

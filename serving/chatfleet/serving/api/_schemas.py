@@ -4,22 +4,23 @@ What a client sends is refused with a 400 before anything runs or is stored when
 not JSON (`parse_json`: malformed, not UTF-8, nested too deeply), or when a string in it
 holds text no store keeps as sent (`ClientBody`: NUL, a lone surrogate).
 
-The bodies that clients of the prompt router chatfleet replaces still send (generate,
-classify, compress, select) accept fields chatfleet has no use for and ignore them;
-`SelectRequest` also takes that router's camelCase spellings.
+The bodies that clients of the prompt router chatfleet replaces still send (generate;
+classify, compress and select in `_routing_schemas`) accept fields chatfleet has no use
+for and ignore them. The sampling fields are
+strict, as OpenAI's are: ``"top_p": true`` or ``"seed": false`` is a 400, not a 1.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi import Query
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
@@ -27,13 +28,15 @@ from pydantic import (
 
 from chatfleet.serving.protocol import Message
 
+#: Seeds are integers JSON carries exactly (JavaScript's safe integers): a larger one
+#: arrives as a float that no longer says which integer was meant.
+MAX_SEED = 2**53 - 1
 #: The largest ``offset`` of a listing: far past any store's rows, and far inside the
 #: 64-bit integers SQL's OFFSET takes (past 2**63 - 1 PostgreSQL and SQLite fail).
 MAX_OFFSET = 1_000_000_000
 MAX_PAGE = 500
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="How many to return.")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="How many to skip.")]
-_INT64 = 2**63
 
 
 def parse_json(raw: str | bytes) -> Any:
@@ -83,14 +86,32 @@ def _check_strings(value: Any) -> None:
     # Nested bodies are ClientBody too: they check their own fields (precise locations).
 
 
+class _Opaque:
+    """Marks a field of free-form JSON that is neither stored nor sent to an engine."""
+
+
+#: ``Annotated[dict[str, Any], OPAQUE]``: its strings are not held to `check_text`.
+OPAQUE = _Opaque()
+
+
 class ClientBody(BaseModel):
-    """A request body, or a part of one: no string in it may hold NUL or a lone surrogate."""
+    """A request body, or a part of one: no string in it may hold NUL or a lone surrogate.
+
+    Its integer fields are strict (``"seed": false`` or ``"5"`` is a 400, as in OpenAI's
+    API) yet take ``3.0``, which JSON (and JSON Schema's "integer") holds to be 3.
+    """
 
     @field_validator("*", mode="wrap")
     @classmethod
-    def _storable_text(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    def _storable_text(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        if info.field_name and OPAQUE in cls.model_fields[info.field_name].metadata:
+            return handler(value)
         if isinstance(value, str):
             check_text(value)  # before a length constraint says something vaguer
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)  # a strict float field takes it back; a strict int one needs it
         validated = handler(value)
         _check_strings(validated)
         return validated
@@ -110,13 +131,32 @@ class ChatMessage(ClientBody):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, description="A participant's name; engines do not use it.")
+    tool_calls: Annotated[list[dict[str, Any]] | None, OPAQUE] = Field(
+        None, description="An assistant's tool calls (needs an engine with tools)."
+    )
+    tool_call_id: str | None = Field(
+        None, description="The call a tool message answers (needs an engine with tools)."
+    )
+
+    def asks_for_tools(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls) or self.tool_call_id is not None
+
+    def asks_for_vision(self) -> bool:
+        return isinstance(self.content, list) and any(p.type != "text" for p in self.content)
 
     @field_validator("content", mode="before")
     @classmethod
     def _storable_content(cls, value: Any) -> Any:
         # Before the union is tried: a bad part is then one error naming this field,
-        # not one per member of the union.
-        _check_strings(value)
+        # not one per member of the union. Only the text is read: a part's other
+        # fields go nowhere (a non-text part is refused or dropped before them).
+        if isinstance(value, str):
+            check_text(value)
+        elif isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict):
+                    _check_strings([part.get("type"), part.get("text")])
         return value
 
     def to_message(self) -> Message:
@@ -128,20 +168,40 @@ class ChatMessage(ClientBody):
         return Message(role=role, content=text)
 
 
-class StreamOptions(ClientBody):
-    include_usage: bool = False
+def _at_most_4_items(schema: dict[str, Any]) -> None:
+    # The validator below says it in a clearer message than a union's member errors.
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = 4
+
+
+class Ask(NamedTuple):
+    """Something a request asks of the model's engine: refused when it lacks ``capability``.
+
+    ``capability`` names a flag of `EngineCapabilities`; any other name (``n``,
+    ``logit_bias``...) is a feature no engine here has, so it is always refused.
+    """
+
+    param: str
+    capability: str
+    what: str
 
 
 class SamplingFields(ClientBody):
-    max_tokens: int | None = Field(None, ge=1, description="Answer length cap.")
-    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="Answer length cap.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, strict=True, description="Sampling temperature."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 stop sequences.", json_schema_extra=_at_most_4_items
+    )
     seed: int | None = Field(
         None,
-        ge=-_INT64,
-        lt=_INT64,
-        description="Sampling seed (a 64-bit integer), where the engine supports it.",
+        ge=-MAX_SEED,
+        le=MAX_SEED,
+        strict=True,
+        description="Sampling seed, |seed| < 2**53 (what JSON carries exactly).",
     )
 
     @field_validator("stop")
@@ -156,35 +216,42 @@ class SamplingFields(ClientBody):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def asks(self) -> list[Ask]:
+        """What the model's engine must be able to do for this request (`Ask`)."""
+        asks = []
+        if self.stop_list():
+            asks.append(Ask("stop", "stop", "stop sequences"))
+        if self.seed is not None:
+            asks.append(Ask("seed", "seed", "seed"))
+        return asks
 
-class ChatCompletionRequest(SamplingFields):
-    """`POST /v1/chat/completions`; fields the server doesn't use are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1, description="A served model's name.")
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice is supported.")
-
-    def conversation_id(self) -> str | None:
-        """A chatfleet extension: routes of one conversation stick together."""
-        value = (self.model_extra or {}).get("conversation_id")
-        return str(value) if value else None
-
-    @model_validator(mode="after")
-    def _alias(self) -> ChatCompletionRequest:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return self
+    def sampling_extras(self) -> dict[str, int | float]:
+        """Sampling parameters beyond the common ones, for engines that declare them."""
+        return {}
 
 
-class GenerateRequest(SamplingFields):
+def prompt_or_messages_schema(schema: dict[str, Any]) -> None:
+    # The document says what the validators check: exactly one of the two, never null.
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    for name in ("prompt", "messages"):
+        field = schema["properties"][name]
+        field.pop("default", None)
+        field.update(next(b for b in field.pop("anyOf") if b.get("type") != "null"))
+
+
+class PromptOrMessages(SamplingFields):
+    @field_validator("prompt", "messages", mode="before", check_fields=False)
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null: leave the field out")
+        return value
+
+
+class GenerateRequest(PromptOrMessages):
     """`POST /api/generate`: a prompt or a message list, streamed back as SSE."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=prompt_or_messages_schema)
 
     model: str | None = Field(None, description="Model name; empty means the default model.")
     prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
@@ -211,123 +278,24 @@ class GenerateRequest(SamplingFields):
         return out
 
 
-MAX_CATEGORIES = 64
+#: Text as `check_text` takes it (NUL refused), in the OpenAPI document's words; the
+#: document adds it to every request string (lone surrogates JSON Schema cannot say).
+TEXT_PATTERN = r"^[^\x00]*$"
 
 
-def checked_categories(value: list[str]) -> list[str]:
-    """Category names without surrounding blanks; none empty or repeated, at most 64."""
-    names = [v.strip() for v in value]
-    if any(not n for n in names):
-        raise ValueError("categories must not be empty strings")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate categories: {', '.join(duplicates)}")
-    if len(names) > MAX_CATEGORIES:
-        raise ValueError(f"at most {MAX_CATEGORIES} categories")
-    return names
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, written for the client.")
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str = Field(description="A stable machine-readable code (see the error tree).")
 
 
-class ClassifyRequest(ClientBody):
-    """`POST /api/classify`."""
+class ErrorResponse(BaseModel):
+    """Every error body: OpenAI's shape."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(description="The text to classify.")
-    possible_categories: list[str] | None = Field(
-        None, description="Labels to score; empty means the configured categories."
-    )
-    descriptions: dict[str, str] | None = Field(
-        None, description="Optional label descriptions, compared along with the names."
-    )
-    multi_label: bool = Field(False, description="Score labels independently.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be empty")
-        return value
-
-    @field_validator("possible_categories")
-    @classmethod
-    def _categories(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("give at least one category, or leave the field out")
-        return checked_categories(value)
-
-
-class CompressRequest(ClientBody):
-    """`POST /api/compress`."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    text: str = Field(min_length=1, description="The context to compress.")
-    question: str = Field("", description="A question kept verbatim; guides what is kept.")
-    ratio: float | None = Field(
-        None, gt=0, le=1, description="Fraction of tokens to keep; empty: the configured one."
-    )
-
-
-class SelectRequest(SamplingFields):
-    """`POST /api/models/select`: route a prompt, then stream the answer.
-
-    The prompt router's clients send ``topP``, ``maxTokens`` and ``possibleCategories``
-    (camelCase): each spelling works, and fields chatfleet does not use are ignored.
-    """
-
-    model_config = ConfigDict(extra="ignore")
-
-    max_tokens: int | None = Field(
-        None,
-        ge=1,
-        validation_alias=AliasChoices("max_tokens", "maxTokens"),
-        description="Answer length cap (or `maxTokens`).",
-    )
-    top_p: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        validation_alias=AliasChoices("top_p", "topP"),
-        description="Nucleus sampling mass (or `topP`).",
-    )
-    prompt: str | None = Field(None, min_length=1, description="A single user prompt.")
-    messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="A conversation, instead of prompt."
-    )
-    conversation_id: str | None = Field(
-        None, max_length=200, description="Keeps a conversation on its model (hysteresis)."
-    )
-    possible_categories: list[str] | None = Field(
-        None,
-        validation_alias=AliasChoices("possible_categories", "possibleCategories"),
-        description="Route among these categories only (or `possibleCategories`): the prompt"
-        " is classified over them, and the best one's route answers, whatever its"
-        " confidence (an unrouted one: the default model). Empty: every configured category.",
-    )
-
-    @field_validator("possible_categories")
-    @classmethod
-    def _categories(cls, value: list[str] | None) -> list[str] | None:
-        # The prompt router's clients send an empty list for "no restriction".
-        return checked_categories(value) if value else None
-
-    @model_validator(mode="after")
-    def _prompt_or_messages(self) -> SelectRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return self
-
-    def to_messages(self) -> list[Message]:
-        if self.prompt is not None:
-            return [Message(role="user", content=self.prompt)]
-        assert self.messages is not None
-        return [m.to_message() for m in self.messages]
+    error: ErrorDetail
 
 
 def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
-    """The OpenAI error shape."""
+    """The OpenAI error shape (`ErrorResponse`)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

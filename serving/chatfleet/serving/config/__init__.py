@@ -24,6 +24,7 @@ from chatfleet.serving.config._auth import (
 )
 from chatfleet.serving.config._engines import (
     ENGINE_KINDS,
+    EngineCapabilities,
     EngineKind,
     FakeEngineConfig,
     GenerationDefaults,
@@ -61,6 +62,7 @@ __all__ = [
     "CoalesceConfig",
     "CompressorConfig",
     "CredentialGuessingConfig",
+    "EngineCapabilities",
     "EngineKind",
     "FakeEngineConfig",
     "GenerationDefaults",

@@ -7,6 +7,8 @@ transformers, vLLM, Ollama, an OpenAI-compatible API) goes with its engine, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_serializer, model_validator
@@ -15,6 +17,79 @@ from chatfleet.serving.config._base import _MODEL_NAME, _Model
 
 EngineKind = Literal["fake", "transformers", "vllm", "ollama", "openai"]
 ENGINE_KINDS: tuple[EngineKind, ...] = ("fake", "transformers", "vllm", "ollama", "openai")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapabilities:
+    """What an engine does with a request beyond messages, max_tokens, temperature, top_p.
+
+    The ingress refuses (400) what a model's engine cannot do, rather than drop it, and
+    ``GET /v1/models`` shows the flags. ``sampling`` names the extra sampling parameters
+    the engine passes on (``top_k``, ``repetition_penalty``, ...).
+    """
+
+    stop: bool = True
+    seed: bool = True
+    #: Reasoning comes back apart from the answer (``reasoning_content``).
+    reasoning: bool = True
+    tools: bool = False
+    structured_output: bool = False
+    vision: bool = False
+    logprobs: bool = False
+    sampling: frozenset[str] = frozenset()
+
+    @classmethod
+    def shared(cls, every: Sequence[EngineCapabilities]) -> EngineCapabilities:
+        """What each of ``every`` can do (model ``auto`` may answer with any of them)."""
+        if not every:
+            return cls()
+        flags = {name: all(getattr(c, name) for c in every) for name in _FLAGS}
+        return cls(**flags, sampling=frozenset.intersection(*(c.sampling for c in every)))
+
+    @classmethod
+    def combined(cls, every: Sequence[EngineCapabilities]) -> EngineCapabilities:
+        """What at least one of ``every`` can do."""
+        if not every:
+            return cls()
+        flags = {name: any(getattr(c, name) for c in every) for name in _FLAGS}
+        return cls(**flags, sampling=frozenset.union(*(c.sampling for c in every)))
+
+    def supports(self, capability: str) -> bool:
+        """Whether the engine has ``capability``: a flag's name; anything else it has not."""
+        return capability in _FLAGS and bool(getattr(self, capability))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stop": self.stop,
+            "seed": self.seed,
+            "reasoning": self.reasoning,
+            "tools": self.tools,
+            "structured_output": self.structured_output,
+            "vision": self.vision,
+            "logprobs": self.logprobs,
+            "sampling_parameters": sorted(self.sampling),
+        }
+
+
+_FLAGS = frozenset(
+    {"stop", "seed", "reasoning", "tools", "structured_output", "vision", "logprobs"}
+)
+_PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
+#: Every engine's capabilities: the one place that knows what each passes on.
+ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
+    "fake": EngineCapabilities(),
+    # repetition_penalty: per request, over the model's configured one.
+    "transformers": EngineCapabilities(sampling=frozenset({"repetition_penalty"})),
+    "vllm": EngineCapabilities(
+        sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
+    ),
+    # Into Ollama's options (repetition_penalty as its repeat_penalty).
+    "ollama": EngineCapabilities(
+        sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
+    ),
+    # OpenAI's own penalties; top_k and the like are not OpenAI's (its API refuses them).
+    "openai": EngineCapabilities(sampling=_PENALTIES),
+}
 
 
 class FakeEngineConfig(_Model):
@@ -208,6 +283,15 @@ class ModelConfig(_Model):
                 f" but its engine is {self.engine!r}"
             )
         return self
+
+    def capabilities(self) -> EngineCapabilities:
+        """What this model's engine honours beyond the basic sampling fields."""
+        capabilities = ENGINE_CAPABILITIES[self.engine]
+        if self.fake is not None and self.fake.thinking_tokens == 0:
+            return replace(capabilities, reasoning=False)
+        if self.ollama is not None and self.ollama.think is False:
+            return replace(capabilities, reasoning=False)
+        return capabilities
 
     def engine_settings(self) -> _Model:
         """The settings block of this model's engine."""

@@ -25,7 +25,9 @@ def _prompt_tokens(request: GenerationRequest) -> int:
 class FakeEngine(Engine):
     """Streams words picked deterministically from the prompt and the seed.
 
-    The same request always gives the same answer. ``tokens_per_second`` paces
+    The same request always gives the same answer; a request's ``seed`` picks other
+    words, and its ``stop`` sequences end the answer before the first one (finish
+    ``stop``), as real engines honour them. ``tokens_per_second`` paces
     the stream on a schedule, token i due i / tokens_per_second after the first,
     like a GPU that decodes at its own pace: a late wake-up (a busy event loop)
     makes the next tokens come sooner, not the whole stream slower (0: no pacing
@@ -49,7 +51,10 @@ class FakeEngine(Engine):
 
     def words(self, request: GenerationRequest, count: int, *, offset: int = 0) -> list[str]:
         last = request.messages[-1].content if request.messages else ""
-        digest = hashlib.sha256(f"{self.settings.seed}:{last}".encode()).digest()
+        seed = (
+            self.settings.seed if request.seed is None else f"{self.settings.seed}/{request.seed}"
+        )
+        digest = hashlib.sha256(f"{seed}:{last}".encode()).digest()
         start = int.from_bytes(digest[:4], "big")
         return [_WORDS[(start + offset + i) % len(_WORDS)] for i in range(count)]
 
@@ -58,10 +63,16 @@ class FakeEngine(Engine):
         delay = 1.0 / s.tokens_per_second if s.tokens_per_second > 0 else 0.0
         answer = min(s.reply_tokens, request.max_tokens)
         finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
+        words = self.words(request, answer)
+        text = " ".join(words)
+        cut = min((at for stop in request.stop if (at := text.find(stop)) >= 0), default=None)
+        if cut is not None:
+            words = text[:cut].split()
+            finish = "stop"
         plan: list[tuple[str, str]] = [
             ("thinking", w) for w in self.words(request, s.thinking_tokens, offset=7)
         ]
-        plan += [("text", w) for w in self.words(request, answer)]
+        plan += [("text", w) for w in words]
         self.active += 1
         emitted = 0
         clock = asyncio.get_running_loop().time

@@ -210,7 +210,9 @@ class TransformersEngine(Engine):
             generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
                 max_new_tokens=max_new_tokens,
                 do_sample=False,  # _Sampler draws from its own seeded generator
-                repetition_penalty=self.settings.repetition_penalty,
+                repetition_penalty=request.sampling.get(
+                    "repetition_penalty", self.settings.repetition_penalty
+                ),
                 eos_token_id=sorted(self._eos_ids) or None,
                 pad_token_id=self._pad_id,
             )

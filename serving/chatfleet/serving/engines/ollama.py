@@ -6,7 +6,8 @@ whatever ``ollama serve`` listens on. Each streamed line is a JSON object;
 the answer, which may itself carry ``<think>`` tags for models Ollama does not
 parse. The line with ``"done": true`` ends the answer with ``done_reason`` and
 the token counts. The request's sampling (temperature, top_p, max_tokens as
-``num_predict``, seed, stop) goes into ``options`` over the configured ones.
+``num_predict``, seed, stop, and the sampling extras: top_k, min_p, penalties) goes
+into ``options`` over the configured ones.
 
 Failures::
 
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 10.0
 _DETAIL_LIMIT = 300
+#: Sampling extras Ollama spells its own way (the others keep their names).
+_OLLAMA_OPTIONS = {"repetition_penalty": "repeat_penalty"}
 
 
 class OllamaEngine(Engine):
@@ -178,6 +181,8 @@ class OllamaEngine(Engine):
             options["seed"] = request.seed
         if request.stop:
             options["stop"] = list(request.stop)
+        for name, value in request.sampling.items():
+            options[_OLLAMA_OPTIONS.get(name, name)] = value
         body: dict[str, Any] = {
             "model": s.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],

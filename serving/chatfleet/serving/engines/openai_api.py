@@ -158,6 +158,9 @@ class OpenAIEngine(Engine):
             "top_p": request.top_p,
             "stop": request.stop or omit,
             "seed": request.seed if request.seed is not None else omit,
+            # Only OpenAI's own penalties get here (the engine's capabilities).
+            "frequency_penalty": request.sampling.get("frequency_penalty", omit),
+            "presence_penalty": request.sampling.get("presence_penalty", omit),
             "extra_body": dict(s.extra_body) or None,
         }
 

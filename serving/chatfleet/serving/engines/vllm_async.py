@@ -197,6 +197,7 @@ class VLLMEngine(Engine):
             seed=request.seed,
             stop=list(request.stop) or None,
             output_kind=api.delta,
+            **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
         )
         request_id = request.request_id
         finished = False
