@@ -1,7 +1,7 @@
 """The ingress HTTP API (OpenAI-compatible and chatfleet-native), built from plain objects."""
 
 from chatfleet.serving.api._app import create_app
-from chatfleet.serving.api._gateway import (
+from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
     EngineClient,

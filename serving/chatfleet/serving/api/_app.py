@@ -24,22 +24,15 @@ from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes, is_publ
 from chatfleet.serving.api._boundary import ClientRoute, allowed_methods, validation_message
 from chatfleet.serving.api._capabilities import model_capabilities
 from chatfleet.serving.api._chat_request import ChatCompletionRequest
-from chatfleet.serving.api._conversations import add_conversation_routes
-from chatfleet.serving.api._dashboard import add_dashboard_routes
-from chatfleet.serving.api._gateway import (
-    AUTO_MODEL,
-    CONVERSATION_HEADER,
-    VERSION,
+from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
     EngineClient,
-    Gateway,
     RouterClient,
-    generate_events,
-    openai_completion,
-    openai_events,
-    route_headers,
 )
+from chatfleet.serving.api._conversations import add_conversation_routes
+from chatfleet.serving.api._dashboard import add_dashboard_routes
+from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._routing_api import add_routing_routes
@@ -49,6 +42,12 @@ from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._tracing import TracingMiddleware
 from chatfleet.serving.api._usage_api import add_usage_routes
+from chatfleet.serving.api._wire import (
+    generate_events,
+    openai_completion,
+    openai_events,
+    route_headers,
+)
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, EngineCapabilities

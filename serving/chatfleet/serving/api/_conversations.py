@@ -31,10 +31,11 @@ from chatfleet.serving.api._answers import (
     best_effort,
     require_store,
 )
-from chatfleet.serving.api._gateway import Gateway, route_headers
+from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
+from chatfleet.serving.api._wire import route_headers
 from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store

@@ -1,36 +1,36 @@
-"""What the request handlers share: engine/router clients and the gateway state."""
+"""`Gateway`: the one seam every handler opens answers through (`Gateway.open`).
+
+It resolves and checks the model, routes ``auto`` (the router, its hysteresis per
+conversation, fallbacks while a model starts), admits the client against its budget,
+opens the engine's stream with metrics and tracing, and meters the answer. The
+clients it reaches models through are in `_clients`; the wire formats handlers
+translate an `Answer` into are in `_wire`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._capabilities import checked_sampling
+from chatfleet.serving.api._clients import (
+    ClassifierClient,
+    CompressorClient,
+    EngineClient,
+    RouterClient,
+)
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
-from chatfleet.serving.api._streaming import sse
 from chatfleet.serving.api._usage import UsageMeter
 from chatfleet.serving.auth import Authenticator
-from chatfleet.serving.config import AppConfig, CoalesceConfig, ModelConfig
-from chatfleet.serving.engines import Engine, coalesce, traced_generation
-from chatfleet.serving.errors import (
-    ChatfleetError,
-    EngineError,
-    ModelNotFound,
-    RequestError,
-)
-from chatfleet.serving.protocol import (
-    Chunk,
-    Classification,
-    Compression,
-    GenerationRequest,
-)
+from chatfleet.serving.config import AppConfig, ModelConfig
+from chatfleet.serving.errors import ChatfleetError, EngineError, ModelNotFound, RequestError
+from chatfleet.serving.protocol import Chunk, Classification, Compression, GenerationRequest
 from chatfleet.serving.protocol import Message as ChatMessage
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
 from chatfleet.serving.store import Store
@@ -50,87 +50,6 @@ class NotConfigured(RequestError):
 
     status_code = 404
     code = "not_configured"
-
-
-class EngineClient(Protocol):
-    """How the ingress reaches one model: batches of chunks, and readiness."""
-
-    def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]: ...
-
-    async def is_ready(self) -> bool: ...
-
-
-class RouterClient(Protocol):
-    """How the ingress asks for a routing decision (one call per request)."""
-
-    async def decide(
-        self, messages: list[ChatMessage], previous: PreviousRoute | None, compress: bool
-    ) -> RoutingDecision: ...
-
-    async def rankings(self) -> dict[str, Any]: ...
-
-
-class ClassifierClient(Protocol):
-    async def classify(
-        self,
-        prompt: str,
-        labels: list[str] | None,
-        descriptions: dict[str, str] | None,
-        multi_label: bool,
-    ) -> Classification: ...
-
-
-class CompressorClient(Protocol):
-    async def compress(self, context: str, question: str, ratio: float | None) -> Compression: ...
-
-
-class LocalRouterClient:
-    """A `Router` in this process."""
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-
-    async def decide(
-        self, messages: list[ChatMessage], previous: PreviousRoute | None, compress: bool
-    ) -> RoutingDecision:
-        return await self.router.decide(messages, previous, compress)
-
-    async def rankings(self) -> dict[str, Any]:
-        return self.router.rankings()
-
-
-class LocalEngineClient:
-    """An engine in this process, with the same token batching as over Ray."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        coalescing: CoalesceConfig | None = None,
-        *,
-        tracer_provider: telemetry.TracerProvider | None = None,
-    ) -> None:
-        self.engine = engine
-        self.coalescing = coalescing or CoalesceConfig()
-        self.started = False
-        self._tracer = telemetry.get_tracer(tracer_provider)
-
-    async def start(self) -> None:
-        await self.engine.start()
-        self.started = True
-
-    def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
-        return coalesce(
-            traced_generation(
-                self.engine.stream(request), request, self.engine.model.engine, self._tracer
-            ),
-            max_tokens=self.coalescing.max_tokens,
-            max_delay=self.coalescing.max_delay_ms / 1000,
-            runs_ahead=self.engine.runs_ahead,
-            limit=request.max_tokens,
-        )
-
-    async def is_ready(self) -> bool:
-        return self.started
 
 
 class Gateway:
@@ -472,84 +391,3 @@ class Gateway:
             logger.exception("stream failed", exc_info=exc)
         self.metrics.errors.labels(err.code).inc()
         return error_body(err.message, type_=err.error_type, code=err.code, param=err.param)
-
-
-def route_headers(answer: Answer) -> dict[str, str]:
-    """The response headers that explain a routed answer (none for a named model)."""
-    return {} if answer.decision is None else {ROUTE_HEADER: answer.decision.header()}
-
-
-def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
-    """A collected answer in OpenAI's non-streamed shape."""
-    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
-    if answer.thinking:
-        message["reasoning_content"] = answer.reasoning
-    completion = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": answer.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish}],
-        "usage": answer.usage_dict(),
-    }
-    if answer.route is not None:
-        completion["chatfleet_route"] = answer.route
-    return completion
-
-
-async def openai_events(
-    gw: Gateway, answer: Answer, completion_id: str, include_usage: bool
-) -> AsyncGenerator[str, None]:
-    """An answer as OpenAI's stream of ``chat.completion.chunk`` events."""
-    created = int(time.time())
-    head = (
-        f'{{"id":"{completion_id}","object":"chat.completion.chunk",'
-        f'"created":{created},"model":{json.dumps(answer.model)},"choices":'
-    )
-
-    def event(choices: str, extra: str = "") -> str:
-        return f"data: {head}{choices}{extra}}}\n\n"
-
-    try:
-        if answer.route is not None:
-            # The route first, in a chunk with no choices (as OpenAI's usage chunk):
-            # clients that don't know the field skip it.
-            yield event("[]", f',"chatfleet_route":{json.dumps(answer.route)}')
-        yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
-        async for delta in answer.deltas():
-            for chunk in delta.chunks:
-                if chunk.text:
-                    key = "reasoning_content" if chunk.kind == "thinking" else "content"
-                    text = json.dumps({key: chunk.text})
-                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
-        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]')
-        if include_usage:
-            yield event("[]", f',"usage":{json.dumps(answer.usage_dict())}')
-    except Exception as exc:
-        # OpenAI's own streams report late failures as an event with an "error" key.
-        yield sse(gw.error_event(exc))
-    finally:
-        await answer.aclose()
-    yield "data: [DONE]\n\n"
-
-
-async def generate_events(
-    gw: Gateway, answer: Answer, request_id: str, *, metadata: bool = True
-) -> AsyncGenerator[str, None]:
-    """An answer as chatfleet's native SSE: metadata, thinking/text chunks, end_stream."""
-    finish: str | None = None
-    try:
-        if metadata:
-            yield sse({"model": answer.model, "request_id": request_id}, "metadata")
-        async for delta in answer.deltas():
-            for chunk in delta.chunks:
-                if chunk.text:
-                    kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
-                    yield sse({"text": chunk.text}, kind)
-    except Exception as exc:
-        yield sse(gw.error_event(exc), "error")
-        finish = "error"
-    finally:
-        await answer.aclose()
-    end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}
-    yield sse(end, "end_stream")

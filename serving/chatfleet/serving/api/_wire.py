@@ -1,0 +1,94 @@
+"""An `Answer` in the wire formats handlers send: OpenAI's chat completion (whole or
+streamed) and chatfleet's native SSE; the headers that explain a routed answer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from chatfleet.serving.api._answers import Answer
+from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway
+from chatfleet.serving.api._streaming import sse
+
+
+def route_headers(answer: Answer) -> dict[str, str]:
+    """The response headers that explain a routed answer (none for a named model)."""
+    return {} if answer.decision is None else {ROUTE_HEADER: answer.decision.header()}
+
+
+def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
+    """A collected answer in OpenAI's non-streamed shape."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if answer.thinking:
+        message["reasoning_content"] = answer.reasoning
+    completion = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish}],
+        "usage": answer.usage_dict(),
+    }
+    if answer.route is not None:
+        completion["chatfleet_route"] = answer.route
+    return completion
+
+
+async def openai_events(
+    gw: Gateway, answer: Answer, completion_id: str, include_usage: bool
+) -> AsyncGenerator[str, None]:
+    """An answer as OpenAI's stream of ``chat.completion.chunk`` events."""
+    created = int(time.time())
+    head = (
+        f'{{"id":"{completion_id}","object":"chat.completion.chunk",'
+        f'"created":{created},"model":{json.dumps(answer.model)},"choices":'
+    )
+
+    def event(choices: str, extra: str = "") -> str:
+        return f"data: {head}{choices}{extra}}}\n\n"
+
+    try:
+        if answer.route is not None:
+            # The route first, in a chunk with no choices (as OpenAI's usage chunk):
+            # clients that don't know the field skip it.
+            yield event("[]", f',"chatfleet_route":{json.dumps(answer.route)}')
+        yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
+        async for delta in answer.deltas():
+            for chunk in delta.chunks:
+                if chunk.text:
+                    key = "reasoning_content" if chunk.kind == "thinking" else "content"
+                    text = json.dumps({key: chunk.text})
+                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
+        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]')
+        if include_usage:
+            yield event("[]", f',"usage":{json.dumps(answer.usage_dict())}')
+    except Exception as exc:
+        # OpenAI's own streams report late failures as an event with an "error" key.
+        yield sse(gw.error_event(exc))
+    finally:
+        await answer.aclose()
+    yield "data: [DONE]\n\n"
+
+
+async def generate_events(
+    gw: Gateway, answer: Answer, request_id: str, *, metadata: bool = True
+) -> AsyncGenerator[str, None]:
+    """An answer as chatfleet's native SSE: metadata, thinking/text chunks, end_stream."""
+    finish: str | None = None
+    try:
+        if metadata:
+            yield sse({"model": answer.model, "request_id": request_id}, "metadata")
+        async for delta in answer.deltas():
+            for chunk in delta.chunks:
+                if chunk.text:
+                    kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
+                    yield sse({"text": chunk.text}, kind)
+    except Exception as exc:
+        yield sse(gw.error_event(exc), "error")
+        finish = "error"
+    finally:
+        await answer.aclose()
+    end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}
+    yield sse(end, "end_stream")
