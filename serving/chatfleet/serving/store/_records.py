@@ -6,21 +6,31 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-MessageStatus = Literal["complete", "partial", "cancelled", "failed"]
-SessionStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+#: ``interrupted``: cut off because the replica writing it stopped (drained at
+#: shutdown, or found dead); distinct from ``failed`` (the engine failed) and
+#: ``cancelled`` (the client stopped it). Its text so far is kept.
+MessageStatus = Literal["complete", "partial", "cancelled", "failed", "interrupted"]
+SessionStatus = Literal["pending", "running", "completed", "failed", "cancelled", "interrupted"]
 MessageRole = Literal["system", "user", "assistant", "tool"]
 
-MESSAGE_STATUSES: tuple[MessageStatus, ...] = ("complete", "partial", "cancelled", "failed")
+MESSAGE_STATUSES: tuple[MessageStatus, ...] = (
+    "complete",
+    "partial",
+    "cancelled",
+    "failed",
+    "interrupted",
+)
 SESSION_STATUSES: tuple[SessionStatus, ...] = (
     "pending",
     "running",
     "completed",
     "failed",
     "cancelled",
+    "interrupted",
 )
 #: A session in one of these states is over; it can't be cancelled or restarted.
 FINISHED_SESSION_STATUSES: frozenset[SessionStatus] = frozenset(
-    {"completed", "failed", "cancelled"}
+    {"completed", "failed", "cancelled", "interrupted"}
 )
 
 
