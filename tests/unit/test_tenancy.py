@@ -255,6 +255,11 @@ async def test_a_token_budget_and_usage_per_client(tenants: Tenants) -> None:
         [row] = usage["data"]
         assert (row["client_id"], row["model"], row["completion_tokens"]) == ("dave", "fake", 6)
         assert row["total_tokens"] >= 6
+        scraped = (await dave.get("/metrics")).text
+        assert (
+            'chatfleet_client_tokens_total{client="dave",kind="completion",model="fake"} 6.0'
+            in (scraped)
+        )
         # Over the budget of 5 tokens a day: refused on every path, on every replica.
         async with tenants.http("dave", other=True) as there:
             for refused in (

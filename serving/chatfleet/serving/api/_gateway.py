@@ -79,7 +79,7 @@ class Gateway:
         self.compressor = compressor
         self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
-        self.usage = UsageMeter(store, config.auth)
+        self.usage = UsageMeter(store, config.auth, metrics)
         # (owner, conversation) -> its last route, for hysteresis; keyed by owner too,
         # so one client's ids never steer another's routing. Bounded; replica-local
         # until conversations are stored (then the store holds it).

@@ -117,6 +117,11 @@ class Metrics:
             " routing.confidence_threshold, so the default model answered them.",
             [],
         )
+        self.client_tokens = self._counter(
+            "chatfleet_client_tokens_total",
+            "Tokens used per client (a token's sub), model and kind (prompt or completion).",
+            ["client", "model", "kind"],
+        )
         self.fallbacks = self._counter(
             "chatfleet_routing_fallbacks_total",
             "Models skipped because they failed before their first token.",

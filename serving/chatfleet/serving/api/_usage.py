@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatfleet.serving.api._answers import Answer
+from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.config import AuthConfig, ClientBudget
 from chatfleet.serving.errors import BudgetExceeded
 from chatfleet.serving.store import Store
@@ -29,8 +30,11 @@ def _seconds_until(moment: datetime, now: datetime) -> int:
 
 
 class UsageMeter:
-    def __init__(self, store: Store | None, auth: AuthConfig | None) -> None:
+    def __init__(
+        self, store: Store | None, auth: AuthConfig | None, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
+        self.metrics = metrics
         clients = auth.clients if auth is not None and auth.enabled else []
         self.budgets: dict[str, ClientBudget] = {
             c.client_id: c.budget for c in clients if c.budget is not None
@@ -70,12 +74,18 @@ class UsageMeter:
 
     def meter(self, answer: Answer, owner: str | None) -> None:
         """Count ``answer`` against ``owner`` once it has ended, however it ends."""
-        if owner is None or self.store is None:
+        if owner is None:
             return
-        store = self.store
+        store, metrics = self.store, self.metrics
 
         def record(done: Answer) -> None:
             usage = done.final_usage()
+            if metrics is not None:
+                metrics.client_tokens.labels(owner, done.model, "prompt").inc(usage.prompt_tokens)
+                tokens = metrics.client_tokens.labels(owner, done.model, "completion")
+                tokens.inc(usage.completion_tokens)
+            if store is None:
+                return
             task = asyncio.ensure_future(
                 store.record_usage(
                     owner,
