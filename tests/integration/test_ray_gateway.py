@@ -140,3 +140,25 @@ async def test_concurrent_streams(url: str) -> None:
 
         counts = await asyncio.gather(*(one(i) for i in range(16)))
     assert counts == [64] * 16
+
+
+async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> None:
+    # The relay is on by default; a relay that could not be reached would fall back to
+    # the handle silently, and the answers below would be the same: count the path.
+    handle = ray_serve.handle("engine-fake", APP)
+    before = dict(await handle.stats.remote())
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(3):
+            r = await client.post(
+                f"{url}/v1/chat/completions",
+                json={
+                    "model": "fake",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": f"q{i}"}],
+                },
+            )
+            assert r.status_code == 200
+            assert r.text.rstrip().endswith("data: [DONE]")
+    after = dict(await handle.stats.remote())
+    assert after["completed"] == before["completed"] + 3
+    assert after["relayed"] == before["relayed"] + 3, after

@@ -8,9 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from tests.fakes.app_server import wait_for
 
 from chatfleet.serving import relay as relay_module
-from chatfleet.serving.errors import EngineError
+from chatfleet.serving.errors import EngineError, RelayLost
 from chatfleet.serving.protocol import Chunk, Usage
 from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
 
@@ -84,18 +85,33 @@ async def test_a_link_with_the_wrong_secret_delivers_nothing(
     await relay.close()
 
 
-async def test_an_unreachable_relay_falls_back_to_the_handle() -> None:
+async def test_an_unreachable_relay_falls_back_to_the_handle_then_is_tried_again() -> None:
     relay = Relay("127.0.0.1")
     address = await relay.start()
     await relay.close()
     await asyncio.sleep(0.05)
-    links = Links(connect_timeout_s=0.5)
+    now = [1000.0]
+    links = Links(connect_timeout_s=0.5, retry_s=(1.0, 4.0), clock=lambda: now[0])
     key = uuid.uuid4().hex
     sent = answer(0, 5)
     live = Relay("127.0.0.1")  # receives, but the engine cannot reach `address`
     got = [b async for b in live.receive(key, engine_call(links, address, key, source(sent)))]
     assert got == sent
-    assert await links.get(address) is None  # remembered: no second connect attempt
+    assert links._retry[address] == (1001.0, 1.0)
+    assert await links.get(address) is None  # within the back-off: no connect attempt
+    now[0] += 1.5
+    assert await links.get(address) is None  # tried again, still down: the back-off doubles
+    assert links._retry[address] == (1003.5, 2.0)
+    # The relay is back on the same port (a restarted ingress): the next try links up.
+    back = await asyncio.start_server(
+        lambda r, w: None, address.host, address.port, reuse_address=True
+    )
+    now[0] += 2.5
+    assert await links.get(address) is not None
+    assert address not in links._retry
+    links.close()
+    back.close()
+    await live.close()
 
 
 async def test_an_engine_failure_arrives_after_the_batches_before_it() -> None:
@@ -147,10 +163,68 @@ async def test_a_link_lost_midway_is_reported_not_hung(monkeypatch: pytest.Monke
         async for count in relay_batches(link, key, source(answer(0, 5))):
             yield count
 
-    with pytest.raises(ConnectionError):
+    # Reported as what it is (502 relay_lost), not as a failure of the model: by the
+    # ingress, which sees the link close, or by the engine's next send on it.
+    with pytest.raises((RelayLost, relay_module.LinkLost)):
         async for _ in relay.receive(key, handle()):
             pass
     assert await links.get(address) is not None  # a broken link is replaced
+    await relay.close()
+
+
+async def test_an_ingress_that_hangs_up_ends_its_streams_with_relay_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "SETTLE_S", 0.3)
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links = Links()
+    key = uuid.uuid4().hex
+    stalled = asyncio.Event()
+
+    async def batches() -> AsyncIterator[list[Chunk]]:
+        yield answer(0, 1)[0]
+        stalled.set()
+        await asyncio.sleep(30)  # the engine is still generating when the link goes
+        yield answer(0, 1)[1]
+
+    async def handle() -> AsyncIterator[list[Chunk] | int]:
+        async for message in engine_call(links, address, key, batches()):
+            yield message
+
+    async def consume() -> list[list[Chunk]]:
+        return [b async for b in relay.receive(key, handle())]
+
+    task = asyncio.create_task(consume())
+    await stalled.wait()
+    links.close()  # the engine replica shuts down: its links are hung up
+    with pytest.raises(RelayLost, match="broke"):  # at once, not when the engine next sends
+        await asyncio.wait_for(task, 10)
+    await relay.close()
+
+
+async def test_a_reader_too_far_behind_loses_its_stream_not_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "MAX_QUEUED", 5)
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links = Links()
+    slow, fast = uuid.uuid4().hex, uuid.uuid4().hex
+    slow_stream = relay.receive(slow, engine_call(links, address, slow, source(answer(0, 40))))
+    assert await anext(slow_stream) == answer(0, 40)[0]  # then it stops reading
+    sent = answer(1, 40)
+    got = [b async for b in relay.receive(fast, engine_call(links, address, fast, source(sent)))]
+    assert got == sent  # the shared link kept serving the other stream
+
+    async def overflowed() -> int:
+        return relay.stats["overflowed"]
+
+    await wait_for(overflowed)
+    with pytest.raises(RelayLost, match="behind"):
+        async for _ in slow_stream:
+            pass
+    assert relay._streams == {}
     await relay.close()
 
 

@@ -12,7 +12,8 @@
     │   └── TokenRevoked               401 token_revoked (ends an open WebSocket: 1008)
     ├── EngineError                    502 engine_error
     │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
-    │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
+    │   ├── UpstreamError              502 upstream_error (remote API / Ollama said no)
+    │   └── RelayLost                  502 relay_lost (the token relay link broke mid-stream)
     ├── StoreUnavailable               503 store_unavailable (database unreachable)
     └── Overloaded                     429 rate_limited
         └── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
@@ -37,6 +38,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "RelayLost",
     "RequestError",
     "StoreUnavailable",
     "TokenExpired",
@@ -125,6 +127,12 @@ class EngineUnavailable(EngineError):
 class UpstreamError(EngineError):
     status_code = 502
     code = "upstream_error"
+
+
+class RelayLost(EngineError):
+    """The token relay between an engine and the ingress broke: not the model's fault."""
+
+    code = "relay_lost"
 
 
 class StoreUnavailable(ChatfleetError):

@@ -17,6 +17,14 @@ ingress knows when it has them all.
 
 A link opens with the relay's secret (a random token the ingress passes in each request)
 and frames are plain JSON: nothing is unpickled from the network.
+
+Failure is reported as what it is: a link lost mid-stream ends that stream with
+`RelayLost` on both sides (not as a failure of the model). An engine that cannot reach
+a relay sends on the handle meanwhile and tries the relay again after a back-off
+(`Links`), rather than giving it up for good. Each stream holds at most
+`MAX_QUEUED` batches its reader has not taken: a reader that far behind loses its
+stream (`RelayLost`), so one slow client never grows the ingress's memory or holds up
+the link the other streams share. Both sides close their sockets on shutdown.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ import json
 import logging
 import secrets
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chatfleet.serving.errors import RelayLost
 from chatfleet.serving.protocol import Chunk, Usage
 
 logger = logging.getLogger(__name__)
@@ -42,6 +52,13 @@ _BACKLOG = 1 << 20  # bytes queued on a link before a stream waits for it to dra
 _FAIL = "fail"  # the engine failed: its error follows on the handle call
 #: How long the ingress waits for relay items in flight once the handle call has ended.
 SETTLE_S = 5.0
+#: Batches one stream may have waiting for its reader before it is dropped.
+MAX_QUEUED = 1024
+_RETRY_S = (1.0, 30.0)  # an unreachable relay is tried again after 1 s, doubling to 30 s
+
+
+class LinkLost(ConnectionError):
+    """The engine's link to the relay broke (the ingress side hung up or went away)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +93,15 @@ def decode_batch(items: list[Any]) -> list[Chunk]:
 class _Stream:
     """What the ingress has received for one request, from either path."""
 
-    __slots__ = ("expected", "queue", "received")
+    __slots__ = ("expected", "overflowed", "queue", "received")
 
     def __init__(self) -> None:
+        # Unbounded as a queue, bounded by the link reader (`MAX_QUEUED`), which must
+        # never wait on one stream: the link carries every stream of the replica pair.
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.received = 0  # relay items
         self.expected: int | None = None  # relay items the engine says it sent
+        self.overflowed = False
 
 
 class Relay:
@@ -96,6 +116,8 @@ class Relay:
         self._writers: set[asyncio.StreamWriter] = set()
         self._unavailable = False
         self.address: RelayAddress | None = None
+        #: Batches received on links, and streams dropped for a reader too far behind.
+        self.stats = {"batches": 0, "overflowed": 0}
 
     async def start(self) -> RelayAddress | None:
         """The relay's address, listening from the first call on; None if it cannot listen
@@ -122,6 +144,7 @@ class Relay:
 
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        carried: set[str] = set()  # streams this link delivered to: they end with it
         try:
             hello = await asyncio.wait_for(reader.readline(), 10)
             if not hmac.compare_digest(hello.strip(), self._secret.encode()):
@@ -132,14 +155,26 @@ class Relay:
                     return
                 for stream_id, item in json.loads(await reader.readexactly(size)):
                     stream = self._streams.get(stream_id)
-                    if stream is not None:  # else: the request is gone (client left)
-                        stream.received += 1
+                    if stream is None or stream.overflowed:
+                        continue  # the request is gone (client left), or dropped
+                    carried.add(stream_id)
+                    stream.received += 1
+                    self.stats["batches"] += 1
+                    if stream.queue.qsize() >= MAX_QUEUED:
+                        stream.overflowed = True
+                        self.stats["overflowed"] += 1
+                        stream.queue.put_nowait(("overflow", None))
+                    else:
                         stream.queue.put_nowait(("relay", item))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError):
             pass
         finally:
             self._writers.discard(writer)
             writer.close()
+            for stream_id in carried:
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    stream.queue.put_nowait(("lost", None))
 
     def receive(
         self, stream_id: str, handle_stream: AsyncIterator[Any]
@@ -171,7 +206,15 @@ class Relay:
                     timeout = SETTLE_S if expected is not None else None
                     source, item = await asyncio.wait_for(stream.queue.get(), timeout)
                 except TimeoutError:
-                    raise error or ConnectionError("batches lost on the token relay") from None
+                    raise error or RelayLost("batches lost on the token relay") from None
+                if source == "lost":
+                    if expected is None or stream.received < expected:
+                        raise RelayLost("the token relay link from the engine broke")
+                    continue  # every item was in before the link closed
+                if source == "overflow":
+                    raise RelayLost(
+                        f"the stream was dropped: its reader fell {MAX_QUEUED} batches behind"
+                    )
                 if source == "relay":
                     if item == _FAIL:
                         failed = True
@@ -185,7 +228,7 @@ class Relay:
                     if stream.expected is None:
                         return  # the engine sent everything on the handle
                     if failed:
-                        raise ConnectionError("the engine failed without an error")
+                        raise RelayLost("the engine failed without an error")
                 elif source == "error":
                     if stream.expected is None:
                         raise item  # nothing on the relay to wait for
@@ -227,7 +270,7 @@ class _Link:
 
     def send(self, stream_id: str, item: Any) -> None:
         if self.broken:
-            raise ConnectionError("token relay link lost")
+            raise LinkLost("token relay link lost")
         self._pending.append([stream_id, item])
         if not self._scheduled:
             self._scheduled = True
@@ -248,25 +291,44 @@ class _Link:
         self._flush()
         if self.broken or self._writer.is_closing():
             self.broken = True
-            raise ConnectionError("token relay link lost")
-        await self._writer.drain()
+            raise LinkLost("token relay link lost")
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            self.broken = True
+            raise LinkLost(f"token relay link lost: {exc}") from exc
+
+    def close(self) -> None:
+        self.broken = True
+        self._writer.close()
 
 
 class Links:
     """The engine side: one link per relay address, opened on first use."""
 
-    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float = 2.0,
+        *,
+        retry_s: tuple[float, float] = _RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._links: dict[RelayAddress, _Link] = {}
-        self._failed: set[RelayAddress] = set()
+        # An unreachable relay: when to try again, and the back-off that led there.
+        self._retry: dict[RelayAddress, tuple[float, float]] = {}
         self._opening: dict[RelayAddress, asyncio.Future[_Link | None]] = {}
         self._timeout = connect_timeout_s
+        self._retry_s = retry_s
+        self._clock = clock
 
     async def get(self, address: RelayAddress) -> _Link | None:
-        """The open link to ``address``; None when it cannot be reached (use the handle)."""
+        """The open link to ``address``; None when it cannot be reached now (use the
+        handle; it is tried again after a back-off)."""
         link = self._links.get(address)
         if link is not None and not link.broken:
             return link
-        if address in self._failed:
+        retry = self._retry.get(address)
+        if retry is not None and self._clock() < retry[0]:
             return None
         opening = self._opening.get(address)
         if opening is None:
@@ -283,17 +345,27 @@ class Links:
                 asyncio.open_connection(address.host, address.port), self._timeout
             )
         except (OSError, TimeoutError) as exc:
+            previous = self._retry.get(address)
+            wait = self._retry_s[0] if previous is None else min(previous[1] * 2, self._retry_s[1])
+            self._retry[address] = (self._clock() + wait, wait)
             logger.warning(
-                "token relay %s:%s unreachable (%s): batches go on the handle",
+                "token relay %s:%s unreachable (%s): batches go on the handle; retry in %.0f s",
                 address.host,
                 address.port,
                 exc,
+                wait,
             )
-            self._failed.add(address)
             return None
+        self._retry.pop(address, None)
         writer.write(address.secret.encode() + b"\n")
         link = self._links[address] = _Link(writer)
         return link
+
+    def close(self) -> None:
+        """Hang up every link (the replica is shutting down)."""
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
 
 async def relay_batches(
@@ -307,12 +379,12 @@ async def relay_batches(
             sent += 1
             if link.backlog > _BACKLOG:
                 await link.drain()
-    except ConnectionError:
+    except LinkLost:
         raise
     except Exception:
         # The engine failed: the ingress raises its error once the batches before it
         # are in, so the count goes first.
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(LinkLost):
             link.send(stream_id, _FAIL)
             await link.drain()
             yield sent + 1

@@ -17,9 +17,9 @@ from chatfleet.serving.engines import (
     delay_for_load,
     traced_generation,
 )
-from chatfleet.serving.errors import ChatfleetError, EngineError
+from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
 from chatfleet.serving.protocol import Chunk, GenerationRequest
-from chatfleet.serving.relay import Links, RelayAddress, relay_batches
+from chatfleet.serving.relay import LinkLost, Links, RelayAddress, relay_batches
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class EngineDeployment:
         self._engine = create_engine(model)
         self._links = Links()
         self._coalescing = coalescing
-        self._stats = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0}
+        # Outcomes, and how many streams went on the token relay (the rest: the handle).
+        self._stats = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0, "relayed": 0}
         await self._engine.start()
         logger.info("engine %s (%s) ready", model.name, model.engine)
 
@@ -70,6 +71,8 @@ class EngineDeployment:
         source: AsyncGenerator[list[Chunk] | int, None] = (
             batches if link is None else relay_batches(link, relay_key, batches)
         )
+        if link is not None:
+            self._stats["relayed"] += 1
         try:
             async for message in source:
                 yield message
@@ -79,6 +82,9 @@ class EngineDeployment:
         except ChatfleetError:
             outcome = "failed"
             raise
+        except LinkLost as exc:
+            outcome = "failed"
+            raise RelayLost(f"lost the token relay to the ingress: {exc}") from exc
         except Exception as exc:
             outcome = "failed"
             logger.exception("engine %s failed", self._engine.name)
@@ -98,4 +104,5 @@ class EngineDeployment:
         return dict(self._stats)
 
     async def __del__(self) -> None:
+        self._links.close()
         await self._engine.close()

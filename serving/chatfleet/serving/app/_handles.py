@@ -16,7 +16,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.errors import ChatfleetError, EngineError
+from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
 from chatfleet.serving.protocol import (
     Chunk,
     Classification,
@@ -143,8 +143,8 @@ class HandleEngineClient:
             if cause is None:
                 raise EngineError(f"model {request.model} failed") from exc
             raise cause from None
-        except ConnectionError as exc:
-            raise EngineError(f"model {request.model} failed: {exc}") from exc
+        except ConnectionError as exc:  # the relay's link or socket, not the model
+            raise RelayLost(f"lost the token relay from model {request.model}: {exc}") from exc
         finally:
             if not finished:
                 # The client went away (or we failed): stop the engine's generation.

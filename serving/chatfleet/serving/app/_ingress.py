@@ -37,7 +37,7 @@ class Ingress:
         _favour_the_event_loop()
         routing = HandleRouterClient(router, classifier, compressor)
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
-        relay = Relay(node_ip) if config.coalesce.relay else None
+        relay = self._relay = Relay(node_ip) if config.coalesce.relay else None
         # Opened (and migrated) by the app's lifespan. Sessions run in this replica:
         # their live events reach its /ws subscribers only; the database is shared.
         store = Store(config.store)
@@ -64,3 +64,10 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
+
+    async def __del__(self) -> None:
+        # Serve calls this when the replica stops: hang up the engines' relay links
+        # (their streams end with RelayLost, not silence) and stop the metrics thread.
+        if self._relay is not None:
+            await self._relay.close()
+        self._metrics_mirror.stop()
