@@ -196,6 +196,13 @@ class StampingEmulator(kmock.KubernetesEmulator):
             return  # kmock answers 404
         current = copy.deepcopy(self.objects[key].raw)
         patch = request.data
+        # A resourceVersion in a patch is a precondition, as on a real API server.
+        wanted = ((patch or {}).get("metadata") or {}) if isinstance(patch, dict) else {}
+        have = (current.get("metadata") or {}).get("resourceVersion")
+        if wanted.get("resourceVersion") not in (None, have):
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message="the object has been modified"
+            )
         if content_type == "application/json-patch+json":
             try:
                 desired = jsonpatch.apply_patch(current, patch)

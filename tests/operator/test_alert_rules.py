@@ -88,21 +88,25 @@ def test_error_ratio_guards_the_division() -> None:
 class _FailingKube:
     """A Kube whose writes fail with a server error (the JWT Secret already exists)."""
 
-    def get(self, *_: Any) -> dict[str, Any]:
+    async def get(self, *_: Any) -> dict[str, Any]:
         return {"data": {"signing-key": "eA=="}}
 
-    def create(self, obj: dict[str, Any]) -> None:
+    async def create(self, obj: dict[str, Any]) -> None:
         return None  # 409: it exists
 
-    def serves(self, *_: Any) -> bool:
+    async def serves(self, *_: Any) -> bool:
         return False
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         raise KubeError(500, "etcd is having a bad day")
 
 
-def test_reconcile_failure_alert_matches_what_a_failed_reconcile_records() -> None:
-    rec = Reconciler(OperatorSettings(metrics_enabled=False), kube_factory=_FailingKube)
+async def _failing_kube() -> Any:
+    return _FailingKube()
+
+
+async def test_reconcile_failure_alert_matches_what_a_failed_reconcile_records() -> None:
+    rec = Reconciler(OperatorSettings(metrics_enabled=False), kube_factory=_failing_kube)
     body = kopf.Body(
         {
             "apiVersion": "chatfleet.dev/v1alpha1",
@@ -112,7 +116,7 @@ def test_reconcile_failure_alert_matches_what_a_failed_reconcile_records() -> No
         }
     )
     with pytest.raises(kopf.TemporaryError):
-        rec.reconcile(
+        await rec.reconcile(
             body=body,
             name="demo",
             namespace="team-a",

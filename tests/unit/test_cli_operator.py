@@ -22,6 +22,7 @@ WITHOUT_OPERATOR_EXTRA = (
     "import sys\n"
     "sys.modules['kopf'] = None\n"
     "sys.modules['kubernetes'] = None\n"
+    "sys.modules['kubernetes_asyncio'] = None\n"
     "from chatfleet.operator.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )

@@ -19,36 +19,39 @@ Error classes at this boundary:
 Everything the operator creates carries an owner reference to its ChatDeployment,
 so deleting one is the garbage collector's job: no finalizer holds a
 ChatDeployment, and one deleted while the operator is down (or uninstalled) goes
-away all the same. Drift is repaired from watch events, not from a timer (Kopf
-timers need a finalizer): an owned RayService or Service that someone edits or
-deletes is re-applied at once.
+away all the same. Owned objects' events (status, drift) are handled in `_drift`;
+the spec and its errors are in `_spec`.
 """
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
-from pydantic import ValidationError
 
 from chatfleet.operator import _builders as b
+from chatfleet.operator._drift import OwnedObjects
 from chatfleet.operator._kube import Kube, KubeError, load_api_client
 from chatfleet.operator._metrics import OperatorMetrics
 from chatfleet.operator._models import (
-    API_VERSION,
     GROUP,
-    KIND,
     MAX_NAME_LENGTH,
     PLURAL,
     VERSION,
     ChatDeploymentSpec,
 )
 from chatfleet.operator._settings import OperatorSettings
+from chatfleet.operator._spec import (
+    InvalidSpecError,
+    MissingSecretError,
+    now,
+    parse_spec,
+    ready_status,
+)
 from chatfleet.operator._status import (
     conditions_from_rayservice,
     forbidden_conditions,
@@ -57,56 +60,21 @@ from chatfleet.operator._status import (
 )
 from chatfleet.serving import telemetry
 
+__all__ = ["FINALIZER", "InvalidSpecError", "Reconciler", "build_registry", "parse_spec"]
+
 # Earlier versions put this finalizer on every ChatDeployment. Kopf still knows it as
 # its own, so it removes it from such objects now that no handler needs it.
 FINALIZER = f"{GROUP}/finalizer"
 
 
-class InvalidSpecError(Exception):
-    """The ChatDeployment's spec can't be reconciled as written."""
-
-
-class MissingSecretError(InvalidSpecError):
-    """The spec references a Secret (or key) that does not exist (yet)."""
-
-
-def describe_validation_error(exc: ValidationError, root: str = "spec") -> str:
-    """One line per problem, each naming the field (``spec.serving.models[0].vllm: ...``)."""
-    lines = []
-    for err in exc.errors():
-        where = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-        lines.append(f"{where}: {err['msg']}")
-    return "; ".join(lines)
-
-
-def parse_spec(raw: Mapping[str, Any] | None) -> ChatDeploymentSpec:
-    """Validate a ChatDeployment's ``spec``; raises `InvalidSpecError` naming the fields."""
-    try:
-        return ChatDeploymentSpec.model_validate(dict(raw or {}))
-    except ValidationError as exc:
-        raise InvalidSpecError(describe_validation_error(exc)) from None
-
-
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ready_status(conditions: Iterable[Mapping[str, Any]] | None) -> str:
-    """The status of the ``Ready`` condition in ``conditions``; ``Unknown`` without one."""
-    for cond in conditions or ():
-        if cond.get("type") == "Ready":
-            return str(cond.get("status") or "Unknown")
-    return "Unknown"
-
-
-class Reconciler:
+class Reconciler(OwnedObjects):
     """The operator's behaviour, bound to one API client, settings and metrics."""
 
     def __init__(
         self,
         settings: OperatorSettings,
         metrics: OperatorMetrics | None = None,
-        kube_factory: Callable[[], Kube] | None = None,
+        kube_factory: Callable[[], Awaitable[Kube]] | None = None,
         tracer_provider: telemetry.TracerProvider | None = None,
     ) -> None:
         self.settings = settings
@@ -116,21 +84,23 @@ class Reconciler:
                 settings.telemetry(), component="operator"
             )
         self.tracer = telemetry.get_tracer(tracer_provider)
-        self._kube_factory = kube_factory or (
-            lambda: Kube(load_api_client(settings.kubeconfig), settings.api_timeout_s)
-        )
+        self._kube_factory = kube_factory or self._connect
         self._kube: Kube | None = None
         self._metrics_server: Any = None
 
-    @property
-    def kube(self) -> Kube:
+    async def _connect(self) -> Kube:
+        client = await load_api_client(self.settings.kubeconfig)
+        return Kube(client, self.settings.api_timeout_s)
+
+    async def kube(self) -> Kube:
+        """The API client, made on first use on Kopf's event loop (it holds a session)."""
         if self._kube is None:
-            self._kube = self._kube_factory()
+            self._kube = await self._kube_factory()
         return self._kube
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def startup(self, settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
+    async def startup(self, settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
         prefix = GROUP
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
@@ -152,9 +122,12 @@ class Reconciler:
             )
             self._metrics_server = server
             logger.info("Serving metrics on %s:%s", *server.server_address[:2])
-        self.kube  # noqa: B018 - fail at start-up, not on the first object
+        await self.kube()  # fail at start-up, not on the first object
 
-    def cleanup(self, **_: Any) -> None:
+    async def cleanup(self, **_: Any) -> None:
+        kube, self._kube = self._kube, None
+        if kube is not None:
+            await kube.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -169,10 +142,10 @@ class Reconciler:
 
     # --- reconcile -----------------------------------------------------------------
 
-    def _read_secret(self, namespace: str, name: str, logger: Any) -> dict[str, Any] | None:
+    async def _read_secret(self, namespace: str, name: str, logger: Any) -> dict[str, Any] | None:
         """A referenced Secret; ``{}`` (unchecked) when RBAC does not let us read Secrets."""
         try:
-            return self.kube.get("v1", "Secret", namespace, name)
+            return await (await self.kube()).get("v1", "Secret", namespace, name)
         except KubeError as exc:
             if exc.status != 403:
                 raise
@@ -181,7 +154,7 @@ class Reconciler:
             logger.debug("Not checking Secret %s/%s: %s", namespace, name, exc)
             return {}
 
-    def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str, logger: Any) -> None:
+    async def _check_secrets(self, spec: ChatDeploymentSpec, namespace: str, logger: Any) -> None:
         refs = [
             ("spec.cluster.jwtSecretRef", spec.cluster.jwt_secret_ref),
             ("spec.cluster.databaseSecretRef", spec.cluster.database_secret_ref),
@@ -189,28 +162,30 @@ class Reconciler:
         for field, ref in refs:
             if ref is None:
                 continue
-            secret = self._read_secret(namespace, ref.name, logger)
+            secret = await self._read_secret(namespace, ref.name, logger)
             if secret is None:
                 raise MissingSecretError(f"{field}: Secret {ref.name!r} not found in {namespace}")
             keys = (secret.get("data") or {}) | (secret.get("stringData") or {})
             if secret and ref.key not in keys:
                 raise MissingSecretError(f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
         for i, secret_name in enumerate(spec.cluster.env_from_secrets):
-            if self._read_secret(namespace, secret_name, logger) is None:
+            if await self._read_secret(namespace, secret_name, logger) is None:
                 raise MissingSecretError(
                     f"spec.cluster.envFromSecrets[{i}]: Secret {secret_name!r} not found"
                 )
 
-    def _ensure_jwt_secret(self, name: str, namespace: str, body: kopf.Body, logger: Any) -> None:
+    async def _ensure_jwt_secret(
+        self, name: str, namespace: str, body: kopf.Body, logger: Any
+    ) -> None:
         # Created once with a fresh key, then left alone: rotating it would log every
         # user out, so that is a human's decision (delete the Secret). Create-or-409
         # needs no right to read Secrets.
         secret = b.build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
         kopf.adopt(secret, owner=body)
-        if self.kube.create(secret) is not None:
+        if await (await self.kube()).create(secret) is not None:
             logger.info("Created the JWT signing key Secret %s", b.jwt_secret_name(name))
 
-    def _render(
+    async def _render(
         self, name: str, namespace: str, spec: ChatDeploymentSpec, owner: Mapping[str, Any]
     ) -> list[dict[str, Any]]:
         """The owned objects, adopted by ``owner`` (the ChatDeployment)."""
@@ -218,7 +193,7 @@ class Reconciler:
             b.build_rayservice(name, namespace, spec),
             b.build_service(name, namespace, spec),
         ]
-        if spec.cluster.service_monitor and self.kube.serves(
+        if spec.cluster.service_monitor and await (await self.kube()).serves(
             "monitoring.coreos.com/v1", "servicemonitors"
         ):
             objects.append(b.build_service_monitor(name, namespace))
@@ -238,7 +213,7 @@ class Reconciler:
         self.metrics.errors.labels(kind).inc()
         previous = (body.get("status") or {}).get("conditions")
         conditions = stamp_transitions(
-            invalid_spec_conditions(str(exc), generation), previous, _now()
+            invalid_spec_conditions(str(exc), generation), previous, now()
         )
         patch.status["conditions"] = conditions
         patch.status["observedGeneration"] = generation
@@ -260,13 +235,13 @@ class Reconciler:
         )
         previous = (body.get("status") or {}).get("conditions")
         patch.status["conditions"] = stamp_transitions(
-            forbidden_conditions(message, generation), previous, _now()
+            forbidden_conditions(message, generation), previous, now()
         )
         if self.settings.post_events:
             kopf.warn(body, reason="Forbidden", message=message)
         logger.error("%s", message)
 
-    def reconcile(
+    async def reconcile(
         self,
         *,
         body: kopf.Body,
@@ -289,7 +264,7 @@ class Reconciler:
                         " longer names from it)"
                     )
                 spec = parse_spec(body.get("spec"))
-                self._check_secrets(spec, namespace, logger)
+                await self._check_secrets(spec, namespace, logger)
             except InvalidSpecError as exc:
                 result = "invalid"
                 self._invalid(exc, body, patch, generation, logger)
@@ -300,10 +275,11 @@ class Reconciler:
                 raise kopf.PermanentError(str(exc)) from None
             try:
                 if spec.cluster.jwt_secret_ref is None:
-                    self._ensure_jwt_secret(name, namespace, body, logger)
+                    await self._ensure_jwt_secret(name, namespace, body, logger)
                 applied: dict[str, Any] | None = None
-                for obj in self._render(name, namespace, spec, body):
-                    out = self.kube.apply(obj)
+                kube = await self.kube()
+                for obj in await self._render(name, namespace, spec, body):
+                    out = await kube.apply(obj)
                     if obj["kind"] == "RayService":
                         applied = out
             except KubeError as exc:
@@ -328,7 +304,7 @@ class Reconciler:
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc
             status = body.get("status") or {}
             conditions = stamp_transitions(
-                conditions_from_rayservice(applied, generation), status.get("conditions"), _now()
+                conditions_from_rayservice(applied, generation), status.get("conditions"), now()
             )
             patch.status["observedGeneration"] = generation
             patch.status["conditions"] = conditions
@@ -344,85 +320,9 @@ class Reconciler:
                 # What this reconcile writes, else what the object already says.
                 written = patch.status.get("conditions")
                 current = (body.get("status") or {}).get("conditions")
-                self.metrics.track_ready(namespace, name, _ready_status(written or current))
+                self.metrics.track_ready(namespace, name, ready_status(written or current))
             self.metrics.reconciles.labels(trigger, result).inc()
             self.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
-
-    def on_owned_event(
-        self, *, body: kopf.Body, namespace: str | None, type: str, logger: Any, **_: Any
-    ) -> None:
-        """An owned RayService or Service changed: mirror its status, repair any drift."""
-        owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
-        if not owner or not namespace:
-            return
-        cd = self.kube.get(API_VERSION, KIND, namespace, owner)
-        if cd is None or (cd.get("metadata") or {}).get("deletionTimestamp"):
-            return  # the garbage collector is on it
-        status = cd.get("status") or {}
-        if any(
-            c.get("type") == "InvalidSpec" and c.get("status") == "True"
-            for c in status.get("conditions") or []
-        ):
-            return  # the spec's problem is the news; the old objects are left alone
-        if body.get("kind") == "RayService" and type != "DELETED":
-            self._mirror_status(cd, body, logger)
-        self._repair(cd, body, type, logger)
-
-    def _mirror_status(self, cd: Mapping[str, Any], rayservice: kopf.Body, logger: Any) -> None:
-        """Mirror a RayService's status into its ChatDeployment's conditions."""
-        meta = cd.get("metadata") or {}
-        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
-        status = cd.get("status") or {}
-        generation = status.get("observedGeneration")
-        new = stamp_transitions(
-            conditions_from_rayservice(rayservice, generation), status.get("conditions"), _now()
-        )
-        update: dict[str, Any] = {}
-        if new != status.get("conditions"):
-            update["conditions"] = new
-        service_status = (rayservice.get("status") or {}).get("serviceStatus")
-        if service_status and service_status != status.get("serviceStatus"):
-            update["serviceStatus"] = service_status
-        if update:
-            self.kube.patch_status(API_VERSION, KIND, namespace, name, update)
-            self.metrics.status_updates.inc()
-            logger.debug("Mirrored RayService status into %s/%s", namespace, name)
-        self.metrics.track_ready(namespace, name, _ready_status(new))
-
-    def _repair(self, cd: Mapping[str, Any], actual: kopf.Body, type: str, logger: Any) -> None:
-        """Re-apply the owned object ``actual`` if it was deleted or no longer what we render."""
-        meta = cd.get("metadata") or {}
-        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
-        try:
-            spec = parse_spec(cd.get("spec"))
-        except InvalidSpecError:
-            return  # the next reconcile reports it
-        # Only the watched kinds, built directly: `_render` would also ask the API server
-        # whether ServiceMonitors exist, on every status update KubeRay writes.
-        build = _WATCHED_BUILDERS.get(str(actual.get("kind")))
-        if build is None:
-            return
-        wanted = build(name, namespace, spec)
-        if wanted["metadata"]["name"] != (actual.get("metadata") or {}).get("name"):
-            return  # e.g. a Service KubeRay made, labelled like ours
-        kopf.adopt(wanted, owner=cd)  # type: ignore[arg-type]
-        drifted = type == "DELETED" or not all(
-            contains(actual.get(part), wanted.get(part)) for part in ("metadata", "spec")
-        )
-        if not drifted:
-            return
-        started = time.perf_counter()
-        result = "applied"
-        try:
-            self.kube.apply(wanted)
-            logger.info("Repaired %s %s (%s)", wanted["kind"], wanted["metadata"]["name"], type)
-        except KubeError as exc:
-            result = "error"
-            self.metrics.errors.labels("api").inc()
-            logger.warning("Could not repair %s: %s", wanted["metadata"]["name"], exc)
-        finally:
-            self.metrics.reconciles.labels("drift", result).inc()
-            self.metrics.duration.labels("drift").observe(time.perf_counter() - started)
 
     def on_chatdeployment_event(
         self, *, namespace: str | None, name: str | None, type: str, **_: Any
@@ -430,32 +330,6 @@ class Reconciler:
         """A deleted ChatDeployment: forget its metrics (its objects are garbage-collected)."""
         if type == "DELETED" and namespace and name:
             self.metrics.forget(namespace, name)
-
-
-# The owned kinds the operator watches for drift, and how each is built.
-_WATCHED_BUILDERS: dict[str, Callable[[str, str, ChatDeploymentSpec], dict[str, Any]]] = {
-    "RayService": b.build_rayservice,
-    "Service": b.build_service,
-}
-
-
-def contains(actual: Any, wanted: Any) -> bool:
-    """Whether ``actual`` has every field ``wanted`` sets, with the same value.
-
-    What the API server or a controller adds (defaults, ``clusterIP``, annotations of
-    others) is not drift; a field of ours that changed or vanished is.
-    """
-    if isinstance(wanted, Mapping):
-        return isinstance(actual, Mapping) and all(
-            contains(actual.get(key), value) for key, value in wanted.items()
-        )
-    if isinstance(wanted, list):
-        return (
-            isinstance(actual, list)
-            and len(actual) == len(wanted)
-            and all(contains(a, w) for a, w in zip(actual, wanted, strict=True))
-        )
-    return bool(actual == wanted)
 
 
 def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -477,8 +351,8 @@ def build_registry(
     kopf.on.startup(registry=registry)(rec.startup)
     kopf.on.cleanup(registry=registry)(rec.cleanup)
 
-    def make(trigger: str) -> Callable[..., None]:
-        def handler(
+    def make(trigger: str) -> Callable[..., Awaitable[None]]:
+        async def handler(
             body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, logger: Any, **_: Any
         ) -> None:
             with rec.tracer.start_as_current_span(
@@ -489,7 +363,7 @@ def build_registry(
                     "chatfleet.reconcile.trigger": trigger,
                 },
             ):
-                rec.reconcile(
+                await rec.reconcile(
                     body=body,
                     name=name,
                     namespace=namespace,

@@ -18,6 +18,7 @@ the kubelet's probes and Prometheus (the chart passes ``--liveness`` explicitly)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import sys
@@ -89,13 +90,17 @@ def bind_defaults(
 
 def check_cluster(kubeconfig: str | None) -> None:
     """Raise `OperatorStartError` unless a cluster is configured and its API server answers."""
-    import kubernetes
+    asyncio.run(_check_cluster(kubeconfig))
+
+
+async def _check_cluster(kubeconfig: str | None) -> None:
+    import kubernetes_asyncio
 
     from chatfleet.operator._kube import load_api_client
 
     try:
-        client = load_api_client(kubeconfig)
-    except (kubernetes.config.ConfigException, OSError) as exc:
+        client = await load_api_client(kubeconfig)
+    except (kubernetes_asyncio.config.ConfigException, OSError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise OperatorStartError(
             f"no Kubernetes cluster configured: not in a pod, and no usable kubeconfig"
@@ -104,16 +109,18 @@ def check_cluster(kubeconfig: str | None) -> None:
         ) from exc
     host = client.configuration.host
     try:
-        with client:
-            kubernetes.client.VersionApi(client).get_code(_request_timeout=_API_TIMEOUT_S)
-    except kubernetes.client.ApiException as exc:
+        async with client:
+            await kubernetes_asyncio.client.VersionApi(client).get_code(
+                _request_timeout=_API_TIMEOUT_S
+            )
+    except kubernetes_asyncio.client.ApiException as exc:
         if exc.status == 401:
             raise OperatorStartError(
                 f"the Kubernetes API server at {host} refused the credentials (401)\n"
                 "  renew them (kubectl get --raw /version should work) or fix the kubeconfig"
             ) from exc
         # Any other answer (403, 404 from an emulator) means the server is there.
-    except Exception as exc:  # urllib3 connection errors, timeouts, TLS failures
+    except Exception as exc:  # aiohttp connection errors, timeouts, TLS failures
         reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()
         raise OperatorStartError(
             f"cannot reach the Kubernetes API server at {host}"
@@ -126,7 +133,7 @@ def _kopf() -> Any:
     """Kopf, once it and the Kubernetes client are known to be installed."""
     try:
         import kopf
-        import kubernetes  # noqa: F401 - check_cluster and the reconciler need it
+        import kubernetes_asyncio  # noqa: F401 - check_cluster and the reconciler need it
     except ModuleNotFoundError as exc:
         raise OperatorStartError(
             f"the operator needs {exc.name or 'kopf'}, part of the operator extra:"
