@@ -102,10 +102,10 @@ def test_a_routed_streamed_chat_is_one_trace_across_replicas(
     assert by_kind[SERVER].parent_span_id == by_kind[CLIENT].span_id
     assert engine.parent_span_id == root.span_id
     assert root.resource["chatfleet.component"] == "ingress"
-    assert decide.resource["chatfleet.component"] == "router"
+    assert decide.resource["chatfleet.component"] == "ingress"  # the router runs there
     assert engine.resource["chatfleet.component"] == "engine-general"
     assert by_kind[SERVER].resource["chatfleet.component"] == "classifier"
-    assert by_kind[CLIENT].resource["chatfleet.component"] == "router"
+    assert by_kind[CLIENT].resource["chatfleet.component"] == "ingress"
     assert {s.resource["service.name"] for s in receiver.received()} == {"chatfleet-test"}
 
     assert root.attributes["http.route"] == "/v1/chat/completions"

@@ -16,7 +16,6 @@ def test_public_surface() -> None:
         "EngineDeployment",
         "Ingress",
         "RayMetricsMirror",
-        "RouterDeployment",
         "build_app",
     ]
     assert all(hasattr(app_pkg, name) for name in app_pkg.__all__)

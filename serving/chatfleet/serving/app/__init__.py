@@ -7,8 +7,9 @@ hosts the FastAPI app; the ingress streams straight from the engine chosen for a
 request, one handle hop, with tokens already batched by the engine replica.
 
 One module per concept: ``_engine`` (`EngineDeployment`), ``_routing`` (the
-classifier, compressor and router deployments), ``_ingress`` (`Ingress`),
-``_handles`` (the clients the ingress and router call other deployments through),
+classifier and compressor deployments), ``_ingress`` (`Ingress`, which also runs the
+router for ``model: "auto"``), ``_handles`` (the clients the ingress calls other
+deployments through),
 ``_metrics`` (`RayMetricsMirror`), ``_replica`` (what every replica shares) and
 ``_build`` (`build_app`, `APP_NAME`).
 """
@@ -17,11 +18,7 @@ from chatfleet.serving.app._build import APP_NAME, build_app
 from chatfleet.serving.app._engine import EngineDeployment
 from chatfleet.serving.app._ingress import Ingress
 from chatfleet.serving.app._metrics import RayMetricsMirror
-from chatfleet.serving.app._routing import (
-    ClassifierDeployment,
-    CompressorDeployment,
-    RouterDeployment,
-)
+from chatfleet.serving.app._routing import ClassifierDeployment, CompressorDeployment
 
 __all__ = [
     "APP_NAME",
@@ -30,6 +27,5 @@ __all__ = [
     "EngineDeployment",
     "Ingress",
     "RayMetricsMirror",
-    "RouterDeployment",
     "build_app",
 ]

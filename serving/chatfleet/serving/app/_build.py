@@ -8,11 +8,7 @@ from typing import Any
 
 from chatfleet.serving.app._engine import EngineDeployment
 from chatfleet.serving.app._ingress import Ingress
-from chatfleet.serving.app._routing import (
-    ClassifierDeployment,
-    CompressorDeployment,
-    RouterDeployment,
-)
+from chatfleet.serving.app._routing import ClassifierDeployment, CompressorDeployment
 from chatfleet.serving.config import (
     AppConfig,
     CoalesceConfig,
@@ -59,7 +55,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
     engines = {
         m.name: _engine_deployment(m, config.coalesce, config.telemetry) for m in config.models
     }
-    classifier = compressor = router = None
+    classifier = compressor = None
     if config.classifier is not None:
         c = config.classifier
         classifier = (
@@ -82,12 +78,6 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
             )
             .bind(z, config.telemetry)
         )
-    if config.routing is not None:
-        router = (
-            _deployment(RouterDeployment)
-            .options(name="router", ray_actor_options={"num_cpus": config.routing.num_cpus})
-            .bind(config, classifier, compressor)
-        )
     return (
         _deployment(Ingress)
         .options(
@@ -96,5 +86,5 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
             max_ongoing_requests=config.ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": config.ingress.num_cpus},
         )
-        .bind(config, engines, router, classifier, compressor)
+        .bind(config, engines, classifier, compressor)
     )

@@ -1,6 +1,6 @@
-"""How the ingress and the router reach other deployments: handle clients.
+"""How the ingress reaches other deployments: handle clients.
 
-`HandleEngineClient` and `HandleRouterClient` are what ``create_app`` receives
+`HandleEngineClient` and `HandleRoutingClient` are what ``create_app`` receives
 under Ray Serve (see `chatfleet.serving.api`); ``_unwrapped`` and
 ``_local_transport`` are what every handle call here goes through.
 """
@@ -22,10 +22,8 @@ from chatfleet.serving.protocol import (
     Classification,
     Compression,
     GenerationRequest,
-    Message,
 )
 from chatfleet.serving.relay import Relay
-from chatfleet.serving.routing import PreviousRoute, RoutingDecision
 
 _T = TypeVar("_T")
 Handle = DeploymentHandle[Any]
@@ -64,30 +62,21 @@ def _maybe_local_transport(handle: Handle | None) -> Handle | None:
     return None if handle is None else _local_transport(handle)
 
 
-class HandleRouterClient:
-    def __init__(
-        self,
-        router: Handle | None,
-        classifier: Handle | None,
-        compressor: Handle | None,
-    ) -> None:
-        self._router = _maybe_local_transport(router)
+class HandleRoutingClient:
+    """The classifier and compressor deployments, as the ingress's in-process `Router`
+    and the ``/api/classify`` and ``/api/compress`` handlers call them."""
+
+    def __init__(self, classifier: Handle | None, compressor: Handle | None) -> None:
         self._classifier = _maybe_local_transport(classifier)
         self._compressor = _maybe_local_transport(compressor)
 
-    async def decide(
-        self, messages: list[Message], previous: PreviousRoute | None, compress: bool
-    ) -> RoutingDecision:
-        assert self._router is not None
-        return await _unwrapped(
-            self._router.decide.remote(
-                messages, previous, compress, trace_context=telemetry.inject()
-            )
-        )
+    async def classify_prompt(self, prompt: str) -> Classification:
+        """The configured categories' classification of ``prompt`` (the router's call)."""
+        return await self.classify(prompt, None, None, False)
 
-    async def rankings(self) -> dict[str, Any]:
-        assert self._router is not None
-        return await _unwrapped(self._router.rankings.remote())
+    async def compress_prompt(self, context: str, question: str) -> Compression:
+        """``context`` compressed at the configured ratio (the router's call)."""
+        return await self.compress(context, question, None)
 
     async def classify(
         self,

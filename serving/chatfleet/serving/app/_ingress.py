@@ -10,13 +10,14 @@ from fastapi import FastAPI
 from ray import serve
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.api import Metrics, create_app
-from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRouterClient
+from chatfleet.serving.api import LocalRouterClient, Metrics, create_app
+from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRoutingClient
 from chatfleet.serving.app._metrics import RayMetricsMirror
 from chatfleet.serving.app._replica import _GRACEFUL_SHUTDOWN_S, _favour_the_event_loop
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
 from chatfleet.serving.relay import Relay
+from chatfleet.serving.routing import Router
 from chatfleet.serving.store import Store
 
 
@@ -29,13 +30,26 @@ class Ingress:
         self,
         config: AppConfig,
         engines: Mapping[str, Handle],
-        router: Handle | None = None,
         classifier: Handle | None = None,
         compressor: Handle | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         _favour_the_event_loop()
-        routing = HandleRouterClient(router, classifier, compressor)
+        tracer_provider = telemetry.configure_tracing(config.telemetry, component="ingress")
+        routing = HandleRoutingClient(classifier, compressor)
+        # The router runs here, in the ingress (its hysteresis state lives here too):
+        # one handle hop to the classifier (and compressor) per routed request, none
+        # to a router replica in between.
+        router = None
+        if config.routing is not None and classifier is not None:
+            router = LocalRouterClient(
+                Router(
+                    config,
+                    routing.classify_prompt,
+                    routing.compress_prompt if compressor is not None else None,
+                    tracer_provider=tracer_provider,
+                )
+            )
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         relay = self._relay = Relay(node_ip) if config.coalesce.relay else None
         # Opened (and migrated) by the app's lifespan. Sessions run in this replica:
@@ -53,13 +67,13 @@ class Ingress:
         self._app = create_app(
             config,
             {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
-            router=routing if router is not None else None,
+            router=router,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,
             store=store,
             auth=auth,
             metrics=metrics,
-            tracer_provider=telemetry.configure_tracing(config.telemetry, component="ingress"),
+            tracer_provider=tracer_provider,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

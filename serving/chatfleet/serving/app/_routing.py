@@ -1,4 +1,5 @@
-"""The routing deployments: the classifier, the compressor, and the router over them."""
+"""The routing deployments: the classifier and the compressor (batched, on their own
+replicas). The `Router` that calls them runs in each ingress replica."""
 
 from __future__ import annotations
 
@@ -11,21 +12,13 @@ from opentelemetry.trace import SpanKind
 from ray import serve
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.app._handles import (
-    Handle,
-    _local_transport,
-    _maybe_local_transport,
-    _unwrapped,
-)
 from chatfleet.serving.app._replica import _GRACEFUL_SHUTDOWN_S
 from chatfleet.serving.config import (
-    AppConfig,
     ClassifierConfig,
     CompressorConfig,
     TelemetryConfig,
 )
-from chatfleet.serving.protocol import Classification, Compression, Message
-from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+from chatfleet.serving.protocol import Classification, Compression
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,51 +126,3 @@ class CompressorDeployment:
             kind=SpanKind.SERVER,
         ):
             return await asyncio.to_thread(self._compressor.compress, context, question, ratio)
-
-
-@serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
-class RouterDeployment:
-    """Turns a request into a `RoutingDecision` (classifier and compressor inside)."""
-
-    def __init__(
-        self,
-        config: AppConfig,
-        classifier: Handle,
-        compressor: Handle | None = None,
-    ) -> None:
-        classifier = _local_transport(classifier)
-        compressor = _maybe_local_transport(compressor)
-
-        async def classify(prompt: str) -> Classification:
-            result: Classification = await classifier.classify.remote(
-                prompt, trace_context=telemetry.inject()
-            )
-            return result
-
-        async def compress(context: str, question: str) -> Compression:
-            assert compressor is not None
-            result: Compression = await compressor.compress.remote(
-                context, question, trace_context=telemetry.inject()
-            )
-            return result
-
-        provider = telemetry.configure_tracing(config.telemetry, component="router")
-        self._router = Router(
-            config,
-            classify,
-            compress if compressor is not None else None,
-            tracer_provider=provider,
-        )
-
-    async def decide(
-        self,
-        messages: list[Message],
-        previous: PreviousRoute | None,
-        compress: bool,
-        trace_context: dict[str, str] | None = None,
-    ) -> RoutingDecision:
-        with telemetry.continued(trace_context):
-            return await _unwrapped(self._router.decide(messages, previous, compress))
-
-    async def rankings(self) -> dict[str, Any]:
-        return self._router.rankings()

@@ -187,4 +187,10 @@ class RoutingConfig(_Model):
     compress: bool = Field(
         True, description="Compress long prompts before generating when a compressor is set."
     )
-    num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs the router replica reserves.")
+    num_cpus: float = Field(
+        0.1,
+        ge=0,
+        le=64,
+        description="Ignored (kept so that existing configs load): the router runs in each"
+        " ingress replica.",
+    )
