@@ -1,4 +1,6 @@
-// chatfleet dashboard: sessions over the public API, live events from WS /ws.
+// chatfleet dashboard: the token, the views, and sessions over the public API with
+// live events from WS /ws. The playground, classify/compress and the live figures are
+// in their own files and use what this one shares as `window.chatfleet`.
 // Plain JavaScript, no build step, no third-party code (it must work offline).
 "use strict";
 
@@ -12,6 +14,8 @@
   const BACKOFF_MAX_MS = 30000;
   const WS_POLICY_VIOLATION = 1008; // bad or expired token
   const FINISHED = new Set(["completed", "failed", "cancelled"]);
+  const VIEW_KEY = "chatfleet.view";
+  const VIEWS = ["playground", "sessions", "tools"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -162,7 +166,24 @@
     state.attempt = 0;
     closeSocket();
     connect();
+    window.dispatchEvent(new Event("chatfleet:token"));
     await Promise.allSettled([loadModels(), refreshSessions()]);
+  }
+
+  // ---- views -----------------------------------------------------------------------
+
+  function showView(name) {
+    const view = VIEWS.includes(name) ? name : VIEWS[0];
+    for (const section of document.querySelectorAll(".view")) {
+      section.hidden = section.dataset.view !== view;
+    }
+    for (const tab of document.querySelectorAll(".tab")) {
+      const selected = tab.dataset.view === view;
+      tab.classList.toggle("selected", selected);
+      tab.setAttribute("aria-selected", String(selected));
+    }
+    // Per tab, so a reload keeps the view while another tab may show another one.
+    sessionStorage.setItem(VIEW_KEY, view);
   }
 
   // ---- sessions ------------------------------------------------------------------
@@ -514,6 +535,9 @@
   // ---- start -----------------------------------------------------------------------
 
   function wire() {
+    for (const tab of document.querySelectorAll(".tab")) {
+      tab.addEventListener("click", () => showView(tab.dataset.view));
+    }
     $("composer").addEventListener("submit", send);
     $("message").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) send(event);
@@ -569,7 +593,23 @@
     }, LIST_REFRESH_MS);
   }
 
+  // What the other scripts of the page share (they load after this one, deferred).
+  window.chatfleet = {
+    api,
+    apiUrl,
+    HttpError,
+    showBanner,
+    hideBanner,
+    token: () => state.token,
+    tryRefresh,
+    unauthorized,
+    authorized: () => {
+      if (state.unauthorized) authorized();
+    },
+  };
+
   loadToken();
+  showView(sessionStorage.getItem(VIEW_KEY));
   wire();
   renderList();
   renderDetail();
