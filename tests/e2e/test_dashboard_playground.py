@@ -5,13 +5,16 @@ pipeline as ``chatfleet serve --engine fake`` runs it: the real MiniLM classifie
 routing for ``auto`` (coding and maths to ``fake-reasoner``), LLMLingua on SmolLM2.
 The fake engines are paced so streams are visible. What the page shows is checked
 against what the server said (the route header of the same response, ``/api/classify``,
-``/metrics``). Screenshots go to ``docs/img/`` (the README shows them).
+``/metrics``). Screenshots go to ``test-artifacts/``; with
+``CHATFLEET_UPDATE_SCREENSHOTS=1`` to ``docs/img/``, the README's (a plain test run
+leaves the checkout clean).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,7 +39,12 @@ if not CHROMIUM.exists():
     missing(f"{CHROMIUM} is missing: apt-get install -y chromium", module=True)
 from playwright.async_api import Page, expect
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = (
+    _ROOT / "docs" / "img"
+    if os.environ.get("CHATFLEET_UPDATE_SCREENSHOTS") == "1"
+    else _ROOT / "test-artifacts"
+)
 KEY = "p" * 48
 TIMEOUT_MS = 30_000
 PACE = {"reply_tokens": 40, "tokens_per_second": 60}
