@@ -142,7 +142,9 @@ async def ask(page: Page, model: str, text: str) -> dict[str, Any] | None:
         await page.click("#pg-send")
     response = await response_info.value
     turn = page.locator(".turn").last
-    await expect(turn).to_have_attribute("data-state", "done", timeout=TIMEOUT_MS)
+    await expect(turn).to_have_attribute(
+        "data-state", re.compile("done|failed"), timeout=TIMEOUT_MS
+    )
     header = (await response.all_headers()).get("x-chatfleet-route")
     return None if header is None else dict(json.loads(header))
 
@@ -199,8 +201,22 @@ async def test_playground_auto_shows_the_route_beside_each_answer(
     await expect(page.locator(".turn >> nth=-1 >> .route")).to_have_attribute(
         "data-routed", "false"
     )
-    # The chat is multi-turn: the server saw every earlier turn.
-    assert await page.locator(".turn").count() == 3
+    # A model that fails mid-answer: the page shows the server's error, and the
+    # failed turn stays out of the chat the next question carries.
+    await ask(page, "broken", "hello again")
+    failed = page.locator(".turn").last
+    await expect(failed).to_have_attribute("data-state", "failed")
+    await expect(failed.locator(".error-text")).to_contain_text("Failed:")
+    async with page.expect_request("**/v1/chat/completions") as request_info:
+        await ask(page, "fake", "and now?")
+    sent = (await request_info.value).post_data_json
+    assert [m["content"] for m in sent["messages"] if m["role"] == "user"] == [
+        CODING,
+        LONG_PROMPT,
+        "hello there",
+        "and now?",
+    ]
+    assert len(sent["messages"]) == 7
 
 
 async def test_classify_and_compress_in_the_page(page: Page, server: Server) -> None:

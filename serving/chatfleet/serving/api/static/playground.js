@@ -264,8 +264,9 @@
       view.error.textContent = failed === "stopped" ? "Stopped." : "Failed: " + failed;
       if (view.aside.dataset.routed === undefined) view.aside.querySelector("p").textContent = "—";
     }
-    if (answer) chat.messages.push({ role: "assistant", content: answer });
-    else chat.messages.pop(); // nothing came back: the question is not part of the chat
+    // Only a whole answer joins the chat; a failed or stopped turn leaves it as it was.
+    if (answer && !failed) chat.messages.push({ role: "assistant", content: answer });
+    else chat.messages.pop();
   }
 
   function clear() {
