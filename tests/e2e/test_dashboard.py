@@ -316,6 +316,8 @@ async def test_reconnects_after_a_server_restart(page: Page, tmp_path: Path) -> 
     # Backing off: the indicator says so and counts attempts.
     await expect(connection).to_have_attribute("data-state", "reconnecting", timeout=TIMEOUT_MS)
     await expect(page.locator("#connection-text")).to_contain_text("attempt")
+    # The live figures say they are stale rather than showing old numbers as current.
+    await expect(page.locator("#figures-status")).to_contain_text("stale", timeout=TIMEOUT_MS)
     await asyncio.sleep(1.5)
     async with running(db, port) as second:
         await expect(connection).to_have_attribute("data-state", "live", timeout=TIMEOUT_MS)
@@ -328,3 +330,4 @@ async def test_reconnects_after_a_server_restart(page: Page, tmp_path: Path) -> 
         assert created.status_code == 202, created.text
         item = page.locator(f"#sessions [data-session-id='{created.json()['id']}']")
         await expect(item).to_have_attribute("data-status", "completed", timeout=TIMEOUT_MS)
+        await expect(page.locator("#figures-status")).to_contain_text("updated", timeout=TIMEOUT_MS)

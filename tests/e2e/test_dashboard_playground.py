@@ -359,8 +359,24 @@ QUANTILE_CASES = [
 ]
 
 
-async def test_page_quantiles_are_promqls(page: Page, server: Server) -> None:
+async def test_page_reads_the_text_format_and_quantiles_as_prometheus(
+    page: Page, server: Server
+) -> None:
     await open_dashboard(page, server)
+    text = (
+        "# HELP m A metric.\n# TYPE m counter\n"
+        'm_total{model="a \\"quoted\\" \\\\ name",type="output"} 12.0\n'
+        "plain 3 1700000000000\n"
+        'h_bucket{le="+Inf",model="b"} 4\n'
+        "garbage line\n"
+    )
+    parsed = await page.evaluate("(t) => window.chatfleet.figures.parse(t)", text)
+    assert parsed["m_total"] == [
+        {"labels": {"model": 'a "quoted" \\ name', "type": "output"}, "value": 12}
+    ]
+    assert parsed["plain"] == [{"labels": {}, "value": 3}]
+    assert parsed["h_bucket"][0]["labels"] == {"le": "+Inf", "model": "b"}
+    assert "garbage" not in parsed
     for q, buckets, expected in QUANTILE_CASES:
         shown = await page.evaluate(
             "([q, b]) => window.chatfleet.figures.quantile("

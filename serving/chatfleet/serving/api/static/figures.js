@@ -45,7 +45,10 @@
   function parseValue(text) {
     if (text === "+Inf") return Infinity;
     if (text === "-Inf") return -Infinity;
-    return Number(text); // NaN stays NaN
+    if (text === "NaN") return NaN;
+    const value = Number(text);
+    if (text === "" || Number.isNaN(value)) throw new Error("not a value: " + text);
+    return value;
   }
 
   /** Samples by metric name: {name: [{labels, value}]}; comments and bad lines skipped. */
@@ -63,6 +66,7 @@
           [labels, rest] = parseLabels(line, brace + 1);
           rest = line.slice(rest).trim();
         } else {
+          if (space < 0) continue;
           name = line.slice(0, space);
           labels = {};
           rest = line.slice(space + 1).trim();
@@ -93,7 +97,12 @@
   function buckets(samples, name, model) {
     const out = [];
     for (const s of samples[name + "_bucket"] || []) {
-      if (s.labels.model === model) out.push([parseValue(s.labels.le), s.value]);
+      if (s.labels.model !== model) continue;
+      try {
+        out.push([parseValue(s.labels.le), s.value]);
+      } catch (err) {
+        continue; // a bucket without a bound is no bucket
+      }
     }
     return out.sort((a, b) => a[0] - b[0]);
   }
