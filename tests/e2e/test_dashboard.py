@@ -194,6 +194,8 @@ async def test_message_streams_thinking_then_response(page: Page, server: Server
     await expect(page.locator("#banner")).to_be_hidden()
     await expect(page.locator("#model option[value=thinker]")).to_have_count(1)
 
+    # The playground is the first view; sessions are a tab away.
+    await page.click(".tab[data-view=sessions]")
     await page.select_option("#model", "thinker")
     await page.evaluate(_WATCH_PANES)
     await page.fill("#message", "Why is the sky blue?")
@@ -235,6 +237,7 @@ async def test_sessions_from_elsewhere_are_listed_live(page: Page, server: Serve
     )
     assert before.status_code == 202
     await page.goto(f"{server.url}/#token={server.token}")
+    await page.click(".tab[data-view=sessions]")
     await expect(page.locator("#sessions .session-item")).to_have_count(1, timeout=TIMEOUT_MS)
     await expect(page.locator("#connection")).to_have_attribute(
         "data-state", "live", timeout=TIMEOUT_MS
@@ -313,6 +316,8 @@ async def test_reconnects_after_a_server_restart(page: Page, tmp_path: Path) -> 
     # Backing off: the indicator says so and counts attempts.
     await expect(connection).to_have_attribute("data-state", "reconnecting", timeout=TIMEOUT_MS)
     await expect(page.locator("#connection-text")).to_contain_text("attempt")
+    # The live figures say they are stale rather than showing old numbers as current.
+    await expect(page.locator("#figures-status")).to_contain_text("stale", timeout=TIMEOUT_MS)
     await asyncio.sleep(1.5)
     async with running(db, port) as second:
         await expect(connection).to_have_attribute("data-state", "live", timeout=TIMEOUT_MS)
@@ -325,3 +330,4 @@ async def test_reconnects_after_a_server_restart(page: Page, tmp_path: Path) -> 
         assert created.status_code == 202, created.text
         item = page.locator(f"#sessions [data-session-id='{created.json()['id']}']")
         await expect(item).to_have_attribute("data-status", "completed", timeout=TIMEOUT_MS)
+        await expect(page.locator("#figures-status")).to_contain_text("updated", timeout=TIMEOUT_MS)

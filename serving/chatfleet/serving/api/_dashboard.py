@@ -1,7 +1,12 @@
 """The browser dashboard: ``GET /`` and ``/static/*`` (plain files shipped in the package).
 
 The page is static; everything live comes from the public API with the
-caller's token (``Authorization: Bearer`` on fetches, ``?token=`` on ``WS /ws``).
+caller's token (``Authorization: Bearer`` on fetches, ``?token=`` on ``WS /ws``):
+the playground streams ``/v1/chat/completions`` and shows each answer's route,
+classify and compress call ``/api/classify`` and ``/api/compress``, sessions come
+from ``/api/sessions`` and ``WS /ws``, and the live figures per model are computed
+in the browser from scrapes of ``GET /metrics`` (what Prometheus reads, so the page
+and a Grafana panel agree, and no second API has to follow the registry).
 Both paths are public in the auth middleware, so a browser can load the page
 before it has a token; the page then asks for one, or takes it from the URL
 fragment (``/#token=...``, which never reaches the server or its logs).
