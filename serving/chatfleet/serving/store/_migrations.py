@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 from pathlib import Path
+from typing import IO
 
 from alembic import command
 from alembic.config import Config
@@ -38,13 +42,34 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
-    """Apply migrations up to ``revision``, in one transaction; returns the new revision."""
+    """Apply migrations up to ``revision``, in one transaction; returns the new revision.
+
+    Replicas that start together take turns: on PostgreSQL through an advisory lock,
+    on a SQLite file through a lock file beside it (several ingress replicas of one
+    node share the file); the ones after the first find the schema at head.
+    """
 
     def run(connection: Connection) -> str | None:
         command.upgrade(alembic_config(connection), revision)
         return _current(connection)
 
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
-        return await conn.run_sync(run)
+    async with contextlib.AsyncExitStack() as stack:
+        database = engine.url.database
+        if engine.url.get_backend_name() == "sqlite" and database and database != ":memory:":
+            lock = await asyncio.to_thread(_lock_file, Path(f"{database}.migrate.lock"))
+            stack.callback(lock.close)  # closing the file releases the lock
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK}
+                )
+            return await conn.run_sync(run)
+    raise AssertionError("unreachable")  # the block returns or raises
+
+
+def _lock_file(path: Path) -> IO[bytes]:
+    """``path`` opened and exclusively locked (waits for the holder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("ab")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
