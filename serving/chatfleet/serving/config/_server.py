@@ -22,6 +22,15 @@ class ServerConfig(_Model):
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty disables CORS."
     )
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM/SIGINT (or a drain request) streams in flight may finish for"
+        " this long while new requests get 503 shutting_down; the rest then end with a"
+        " terminal event (finish_reason interrupted). Kept below Kubernetes' default 30 s"
+        " terminationGracePeriodSeconds; the operator sizes the pods' grace period from it.",
+    )
 
 
 class IngressDeploymentConfig(_Model):
