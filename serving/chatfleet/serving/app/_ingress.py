@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Mapping
 
 import ray
@@ -10,6 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from chatfleet.serving import telemetry
+from chatfleet.serving._drain_request import DrainRequest
 from chatfleet.serving.api import Metrics, create_app
 from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRouterClient
 from chatfleet.serving.app._metrics import RayMetricsMirror
@@ -18,6 +21,9 @@ from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig
 from chatfleet.serving.relay import Relay
 from chatfleet.serving.store import Store
+
+#: How often a replica looks for a drain request.
+_DRAIN_POLL_S = 0.2
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
@@ -60,7 +66,25 @@ class Ingress:
             auth=auth,
             metrics=metrics,
             tracer_provider=telemetry.configure_tracing(config.telemetry, component="ingress"),
+            on_startup=self._watch_for_drain,
         )
+        self._drain_request = DrainRequest(config.server.port)
+        self._drain_watch: asyncio.Task[None] | None = None
+
+    async def _watch_for_drain(self) -> None:
+        self._drain_watch = asyncio.create_task(self._drain_when_asked())
+
+    async def _drain_when_asked(self) -> None:
+        """Drain when `chatfleet serve` (signalled) or a preStop hook asks (_drain_request).
+
+        Polling a file costs a stat call per interval, off the request path.
+        """
+        replica, request = str(os.getpid()), self._drain_request
+        request.register(replica)
+        while not request.requested():  # noqa: ASYNC110 (a file, not an Event)
+            await asyncio.sleep(_DRAIN_POLL_S)
+        await self._app.state.gateway.drain.run()
+        request.drained(replica)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

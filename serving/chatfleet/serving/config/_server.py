@@ -7,6 +7,9 @@ from pydantic import Field, model_validator
 
 from chatfleet.serving.config._base import _Model
 
+#: Past the drain timeout: interrupted streams send their terminal events, files are polled.
+DRAIN_MARGIN_S = 10.0
+
 
 class ServerConfig(_Model):
     """The HTTP front door."""
@@ -31,6 +34,12 @@ class ServerConfig(_Model):
         " terminal event (finish_reason interrupted). Kept below Kubernetes' default 30 s"
         " terminationGracePeriodSeconds; the operator sizes the pods' grace period from it.",
     )
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        """How long a replica needs to stop cleanly: the drain, the terminal events of the
+        streams it interrupts, and a margin (Serve's graceful_shutdown_timeout_s)."""
+        return self.drain_timeout_s + DRAIN_MARGIN_S
 
 
 class IngressDeploymentConfig(_Model):
