@@ -20,6 +20,8 @@ from chatfleet.serving.store import Store
 
 SLOW = fake_model("slow", reply_tokens=400, tokens_per_second=20)
 QUICK = fake_model("quick", reply_tokens=6, tokens_per_second=20)
+#: One token, then 100 s of nothing: a stream the drain finds waiting on its engine.
+STALLED = fake_model("stalled", reply_tokens=50, tokens_per_second=0.01)
 
 
 def sse_events(body: str) -> list[tuple[str | None, Any]]:
@@ -38,7 +40,7 @@ def sse_events(body: str) -> list[tuple[str | None, Any]]:
 @pytest.fixture
 async def chat(tmp_path: Path) -> ChatApp:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
-    app = ChatApp(store, SLOW, QUICK, server={"drain_timeout_s": 1.0})
+    app = ChatApp(store, SLOW, QUICK, STALLED, server={"drain_timeout_s": 1.0})
     return app
 
 
@@ -191,3 +193,21 @@ async def test_the_openai_client_sees_the_shutdown_as_an_error(chat: ChatApp) ->
                 model="quick", messages=[{"role": "user", "content": "Hi"}]
             )
         assert refused.value.status_code == 503
+
+
+async def test_a_stream_waiting_on_its_engine_is_interrupted_at_the_deadline(
+    chat: ChatApp,
+) -> None:
+    gw = chat.app.state.gateway
+    async with serving(chat.app) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        started = asyncio.Event()
+        body = {"model": "stalled", "prompt": "Hi"}
+        stream = asyncio.create_task(_sse(http, "/api/generate", body, started))
+        await wait_for(lambda: asyncio.sleep(0, chat.engines["stalled"].active == 1))
+        await asyncio.wait_for(gw.drain.run(), 30)
+        # Ended long before the engine's next token (100 s away), and the engine stopped.
+        events = sse_events(await asyncio.wait_for(stream, 30))
+        assert [kind for kind, _ in events] == ["metadata", "text_chunk", "error", "end_stream"]
+        assert events[-1][1]["finish_reason"] == "interrupted"
+        assert len(chat.engines["stalled"].cancelled) == 1
+        assert gw.drain.streams == 0
