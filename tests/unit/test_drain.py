@@ -99,8 +99,12 @@ async def test_a_drain_past_its_timeout_ends_every_stream_with_its_terminal_even
         )
         ws_chat = asyncio.create_task(_ws_chat(url, started[3]))
         await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 30)
-        async with connect(url.replace("http", "ws") + "/ws/chat") as idle_ws:
+        async with (
+            connect(url.replace("http", "ws") + "/ws/chat") as idle_ws,
+            connect(url.replace("http", "ws") + "/ws") as subscriber,
+        ):
             await idle_ws.recv()  # connection_ack: open before the drain
+            await subscriber.recv()  # its greeting
             drain = asyncio.create_task(gw.drain.run())
             ready = await http.get("/ready")
             assert (ready.status_code, ready.json()["draining"]) == (503, True)
@@ -123,6 +127,10 @@ async def test_a_drain_past_its_timeout_ends_every_stream_with_its_terminal_even
             with pytest.raises(ConnectionClosed):
                 await idle_ws.recv()
             assert idle_ws.close_code == 1001
+            # A /ws subscriber: an error event, then close 1001.
+            frames = [json.loads(raw) async for raw in subscriber]
+            assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "shutting_down")
+            assert subscriber.close_code == 1001
 
         openai_events = sse_events(await asyncio.wait_for(sse_chat, 30))
         assert openai_events[-1] == (None, "[DONE]")
