@@ -8,13 +8,14 @@ serve`` on SIGTERM/SIGINT, and by ``chatfleet drain`` as a Kubernetes preStop ho
 
 Files rather than a Serve call: a deployment handle reaches one replica, not each,
 and a pod's preStop hook must drain that pod's replicas only (its ``/tmp`` is its
-own). In ``folder``: ``<replica>.serving`` per ingress replica started here,
+own). In ``folder``: ``<replica>.serving`` per ingress replica started here (its process id),
 ``request`` once a drain is asked for, ``<replica>.drained`` once that replica's
 drain is over (every stream ended with its terminal event).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +26,19 @@ __all__ = ["DrainRequest"]
 
 _SERVING = ".serving"
 _DRAINED = ".drained"
+
+
+def _running(replica: str) -> bool:
+    """Whether the replica (its process id) still runs on this machine."""
+    if not replica.isdigit():
+        return True  # not a process id: can't tell, so wait for it
+    try:
+        os.kill(int(replica), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
 
 
 class DrainRequest:
@@ -52,12 +66,13 @@ class DrainRequest:
         (self.folder / f"{replica}{_DRAINED}").touch()
 
     def pending(self) -> list[str]:
-        """Replicas registered here whose drain is not over."""
+        """Replicas registered here, still running, whose drain is not over."""
         if not self.folder.is_dir():
             return []
         serving = {p.name.removesuffix(_SERVING) for p in self.folder.glob(f"*{_SERVING}")}
         done = {p.name.removesuffix(_DRAINED) for p in self.folder.glob(f"*{_DRAINED}")}
-        return sorted(serving - done)
+        # A replica that died (or that Serve replaced) left its file: don't wait for it.
+        return sorted(r for r in serving - done if _running(r))
 
     def wait(
         self,
