@@ -21,6 +21,11 @@ from chatfleet.operator._models import (
     Resources,
     Toleration,
 )
+from chatfleet.operator._shutdown import (
+    deployment_shutdown_options,
+    prestop_hook,
+    termination_grace_period_s,
+)
 from chatfleet.serving.config import AppConfig, ModelConfig
 
 IMPORT_PATH = "chatfleet.serving.app:build_app"
@@ -104,6 +109,7 @@ def serve_config(spec: ChatDeploymentSpec) -> dict[str, Any]:
                 # Serve's per-request access log costs ~15% of a request's CPU
                 # (bench/gateway.py); chatfleet's metrics and traces cover it.
                 "logging_config": {"enable_access_log": False},
+                "deployments": deployment_shutdown_options(serving),
             }
         ],
     }
@@ -231,12 +237,16 @@ def _pod_template(
         "imagePullPolicy": cluster.image_pull_policy,
         "resources": resources,
         "env": _env(name, spec),
+        "lifecycle": {"preStop": prestop_hook(spec.serving)},  # drain before Ray stops
     }
     if cluster.env_from_secrets:
         ray["envFrom"] = [{"secretRef": {"name": s}} for s in cluster.env_from_secrets]
     if ports:
         ray["ports"] = ports
-    pod: dict[str, Any] = {"containers": [ray]}
+    pod: dict[str, Any] = {
+        "containers": [ray],
+        "terminationGracePeriodSeconds": termination_grace_period_s(spec.serving),
+    }
     if ollama_tags:
         pod["containers"].append(_ollama_sidecar(spec, ollama_tags, gpu))
         pod["volumes"] = [{"name": "ollama-models", "emptyDir": {}}]

@@ -6,18 +6,23 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 
 import yaml
 from pydantic import ValidationError
 
+from chatfleet.serving._drain_request import DrainRequest
 from chatfleet.serving._preflight import StartupError, check_models, check_port, yaml_error
+from chatfleet.serving._shutdown import (
+    Stop,
+    drain_local_replicas,
+    run_processes,
+    shutdown_serve,
+    stop_leftovers,
+)
 from chatfleet.serving._startup import (
     deploy,
     describe_parts,
@@ -94,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--refresh", action="store_true", help="Print the access and refresh pair as JSON."
     )
+    drain = commands.add_parser(
+        "drain",
+        help="Drain the ingress replicas on this machine (a Kubernetes preStop hook).",
+        description="What chatfleet serve does on SIGTERM: readiness goes 503, new requests"
+        " get 503 shutting_down, streams may finish for server.drain_timeout_s, then end with"
+        " their terminal event. Returns when every ingress replica here is drained.",
+    )
+    drain.add_argument("--config", type=Path, help="YAML or JSON AppConfig file.")
+    drain.add_argument("--port", type=int, help="The served port (default: the config's).")
+    drain.add_argument("--timeout", type=float, help="The served server.drain_timeout_s.")
     db = commands.add_parser("db", help="Manage the conversation/session database.")
     db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
     upgrade = db_commands.add_parser(
@@ -259,13 +274,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from chatfleet.serving.app import APP_NAME, build_app
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    drain_request = DrainRequest(config.server.port)
+    drain_request.clear()
+    # Nothing local must notice a replica leave, and the drain has emptied it:
+    # Serve need not hold it open 30 s more on shutdown.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    stop = Stop()
+    stop.install()
 
     say(f"starting Ray (about 20 s; HTTP through {front})...")
     ray.init(
@@ -280,6 +295,7 @@ def serve(args: argparse.Namespace) -> int:
         # reported from Serve's status instead (chatfleet.serving._startup).
         log_to_driver=args.debug,
     )
+    stop.install()  # ray.init made SIGTERM a plain exit, skipping the drain
     if not args.debug:
         # Serve's driver-side INFO lines ("Started Serve in namespace ...") repeat
         # what the stage lines below say.
@@ -294,17 +310,24 @@ def serve(args: argparse.Namespace) -> int:
             # chatfleet's own metrics and traces cover what it would say.
             logging_config={"enable_access_log": False},
             progress=say,
-            stopped=stop.is_set,
+            stopped=stop.requested.is_set,
             debug=args.debug,
         )
         if running:
             say(ready_lines(config, url, access, token, args.metrics_port))
-            stop.wait()
+            stop.requested.wait()
+            server = config.server
+            drain_local_replicas(drain_request, server, give_up=stop.hurried.is_set, progress=say)
         say("shutting down...")
+        if not stop.hurried.is_set():
+            shutdown_serve(timeout_s=15.0)  # replicas' own shutdown: sessions, the store
     finally:
-        # This Ray instance is ours alone: stopping Ray stops every replica at
-        # once (serve.shutdown() first can wait 30 s on the controller).
+        processes = run_processes()
         ray.shutdown()
+        left = stop_leftovers(processes)  # HAProxy outlives the Serve actor that ran it
+        if left:
+            logger.info("ended %s, left running after Ray stopped", ", ".join(sorted(set(left))))
+        drain_request.clear()
     say("stopped.")
     return 0
 
@@ -332,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         logging.getLogger("chatfleet").setLevel(logging.WARNING)  # stdout is the token alone
         return mint_token(args)
+    if args.command == "drain":
+        server = load_config(args.config).server
+        if args.timeout is not None:
+            server = server.model_copy(update={"drain_timeout_s": args.timeout})
+        return 0 if drain_local_replicas(DrainRequest(args.port or server.port), server) else 1
     if args.command == "db" and args.db_command == "upgrade":
         return db_upgrade(args)
     parser.print_help()

@@ -15,6 +15,8 @@
     │   ├── UpstreamError              502 upstream_error (remote API / Ollama said no)
     │   └── RelayLost                  502 relay_lost (the token relay link broke mid-stream)
     ├── StoreUnavailable               503 store_unavailable (database unreachable)
+    ├── ShuttingDown                   503 shutting_down (the replica drains: retry elsewhere;
+    │                                      mid-stream, the answer ends as "interrupted")
     └── Overloaded                     429 rate_limited
         └── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
 
@@ -40,6 +42,7 @@ __all__ = [
     "PayloadTooLarge",
     "RelayLost",
     "RequestError",
+    "ShuttingDown",
     "StoreUnavailable",
     "TokenExpired",
     "TokenRevoked",
@@ -138,6 +141,15 @@ class RelayLost(EngineError):
 class StoreUnavailable(ChatfleetError):
     status_code = 503
     code = "store_unavailable"
+
+
+class ShuttingDown(ChatfleetError):
+    """The replica is draining: new work goes elsewhere, streams past the grace period end."""
+
+    status_code = 503
+    code = "shutting_down"
+    #: Seconds after which another replica (behind the same Service) likely answers.
+    retry_after = 1
 
 
 class Overloaded(ChatfleetError):

@@ -32,6 +32,7 @@ from chatfleet.serving.api._clients import (
 )
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
+from chatfleet.serving.api._drain import DrainGuard
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
@@ -259,6 +260,7 @@ def create_app(
             allow_headers=["*"],
             expose_headers=[telemetry.TRACE_HEADER],
         )
+    app.add_middleware(DrainGuard, drain=gw.drain)  # before auth: refusing is cheaper
     # Outermost: rejected requests (413, 401, CORS) get a span and a trace id too.
     app.add_middleware(TracingMiddleware, tracer=gw.tracer)
 
@@ -272,7 +274,8 @@ def create_app(
     async def health() -> dict[str, Any]:
         states = await gw.model_states()
         ok = all(s == "ready" for s in states.values())
-        return {"status": "ok" if ok else "degraded", "version": VERSION, "models": states}
+        status = "draining" if gw.drain.draining else "ok" if ok else "degraded"
+        return {"status": status, "version": VERSION, "models": states}
 
     @app.get(
         "/ready",
@@ -281,6 +284,8 @@ def create_app(
         responses={503: {"description": "Not ready: the same body, with ready false."}},
     )
     async def ready() -> JSONResponse:
+        if gw.drain.draining:  # at once: the Service must stop routing here
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
         states = await gw.model_states()
         ok = all(s == "ready" for s in states.values())
         body: dict[str, Any] = {"ready": ok, "models": states}

@@ -36,7 +36,7 @@ from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingF
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._wire import route_headers
-from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError
+from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError, ShuttingDown
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
 
@@ -122,6 +122,9 @@ class _Turn:
                     await best_effort(self._checkpoint, "checkpoint of a partial answer")
                 yield delta
             status = "complete"
+        except ShuttingDown as exc:
+            status, error = "interrupted", exc.message
+            raise
         except ChatfleetError as exc:
             status, error = "failed", exc.message
             raise
@@ -226,7 +229,7 @@ class _Turn:
                         yield sse({"text": delta.text}, "text_chunk")
         except Exception as exc:
             yield sse(self.gw.error_event(exc), "error")
-            self.answer.finish_reason = "error"
+            self.answer.finish_reason = "interrupted" if isinstance(exc, ShuttingDown) else "error"
         yield sse(
             {
                 "conversation_id": self.conversation_id,

@@ -24,6 +24,7 @@ from chatfleet.serving.api._clients import (
     EngineClient,
     RouterClient,
 )
+from chatfleet.serving.api._drain import Drain
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._usage import UsageMeter
@@ -80,6 +81,7 @@ class Gateway:
         self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
         self.usage = UsageMeter(store, config.auth, metrics)
+        self.drain = Drain(config.server.drain_timeout_s)  # on shutdown (api._drain)
         # (owner, conversation) -> its last route, for hysteresis; keyed by owner too,
         # so one client's ids never steer another's routing. Bounded; replica-local
         # until conversations are stored (then the store holds it).
@@ -337,7 +339,7 @@ class Gateway:
         if not request.trace_context:
             # The engine's span joins this request's trace, in whichever process it runs.
             request.trace_context = telemetry.inject()
-        source = self.engines[model].batches(request)
+        source = self.drain.interruptible(self.engines[model].batches(request))
         m.active_streams.labels(model).inc()
         try:
             first = await anext(source)

@@ -34,7 +34,7 @@ _WHY = {
     413: "The request body is larger than server.max_body_bytes.",
     429: "Rate-limited (Retry-After says when to come back) or too busy.",
     502: "The engine or its upstream failed before the first token.",
-    503: "The engine or the store is unavailable.",
+    503: "The engine or the store is unavailable, or the replica is draining (shutting_down).",
 }
 _ENGINE = (404, 502, 503)  # unknown model; engine failed or not ready
 #: "METHOD /path" -> the statuses the route raises beyond the common ones.

@@ -11,6 +11,7 @@ from typing import Any
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway
 from chatfleet.serving.api._streaming import sse
+from chatfleet.serving.errors import ShuttingDown
 
 
 def route_headers(answer: Answer) -> dict[str, str]:
@@ -87,7 +88,7 @@ async def generate_events(
                     yield sse({"text": chunk.text}, kind)
     except Exception as exc:
         yield sse(gw.error_event(exc), "error")
-        finish = "error"
+        finish = "interrupted" if isinstance(exc, ShuttingDown) else "error"
     finally:
         await answer.aclose()
     end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}

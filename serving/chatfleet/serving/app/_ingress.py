@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Mapping
 
 import ray
@@ -10,6 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from chatfleet.serving import telemetry
+from chatfleet.serving._drain_request import DrainRequest
 from chatfleet.serving.api import LocalRouterClient, Metrics, create_app
 from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRoutingClient
 from chatfleet.serving.app._metrics import RayMetricsMirror
@@ -19,6 +22,9 @@ from chatfleet.serving.config import AppConfig
 from chatfleet.serving.relay import Relay
 from chatfleet.serving.routing import Router
 from chatfleet.serving.store import Store
+
+#: How often a replica looks for a drain request.
+_DRAIN_POLL_S = 0.2
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)
@@ -74,7 +80,25 @@ class Ingress:
             auth=auth,
             metrics=metrics,
             tracer_provider=tracer_provider,
+            on_startup=self._watch_for_drain,
         )
+        self._drain_request = DrainRequest(config.server.port)
+        self._drain_watch: asyncio.Task[None] | None = None
+
+    async def _watch_for_drain(self) -> None:
+        self._drain_watch = asyncio.create_task(self._drain_when_asked())
+
+    async def _drain_when_asked(self) -> None:
+        """Drain when `chatfleet serve` (signalled) or a preStop hook asks (_drain_request).
+
+        Polling a file costs a stat call per interval, off the request path.
+        """
+        replica, request = str(os.getpid()), self._drain_request
+        request.register(replica)
+        while not request.requested():  # noqa: ASYNC110 (a file, not an Event)
+            await asyncio.sleep(_DRAIN_POLL_S)
+        await self._app.state.gateway.drain.run()
+        request.drained(replica)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
@@ -82,6 +106,8 @@ class Ingress:
     async def __del__(self) -> None:
         # Serve calls this when the replica stops: hang up the engines' relay links
         # (their streams end with RelayLost, not silence) and stop the metrics thread.
+        if self._drain_watch is not None:
+            self._drain_watch.cancel()
         if self._relay is not None:
             await self._relay.close()
         self._metrics_mirror.stop()

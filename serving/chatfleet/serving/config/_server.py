@@ -7,6 +7,9 @@ from pydantic import Field, model_validator
 
 from chatfleet.serving.config._base import _Model
 
+#: Past the drain timeout: interrupted streams send their terminal events, files are polled.
+DRAIN_MARGIN_S = 10.0
+
 
 class ServerConfig(_Model):
     """The HTTP front door."""
@@ -22,6 +25,21 @@ class ServerConfig(_Model):
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty disables CORS."
     )
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM/SIGINT (or a drain request) streams in flight may finish for"
+        " this long while new requests get 503 shutting_down; the rest then end with a"
+        " terminal event (finish_reason interrupted). Kept below Kubernetes' default 30 s"
+        " terminationGracePeriodSeconds; the operator sizes the pods' grace period from it.",
+    )
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        """How long a replica needs to stop cleanly: the drain, the terminal events of the
+        streams it interrupts, and a margin (Serve's graceful_shutdown_timeout_s)."""
+        return self.drain_timeout_s + DRAIN_MARGIN_S
 
 
 class IngressDeploymentConfig(_Model):
