@@ -108,3 +108,18 @@ async def test_classify_endpoint_batches_concurrent_prompts(url: str) -> None:
         assert bad.status_code == 400
         rankings = await client.get(f"{url}/api/model-rankings")
         assert rankings.json()["default_model"] == "general"
+
+
+def test_embeddings_come_from_the_classifiers_replicas(url: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    texts = ["How do I sort a list in Python?", "Sorting a Python list", "I love sunny days"]
+    result = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    a, b, c = (item.embedding for item in sorted(result.data, key=lambda d: d.index))
+    assert len(a) == 384
+
+    def dot(x: list[float], y: list[float]) -> float:
+        return sum(p * q for p, q in zip(x, y, strict=True))
+
+    assert dot(a, b) > dot(a, c) + 0.2
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")

@@ -4,6 +4,7 @@
     ├── RequestError                   400 invalid_request_error
     │   ├── ModelNotFound              404 model_not_found
     │   ├── NotFound                   404 not_found (unknown conversation or session)
+    │   ├── NotConfigured              404 not_configured (no classifier, compressor, router...)
     │   ├── Conflict                   409 conflict (e.g. cancelling a finished session)
     │   └── PayloadTooLarge            413 payload_too_large
     ├── AuthenticationError            401 invalid_token (missing, forged, expired, revoked)
@@ -37,6 +38,7 @@ __all__ = [
     "EngineUnavailable",
     "InvalidClient",
     "ModelNotFound",
+    "NotConfigured",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
@@ -81,6 +83,13 @@ class ModelNotFound(RequestError):
 class NotFound(RequestError):
     status_code = 404
     code = "not_found"
+
+
+class NotConfigured(RequestError):
+    """The request needs a part of the server (classifier, compressor, router) it lacks."""
+
+    status_code = 404
+    code = "not_configured"
 
 
 class Conflict(RequestError):

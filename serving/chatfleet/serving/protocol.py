@@ -80,6 +80,14 @@ class Chunk:
 
 
 @dataclass(slots=True, frozen=True)
+class Embeddings:
+    """Sentence embeddings of some texts, in their order (unit length), and what they cost."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
 class Classification:
     """Scores of one prompt for every label, best first."""
 

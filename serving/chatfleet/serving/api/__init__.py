@@ -4,7 +4,9 @@ from chatfleet.serving.api._app import create_app
 from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
+    EmbeddingsClient,
     EngineClient,
+    LocalEmbeddingsClient,
     LocalEngineClient,
     LocalRouterClient,
     RouterClient,
@@ -14,7 +16,9 @@ from chatfleet.serving.api._metrics import Metrics
 __all__ = [
     "ClassifierClient",
     "CompressorClient",
+    "EmbeddingsClient",
     "EngineClient",
+    "LocalEmbeddingsClient",
     "LocalEngineClient",
     "LocalRouterClient",
     "Metrics",

@@ -27,12 +27,14 @@ from chatfleet.serving.api._chat_request import ChatCompletionRequest
 from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
+    EmbeddingsClient,
     EngineClient,
     RouterClient,
 )
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._drain import DrainGuard
+from chatfleet.serving.api._embeddings import add_embeddings_routes
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
@@ -153,6 +155,7 @@ def create_app(
     router: RouterClient | None = None,
     classifier: ClassifierClient | None = None,
     compressor: CompressorClient | None = None,
+    embeddings: EmbeddingsClient | None = None,
     metrics: Metrics | None = None,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     store: Store | None = None,
@@ -177,6 +180,7 @@ def create_app(
         router=router,
         classifier=classifier,
         compressor=compressor,
+        embeddings=embeddings,
         store=store,
         auth=auth if config.auth.enabled else None,
         tracer_provider=tracer_provider,
@@ -374,6 +378,7 @@ def create_app(
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)
     add_usage_routes(app, gw)
+    add_embeddings_routes(app, gw)
     add_dashboard_routes(app)
     document_responses(
         app,

@@ -7,15 +7,23 @@ implements them over deployment handles.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.config import CoalesceConfig
 from chatfleet.serving.engines import Engine, coalesce, traced_generation
-from chatfleet.serving.protocol import Chunk, Classification, Compression, GenerationRequest
+from chatfleet.serving.protocol import (
+    Chunk,
+    Classification,
+    Compression,
+    Embeddings,
+    GenerationRequest,
+)
 from chatfleet.serving.protocol import Message as ChatMessage
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+from chatfleet.serving.routing.classifier import EmbeddingClassifier
 
 
 class EngineClient(Protocol):
@@ -44,6 +52,22 @@ class ClassifierClient(Protocol):
         descriptions: dict[str, str] | None,
         multi_label: bool,
     ) -> Classification: ...
+
+
+class EmbeddingsClient(Protocol):
+    """How the ingress asks for sentence embeddings (``/v1/embeddings``)."""
+
+    async def embed(self, texts: list[str]) -> Embeddings: ...
+
+
+class LocalEmbeddingsClient:
+    """An embedding classifier's encoder in this process (tests, ``create_app`` alone)."""
+
+    def __init__(self, classifier: EmbeddingClassifier) -> None:
+        self.classifier = classifier
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        return await asyncio.to_thread(self.classifier.embed, texts)
 
 
 class CompressorClient(Protocol):

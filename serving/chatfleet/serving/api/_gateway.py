@@ -21,6 +21,7 @@ from chatfleet.serving.api._capabilities import checked_sampling
 from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
+    EmbeddingsClient,
     EngineClient,
     RouterClient,
 )
@@ -30,7 +31,13 @@ from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._usage import UsageMeter
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, ModelConfig
-from chatfleet.serving.errors import ChatfleetError, EngineError, ModelNotFound, RequestError
+from chatfleet.serving.errors import (
+    ChatfleetError,
+    EngineError,
+    ModelNotFound,
+    NotConfigured,
+    RequestError,
+)
 from chatfleet.serving.protocol import Chunk, Classification, Compression, GenerationRequest
 from chatfleet.serving.protocol import Message as ChatMessage
 from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
@@ -46,13 +53,6 @@ ROUTE_HEADER = "x-chatfleet-route"
 CONVERSATION_HEADER = "x-chatfleet-conversation-id"
 
 
-class NotConfigured(RequestError):
-    """The request needs a part of the server (classifier, compressor, router) it lacks."""
-
-    status_code = 404
-    code = "not_configured"
-
-
 class Gateway:
     """The request handlers' shared state: config, engines, metrics."""
 
@@ -65,6 +65,7 @@ class Gateway:
         router: RouterClient | None = None,
         classifier: ClassifierClient | None = None,
         compressor: CompressorClient | None = None,
+        embeddings: EmbeddingsClient | None = None,
         store: Store | None = None,
         auth: Authenticator | None = None,
         tracer_provider: telemetry.TracerProvider | None = None,
@@ -78,6 +79,7 @@ class Gateway:
         self.router = router
         self.classifier = classifier
         self.compressor = compressor
+        self.embeddings = embeddings  # None: no /v1/embeddings
         self.store = store  # None: no conversations or sessions
         self.auth = auth  # None: auth is off
         self.usage = UsageMeter(store, config.auth, metrics)

@@ -44,6 +44,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /api/models/select": _ENGINE,
     "POST /api/classify": (404, 503),
     "POST /api/compress": (404, 503),
+    "POST /v1/embeddings": (404, 503),  # unknown model or none configured; not ready
+    "GET /api/usage": (503,),
     "GET /api/model-rankings": (404,),
     "POST /v1/messages": _ENGINE,
     "GET /v1/conversations": (503,),

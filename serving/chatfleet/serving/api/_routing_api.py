@@ -11,11 +11,12 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from chatfleet.serving.api._answers import Answer
-from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway, NotConfigured
+from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway
 from chatfleet.serving.api._routing_schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._wire import generate_events, route_headers
+from chatfleet.serving.errors import NotConfigured
 
 
 def add_routing_routes(app: FastAPI, gw: Gateway) -> None:

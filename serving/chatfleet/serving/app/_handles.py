@@ -21,6 +21,7 @@ from chatfleet.serving.protocol import (
     Chunk,
     Classification,
     Compression,
+    Embeddings,
     GenerationRequest,
 )
 from chatfleet.serving.relay import Relay
@@ -90,6 +91,12 @@ class HandleRoutingClient:
             self._classifier.classify.remote(
                 prompt, labels, descriptions, multi_label, trace_context=telemetry.inject()
             )
+        )
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        assert self._classifier is not None
+        return await _unwrapped(
+            self._classifier.embed.remote(texts, trace_context=telemetry.inject())
         )
 
     async def compress(self, context: str, question: str, ratio: float | None) -> Compression:

@@ -74,6 +74,12 @@ class Ingress:
             config,
             {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
             router=router,
+            # The classifier's sentence encoder answers /v1/embeddings too (same replicas).
+            embeddings=routing
+            if classifier is not None
+            and config.classifier is not None
+            and config.classifier.backend == "embedding"
+            else None,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,
             store=store,

@@ -18,7 +18,9 @@ from chatfleet.serving.config import (
     CompressorConfig,
     TelemetryConfig,
 )
-from chatfleet.serving.protocol import Classification, Compression
+from chatfleet.serving.errors import NotConfigured
+from chatfleet.serving.protocol import Classification, Compression, Embeddings
+from chatfleet.serving.routing.classifier import EmbeddingClassifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,17 @@ class ClassifierDeployment:
             if isinstance(result, Exception):
                 raise result
             return result
+
+    async def embed(
+        self, texts: list[str], trace_context: dict[str, str] | None = None
+    ) -> Embeddings:
+        """``/v1/embeddings``: the sentence encoder the classifier already holds in memory."""
+        if not isinstance(self._classifier, EmbeddingClassifier):
+            raise NotConfigured("this classifier (backend nli) serves no embeddings")
+        with self._tracer.start_as_current_span(
+            "classifier.embed", context=telemetry.extract(trace_context), kind=SpanKind.SERVER
+        ):
+            return await asyncio.to_thread(self._classifier.embed, texts)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S)

@@ -84,6 +84,12 @@ class ClassifierConfig(_Model):
         "This example is about {}.",
         description="NLI hypothesis; {} is replaced by the label text.",
     )
+    embeddings_model: str = Field(
+        "all-minilm-l6-v2",
+        pattern=_MODEL_NAME,
+        description="The model name POST /v1/embeddings answers to: the classifier's sentence"
+        " encoder (backend embedding), served by the classifier's replicas.",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Prompts classified together.")
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, le=1, description="How long a batch waits to fill up."

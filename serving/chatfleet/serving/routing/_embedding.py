@@ -32,7 +32,7 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 from chatfleet.serving.config import ClassifierConfig
-from chatfleet.serving.protocol import Classification
+from chatfleet.serving.protocol import Classification, Embeddings
 from chatfleet.serving.routing._classifier import Classifier, Label, ranked
 from chatfleet.serving.routing._runtime import missing_dependency, resolve_device
 
@@ -189,6 +189,18 @@ class EmbeddingClassifier(Classifier):
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        """``texts``' sentence embeddings (unit length, float32) for ``/v1/embeddings``,
+        one forward pass in batches of ``max_batch_size``; tokens as the model counts them."""
+        import torch
+
+        self.load()
+        # Normalised again in float32: a model run in bfloat16 normalises to about 0.4 %.
+        vectors = torch.nn.functional.normalize(self._encode(texts), dim=-1).cpu().tolist()
+        tokenizer = self._model.tokenizer
+        tokens = sum(len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"])
+        return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     def _encode(self, texts: list[str]) -> Any:
         embeddings = self._model.encode(
