@@ -29,13 +29,8 @@ from transformers import (
 from chatfleet.serving import embedded
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines import create_engine
-from chatfleet.serving.engines.hf_transformers import (
-    TransformersEngine,
-    _Done,
-    _Job,
-    _PieceStreamer,
-    _Prompt,
-)
+from chatfleet.serving.engines._hf_streaming import Done, Job, PieceStreamer, Prompt
+from chatfleet.serving.engines.hf_transformers import TransformersEngine
 from chatfleet.serving.errors import EngineError, EngineUnavailable, PayloadTooLarge, RequestError
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
 
@@ -307,15 +302,15 @@ async def test_think_tags_split_reasoning_from_the_answer(
     engine: TransformersEngine, tokenizer: Any
 ) -> None:
     """Scripted tokens through the engine's streamer and chunk assembly."""
-    job = _Job(asyncio.get_running_loop(), asyncio.Queue())
+    job = Job(asyncio.get_running_loop(), asyncio.Queue())
     ids = tokenizer.encode("<think>The user greets.</think>Hello there, friend!")
-    streamer = _PieceStreamer(tokenizer, job, context=[], eos_ids=frozenset(), stop_strings=[])
-    job.emit(_Prompt(tokens=3, starts_in_thinking=False))
+    streamer = PieceStreamer(tokenizer, job, context=[], eos_ids=frozenset(), stop_strings=[])
+    job.emit(Prompt(tokens=3, starts_in_thinking=False))
     streamer.put(torch.tensor([[1, 2, 3]]))  # generate() echoes the prompt first
     for token in ids:
         streamer.put(torch.tensor([token]))
     streamer.flush()
-    job.emit(_Done("stop", streamer.generated))
+    job.emit(Done("stop", streamer.generated))
 
     chunks = [c async for c in engine._chunks(request(), job)]
 

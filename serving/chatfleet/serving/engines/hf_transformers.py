@@ -24,9 +24,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,21 @@ try:
         AutoModelForCausalLM,
         AutoTokenizer,
         GenerationConfig,
-        LogitsProcessor,
         LogitsProcessorList,
-        StoppingCriteria,
         StoppingCriteriaList,
     )
-    from transformers.generation.streamers import BaseStreamer
+
+    # Imports torch and transformers too: inside the guard.
+    from chatfleet.serving.engines._hf_streaming import (
+        Done,
+        Job,
+        Piece,
+        PieceStreamer,
+        Prompt,
+        Sampler,
+        StopWhenSet,
+        first_line,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise EngineUnavailable(
         "the transformers engine needs torch and transformers: pip install 'chatfleet[serving]'"
@@ -116,7 +124,7 @@ class TransformersEngine(Engine):
             raise EngineUnavailable(f"model {self.name!r} is not loaded")
         async with self._slots:
             loop = asyncio.get_running_loop()
-            job = _Job(loop, asyncio.Queue())
+            job = Job(loop, asyncio.Queue())
             self._active.add(job.stop)
             finished = loop.run_in_executor(self._threads, self._generate, request, job)
             try:
@@ -133,24 +141,24 @@ class TransformersEngine(Engine):
                     # Shielded: a second cancellation stops the waiting, not the flag.
                     await asyncio.shield(finished)
 
-    async def _chunks(self, request: GenerationRequest, job: _Job) -> AsyncGenerator[Chunk, None]:
+    async def _chunks(self, request: GenerationRequest, job: Job) -> AsyncGenerator[Chunk, None]:
         splitter: ThinkSplitter | None = None
         prompt_tokens = 0
         unreported = 0  # tokens whose text has not been yielded yet
         reported = 0
         while True:
             event = await job.events.get()
-            if isinstance(event, _Prompt):
+            if isinstance(event, Prompt):
                 prompt_tokens = event.tokens
                 splitter = ThinkSplitter(start_in_thinking=event.starts_in_thinking)
-            elif isinstance(event, _Piece):
+            elif isinstance(event, Piece):
                 assert splitter is not None
                 unreported += event.tokens
                 for kind, text in splitter.feed(event.text):
                     yield Chunk(kind=kind, text=text, tokens=unreported)
                     reported += unreported
                     unreported = 0
-            elif isinstance(event, _Done):
+            elif isinstance(event, Done):
                 if splitter is not None:
                     for kind, text in splitter.flush():
                         yield Chunk(kind=kind, text=text, tokens=unreported)
@@ -170,12 +178,12 @@ class TransformersEngine(Engine):
             else:
                 raise EngineError(
                     f"model {self.name!r} failed while generating:"
-                    f" {type(event).__name__}: {_first_line(event)}"
+                    f" {type(event).__name__}: {first_line(event)}"
                 ) from event
 
     # -- worker thread -----------------------------------------------------------
 
-    def _generate(self, request: GenerationRequest, job: _Job) -> None:
+    def _generate(self, request: GenerationRequest, job: Job) -> None:
         """Runs in a generation thread; reports through ``job`` only (never raises)."""
         try:
             tokenizer, model = self._tokenizer, self._model
@@ -193,9 +201,9 @@ class TransformersEngine(Engine):
                         f" takes at most {self._context_length} including the answer"
                     )
                 max_new_tokens = min(max_new_tokens, room)
-            job.emit(_Prompt(prompt_tokens, starts_in_thinking))
+            job.emit(Prompt(prompt_tokens, starts_in_thinking))
 
-            streamer = _PieceStreamer(
+            streamer = PieceStreamer(
                 tokenizer,
                 job,
                 context=prompt_ids[0, -_DETOKENIZE_CONTEXT:].tolist(),
@@ -205,11 +213,11 @@ class TransformersEngine(Engine):
             logits_processor = LogitsProcessorList()
             if request.temperature > 0:
                 logits_processor.append(
-                    _Sampler(request.temperature, request.top_p, request.seed, self._device)
+                    Sampler(request.temperature, request.top_p, request.seed, self._device)
                 )
             generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
                 max_new_tokens=max_new_tokens,
-                do_sample=False,  # _Sampler draws from its own seeded generator
+                do_sample=False,  # Sampler draws from its own seeded generator
                 repetition_penalty=request.sampling.get(
                     "repetition_penalty", self.settings.repetition_penalty
                 ),
@@ -222,7 +230,7 @@ class TransformersEngine(Engine):
                     **inputs,
                     generation_config=generation_config,
                     logits_processor=logits_processor,
-                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(job.stop)]),
+                    stopping_criteria=StoppingCriteriaList([StopWhenSet(job.stop)]),
                     streamer=streamer,
                     # Only what we set: a model's sampling defaults must not sneak in.
                     use_model_defaults=False,
@@ -244,7 +252,7 @@ class TransformersEngine(Engine):
                 and streamer.generated >= max_new_tokens
             ):
                 finish = "length"
-            job.emit(_Done(finish, streamer.generated))
+            job.emit(Done(finish, streamer.generated))
         except BaseException as exc:
             if not isinstance(exc, ChatfleetError):
                 logger.exception("%s: generation failed", self.name)
@@ -260,7 +268,7 @@ class TransformersEngine(Engine):
             # Templates reject conversations they cannot express ("roles must
             # alternate user/assistant", no system role...): the client's to fix.
             raise RequestError(
-                f"model {self.name!r} does not accept this conversation: {_first_line(exc)}",
+                f"model {self.name!r} does not accept this conversation: {first_line(exc)}",
                 param="messages",
             ) from exc
         # The template writes the special tokens itself.
@@ -303,7 +311,7 @@ class TransformersEngine(Engine):
         except Exception as exc:
             logger.exception("%s: loading %s failed", self.name, source)
             raise EngineUnavailable(
-                f"model {self.name!r} could not load {source}: {_first_line(exc)}"
+                f"model {self.name!r} could not load {source}: {first_line(exc)}"
             ) from exc
         if not getattr(tokenizer, "chat_template", None):
             raise EngineUnavailable(
@@ -335,188 +343,3 @@ class TransformersEngine(Engine):
             str(dtype).removeprefix("torch."),
             time.monotonic() - started,
         )
-
-
-# -- what the generation thread reports ---------------------------------------------
-
-
-@dataclass(slots=True, frozen=True)
-class _Prompt:
-    tokens: int
-    starts_in_thinking: bool
-
-
-@dataclass(slots=True, frozen=True)
-class _Piece:
-    text: str
-    tokens: int
-
-
-@dataclass(slots=True, frozen=True)
-class _Done:
-    finish_reason: FinishReason
-    tokens: int
-
-
-_Event = _Prompt | _Piece | _Done | BaseException
-
-
-class _Job:
-    """The link between one stream (event loop) and its generation thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[_Event]) -> None:
-        self.loop = loop
-        self.events = events
-        #: Set by the event loop to end the generation after the current token.
-        self.stop = threading.Event()
-
-    def emit(self, event: _Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.stop.set()
-
-
-class _PieceStreamer(BaseStreamer):
-    """Incremental detokenizer called by ``generate`` with every new token.
-
-    Decodes a small window of recent tokens and emits only text that is final:
-    nothing while the window ends in an incomplete UTF-8 sequence, and nothing
-    that could still become one of the stop strings. On a stop string it
-    emits the text before it and sets the job's stop flag.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        job: _Job,
-        *,
-        context: list[int],
-        eos_ids: frozenset[int],
-        stop_strings: Sequence[str],
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.job = job
-        self.eos_ids = eos_ids
-        self.stop_strings = [s for s in stop_strings if s]
-        self.ids = list(context)
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.prompt_seen = False
-        self.generated = 0
-        self.unsent_tokens = 0
-        self.held = ""  # decoded text that might be the start of a stop string
-        self.hit_eos = False
-        self.hit_stop = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate() first echoes the prompt
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.generated += 1
-            self.unsent_tokens += 1
-            if self.hit_stop:
-                continue
-            if token in self.eos_ids:
-                self.hit_eos = True
-                continue
-            self.ids.append(token)
-            self._accept(self._decode_new())
-
-    def end(self) -> None:
-        """Called by ``generate`` when it returns; `flush` does the work."""
-
-    def flush(self) -> None:
-        if not self.hit_stop:
-            tail = self.tokenizer.decode(self.ids[self.read_offset :], skip_special_tokens=True)
-            self._send(self.held + tail.rstrip("\ufffd"))
-            self.held = ""
-
-    def _decode_new(self) -> str:
-        decode = self.tokenizer.decode
-        before: str = decode(
-            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        after: str = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # no complete character yet
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
-
-    def _accept(self, text: str) -> None:
-        if not self.stop_strings:
-            self._send(text)
-            return
-        text = self.held + text
-        hits = [at for s in self.stop_strings if (at := text.find(s)) >= 0]
-        if hits:
-            self.hit_stop = True
-            self.job.stop.set()
-            self.held = ""
-            self._send(text[: min(hits)])
-            return
-        keep = max(_partial_suffix(text, s) for s in self.stop_strings)
-        self.held = text[len(text) - keep :] if keep else ""
-        self._send(text[: len(text) - keep])
-
-    def _send(self, text: str) -> None:
-        if text:
-            self.job.emit(_Piece(text, self.unsent_tokens))
-            self.unsent_tokens = 0
-
-
-def _partial_suffix(text: str, target: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``target``."""
-    for n in range(min(len(target) - 1, len(text)), 0, -1):
-        if text.endswith(target[:n]):
-            return n
-    return 0
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation once ``flag`` is set (consumer gone, or a stop string)."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        self.flag = flag
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        return torch.full(
-            (input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device
-        )
-
-
-class _Sampler(LogitsProcessor):
-    """Temperature + nucleus sampling from a per-request generator.
-
-    ``generate`` samples from torch's global RNG, which concurrent requests
-    share; this processor draws the token itself (generate then runs greedy
-    over a one-hot score), so a request's ``seed`` reproduces its answer.
-    """
-
-    def __init__(self, temperature: float, top_p: float, seed: int | None, device: str) -> None:
-        self.temperature = temperature
-        self.top_p = top_p
-        self.generator = torch.Generator(device=device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            ordered, order = torch.sort(logits, descending=True, dim=-1)
-            probs = ordered.softmax(dim=-1)
-            # Drop a token when the more likely ones already cover top_p (keep the first).
-            drop = probs.cumsum(dim=-1) - probs >= self.top_p
-            drop[..., 0] = False
-            ordered = ordered.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
-        chosen = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)
-        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
