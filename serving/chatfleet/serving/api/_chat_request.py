@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+import jsonschema
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody, SamplingFields
 from chatfleet.serving.config import EngineCapabilities
@@ -43,12 +44,81 @@ class StreamOptions(ClientBody):
     )
 
 
+class JsonSchemaFormat(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The format's name."
+    )
+    description: str | None = Field(None, description="What the format is for.")
+    schema_: Annotated[dict[str, Any], OPAQUE] = Field(
+        default_factory=dict, alias="schema", description="The JSON Schema the answer follows."
+    )
+    strict: bool | None = Field(None, strict=True, description="Follow the schema exactly.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return schema
+
+
 class ResponseFormat(ClientBody):
-    model_config = ConfigDict(extra="allow")  # json_schema: {...}; refused, never read
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"] = Field(
-        description="Only 'text' is served yet; the others need structured output."
+        description="'text'; json_object and json_schema need structured output."
     )
+    json_schema: JsonSchemaFormat | None = Field(
+        None, description="The schema, with type 'json_schema' (and only then)."
+    )
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class FunctionBody(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Its name."
+    )
+    description: str | None = Field(None, description="What it does, for the model.")
+    parameters: Annotated[dict[str, Any] | None, OPAQUE] = Field(
+        None, description="Its arguments, as a JSON Schema object."
+    )
+    strict: bool | None = Field(None, strict=True, description="Arguments follow the schema.")
+
+
+class ToolBody(ClientBody):
+    """A tool the model may call: OpenAI's function tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: FunctionBody = Field(description="The function.")
+
+
+class NamedFunction(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="The function that must be called.")
+
+
+class NamedToolChoice(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: NamedFunction = Field(description="Which one.")
 
 
 class OpenAIMessage(ChatMessage):
@@ -97,10 +167,10 @@ class ChatCompletionRequest(SamplingFields):
         gt=0, le=10, description="Extension (vLLM, Ollama, transformers)."
     )
     # OpenAI parameters that need an engine capability, or that nothing here serves.
-    tools: Annotated[list[dict[str, Any]] | None, OPAQUE] = Field(
-        None, description="Needs an engine with tools."
+    tools: list[ToolBody] | None = Field(
+        None, max_length=128, description="Needs an engine with tools."
     )
-    tool_choice: Annotated[str | dict[str, Any] | None, OPAQUE] = Field(
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="Needs an engine with tools ('none' asks for nothing)."
     )
     parallel_tool_calls: bool | None = _strict(description="Needs an engine with tools.")
@@ -134,6 +204,30 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    @model_validator(mode="after")
+    def _choice_among_tools(self) -> ChatCompletionRequest:
+        # As OpenAI's API: a choice needs tools, and a named one must be among them.
+        names = {t.function.name for t in self.tools or ()}
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        return self
+
+    def tooling(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.tools:
+            fields["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in self.tools]
+            choice = self.tool_choice
+            fields["tool_choice"] = (
+                choice.model_dump(mode="json") if isinstance(choice, NamedToolChoice) else choice
+            )
+            fields["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.response_format is not None and self.response_format.type != "text":
+            fields["response_format"] = self.response_format.as_dict()
+        return fields
+
     def sampling_extras(self) -> dict[str, int | float]:
         return {
             name: value for name in SAMPLING_EXTRAS if (value := getattr(self, name)) is not None
@@ -148,8 +242,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.parallel_tool_calls is not None:
             asks.append(Ask("parallel_tool_calls", "tools", "parallel_tool_calls (tools)"))
         if self.functions or self.function_call not in (None, "none"):
+            # Deprecated by OpenAI; no engine here is handed them, even one with tools.
             param = "functions" if self.functions else "function_call"
-            asks.append(Ask(param, "tools", f"{param} (tools)"))
+            asks.append(Ask(param, "functions", f"{param} (deprecated: use tools)"))
         for i, message in enumerate(self.messages):
             if message.asks_for_tools():
                 asks.append(Ask(f"messages.{i}", "tools", "tool calls in messages (tools)"))
@@ -204,9 +299,9 @@ _NEUTRAL: dict[str, dict[str, Any]] = {
 _NEVER_SERVED = ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options")
 _FLAG_OF = {
     "tools": "tools",
-    "functions": "tools",
+    "functions": "functions",
     "tool_choice": "tools",
-    "function_call": "tools",
+    "function_call": "functions",
     "parallel_tool_calls": "tools",
     "logprobs": "logprobs",
     "top_logprobs": "logprobs",

@@ -321,6 +321,7 @@ class Gateway:
             stop=sampling.stop_list(),
             seed=sampling.seed,
             sampling=extras,
+            **sampling.tooling(),
         )
 
     async def open_stream(

