@@ -13,8 +13,8 @@ import jsonschema
 import openai
 import pytest
 from tests.fakes.app_server import serving
-from tests.fakes.ollama_server import FakeOllamaServer
-from tests.fakes.openai_server import FakeOpenAIServer
+from tests.fakes.ollama_server import FakeOllamaServer, OllamaAnswer
+from tests.fakes.openai_server import Answer, FakeOpenAIServer
 from tests.unit.test_api import fake_model, make_config
 
 from chatfleet.serving.api import LocalEngineClient, create_app
@@ -324,3 +324,127 @@ async def remote(
     )
     async for c in _serve(config):
         yield c
+
+
+async def test_tools_pass_through_to_an_openai_api(
+    remote: openai.AsyncOpenAI, openai_upstream: FakeOpenAIServer
+) -> None:
+    call = ("call_up1", "get_weather", ['{"city": ', '"Paris", "unit": "celsius", ', '"days": 1}'])
+    scripted = Answer(tool_calls=[call], finish_reason="tool_calls")
+    openai_upstream.queue(scripted, scripted)
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    calls, finish, _ = await _stream_tool_calls(
+        remote,
+        model="remote",
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice=named,
+        parallel_tool_calls=False,
+    )
+    assert finish == "tool_calls"
+    assert calls == [
+        {
+            "id": "call_up1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris", "unit": "celsius", "days": 1}',
+        }
+    ]
+    sent = openai_upstream.requests[0].body
+    assert sent["tools"] == [WEATHER]
+    assert sent["tool_choice"] == named and sent["parallel_tool_calls"] is False
+    whole = await remote.chat.completions.create(model="remote", messages=QUESTION, tools=[WEATHER])
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.tool_calls is not None
+    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+    # The result goes back with its call: the history reaches the upstream intact.
+    history: Any = [
+        *QUESTION,
+        whole.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": "call_up1", "content": "sunny"},
+    ]
+    openai_upstream.queue(Answer(content=["It is ", "sunny."]))
+    r = await remote.chat.completions.create(model="remote", messages=history, tools=[WEATHER])
+    assert r.choices[0].message.content == "It is sunny."
+    assert openai_upstream.requests[-1].body["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_up1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": calls[0]["arguments"]},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_up1"},
+    ]
+
+
+async def test_response_format_passes_through_to_an_openai_api(
+    remote: openai.AsyncOpenAI, openai_upstream: FakeOpenAIServer
+) -> None:
+    openai_upstream.queue(Answer(content=['{"title": ', '"x"}']))
+    r = await remote.chat.completions.create(
+        model="remote", messages=QUESTION, response_format=RECIPE_FORMAT
+    )
+    assert r.choices[0].message.content == '{"title": "x"}'
+    assert openai_upstream.requests[0].body["response_format"] == RECIPE_FORMAT
+
+
+async def test_ollama_native_tool_calls(
+    remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer
+) -> None:
+    arguments = {"city": "Paris", "unit": "celsius", "days": 2}
+    scripted = OllamaAnswer(
+        tool_calls=[{"function": {"name": "get_weather", "arguments": arguments}}]
+    )
+    ollama_upstream.queue(scripted, scripted)
+    calls, finish, _ = await _stream_tool_calls(
+        remote, model="local", messages=QUESTION, tools=[WEATHER]
+    )
+    assert finish == "tool_calls"
+    (call,) = calls
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == arguments
+    assert ollama_upstream.requests[0].body["tools"] == [WEATHER]
+    whole = await remote.chat.completions.create(model="local", messages=QUESTION, tools=[WEATHER])
+    (made,) = whole.choices[0].message.tool_calls or []
+    assert whole.choices[0].finish_reason == "tool_calls"
+    history: Any = [
+        *QUESTION,
+        whole.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": made.id, "content": "sunny"},
+    ]
+    await remote.chat.completions.create(model="local", messages=history, tools=[WEATHER])
+    # Ollama's own shape: arguments as an object, the result named by its tool.
+    assert ollama_upstream.requests[-1].body["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": arguments}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_ollama_json_schema_output_follows_the_schema(
+    remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer, stream: bool
+) -> None:
+    messages: Any = [{"role": "user", "content": "A recipe, please."}]
+    if stream:
+        chunks = await remote.chat.completions.create(
+            model="local", messages=messages, response_format=RECIPE_FORMAT, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    else:
+        r = await remote.chat.completions.create(
+            model="local", messages=messages, response_format=RECIPE_FORMAT
+        )
+        text = r.choices[0].message.content or ""
+    jsonschema.validate(json.loads(text), RECIPE)
+    assert ollama_upstream.requests[0].body["format"] == RECIPE
+    await remote.chat.completions.create(
+        model="local", messages=messages, response_format={"type": "json_object"}
+    )
+    assert ollama_upstream.requests[1].body["format"] == "json"

