@@ -11,7 +11,7 @@ import pytest
 
 from chatfleet.serving import relay as relay_module
 from chatfleet.serving.errors import EngineError
-from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
 from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
 
 
@@ -156,6 +156,11 @@ async def test_a_link_lost_midway_is_reported_not_hung(monkeypatch: pytest.Monke
 
 def test_frames_are_json_not_pickles() -> None:
     batch = answer(7, 2)[-1] + answer(7, 2)[0]
+    # Tool calls' pieces cross too: the first names its call, the next ones add arguments.
+    batch += [
+        Chunk("tool_call", "", 1, call=ToolCallDelta(0, '{"a"', "call_1", "f")),
+        Chunk("tool_call", "", 1, call=ToolCallDelta(0, ": 1}")),
+    ]
     encoded = relay_module.encode_batch(batch)
     assert relay_module.decode_batch(json.loads(json.dumps(encoded))) == batch
 

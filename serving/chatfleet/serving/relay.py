@@ -32,7 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RelayAddress:
 
 
 def encode_batch(batch: list[Chunk]) -> list[Any]:
+    # A tool call's piece is a sixth item, left off the (many) chunks without one.
     return [
         [
             c.kind,
@@ -61,6 +62,11 @@ def encode_batch(batch: list[Chunk]) -> list[Any]:
             c.tokens,
             c.finish_reason,
             None if c.usage is None else [c.usage.prompt_tokens, c.usage.completion_tokens],
+            *(
+                ()
+                if c.call is None
+                else ([c.call.index, c.call.arguments, c.call.id, c.call.name],)
+            ),
         ]
         for c in batch
     ]
@@ -68,8 +74,15 @@ def encode_batch(batch: list[Chunk]) -> list[Any]:
 
 def decode_batch(items: list[Any]) -> list[Chunk]:
     return [
-        Chunk(kind, text, tokens, finish, None if usage is None else Usage(*usage))
-        for kind, text, tokens, finish, usage in items
+        Chunk(
+            kind,
+            text,
+            tokens,
+            finish,
+            None if usage is None else Usage(*usage),
+            ToolCallDelta(*call[0]) if call else None,
+        )
+        for kind, text, tokens, finish, usage, *call in items
     ]
 
 
