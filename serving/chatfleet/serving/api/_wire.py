@@ -46,6 +46,12 @@ def tool_call_dict(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": function}
 
 
+def tool_call_from_dict(call: dict[str, Any]) -> ToolCall:
+    """A call as `tool_call_dict` wrote it (and the store keeps it)."""
+    function = call["function"]
+    return ToolCall(id=call["id"], name=function["name"], arguments=function["arguments"])
+
+
 def tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
     """A piece of a tool call as OpenAI streams it: the first names the call."""
     if piece.id is None:
