@@ -223,6 +223,23 @@ async def test_json_schema_output_follows_the_schema(
     assert len(document["steps"]) == 2
 
 
+async def test_a_schema_asking_for_too_much_gets_a_bounded_answer(
+    client: openai.AsyncOpenAI,
+) -> None:
+    # Valid, but no document of it is small: the fake answers within its bounds.
+    async def answer(schema: dict[str, Any]) -> tuple[str, str | None]:
+        form: Any = {"type": "json_schema", "json_schema": {"name": "greedy", "schema": schema}}
+        r = await client.chat.completions.create(
+            model="fake", messages=QUESTION, response_format=form, max_tokens=4096
+        )
+        return r.choices[0].message.content or "", r.choices[0].finish_reason
+
+    text, finish = await answer({"type": "array", "minItems": 10**9, "items": {"type": "integer"}})
+    assert (json.loads(text), finish) == ([42] * 64, "stop")
+    text, finish = await answer({"type": "string", "minLength": 10**9})
+    assert finish == "stop" and 4096 <= len(json.loads(text)) < 4200
+
+
 async def test_json_object_output_is_a_json_object(client: openai.AsyncOpenAI) -> None:
     r = await client.chat.completions.create(
         model="fake", messages=QUESTION, response_format={"type": "json_object"}
@@ -249,6 +266,25 @@ async def test_json_object_output_is_a_json_object(client: openai.AsyncOpenAI) -
             "not a valid JSON Schema",
         ),
         ({"response_format": {"type": "json_object", "json_schema": {"name": "x"}}}, "json_schema"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"$schema": 5}}}
+                ]
+            },
+            "$schema is not a string",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"properties": [1]}},
+                    }
+                ]
+            },
+            "not a valid JSON Schema",
+        ),
     ],
 )
 async def test_malformed_tools_and_formats_are_400s(

@@ -18,7 +18,19 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody
 
-__all__ = ["ResponseFormat", "ToolBody", "ToolFields"]
+__all__ = ["ResponseFormat", "ToolBody", "ToolFields", "checked_schema"]
+
+
+def checked_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` if it is a JSON Schema (of the draft its ``$schema`` names, else the
+    latest); `ValueError` otherwise, as OpenAI's API refuses one."""
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ValueError("not a valid JSON Schema: $schema is not a string")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    return schema
 
 
 class JsonSchemaFormat(ClientBody):
@@ -36,11 +48,7 @@ class JsonSchemaFormat(ClientBody):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
-        return schema
+        return checked_schema(schema)
 
 
 class ResponseFormat(ClientBody):
@@ -74,6 +82,11 @@ class FunctionBody(ClientBody):
         None, description="Its arguments, as a JSON Schema object."
     )
     strict: bool | None = Field(None, strict=True, description="Arguments follow the schema.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if schema is None else checked_schema(schema)
 
 
 class ToolBody(ClientBody):

@@ -17,6 +17,20 @@ __all__ = ["answer_to_tool_result", "json_document", "tool_calls"]
 
 #: Nesting past this is cut short (a recursive ``$ref`` must still end).
 _MAX_DEPTH = 8
+#: Values one document may have, and the longest string and array: a schema asking
+#: for more (``minItems: 10**9``) gets a document that breaks it, not a hung replica.
+_BUDGET = 2_000
+_MAX_STRING = 4_096
+_MAX_ITEMS = 64
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.left = _BUDGET
+
+    def spend(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
 
 
 def tool_calls(
@@ -46,7 +60,7 @@ def tool_calls(
     count = settings.parallel if request.parallel_tool_calls is not False else 1
     calls = []
     for i in range(count):
-        arguments = dict(settings.arguments) or _example(schema, words, schema)
+        arguments = dict(settings.arguments) or _example(schema, words, schema, _Budget())
         calls.append(
             ToolCall(
                 id=f"call_{request.request_id[:16]}_{i}",
@@ -71,16 +85,23 @@ def json_document(response_format: dict[str, Any], words: Iterator[str]) -> str:
     """A JSON text that ``response_format`` (json_object or json_schema) accepts."""
     if response_format.get("type") == "json_schema":
         schema = response_format.get("json_schema", {}).get("schema") or {}
-        return json.dumps(_example(schema, words, schema))
+        return json.dumps(_example(schema, words, schema, _Budget()))
     return json.dumps({"answer": " ".join(next(words) for _ in range(6))})
 
 
-def _example(schema: Any, words: Iterator[str], root: dict[str, Any], depth: int = 0) -> Any:
-    """A value ``schema`` accepts, built from its first choices (enum, anyOf...)."""
-    if not isinstance(schema, dict) or depth > _MAX_DEPTH:
+def _example(
+    schema: Any, words: Iterator[str], root: dict[str, Any], budget: _Budget, depth: int = 0
+) -> Any:
+    """A value ``schema`` accepts, built from its first choices (enum, anyOf...).
+
+    ``schema`` has passed `check_schema`, so its keywords have their types; a boolean
+    subschema (``true``) takes anything, and gets null.
+    """
+    if not isinstance(schema, dict) or depth > _MAX_DEPTH or not budget.spend():
         return None
-    if "$ref" in schema:
-        return _example(_resolve(schema["$ref"], root), words, root, depth + 1)
+    deeper = depth + 1
+    if isinstance(schema.get("$ref"), str):
+        return _example(_resolve(schema["$ref"], root), words, root, budget, deeper)
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -88,14 +109,17 @@ def _example(schema: Any, words: Iterator[str], root: dict[str, Any], depth: int
     for key in ("anyOf", "oneOf"):
         if schema.get(key):
             branches = [b for b in schema[key] if isinstance(b, dict) and b.get("type") != "null"]
-            return _example((branches or schema[key])[0], words, root, depth + 1)
+            return _example((branches or schema[key])[0], words, root, budget, deeper)
     if schema.get("allOf"):
         merged: dict[str, Any] = {}
         for part in schema["allOf"]:
-            part = _resolve(part["$ref"], root) if "$ref" in part else part
+            if isinstance(part, dict) and isinstance(part.get("$ref"), str):
+                part = _resolve(part["$ref"], root)
+            if not isinstance(part, dict):
+                continue
             properties = {**merged.get("properties", {}), **part.get("properties", {})}
             merged = {**merged, **part, "properties": properties}
-        return _example(merged, words, root, depth + 1)
+        return _example(merged, words, root, budget, deeper)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -103,11 +127,12 @@ def _example(schema: Any, words: Iterator[str], root: dict[str, Any], depth: int
         kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
     if kind == "object":
         properties = schema.get("properties") or {}
-        return {name: _example(sub, words, root, depth + 1) for name, sub in properties.items()}
+        return {n: _example(sub, words, root, budget, deeper) for n, sub in properties.items()}
     if kind == "array":
-        count = max(schema.get("minItems", 1), 1)
+        count = min(max(schema.get("minItems", 1), 1), _MAX_ITEMS)
         count = min(count, schema.get("maxItems", count))
-        return [_example(schema.get("items", {}), words, root, depth + 1) for _ in range(count)]
+        items = schema.get("items", {})
+        return [_example(items, words, root, budget, deeper) for _ in range(count)]
     if kind in ("integer", "number"):
         return _number(schema, integer=kind == "integer")
     if kind == "boolean":
@@ -145,6 +170,6 @@ def _string(schema: dict[str, Any], words: Iterator[str]) -> str:
     if schema.get("format") in _FORMATS:
         return _FORMATS[schema["format"]]
     text = next(words)
-    while len(text) < schema.get("minLength", 0):
+    while len(text) < min(schema.get("minLength", 0), _MAX_STRING):
         text += " " + next(words)
     return text[: schema["maxLength"]] if "maxLength" in schema else text
