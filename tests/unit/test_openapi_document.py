@@ -96,7 +96,8 @@ def test_the_request_schema_promises_only_what_a_served_model_does(spec: dict[st
     # The fake engine has tools and structured output.
     assert request["tools"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/ToolBody"}
     assert request["functions"]["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
-    assert "json_schema" in schemas["ResponseFormat"]["properties"]["type"]["enum"]
+    assert schemas["JsonSchemaResponseFormat"]["required"] == ["type", "json_schema"]
+    assert len(request["response_format"]["anyOf"][0]["oneOf"]) == 3
     assert request["top_k"]["anyOf"] == [{"type": "null"}]
     assert request["n"]["maximum"] == 1
     assert request["max_tokens"]["anyOf"][0]["maximum"] == 4096
@@ -119,7 +120,10 @@ def test_the_request_schema_promises_only_what_a_served_model_does(spec: dict[st
     schemas = document(ModelConfig(name="smollm2", engine="transformers"))["components"]["schemas"]
     request = schemas["ChatCompletionRequest"]["properties"]
     assert request["tools"]["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
-    assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == ["text"]
+    assert request["response_format"]["anyOf"] == [
+        {"$ref": "#/components/schemas/TextFormat"},
+        {"type": "null"},
+    ]
     assert "tool" not in schemas["OpenAIMessage"]["properties"]["role"]["enum"]
 
 

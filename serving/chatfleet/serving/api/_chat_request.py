@@ -206,7 +206,7 @@ def document_what_is_served(schemas: dict[str, Any], served: EngineCapabilities)
     for name, flag in _FLAG_OF.items():
         if name in request and name not in _NEUTRAL and not served.supports(flag):
             if name == "response_format":
-                schemas["ResponseFormat"]["properties"]["type"]["enum"] = ["text"]
+                _only(request[name], {"$ref": "#/components/schemas/TextFormat"})
             else:
                 _only(request[name], None)
     for name in SAMPLING_EXTRAS:

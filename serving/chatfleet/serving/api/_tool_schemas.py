@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody
 
-__all__ = ["ResponseFormat", "ToolBody", "ToolFields", "checked_schema"]
+__all__ = ["ResponseFormat", "TextFormat", "ToolBody", "ToolFields", "checked_schema"]
 
 
 def checked_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -51,24 +51,32 @@ class JsonSchemaFormat(ClientBody):
         return checked_schema(schema)
 
 
-class ResponseFormat(ClientBody):
+class _Format(BaseModel):
+    # Not a ClientBody: a discriminator takes no wrap validator, and ``type`` is a
+    # literal anyway (json_schema's strings are checked by JsonSchemaFormat).
     model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text", "json_object", "json_schema"] = Field(
-        description="'text'; json_object and json_schema need structured output."
-    )
-    json_schema: JsonSchemaFormat | None = Field(
-        None, description="The schema, with type 'json_schema' (and only then)."
-    )
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is given with type 'json_schema', and only then")
-        return self
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class TextFormat(_Format):
+    type: Literal["text"] = Field(description="Free text: asks for nothing.")
+
+
+class JsonObjectFormat(_Format):
+    type: Literal["json_object"] = Field(description="Any JSON object (structured output).")
+
+
+class JsonSchemaResponseFormat(_Format):
+    type: Literal["json_schema"] = Field(description="JSON following a schema (structured output).")
+    json_schema: JsonSchemaFormat = Field(description="The schema and its name.")
+
+
+#: OpenAI's three formats, told apart by ``type`` (the OpenAPI document says so too).
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class FunctionBody(ClientBody):
