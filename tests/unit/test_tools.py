@@ -357,6 +357,16 @@ async def remote(
             engine="ollama",
             ollama={"base_url": ollama_upstream.url, "model": "qwen3:0.6b"},
         ),
+        ModelConfig(
+            name="remote-whole",
+            engine="openai",
+            openai={
+                "base_url": openai_upstream.base_url,
+                "model": "gpt-test",
+                "max_retries": 0,
+                "stream": False,
+            },
+        ),
     )
     async for c in _serve(config):
         yield c
@@ -414,6 +424,22 @@ async def test_tools_pass_through_to_an_openai_api(
             ],
         },
         {"role": "tool", "content": "sunny", "tool_call_id": "call_up1"},
+    ]
+
+
+async def test_tool_calls_of_an_unstreamed_upstream_answer(
+    remote: openai.AsyncOpenAI, openai_upstream: FakeOpenAIServer
+) -> None:
+    calls = [("call_a", "get_weather", ['{"city": "Rome"}']), ("call_b", "get_time", ["{}"])]
+    openai_upstream.queue(Answer(tool_calls=calls, finish_reason="tool_calls"))
+    streamed, finish, _ = await _stream_tool_calls(
+        remote, model="remote-whole", messages=QUESTION, tools=[WEATHER, CLOCK]
+    )
+    assert openai_upstream.requests[0].body["stream"] is False
+    assert finish == "tool_calls"
+    assert streamed == [
+        {"id": "call_a", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"id": "call_b", "name": "get_time", "arguments": "{}"},
     ]
 
 
