@@ -260,6 +260,7 @@ async def test_models_say_what_each_supports(client: httpx.AsyncClient) -> None:
         "seed": True,
         "reasoning": False,
         "tools": True,
+        "forced_tool_choice": True,
         "structured_output": True,
         "vision": False,
         "logprobs": False,

@@ -489,6 +489,42 @@ async def test_ollama_native_tool_calls(
     ]
 
 
+async def test_ollama_honours_what_it_can_of_tool_choice(
+    remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer
+) -> None:
+    # Ollama has no tool_choice: "none" leaves the tools out; forcing a call is refused.
+    await remote.chat.completions.create(
+        model="local", messages=QUESTION, tools=[WEATHER], tool_choice="none"
+    )
+    assert "tools" not in ollama_upstream.requests[0].body
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await remote.chat.completions.create(
+                model="local",
+                messages=QUESTION,
+                tools=[WEATHER],
+                tool_choice=choice,  # type: ignore[arg-type]
+            )
+        assert caught.value.message.endswith(
+            "Ollama has no tool_choice, its model calls a tool"
+            " only when it chooses to; leave tool_choice auto"
+        )
+    assert len(ollama_upstream.requests) == 1
+    # Nor parallel_tool_calls: with false, the calls past the first are dropped here.
+    two = [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+    ]
+    ollama_upstream.queue(OllamaAnswer(tool_calls=two), OllamaAnswer(tool_calls=two))
+    r = await remote.chat.completions.create(model="local", messages=QUESTION, tools=[WEATHER])
+    assert len(r.choices[0].message.tool_calls or []) == 2
+    r = await remote.chat.completions.create(
+        model="local", messages=QUESTION, tools=[WEATHER], parallel_tool_calls=False
+    )
+    (only,) = r.choices[0].message.tool_calls or []
+    assert json.loads(only.function.arguments) == {"city": "Oslo"}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_ollama_json_schema_output_follows_the_schema(
     remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer, stream: bool

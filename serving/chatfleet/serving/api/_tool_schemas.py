@@ -151,8 +151,11 @@ class ToolFields(ClientBody):
         asks = []
         if self.tools:
             asks.append(Ask("tools", "tools", "tools"))
-        if self.tool_choice not in (None, "none"):
+        if self.tool_choice == "auto":
             asks.append(Ask("tool_choice", "tools", "tool_choice (tools)"))
+        elif self.tool_choice not in (None, "none"):
+            what = "tool_choice required or a named tool (forced tool calls)"
+            asks.append(Ask("tool_choice", "forced_tool_choice", what))
         if self.parallel_tool_calls is not None:
             asks.append(Ask("parallel_tool_calls", "tools", "parallel_tool_calls (tools)"))
         for i, message in enumerate(messages):

@@ -33,6 +33,8 @@ class EngineCapabilities:
     #: Reasoning comes back apart from the answer (``reasoning_content``).
     reasoning: bool = True
     tools: bool = False
+    #: ``tool_choice`` ``required`` or a named tool can be enforced (not only hinted).
+    forced_tool_choice: bool = False
     structured_output: bool = False
     vision: bool = False
     logprobs: bool = False
@@ -70,6 +72,7 @@ class EngineCapabilities:
             "seed": self.seed,
             "reasoning": self.reasoning,
             "tools": self.tools,
+            "forced_tool_choice": self.forced_tool_choice,
             "structured_output": self.structured_output,
             "vision": self.vision,
             "logprobs": self.logprobs,
@@ -78,13 +81,22 @@ class EngineCapabilities:
 
 
 _FLAGS = frozenset(
-    {"stop", "seed", "reasoning", "tools", "structured_output", "vision", "logprobs"}
+    {
+        "stop",
+        "seed",
+        "reasoning",
+        "tools",
+        "forced_tool_choice",
+        "structured_output",
+        "vision",
+        "logprobs",
+    }
 )
 _PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
 #: Every engine's capabilities: the one place that knows what each passes on.
 ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
     # Scripted tool calls and answers generated from the schema (`fake.tool_calls`).
-    "fake": EngineCapabilities(tools=True, structured_output=True),
+    "fake": EngineCapabilities(tools=True, forced_tool_choice=True, structured_output=True),
     # repetition_penalty: per request, over the model's configured one.
     "transformers": EngineCapabilities(
         sampling=frozenset({"repetition_penalty"}),
@@ -118,9 +130,18 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
         tools=True,
         structured_output=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
+        why_not=(
+            (
+                "forced_tool_choice",
+                "Ollama has no tool_choice, its model calls a tool only when it chooses to;"
+                " leave tool_choice auto",
+            ),
+        ),
     ),
     # Passed through. OpenAI's own penalties; top_k and the like are not OpenAI's.
-    "openai": EngineCapabilities(tools=True, structured_output=True, sampling=_PENALTIES),
+    "openai": EngineCapabilities(
+        tools=True, forced_tool_choice=True, structured_output=True, sampling=_PENALTIES
+    ),
 }
 
 

@@ -9,7 +9,9 @@ the token counts. The request's sampling (temperature, top_p, max_tokens as
 ``num_predict``, seed, stop, and the sampling extras: top_k, min_p, penalties) goes
 into ``options`` over the configured ones.
 
-Tools and ``response_format`` use Ollama's own fields: ``tools`` (OpenAI's shape),
+Tools and ``response_format`` use Ollama's own fields: ``tools`` (OpenAI's shape; left
+out for ``tool_choice: none``, and only the first call is kept for
+``parallel_tool_calls: false``: Ollama has neither option),
 ``message.tool_calls`` in the history and the answer (arguments as a JSON object,
 not a text; a call has no id, so one is made up here) and ``format`` (``"json"`` or
 the schema). Ollama sends each tool call whole, in one line; the answer then ends
@@ -134,6 +136,8 @@ class OllamaEngine(Engine):
                 yield Chunk(kind=kind, text=text, tokens=owed)
                 owed = 0
             for call in message.get("tool_calls") or ():
+                if calls and request.parallel_tool_calls is False:
+                    break  # Ollama cannot be told: the calls past the first are dropped
                 yield self._call_chunk(call, calls, request, line)
                 calls += 1
             if event.get("done"):
@@ -214,7 +218,7 @@ class OllamaEngine(Engine):
             "stream": True,
             "options": options,
         }
-        if request.tools:
+        if request.tools and request.tool_choice != "none":
             body["tools"] = request.tools
         form = request.response_format
         if form is not None:
