@@ -245,6 +245,11 @@ async def test_json_object_output_is_a_json_object(client: openai.AsyncOpenAI) -
         model="fake", messages=QUESTION, response_format={"type": "json_object"}
     )
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    # stop still ends the answer, JSON or not (as engines that constrain decoding do).
+    r = await client.chat.completions.create(
+        model="fake", messages=QUESTION, response_format={"type": "json_object"}, stop=['":']
+    )
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ('{"answer', "stop")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,12 @@ def _spaced(i: int, word: str) -> str:
     return word if i == 0 else " " + word
 
 
+def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether one was found."""
+    at = min((at for s in stop if (at := text.find(s)) >= 0), default=None)
+    return (text, False) if at is None else (text[:at], True)
+
+
 def _pieces(text: str, size: int = 6) -> list[str]:
     """``text`` in token-sized pieces (JSON streams without word boundaries)."""
     return [text[i : i + size] for i in range(0, len(text), size)]
@@ -44,7 +50,10 @@ class FakeEngine(Engine):
 
     The same request always gives the same answer; a request's ``seed`` picks other
     words, and its ``stop`` sequences end the answer before the first one (finish
-    ``stop``), as real engines honour them. ``tokens_per_second`` paces
+    ``stop``), as real engines honour them. Offered tools, it calls one as
+    ``fake.tool_calls`` says, and answers a tool's result with a sentence quoting it;
+    asked for JSON (``response_format``), it writes a document the schema accepts
+    (`_fake_scripts`). ``tokens_per_second`` paces
     the stream on a schedule, token i due i / tokens_per_second after the first,
     like a GPU that decodes at its own pace: a late wake-up (a busy event loop)
     makes the next tokens come sooner, not the whole stream slower (0: no pacing
@@ -92,8 +101,9 @@ class FakeEngine(Engine):
             return plan, "tool_calls"
         if request.response_format is not None:
             endless = self.endless_words(request, offset=0)
-            pieces = _pieces(json_document(request.response_format, endless))
-            finish = "stop" if len(pieces) <= request.max_tokens else "length"
+            document, cut = _cut(json_document(request.response_format, endless), request.stop)
+            pieces = _pieces(document)
+            finish = "stop" if cut or len(pieces) <= request.max_tokens else "length"
             return plan + [("text", p, None) for p in pieces[: request.max_tokens]], finish
         result = answer_to_tool_result(request)
         if result is not None:
@@ -104,10 +114,9 @@ class FakeEngine(Engine):
             answer = min(s.reply_tokens, request.max_tokens)
             finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
             words = self.words(request, answer)
-        text = " ".join(words)
-        cut = min((at for stop in request.stop if (at := text.find(stop)) >= 0), default=None)
-        if cut is not None:
-            words = text[:cut].split()
+        text, cut = _cut(" ".join(words), request.stop)
+        if cut:
+            words = text.split()
             finish = "stop"
         plan += [("text", _spaced(i, w), None) for i, w in enumerate(words)]
         return plan, finish
