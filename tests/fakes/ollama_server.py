@@ -7,6 +7,9 @@ inline in the content between ``<think>`` tags (what Ollama sends for models it
 has no reasoning parser for, and sent for all before 0.9); with ``think: false``
 the model does not think. ``options.num_predict`` caps the
 answer (``done_reason: length``). An unknown model gets Ollama's 404 body.
+Tool calls come whole in one line before the done line, with arguments as a JSON
+object, as Ollama sends them; a request with a ``format`` (a JSON schema, or
+``"json"``) and no script gets a document that follows it, as a constrained model's.
 ``GET /api/version`` answers too.
 
 Tests script replies with `queue`: an `OllamaAnswer` (pieces, pacing, faults: drop
@@ -22,9 +25,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+# The fake engine's schema-following generator stands for Ollama's constrained sampling.
+from chatfleet.serving.engines._fake_scripts import json_document
+
 from .local_server import Exchange, Failure, LocalServer
 
 __all__ = ["Failure", "FakeOllamaServer", "OllamaAnswer"]
+
+_WORDS = ["llama", "alpaca", "vicuna", "guanaco"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class OllamaAnswer:
     error_after: int | None = None
     malformed_after: int | None = None
     malformed_line: bytes = b'{"message": {"role": "assistant", "content": \n'
+    #: Ollama's calls: ``{"function": {"name": ..., "arguments": {...}}}``.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FakeOllamaServer(LocalServer):
@@ -123,6 +133,10 @@ class FakeOllamaServer(LocalServer):
             line = {**_head(body), "message": {"role": "assistant", **message}, "done": False}
             if not await exchange.write_split(_line(line), split=answer.split_lines):
                 return
+        if answer.tool_calls:
+            message = {"role": "assistant", "content": "", "tool_calls": answer.tool_calls}
+            if not await exchange.write(_line({**_head(body), "message": message, "done": False})):
+                return
         if not answer.send_done:
             await exchange.end()
             return
@@ -149,6 +163,15 @@ def _head(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _echo(body: dict[str, Any]) -> OllamaAnswer:
+    form = body.get("format")
+    if form is not None:
+        response_format = (
+            {"type": "json_schema", "json_schema": {"schema": form}}
+            if isinstance(form, dict)
+            else {"type": "json_object"}
+        )
+        document = json_document(response_format, iter(_WORDS * 100))
+        return OllamaAnswer(content=[document[i : i + 5] for i in range(0, len(document), 5)])
     messages = body.get("messages") or [{}]
     words = str(messages[-1].get("content", "")).split()
     return OllamaAnswer(content=[w if i == 0 else " " + w for i, w in enumerate(words)])

@@ -50,6 +50,9 @@ class Answer:
     error_after: int | None = None
     malformed_after: int | None = None
     malformed_event: bytes = b'data: {"id": "chatcmpl-fake", "choices": [\n\n'
+    #: Tool calls after the content: (id, function name, argument pieces), streamed as
+    #: OpenAI does (the first delta of a call names it, the next ones add arguments).
+    tool_calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
 class FakeOpenAIServer(LocalServer):
@@ -153,6 +156,15 @@ class FakeOpenAIServer(LocalServer):
                 return
             if not await exchange.write_split(event(delta), split=answer.split_events):
                 return
+        for index, (call_id, name, arguments) in enumerate(answer.tool_calls):
+            function = {"name": name, "arguments": ""}
+            head = {"index": index, "id": call_id, "type": "function", "function": function}
+            if not await exchange.write(event({"tool_calls": [head]})):
+                return
+            for piece in arguments:
+                more = {"index": index, "function": {"arguments": piece}}
+                if not await exchange.write(event({"tool_calls": [more]})):
+                    return
         if not await exchange.write(event({}, finish)):
             return
         usage = _usage(answer, len(pieces))
@@ -181,6 +193,12 @@ def _completion(body: dict[str, Any], answer: Answer) -> dict[str, Any]:
     reasoning = "".join(p for name, p in pieces if name == "reasoning")
     if reasoning:
         message[answer.reasoning_field] = reasoning
+    if answer.tool_calls:
+        message["content"] = message["content"] or None
+        message["tool_calls"] = [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": "".join(a)}}
+            for i, n, a in answer.tool_calls
+        ]
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",

@@ -30,6 +30,7 @@ def test_public_surface() -> None:
         "EngineCapabilities",
         "EngineKind",
         "FakeEngineConfig",
+        "FakeToolCallsConfig",
         "GenerationDefaults",
         "IngressDeploymentConfig",
         "ModelConfig",

@@ -183,7 +183,7 @@ async def test_max_tokens_reached_finishes_with_length(
     assert chunks[-1].usage == Usage(11, 2)
 
 
-@pytest.mark.parametrize("upstream_reason", ["content_filter", "tool_calls", "stop"])
+@pytest.mark.parametrize("upstream_reason", ["content_filter", "function_call", "stop"])
 async def test_other_finish_reasons_map_to_stop(
     engine: OpenAIEngine, upstream: FakeOpenAIServer, upstream_reason: str
 ) -> None:

@@ -347,3 +347,24 @@ async def test_a_model_without_chat_template_fails_at_start(
 
     assert fake_vllm.instances[0].shut_down
     assert engine.llm is None
+
+
+@pytest.mark.parametrize("keyword", ["structured_outputs", "guided_decoding"])
+async def test_response_format_becomes_guided_decoding(
+    fake_vllm: type[_FakeAsyncLLM], keyword: str
+) -> None:
+    # vLLM 0.11 renamed GuidedDecodingParams (SamplingParams' guided_decoding) to
+    # StructuredOutputsParams (structured_outputs): the engine takes whichever exists.
+    name = "StructuredOutputsParams" if keyword == "structured_outputs" else "GuidedDecodingParams"
+    setattr(sys.modules["vllm.sampling_params"], name, _Params)
+    engine, llm = await _started()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    form = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    [c async for c in engine.stream(_chat(response_format=form))]
+    [c async for c in engine.stream(_chat(response_format={"type": "json_object"}))]
+    [c async for c in engine.stream(_chat())]
+    (_, with_schema, _), (_, with_object, _), (_, plain, _) = llm.requests
+    assert with_schema.kwargs[keyword].kwargs == {"json": schema}
+    assert with_object.kwargs[keyword].kwargs == {"json_object": True}
+    assert keyword not in plain.kwargs
+    await engine.close()

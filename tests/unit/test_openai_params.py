@@ -87,20 +87,8 @@ async def test_an_unknown_field_is_refused_in_openai_words(client: httpx.AsyncCl
 @pytest.mark.parametrize(
     ("extra", "param", "what"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
-        ({"tool_choice": "required"}, "tool_choice", "tool_choice (tools)"),
-        ({"parallel_tool_calls": False}, "parallel_tool_calls", "parallel_tool_calls (tools)"),
-        ({"functions": [{"name": "f"}]}, "functions", "functions (tools)"),
-        (
-            {"response_format": {"type": "json_object"}},
-            "response_format",
-            "response_format json_object (structured output)",
-        ),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
-            "response_format json_schema (structured output)",
-        ),
+        ({"functions": [{"name": "f"}]}, "functions", "functions (deprecated: use tools)"),
+        ({"function_call": "auto"}, "function_call", "function_call (deprecated: use tools)"),
         ({"logprobs": True}, "logprobs", "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs", "top_logprobs (logprobs)"),
         ({"n": 2}, "n", "n > 1 (one choice per request)"),
@@ -123,14 +111,68 @@ async def test_what_the_engine_cannot_do_is_refused_naming_parameter_and_model(
 
 
 @pytest.mark.parametrize(
+    ("extra", "param", "what"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+            "tools",
+            "tools",
+        ),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls", "parallel_tool_calls (tools)"),
+        (
+            {"response_format": {"type": "json_object"}},
+            "response_format",
+            "response_format json_object (structured output)",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "response_format json_schema (structured output)",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+            "messages.0",
+            "tool calls in messages (tools)",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages.0",
+            "tool calls in messages (tools)",
+        ),
+    ],
+)
+async def test_tools_and_formats_are_refused_by_an_engine_without_them(
+    extra: dict[str, Any], param: str, what: str
+) -> None:
+    config = make_config(ModelConfig(name="smollm2", engine="transformers"))
+    app = create_app(config, {"smollm2": _Started()})
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
+    ) as c:
+        for stream in (False, True):
+            body = {**CHAT, "model": "smollm2", **extra, "stream": stream}
+            r = await c.post("/v1/chat/completions", json=body)
+            prefix = f"model smollm2 (engine transformers) does not support {what}: "
+            assert _error(r, param).startswith(prefix)
+
+
+@pytest.mark.parametrize(
     ("message", "param", "what"),
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1", "tool calls"),
-        (
-            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]},
-            "messages.1",
-            "tool calls",
-        ),
         (
             {
                 "role": "user",
@@ -144,7 +186,7 @@ async def test_what_the_engine_cannot_do_is_refused_naming_parameter_and_model(
         ),
     ],
 )
-async def test_tool_and_image_messages_are_refused(
+async def test_image_messages_are_refused(
     client: httpx.AsyncClient, message: dict[str, Any], param: str, what: str
 ) -> None:
     body = {**CHAT, "messages": [*CHAT["messages"], message]}  # type: ignore[misc]
@@ -217,8 +259,9 @@ async def test_models_say_what_each_supports(client: httpx.AsyncClient) -> None:
         "stop": True,
         "seed": True,
         "reasoning": False,
-        "tools": False,
-        "structured_output": False,
+        "tools": True,
+        "forced_tool_choice": True,
+        "structured_output": True,
         "vision": False,
         "logprobs": False,
         "sampling_parameters": [],
@@ -230,7 +273,14 @@ def test_every_engine_declares_its_capabilities() -> None:
     declared = {
         kind: ModelConfig.model_validate(_minimal(kind)).capabilities() for kind in ENGINE_KINDS
     }
-    assert not any(c.tools or c.structured_output or c.vision for c in declared.values())
+    assert not any(c.vision for c in declared.values())
+    assert {k for k, c in declared.items() if c.tools} == {"fake", "ollama", "openai"}
+    assert {k for k, c in declared.items() if c.structured_output} == {
+        "fake",
+        "vllm",
+        "ollama",
+        "openai",
+    }
     assert declared["vllm"].sampling == {
         "top_k",
         "min_p",
@@ -343,7 +393,7 @@ async def test_a_refused_request_never_reaches_the_engine() -> None:
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
     ) as c:
-        r = await c.post("/v1/chat/completions", json={**CHAT, "tools": [{"type": "function"}]})
+        r = await c.post("/v1/chat/completions", json={**CHAT, "functions": [{"name": "f"}]})
     assert r.status_code == 400
 
 

@@ -93,12 +93,14 @@ def test_the_route_tables_name_real_routes(spec: dict[str, Any]) -> None:
 def test_the_request_schema_promises_only_what_a_served_model_does(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     request = schemas["ChatCompletionRequest"]["properties"]
-    assert request["tools"]["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
+    # The fake engine has tools and structured output.
+    assert request["tools"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/ToolBody"}
+    assert request["functions"]["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
+    assert schemas["JsonSchemaResponseFormat"]["required"] == ["type", "json_schema"]
+    assert len(request["response_format"]["anyOf"][0]["oneOf"]) == 3
     assert request["top_k"]["anyOf"] == [{"type": "null"}]
     assert request["n"]["maximum"] == 1
     assert request["max_tokens"]["anyOf"][0]["maximum"] == 4096
-    assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == ["text"]
-    assert "tool" not in schemas["OpenAIMessage"]["properties"]["role"]["enum"]
     assert schemas["ChatCompletionRequest"]["additionalProperties"] is False
     # Text fields say that NUL is refused.
     assert schemas["GenerateRequest"]["properties"]["system"]["anyOf"][0]["pattern"] == (
@@ -113,6 +115,16 @@ def test_the_request_schema_promises_only_what_a_served_model_does(spec: dict[st
     )
     request = with_ollama["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert request["top_k"]["anyOf"][0]["type"] == "integer"  # some served model takes it
+
+    # transformers alone: no tools, no structured output, no tool messages.
+    schemas = document(ModelConfig(name="smollm2", engine="transformers"))["components"]["schemas"]
+    request = schemas["ChatCompletionRequest"]["properties"]
+    assert request["tools"]["anyOf"] == [{"type": "array", "maxItems": 0}, {"type": "null"}]
+    assert request["response_format"]["anyOf"] == [
+        {"$ref": "#/components/schemas/TextFormat"},
+        {"type": "null"},
+    ]
+    assert "tool" not in schemas["OpenAIMessage"]["properties"]["role"]["enum"]
 
 
 async def test_405_allows_every_method_of_the_path() -> None:

@@ -12,7 +12,7 @@ from tests.fakes.app_server import wait_for
 
 from chatfleet.serving import relay as relay_module
 from chatfleet.serving.errors import EngineError, RelayLost
-from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
 from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
 
 
@@ -230,6 +230,11 @@ async def test_a_reader_too_far_behind_loses_its_stream_not_the_others(
 
 def test_frames_are_json_not_pickles() -> None:
     batch = answer(7, 2)[-1] + answer(7, 2)[0]
+    # Tool calls' pieces cross too: the first names its call, the next ones add arguments.
+    batch += [
+        Chunk("tool_call", "", 1, call=ToolCallDelta(0, '{"a"', "call_1", "f")),
+        Chunk("tool_call", "", 1, call=ToolCallDelta(0, ": 1}")),
+    ]
     encoded = relay_module.encode_batch(batch)
     assert relay_module.decode_batch(json.loads(json.dumps(encoded))) == batch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "Chunk",
@@ -20,18 +20,33 @@ __all__ = [
     "GenerationRequest",
     "Message",
     "Role",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-ChunkKind = Literal["thinking", "text"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+ChunkKind = Literal["thinking", "text", "tool_call"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A function call an assistant made: ``arguments`` is a JSON text, as OpenAI's."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(slots=True, frozen=True)
 class Message:
     role: Role
     content: str
+    #: An assistant's calls (its ``content`` may then be empty).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: The call a ``tool`` message answers.
+    tool_call_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +64,14 @@ class GenerationRequest:
     #: model's engine declares in its capabilities (the ingress refuses the others).
     sampling: dict[str, int | float] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Function tools offered, in OpenAI's shape (``{"type": "function", "function":
+    #: {...}}``); only for engines whose capabilities say ``tools``.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    #: ``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name"}}``.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    #: OpenAI's ``response_format`` (``json_object``, ``json_schema``); None for text.
+    response_format: dict[str, Any] | None = None
     #: The W3C trace context (``traceparent``...) the engine's span is parented on.
     trace_context: dict[str, str] = field(default_factory=dict)
 
@@ -63,11 +86,23 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(slots=True, frozen=True)
+class ToolCallDelta:
+    """A piece of the ``index``-th tool call: the first piece of a call names it (``id``,
+    ``name``), the following ones only add to its ``arguments`` (as OpenAI streams them)."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
 @dataclass(slots=True)
 class Chunk:
     """A piece of a streamed answer.
 
-    ``kind`` tells reasoning ("thinking") from the answer ("text"); ``tokens`` is
+    ``kind`` tells reasoning ("thinking") from the answer ("text") and from a piece of
+    a tool call ("tool_call", in ``call``; its ``text`` is empty); ``tokens`` is
     how many model tokens the text stands for. The last chunk of a stream has a
     ``finish_reason`` and ``usage`` (its text may be empty).
     """
@@ -77,6 +112,7 @@ class Chunk:
     tokens: int = 1
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    call: ToolCallDelta | None = None
 
 
 @dataclass(slots=True, frozen=True)

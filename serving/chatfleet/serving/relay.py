@@ -15,16 +15,11 @@ can be made: the engine then yields its batches on the handle as before. With a 
 handle call yields one message at the end, the number of relay items it sent, so the
 ingress knows when it has them all.
 
-A link opens with the relay's secret (a random token the ingress passes in each request)
-and frames are plain JSON: nothing is unpickled from the network.
-
-Failure is reported as what it is: a link lost mid-stream ends that stream with
-`RelayLost` on both sides (not as a failure of the model). An engine that cannot reach
-a relay sends on the handle meanwhile and tries the relay again after a back-off
-(`Links`), rather than giving it up for good. Each stream holds at most
-`MAX_QUEUED` batches its reader has not taken: a reader that far behind loses its
-stream (`RelayLost`), so one slow client never grows the ingress's memory or holds up
-the link the other streams share. Both sides close their sockets on shutdown.
+A link opens with the relay's secret (passed in each request); frames are plain JSON,
+nothing is unpickled from the network. A link lost mid-stream ends its streams with
+`RelayLost` (not as a model failure); an unreachable relay is tried again after a
+back-off; a reader `MAX_QUEUED` batches behind loses its stream alone; both sides hang
+up their links on shutdown.
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatfleet.serving.errors import RelayLost
-from chatfleet.serving.protocol import Chunk, Usage
+from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +66,7 @@ class RelayAddress:
 
 
 def encode_batch(batch: list[Chunk]) -> list[Any]:
+    # A tool call's piece is a sixth item, left off the (many) chunks without one.
     return [
         [
             c.kind,
@@ -78,6 +74,11 @@ def encode_batch(batch: list[Chunk]) -> list[Any]:
             c.tokens,
             c.finish_reason,
             None if c.usage is None else [c.usage.prompt_tokens, c.usage.completion_tokens],
+            *(
+                ()
+                if c.call is None
+                else ([c.call.index, c.call.arguments, c.call.id, c.call.name],)
+            ),
         ]
         for c in batch
     ]
@@ -85,8 +86,15 @@ def encode_batch(batch: list[Chunk]) -> list[Any]:
 
 def decode_batch(items: list[Any]) -> list[Chunk]:
     return [
-        Chunk(kind, text, tokens, finish, None if usage is None else Usage(*usage))
-        for kind, text, tokens, finish, usage in items
+        Chunk(
+            kind,
+            text,
+            tokens,
+            finish,
+            None if usage is None else Usage(*usage),
+            ToolCallDelta(*call[0]) if call else None,
+        )
+        for kind, text, tokens, finish, usage, *call in items
     ]
 
 

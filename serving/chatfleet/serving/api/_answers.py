@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chatfleet.serving.errors import StoreUnavailable
-from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
+from chatfleet.serving.protocol import Chunk, GenerationRequest, ToolCall, Usage
 from chatfleet.serving.routing import RoutingDecision
 from chatfleet.serving.store import Store
 
@@ -51,6 +51,8 @@ class Answer:
         self._batches = batches
         self.text: list[str] = []
         self.thinking: list[str] = []
+        #: The tool calls so far, by index: [id, name, arguments].
+        self.calls: dict[int, list[str]] = {}
         self.tokens = 0
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -109,6 +111,11 @@ class Answer:
             self.tokens += chunk.tokens
             self.usage = chunk.usage or self.usage
             self.finish_reason = chunk.finish_reason or self.finish_reason
+            if chunk.call is not None:
+                call = self.calls.setdefault(chunk.call.index, ["", "", ""])
+                call[0] = chunk.call.id or call[0]
+                call[1] = chunk.call.name or call[1]
+                call[2] += chunk.call.arguments
             if chunk.text:
                 (thinking if chunk.kind == "thinking" else text).append(chunk.text)
         self.thinking.extend(thinking)
@@ -118,6 +125,10 @@ class Answer:
     @property
     def content(self) -> str:
         return "".join(self.text)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [ToolCall(*self.calls[i]) for i in sorted(self.calls)]
 
     @property
     def reasoning(self) -> str:

@@ -22,7 +22,8 @@ def checked_sampling(model: ModelConfig, sampling: SamplingFields) -> dict[str, 
     capabilities = model.capabilities()
     for ask in sampling.asks():
         if not capabilities.supports(ask.capability):
-            raise _unsupported(model, ask.what, ask.param)
+            why = capabilities.reason_lacking(ask.capability)
+            raise _unsupported(model, ask.what + (f": {why}" if why else ""), ask.param)
     extras = sampling.sampling_extras()
     for name in extras:
         if name not in capabilities.sampling:

@@ -15,11 +15,12 @@ asks for nothing.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody, SamplingFields
+from chatfleet.serving.api._tool_schemas import ToolFields
 from chatfleet.serving.config import EngineCapabilities
 
 __all__ = ["SAMPLING_EXTRAS", "ChatCompletionRequest", "document_what_is_served"]
@@ -43,14 +44,6 @@ class StreamOptions(ClientBody):
     )
 
 
-class ResponseFormat(ClientBody):
-    model_config = ConfigDict(extra="allow")  # json_schema: {...}; refused, never read
-
-    type: Literal["text", "json_object", "json_schema"] = Field(
-        description="Only 'text' is served yet; the others need structured output."
-    )
-
-
 class OpenAIMessage(ChatMessage):
     """A chat message of /v1/chat/completions (its own name in the OpenAPI document,
     which says what the served engines can take: no tool messages without tools...)."""
@@ -60,7 +53,7 @@ def _strict(default: Any = None, **constraints: Any) -> Any:
     return Field(default, strict=True, **constraints)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ToolFields, SamplingFields):
     """`POST /v1/chat/completions`: OpenAI's parameters plus chatfleet's extensions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -97,21 +90,11 @@ class ChatCompletionRequest(SamplingFields):
         gt=0, le=10, description="Extension (vLLM, Ollama, transformers)."
     )
     # OpenAI parameters that need an engine capability, or that nothing here serves.
-    tools: Annotated[list[dict[str, Any]] | None, OPAQUE] = Field(
-        None, description="Needs an engine with tools."
-    )
-    tool_choice: Annotated[str | dict[str, Any] | None, OPAQUE] = Field(
-        None, description="Needs an engine with tools ('none' asks for nothing)."
-    )
-    parallel_tool_calls: bool | None = _strict(description="Needs an engine with tools.")
     functions: Annotated[list[dict[str, Any]] | None, OPAQUE] = Field(
         None, description="Deprecated tools."
     )
     function_call: Annotated[str | dict[str, Any] | None, OPAQUE] = Field(
         None, description="Deprecated tools."
-    )
-    response_format: ResponseFormat | None = Field(
-        None, description="'text'; json_object and json_schema need structured output."
     )
     logprobs: bool | None = _strict(description="Needs an engine with logprobs.")
     top_logprobs: int | None = _strict(ge=0, le=20, description="Needs logprobs.")
@@ -141,23 +124,14 @@ class ChatCompletionRequest(SamplingFields):
 
     def asks(self) -> list[Ask]:
         asks = super().asks()
-        if self.tools:
-            asks.append(Ask("tools", "tools", "tools"))
-        if self.tool_choice not in (None, "none"):
-            asks.append(Ask("tool_choice", "tools", "tool_choice (tools)"))
-        if self.parallel_tool_calls is not None:
-            asks.append(Ask("parallel_tool_calls", "tools", "parallel_tool_calls (tools)"))
+        asks += self.tool_asks(self.messages)
         if self.functions or self.function_call not in (None, "none"):
+            # Deprecated by OpenAI; no engine here is handed them, even one with tools.
             param = "functions" if self.functions else "function_call"
-            asks.append(Ask(param, "tools", f"{param} (tools)"))
+            asks.append(Ask(param, "functions", f"{param} (deprecated: use tools)"))
         for i, message in enumerate(self.messages):
-            if message.asks_for_tools():
-                asks.append(Ask(f"messages.{i}", "tools", "tool calls in messages (tools)"))
             if message.asks_for_vision():
                 asks.append(Ask(f"messages.{i}.content", "vision", "non-text content (vision)"))
-        if self.response_format is not None and self.response_format.type != "text":
-            what = f"response_format {self.response_format.type} (structured output)"
-            asks.append(Ask("response_format", "structured_output", what))
         if self.logprobs:
             asks.append(Ask("logprobs", "logprobs", "logprobs"))
         if self.top_logprobs is not None:
@@ -204,9 +178,9 @@ _NEUTRAL: dict[str, dict[str, Any]] = {
 _NEVER_SERVED = ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options")
 _FLAG_OF = {
     "tools": "tools",
-    "functions": "tools",
+    "functions": "functions",
     "tool_choice": "tools",
-    "function_call": "tools",
+    "function_call": "functions",
     "parallel_tool_calls": "tools",
     "logprobs": "logprobs",
     "top_logprobs": "logprobs",
@@ -232,7 +206,7 @@ def document_what_is_served(schemas: dict[str, Any], served: EngineCapabilities)
     for name, flag in _FLAG_OF.items():
         if name in request and name not in _NEUTRAL and not served.supports(flag):
             if name == "response_format":
-                schemas["ResponseFormat"]["properties"]["type"]["enum"] = ["text"]
+                _only(request[name], {"$ref": "#/components/schemas/TextFormat"})
             else:
                 _only(request[name], None)
     for name in SAMPLING_EXTRAS:

@@ -32,10 +32,16 @@ from chatfleet.serving.api._answers import (
     require_store,
 )
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import ChatMessage, Limit, Offset, SamplingFields
+from chatfleet.serving.api._schemas import Ask, ChatMessage, Limit, Offset, SamplingFields
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
-from chatfleet.serving.api._wire import route_headers
+from chatfleet.serving.api._tool_schemas import ToolFields
+from chatfleet.serving.api._wire import (
+    route_headers,
+    tool_call_delta,
+    tool_call_dict,
+    tool_call_from_dict,
+)
 from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError, ShuttingDown
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import MessageStatus, Store
@@ -45,10 +51,12 @@ logger = logging.getLogger(__name__)
 _TITLE_CHARS = 80
 
 
-class MessagesRequest(SamplingFields):
+class MessagesRequest(ToolFields, SamplingFields):
     """`POST /v1/messages`: new messages for a stored conversation (or a new one).
 
-    Fields chatfleet has no use for are accepted and ignored.
+    Fields chatfleet has no use for are accepted and ignored. Tools and
+    ``response_format`` are OpenAI's; the assistant's tool calls and the tools' results
+    (``tool`` messages with their ``tool_call_id``) are stored in the conversation.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -73,6 +81,9 @@ class MessagesRequest(SamplingFields):
     def _empty_is_new(cls, value: object) -> object:
         # The orchestrator's clients send "" for "start a new conversation".
         return None if value == "" else value
+
+    def asks(self) -> list[Ask]:
+        return [*super().asks(), *self.tool_asks(self.messages)]
 
 
 def _title(messages: list[Message]) -> str | None:
@@ -152,6 +163,7 @@ class _Turn:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 error=error,
+                tool_calls=[tool_call_dict(c) for c in self.answer.tool_calls],
             )
             await best_effort(
                 lambda: self.store.add_log(
@@ -188,6 +200,8 @@ class _Turn:
         }
         if self.answer.thinking:
             body["thinking"] = self.answer.reasoning
+        if self.answer.calls:
+            body["tool_calls"] = [tool_call_dict(c) for c in self.answer.tool_calls]
         if self.route is not None:
             body["route"] = self.route
         return body
@@ -227,6 +241,9 @@ class _Turn:
                         yield sse({"text": delta.thinking}, "thinking_chunk")
                     if delta.text:
                         yield sse({"text": delta.text}, "text_chunk")
+                    for chunk in delta.chunks:
+                        if chunk.call is not None:
+                            yield sse(tool_call_delta(chunk.call), "tool_call_chunk")
         except Exception as exc:
             yield sse(self.gw.error_event(exc), "error")
             self.answer.finish_reason = "interrupted" if isinstance(exc, ShuttingDown) else "error"
@@ -253,7 +270,7 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
             "Returns {conversation_id, message_id, reply, thinking?, model, route?,"
             " finish_reason, usage}. With `stream: true`, server-sent events: `metadata`"
             " {conversation_id, message_id, model, route?}; `thinking_chunk` and `text_chunk`"
-            " {text}; `error`;"
+            " {text}; `tool_call_chunk` {index, id?, function}; `error`;"
             " `end_stream` {conversation_id, message_id, finish_reason, usage}."
         ),
     )
@@ -276,16 +293,24 @@ def add_conversation_routes(app: FastAPI, gw: Gateway) -> BackgroundWrites:
                 )
             owner = found.owner  # an admin's turn goes into the owner's conversation
             earlier = [
-                Message(role=m.role, content=m.content)
+                Message(
+                    role=m.role,
+                    content=m.content,
+                    tool_calls=tuple(tool_call_from_dict(c) for c in m.tool_calls or ()),
+                    tool_call_id=m.tool_call_id,
+                )
                 for m in await store.history(conversation_id, limit)
             ]
-        # As the store's history has it: messages without text are left out.
-        history = [*earlier, *(m for m in new if m.content)][-limit:]
+        # As the store's history has it: messages without text or calls are left out.
+        history = [*earlier, *(m for m in new if m.content or m.tool_calls)][-limit:]
 
         async def store_turn(*, model: str | None = None, error: str | None = None) -> int:
             reply = await store.add_turn(
                 conversation_id,
-                [(m.role, m.content) for m in new],
+                [
+                    (m.role, m.content, [tool_call_dict(c) for c in m.tool_calls], m.tool_call_id)
+                    for m in new
+                ],
                 create_for=owner if body.conversation_id is None else None,
                 title=_title(new),
                 conversation_model=None if requested is None else requested.name,

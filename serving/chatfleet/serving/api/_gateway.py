@@ -325,6 +325,7 @@ class Gateway:
             stop=sampling.stop_list(),
             seed=sampling.seed,
             sampling=extras,
+            **sampling.tooling(),
         )
 
     async def open_stream(

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from chatfleet.serving.protocol import Message
+from chatfleet.serving.protocol import Message, ToolCall
 
 #: Seeds are integers JSON carries exactly (JavaScript's safe integers): a larger one
 #: arrives as a float that no longer says which integer was meant.
@@ -124,6 +124,26 @@ class ContentPart(ClientBody):
     text: str | None = Field(None, description="The text of a 'text' part.")
 
 
+class FunctionCallBody(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, description="The function called.")
+    arguments: str = Field(description="Its arguments, a JSON text (as the model wrote it).")
+
+
+class ToolCallBody(ClientBody):
+    """A tool call an assistant made, as OpenAI's API shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="The call's id.")
+    type: Literal["function"] = Field("function", description="Only function calls exist.")
+    function: FunctionCallBody = Field(description="What was called, with what.")
+
+    def to_call(self) -> ToolCall:
+        return ToolCall(id=self.id, name=self.function.name, arguments=self.function.arguments)
+
+
 class ChatMessage(ClientBody):
     """An OpenAI chat message (string or list-of-parts content)."""
 
@@ -132,7 +152,7 @@ class ChatMessage(ClientBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, description="A participant's name; engines do not use it.")
-    tool_calls: Annotated[list[dict[str, Any]] | None, OPAQUE] = Field(
+    tool_calls: list[ToolCallBody] | None = Field(
         None, description="An assistant's tool calls (needs an engine with tools)."
     )
     tool_call_id: str | None = Field(
@@ -165,7 +185,8 @@ class ChatMessage(ClientBody):
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return Message(role=role, content=text)
+        calls = tuple(c.to_call() for c in self.tool_calls or ())
+        return Message(role=role, content=text, tool_calls=calls, tool_call_id=self.tool_call_id)
 
 
 def _at_most_4_items(schema: dict[str, Any]) -> None:
@@ -227,6 +248,10 @@ class SamplingFields(ClientBody):
 
     def sampling_extras(self) -> dict[str, int | float]:
         """Sampling parameters beyond the common ones, for engines that declare them."""
+        return {}
+
+    def tooling(self) -> dict[str, Any]:
+        """`GenerationRequest`'s tool and output-format fields this request sets."""
         return {}
 
 

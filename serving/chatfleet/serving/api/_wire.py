@@ -12,6 +12,7 @@ from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway
 from chatfleet.serving.api._streaming import sse
 from chatfleet.serving.errors import ShuttingDown
+from chatfleet.serving.protocol import ToolCall, ToolCallDelta
 
 
 def route_headers(answer: Answer) -> dict[str, str]:
@@ -24,6 +25,10 @@ def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": answer.content}
     if answer.thinking:
         message["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        # As OpenAI's: a message of tool calls has no content (null, not "").
+        message["content"] = answer.content or None
+        message["tool_calls"] = [tool_call_dict(c) for c in answer.tool_calls]
     completion = {
         "id": completion_id,
         "object": "chat.completion",
@@ -35,6 +40,25 @@ def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
     if answer.route is not None:
         completion["chatfleet_route"] = answer.route
     return completion
+
+
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def tool_call_from_dict(call: dict[str, Any]) -> ToolCall:
+    """A call as `tool_call_dict` wrote it (and the store keeps it)."""
+    function = call["function"]
+    return ToolCall(id=call["id"], name=function["name"], arguments=function["arguments"])
+
+
+def tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """A piece of a tool call as OpenAI streams it: the first names the call."""
+    if piece.id is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    function = {"name": piece.name, "arguments": piece.arguments}
+    return {"index": piece.index, "id": piece.id, "type": "function", "function": function}
 
 
 async def openai_events(
@@ -58,7 +82,10 @@ async def openai_events(
         yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
         async for delta in answer.deltas():
             for chunk in delta.chunks:
-                if chunk.text:
+                if chunk.call is not None:
+                    text = json.dumps({"tool_calls": [tool_call_delta(chunk.call)]})
+                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
+                elif chunk.text:
                     key = "reasoning_content" if chunk.kind == "thinking" else "content"
                     text = json.dumps({key: chunk.text})
                     yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')

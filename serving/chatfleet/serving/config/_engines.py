@@ -33,17 +33,22 @@ class EngineCapabilities:
     #: Reasoning comes back apart from the answer (``reasoning_content``).
     reasoning: bool = True
     tools: bool = False
+    #: ``tool_choice`` ``required`` or a named tool can be enforced (not only hinted).
+    forced_tool_choice: bool = False
     structured_output: bool = False
     vision: bool = False
     logprobs: bool = False
     sampling: frozenset[str] = frozenset()
+    #: Why a flag is off, where the reason is not plain (capability -> reason): the 400
+    #: that refuses it says so.
+    why_not: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def shared(cls, every: Sequence[EngineCapabilities]) -> EngineCapabilities:
         """What each of ``every`` can do (model ``auto`` may answer with any of them)."""
         if not every:
             return cls()
-        flags = {name: all(getattr(c, name) for c in every) for name in _FLAGS}
+        flags: dict[str, Any] = {name: all(getattr(c, name) for c in every) for name in _FLAGS}
         return cls(**flags, sampling=frozenset.intersection(*(c.sampling for c in every)))
 
     @classmethod
@@ -51,8 +56,11 @@ class EngineCapabilities:
         """What at least one of ``every`` can do."""
         if not every:
             return cls()
-        flags = {name: any(getattr(c, name) for c in every) for name in _FLAGS}
+        flags: dict[str, Any] = {name: any(getattr(c, name) for c in every) for name in _FLAGS}
         return cls(**flags, sampling=frozenset.union(*(c.sampling for c in every)))
+
+    def reason_lacking(self, capability: str) -> str | None:
+        return dict(self.why_not).get(capability)
 
     def supports(self, capability: str) -> bool:
         """Whether the engine has ``capability``: a flag's name; anything else it has not."""
@@ -64,6 +72,7 @@ class EngineCapabilities:
             "seed": self.seed,
             "reasoning": self.reasoning,
             "tools": self.tools,
+            "forced_tool_choice": self.forced_tool_choice,
             "structured_output": self.structured_output,
             "vision": self.vision,
             "logprobs": self.logprobs,
@@ -72,24 +81,95 @@ class EngineCapabilities:
 
 
 _FLAGS = frozenset(
-    {"stop", "seed", "reasoning", "tools", "structured_output", "vision", "logprobs"}
+    {
+        "stop",
+        "seed",
+        "reasoning",
+        "tools",
+        "forced_tool_choice",
+        "structured_output",
+        "vision",
+        "logprobs",
+    }
 )
 _PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
 #: Every engine's capabilities: the one place that knows what each passes on.
 ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
-    "fake": EngineCapabilities(),
+    # Scripted tool calls and answers generated from the schema (`fake.tool_calls`).
+    "fake": EngineCapabilities(tools=True, forced_tool_choice=True, structured_output=True),
     # repetition_penalty: per request, over the model's configured one.
-    "transformers": EngineCapabilities(sampling=frozenset({"repetition_penalty"})),
+    "transformers": EngineCapabilities(
+        sampling=frozenset({"repetition_penalty"}),
+        why_not=(
+            (
+                "tools",
+                "it samples free text and has no parser to read tool calls out of it;"
+                " serve the model with vLLM (tool_call_parser) or Ollama for tools",
+            ),
+            (
+                "structured_output",
+                "it has no constrained decoder, so JSON could not be guaranteed;"
+                " serve the model with vLLM or Ollama for response_format",
+            ),
+        ),
+    ),
+    # Structured output by vLLM's guided decoding.
     "vllm": EngineCapabilities(
+        structured_output=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
+        why_not=(
+            (
+                "tools",
+                "the in-process vLLM engine does not parse tool calls; serve the model"
+                " with vLLM's OpenAI server (--tool-call-parser) behind engine openai",
+            ),
+        ),
     ),
-    # Into Ollama's options (repetition_penalty as its repeat_penalty).
+    # Native tools and format; sampling into Ollama's options (repeat_penalty...).
     "ollama": EngineCapabilities(
+        tools=True,
+        structured_output=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
+        why_not=(
+            (
+                "forced_tool_choice",
+                "Ollama has no tool_choice, its model calls a tool only when it chooses to;"
+                " leave tool_choice auto",
+            ),
+        ),
     ),
-    # OpenAI's own penalties; top_k and the like are not OpenAI's (its API refuses them).
-    "openai": EngineCapabilities(sampling=_PENALTIES),
+    # Passed through. OpenAI's own penalties; top_k and the like are not OpenAI's.
+    "openai": EngineCapabilities(
+        tools=True, forced_tool_choice=True, structured_output=True, sampling=_PENALTIES
+    ),
 }
+
+
+class FakeToolCallsConfig(_Model):
+    """Scripted tool calls: offered tools, the fake calls one; after its result, it answers."""
+
+    enabled: bool = Field(
+        True,
+        description="Call a tool whenever tools are offered and tool_choice is not 'none'"
+        " (false: only when tool_choice is 'required' or names one).",
+    )
+    tool: str | None = Field(
+        None,
+        description="The tool to call when offered; empty (or not offered) calls the first."
+        " A tool_choice naming one wins.",
+    )
+    arguments: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Arguments to call with; empty derives them from the tool's parameters"
+        " schema (strings taken from the prompt's words).",
+    )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Calls made at once when parallel_tool_calls allows (the same tool,"
+        " distinct ids).",
+    )
 
 
 class FakeEngineConfig(_Model):
@@ -113,6 +193,10 @@ class FakeEngineConfig(_Model):
         description="Inject an engine failure after this many tokens (0: before the first).",
     )
     seed: int = Field(0, description="Seed mixed with the prompt to pick the reply words.")
+    tool_calls: FakeToolCallsConfig = Field(
+        default_factory=lambda: FakeToolCallsConfig(),
+        description="How it calls tools a request offers (so agents run offline).",
+    )
 
 
 class TransformersEngineConfig(_Model):

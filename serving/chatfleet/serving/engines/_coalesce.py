@@ -46,7 +46,9 @@ def _merge(pending: list[Chunk]) -> list[Chunk]:
     out: list[Chunk] = []
     for chunk in pending:
         last = out[-1] if out else None
-        if last is not None and last.kind == chunk.kind and last.finish_reason is None:
+        # Tool-call pieces stay apart: each says which call it belongs to.
+        mergeable = last is not None and last.kind == chunk.kind != "tool_call"
+        if last is not None and mergeable and last.finish_reason is None:
             out[-1] = Chunk(
                 kind=last.kind,
                 text=last.text + chunk.text,

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator
+import itertools
+from collections.abc import AsyncGenerator, Iterator
 
 from chatfleet.serving.config import FakeEngineConfig, ModelConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._fake_scripts import (
+    answer_to_tool_result,
+    json_document,
+    tool_calls,
+)
 from chatfleet.serving.errors import EngineError
-from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
+from chatfleet.serving.protocol import Chunk, ChunkKind, GenerationRequest, ToolCallDelta, Usage
+
+_Step = tuple[ChunkKind, str, ToolCallDelta | None]
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while streaming tokens arrive in order and"
@@ -22,12 +30,30 @@ def _prompt_tokens(request: GenerationRequest) -> int:
     return sum(len(m.content.split()) + 4 for m in request.messages)
 
 
+def _spaced(i: int, word: str) -> str:
+    return word if i == 0 else " " + word
+
+
+def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether one was found."""
+    at = min((at for s in stop if (at := text.find(s)) >= 0), default=None)
+    return (text, False) if at is None else (text[:at], True)
+
+
+def _pieces(text: str, size: int = 6) -> list[str]:
+    """``text`` in token-sized pieces (JSON streams without word boundaries)."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
 class FakeEngine(Engine):
     """Streams words picked deterministically from the prompt and the seed.
 
     The same request always gives the same answer; a request's ``seed`` picks other
     words, and its ``stop`` sequences end the answer before the first one (finish
-    ``stop``), as real engines honour them. ``tokens_per_second`` paces
+    ``stop``), as real engines honour them. Offered tools, it calls one as
+    ``fake.tool_calls`` says, and answers a tool's result with a sentence quoting it;
+    asked for JSON (``response_format``), it writes a document the schema accepts
+    (`_fake_scripts`). ``tokens_per_second`` paces
     the stream on a schedule, token i due i / tokens_per_second after the first,
     like a GPU that decodes at its own pace: a late wake-up (a busy event loop)
     makes the next tokens come sooner, not the whole stream slower (0: no pacing
@@ -58,21 +84,47 @@ class FakeEngine(Engine):
         start = int.from_bytes(digest[:4], "big")
         return [_WORDS[(start + offset + i) % len(_WORDS)] for i in range(count)]
 
+    def endless_words(self, request: GenerationRequest, *, offset: int) -> Iterator[str]:
+        return (w for i in itertools.count() for w in self.words(request, 1, offset=offset + i))
+
+    def _plan(self, request: GenerationRequest) -> tuple[list[_Step], str]:
+        """What to stream (kind, text, tool call piece) and the finish reason."""
+        s = self.settings
+        thinking = self.words(request, s.thinking_tokens, offset=7)
+        plan: list[_Step] = [("thinking", _spaced(i, w), None) for i, w in enumerate(thinking)]
+        calls = tool_calls(s.tool_calls, request, self.endless_words(request, offset=13))
+        if calls:
+            for index, call in enumerate(calls):
+                plan.append(("tool_call", "", ToolCallDelta(index, "", call.id, call.name)))
+                pieces = _pieces(call.arguments)
+                plan += [("tool_call", "", ToolCallDelta(index, p)) for p in pieces]
+            return plan, "tool_calls"
+        if request.response_format is not None:
+            endless = self.endless_words(request, offset=0)
+            document, cut = _cut(json_document(request.response_format, endless), request.stop)
+            pieces = _pieces(document)
+            finish = "stop" if cut or len(pieces) <= request.max_tokens else "length"
+            return plan + [("text", p, None) for p in pieces[: request.max_tokens]], finish
+        result = answer_to_tool_result(request)
+        if result is not None:
+            words = result.split()
+            finish = "stop" if len(words) <= request.max_tokens else "length"
+            words = words[: request.max_tokens]
+        else:
+            answer = min(s.reply_tokens, request.max_tokens)
+            finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
+            words = self.words(request, answer)
+        text, cut = _cut(" ".join(words), request.stop)
+        if cut:
+            words = text.split()
+            finish = "stop"
+        plan += [("text", _spaced(i, w), None) for i, w in enumerate(words)]
+        return plan, finish
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         s = self.settings
         delay = 1.0 / s.tokens_per_second if s.tokens_per_second > 0 else 0.0
-        answer = min(s.reply_tokens, request.max_tokens)
-        finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
-        words = self.words(request, answer)
-        text = " ".join(words)
-        cut = min((at for stop in request.stop if (at := text.find(stop)) >= 0), default=None)
-        if cut is not None:
-            words = text[:cut].split()
-            finish = "stop"
-        plan: list[tuple[str, str]] = [
-            ("thinking", w) for w in self.words(request, s.thinking_tokens, offset=7)
-        ]
-        plan += [("text", w) for w in words]
+        plan, finish = self._plan(request)
         self.active += 1
         emitted = 0
         clock = asyncio.get_running_loop().time
@@ -97,15 +149,15 @@ class FakeEngine(Engine):
                         end = min(end, i + s.fail_after_tokens - emitted)
                 elif not delay and i % 64 == 63:
                     await asyncio.sleep(0)  # stay cancellable at full speed
-                kind, word = plan[i]
-                text = word if i == 0 or plan[i - 1][0] != kind else " " + word
+                kind, text, call = plan[i]
                 count = 1
-                while i + count < end and plan[i + count][0] == kind:
-                    text += " " + plan[i + count][1]
+                # A tool call's pieces go one by one: each says which call it adds to.
+                while i + count < end and plan[i + count][0] == kind and call is None:
+                    text += plan[i + count][1]
                     count += 1
                 emitted += count
                 i += count
-                yield Chunk(kind=kind, text=text, tokens=count)  # type: ignore[arg-type]
+                yield Chunk(kind=kind, text=text, tokens=count, call=call)
             if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
                 raise EngineError(f"fake engine failure after {emitted} tokens")
             yield Chunk(

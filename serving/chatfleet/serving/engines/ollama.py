@@ -9,6 +9,14 @@ the token counts. The request's sampling (temperature, top_p, max_tokens as
 ``num_predict``, seed, stop, and the sampling extras: top_k, min_p, penalties) goes
 into ``options`` over the configured ones.
 
+Tools and ``response_format`` use Ollama's own fields: ``tools`` (OpenAI's shape; left
+out for ``tool_choice: none``, and only the first call is kept for
+``parallel_tool_calls: false``: Ollama has neither option),
+``message.tool_calls`` in the history and the answer (arguments as a JSON object,
+not a text; a call has no id, so one is made up here) and ``format`` (``"json"`` or
+the schema). Ollama sends each tool call whole, in one line; the answer then ends
+with ``done_reason: stop``, reported here as ``tool_calls`` as OpenAI does.
+
 Failures::
 
     Ollama unreachable (connect error or connect timeout)   -> EngineUnavailable
@@ -37,6 +45,7 @@ from chatfleet.serving.protocol import (
     FinishReason,
     GenerationRequest,
     Message,
+    ToolCallDelta,
     Usage,
 )
 
@@ -104,6 +113,7 @@ class OllamaEngine(Engine):
         self, response: httpx.Response, request: GenerationRequest
     ) -> AsyncGenerator[Chunk]:
         splitter = ThinkSplitter()
+        calls = 0
         generated = 0  # streamed lines with text: one generated token each
         owed = 0  # tokens of text the splitter holds back, paid with the next chunk
         async for line in response.aiter_lines():
@@ -125,8 +135,15 @@ class OllamaEngine(Engine):
             for kind, text in parts:
                 yield Chunk(kind=kind, text=text, tokens=owed)
                 owed = 0
+            for call in message.get("tool_calls") or ():
+                if calls and request.parallel_tool_calls is False:
+                    break  # Ollama cannot be told: the calls past the first are dropped
+                yield self._call_chunk(call, calls, request, line)
+                calls += 1
             if event.get("done"):
                 tail = splitter.flush()
+                finish = _finish_reason(event.get("done_reason"))
+                finish = "tool_calls" if calls and finish == "stop" else finish
                 prompt_count, eval_count = event.get("prompt_eval_count"), event.get("eval_count")
                 if not isinstance(prompt_count, int):  # left out when the prompt was cached
                     prompt_count = _estimate_prompt_tokens(request.messages)
@@ -134,7 +151,7 @@ class OllamaEngine(Engine):
                     kind=tail[0][0] if tail else "text",
                     text=tail[0][1] if tail else "",
                     tokens=owed,
-                    finish_reason=_finish_reason(event.get("done_reason")),
+                    finish_reason=finish,
                     usage=Usage(
                         prompt_tokens=prompt_count,
                         completion_tokens=eval_count if isinstance(eval_count, int) else generated,
@@ -155,6 +172,18 @@ class OllamaEngine(Engine):
             logger.warning("model %s: %s reported: %s", self.name, self._where, detail)
             raise UpstreamError(f"{self._where} reported an error: {detail}")
         return event
+
+    def _call_chunk(self, call: object, index: int, request: GenerationRequest, line: str) -> Chunk:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", {}) if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, dict | str):
+            raise self._malformed(line)
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{request.request_id[:16]}_{index}"
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        return Chunk(kind="tool_call", text="", call=ToolCallDelta(index, text, call_id, name))
 
     def _malformed(self, line: str) -> UpstreamError:
         logger.warning("model %s: malformed line from %s: %.200r", self.name, self._where, line)
@@ -185,15 +214,46 @@ class OllamaEngine(Engine):
             options[_OLLAMA_OPTIONS.get(name, name)] = value
         body: dict[str, Any] = {
             "model": s.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": _messages(request.messages),
             "stream": True,
             "options": options,
         }
+        if request.tools and request.tool_choice != "none":
+            body["tools"] = request.tools
+        form = request.response_format
+        if form is not None:
+            schema = form.get("json_schema", {}).get("schema")
+            body["format"] = schema if form["type"] == "json_schema" and schema else "json"
         if s.think is not None:
             body["think"] = s.think
         if s.keep_alive is not None:
             body["keep_alive"] = s.keep_alive
         return body
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """The conversation in Ollama's shape: calls with object arguments, results named."""
+    names = {c.id: c.name for m in messages for c in m.tool_calls}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None and m.tool_call_id in names:
+            message["tool_name"] = names[m.tool_call_id]
+        out.append(message)
+    return out
+
+
+def _arguments(text: str) -> Any:
+    # What a client says the model called with is not ours to refuse: kept as text.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _is_text(value: object) -> TypeGuard[str | None]:

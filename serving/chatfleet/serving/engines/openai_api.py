@@ -37,7 +37,6 @@ from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
-    ChatCompletionMessageParam,
 )
 from openai.types.chat.chat_completion import Choice as CompletionChoice
 from openai.types.chat.chat_completion_chunk import Choice as StreamChoice
@@ -45,6 +44,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
 from chatfleet.serving.config import ModelConfig, OpenAIEngineConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._openai_tools import call_chunks, tool_arguments, wire_messages
 from chatfleet.serving.engines._thinking import ThinkSplitter
 from chatfleet.serving.errors import EngineError, EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import (
@@ -152,7 +152,7 @@ class OpenAIEngine(Engine):
         s = self.settings
         return {
             "model": s.model,
-            "messages": _messages(request.messages),
+            "messages": wire_messages(request.messages),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -162,6 +162,7 @@ class OpenAIEngine(Engine):
             "frequency_penalty": request.sampling.get("frequency_penalty", omit),
             "presence_penalty": request.sampling.get("presence_penalty", omit),
             "extra_body": dict(s.extra_body) or None,
+            **tool_arguments(request),
         }
 
     def _classify(self, exc: openai.OpenAIError, *, answering: bool) -> EngineError:
@@ -205,6 +206,7 @@ async def _chunks_from_stream(
     answer = _Answer()
     finish: str | None = None
     usage: CompletionUsage | None = None
+    named: set[int] = set()
     async for event in upstream:
         if not isinstance(event, ChatCompletionChunk):
             raise _Malformed(f"a stream event is a {type(event).__name__}")
@@ -216,6 +218,9 @@ async def _chunks_from_stream(
         if not isinstance(choice.delta, ChoiceDelta):
             raise _Malformed("a choice has no delta")
         for chunk in answer.feed(_reasoning(choice.delta), _text(choice.delta.content)):
+            yield chunk
+        for chunk in call_chunks(choice.delta.tool_calls, named):
+            answer.pieces += 1
             yield chunk
         if choice.finish_reason:
             finish = choice.finish_reason
@@ -241,6 +246,7 @@ def _chunks_from_completion(completion: ChatCompletion, request: GenerationReque
     # One call gives no per-token timing: share the tokens out by length.
     thinking_tokens = round(total * len(thinking) / max(1, len(thinking) + len(text)))
     chunks = [Chunk(kind="thinking", text=thinking, tokens=thinking_tokens)] if thinking else []
+    chunks += call_chunks(choice.message.tool_calls, set())
     chunks.append(
         Chunk(
             kind="text",
@@ -317,10 +323,6 @@ def _text(value: object) -> str | None:
     raise _Malformed(f"content is a {type(value).__name__}")
 
 
-def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
-    return [{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
-
-
 def _reasoning(delta: Any) -> str | None:
     """Reasoning text of a delta or message, under whichever name the server uses."""
     for field in _REASONING_FIELDS:
@@ -342,7 +344,9 @@ def _usage(reported: CompletionUsage | None, request: GenerationRequest, counted
 
 
 def _finish_reason(reason: str | None) -> FinishReason:
-    return "length" if reason == "length" else "stop"
+    if reason in ("length", "tool_calls"):
+        return reason  # type: ignore[return-value]
+    return "stop"
 
 
 def _estimate_prompt_tokens(messages: Iterable[Message]) -> int:

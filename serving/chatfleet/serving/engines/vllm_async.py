@@ -198,6 +198,7 @@ class VLLMEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=api.delta,
             **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
+            **_structured(request),
         )
         request_id = request.request_id
         finished = False
@@ -255,6 +256,25 @@ class VLLMEngine(Engine):
                 except Exception:
                     # A dead engine cannot abort; that must not hide why we got here.
                     logger.warning("vLLM could not abort request %s", request_id, exc_info=True)
+
+
+def _structured(request: GenerationRequest) -> dict[str, Any]:
+    """SamplingParams' guided decoding for ``response_format`` (none for text)."""
+    form = request.response_format
+    if form is None:
+        return {}
+    params: Any
+    try:  # vLLM 0.11 renamed guided decoding to structured outputs
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params, keyword = StructuredOutputsParams, "structured_outputs"
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        params, keyword = GuidedDecodingParams, "guided_decoding"
+    if form["type"] == "json_schema":
+        return {keyword: params(json=form["json_schema"].get("schema") or {})}
+    return {keyword: params(json_object=True)}
 
 
 def _classify(exc: Exception, model: str, api: _VLLMApi) -> Exception:

@@ -8,8 +8,9 @@ conversation (with its owner) first, then reads or appends its messages.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, true, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 
 from chatfleet.serving.errors import Conflict, NotFound
@@ -21,6 +22,12 @@ from chatfleet.serving.store._records import (
     MessageRole,
     MessageStatus,
     StoredMessage,
+)
+
+#: A message of a new turn: ``(role, content)``, or with its ``tool_calls`` (OpenAI's
+#: shape, or None) and ``tool_call_id``.
+NewMessage = (
+    tuple[MessageRole, str] | tuple[MessageRole, str, list[dict[str, Any]] | None, str | None]
 )
 
 
@@ -50,6 +57,8 @@ def _message(row: MessageRow) -> StoredMessage:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         error=row.error,
+        tool_calls=row.tool_calls,
+        tool_call_id=row.tool_call_id,
     )
 
 
@@ -134,14 +143,15 @@ class ConversationStore(Database):
     async def history(self, conversation_id: str, limit: int | None = None) -> list[StoredMessage]:
         """The last ``limit`` messages worth prepending to a prompt, oldest first.
 
-        That is every message with text, whatever its status: the partial answer
-        of a cancelled or failed generation was said, so it stays in the history.
+        That is every message with text or tool calls, whatever its status: the partial
+        answer of a cancelled or failed generation was said, so it stays in the history.
         Empty answers (a failure before the first token) are left out.
         """
         limit = limit or self.config.history_limit
+        said = or_(MessageRow.content != "", MessageRow.tool_calls.is_not(None))
         query = (
             select(MessageRow)
-            .where(MessageRow.conversation_id == conversation_id, MessageRow.content != "")
+            .where(MessageRow.conversation_id == conversation_id, said)
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
@@ -205,7 +215,7 @@ class ConversationStore(Database):
     async def add_turn(
         self,
         conversation_id: str,
-        messages: Sequence[tuple[MessageRole, str]],
+        messages: Sequence[NewMessage],
         *,
         create_for: str | None = None,
         title: str | None = None,
@@ -214,6 +224,9 @@ class ConversationStore(Database):
         error: str | None = None,
     ) -> StoredMessage:
         """One turn, all of it or nothing: the new ``messages``, then the assistant's reply.
+
+        Each new message is ``(role, content)``, or ``(role, content, tool_calls,
+        tool_call_id)`` for an assistant's calls and a tool's result.
 
         The reply is returned: empty and ``partial`` (to fill as the answer streams,
         as `begin_assistant_message`'s), or ``failed`` with ``error`` saying why no
@@ -245,10 +258,12 @@ class ConversationStore(Database):
                         role=role,
                         content=content,
                         status="complete",
+                        tool_calls=(tools[0] or None) if tools else None,
+                        tool_call_id=tools[1] if tools else None,
                         created_at=now,
                         updated_at=now,
                     )
-                    for role, content in messages
+                    for role, content, *tools in messages
                 ]
                 reply = MessageRow(
                     conversation_id=conversation_id,
@@ -292,8 +307,9 @@ class ConversationStore(Database):
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         error: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> StoredMessage:
-        """Store a message's final text and status (complete, cancelled or failed)."""
+        """Store a message's final text, tool calls and status (complete, cancelled or failed)."""
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"unknown message status {status!r}")
         async with self._tx() as s:
@@ -306,6 +322,7 @@ class ConversationStore(Database):
             row.prompt_tokens = prompt_tokens
             row.completion_tokens = completion_tokens
             row.error = error
+            row.tool_calls = tool_calls or None
             row.updated_at = utcnow()
             await s.flush()
             return _message(row)

@@ -125,6 +125,10 @@ class MessageRow(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(StorableText)
+    #: An assistant's tool calls, as OpenAI shows them ([{id, type, function}]).
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    #: The call a ``tool`` message answers.
+    tool_call_id: Mapped[str | None] = mapped_column(StorableString(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

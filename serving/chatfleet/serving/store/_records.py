@@ -72,9 +72,13 @@ class StoredMessage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    #: An assistant's tool calls ([{id, type, function: {name, arguments}}]).
+    tool_calls: list[dict[str, Any]] | None = None
+    #: The call a ``tool`` message answers.
+    tool_call_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "id": self.id,
             "role": self.role,
             "content": self.content,
@@ -86,6 +90,12 @@ class StoredMessage:
             "error": self.error,
             "created_at": self.created_at.isoformat(),
         }
+        # Only where they are: older clients see the shape they know.
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True, slots=True)

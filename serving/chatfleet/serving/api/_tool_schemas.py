@@ -1,0 +1,180 @@
+"""Tool calling and output formats in a request body: OpenAI's shapes, checked at the boundary.
+
+`ToolFields` is what ``/v1/chat/completions`` and ``/v1/messages`` share: the tools a
+model may call, how it must choose (``tool_choice``), and the ``response_format`` its
+answer follows. Malformed ones are 400s here (a tool without a name, a ``tool_choice``
+naming a tool not offered, a schema that is not a JSON Schema); well-formed ones are
+`Ask`s the model's engine must be able to honour, and `ToolFields.tooling` hands them to
+the `GenerationRequest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody
+
+__all__ = ["ResponseFormat", "TextFormat", "ToolBody", "ToolFields", "checked_schema"]
+
+
+def checked_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` if it is a JSON Schema (of the draft its ``$schema`` names, else the
+    latest); `ValueError` otherwise, as OpenAI's API refuses one."""
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ValueError("not a valid JSON Schema: $schema is not a string")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
+class JsonSchemaFormat(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The format's name."
+    )
+    description: str | None = Field(None, description="What the format is for.")
+    schema_: Annotated[dict[str, Any], OPAQUE] = Field(
+        default_factory=dict, alias="schema", description="The JSON Schema the answer follows."
+    )
+    strict: bool | None = Field(None, strict=True, description="Follow the schema exactly.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return checked_schema(schema)
+
+
+class _Format(BaseModel):
+    # Not a ClientBody: a discriminator takes no wrap validator, and ``type`` is a
+    # literal anyway (json_schema's strings are checked by JsonSchemaFormat).
+    model_config = ConfigDict(extra="forbid")
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class TextFormat(_Format):
+    type: Literal["text"] = Field(description="Free text: asks for nothing.")
+
+
+class JsonObjectFormat(_Format):
+    type: Literal["json_object"] = Field(description="Any JSON object (structured output).")
+
+
+class JsonSchemaResponseFormat(_Format):
+    type: Literal["json_schema"] = Field(description="JSON following a schema (structured output).")
+    json_schema: JsonSchemaFormat = Field(description="The schema and its name.")
+
+
+#: OpenAI's three formats, told apart by ``type`` (the OpenAPI document says so too).
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
+
+
+class FunctionBody(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Its name."
+    )
+    description: str | None = Field(None, description="What it does, for the model.")
+    parameters: Annotated[dict[str, Any] | None, OPAQUE] = Field(
+        None, description="Its arguments, as a JSON Schema object."
+    )
+    strict: bool | None = Field(None, strict=True, description="Arguments follow the schema.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if schema is None else checked_schema(schema)
+
+
+class ToolBody(ClientBody):
+    """A tool the model may call: OpenAI's function tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: FunctionBody = Field(description="The function.")
+
+
+class NamedFunction(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="The function that must be called.")
+
+
+class NamedToolChoice(ClientBody):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: NamedFunction = Field(description="Which one.")
+
+
+class ToolFields(ClientBody):
+    """The tool and format fields of a request (a mixin of request bodies)."""
+
+    tools: list[ToolBody] | None = Field(
+        None, max_length=128, description="Needs an engine with tools."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Needs an engine with tools ('none' asks for nothing)."
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, strict=True, description="Needs an engine with tools."
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="'text'; json_object and json_schema need structured output."
+    )
+
+    @model_validator(mode="after")
+    def _choice_among_tools(self) -> ToolFields:
+        # As OpenAI's API: a choice needs tools, and a named one must be among them.
+        names = {t.function.name for t in self.tools or ()}
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        return self
+
+    def tool_asks(self, messages: Sequence[ChatMessage]) -> list[Ask]:
+        """What the tool and format fields, and tool messages in ``messages``, ask for."""
+        asks = []
+        if self.tools:
+            asks.append(Ask("tools", "tools", "tools"))
+        if self.tool_choice == "auto":
+            asks.append(Ask("tool_choice", "tools", "tool_choice (tools)"))
+        elif self.tool_choice not in (None, "none"):
+            what = "tool_choice required or a named tool (forced tool calls)"
+            asks.append(Ask("tool_choice", "forced_tool_choice", what))
+        if self.parallel_tool_calls is not None:
+            asks.append(Ask("parallel_tool_calls", "tools", "parallel_tool_calls (tools)"))
+        for i, message in enumerate(messages):
+            if message.asks_for_tools():
+                asks.append(Ask(f"messages.{i}", "tools", "tool calls in messages (tools)"))
+        if self.response_format is not None and self.response_format.type != "text":
+            what = f"response_format {self.response_format.type} (structured output)"
+            asks.append(Ask("response_format", "structured_output", what))
+        return asks
+
+    def tooling(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.tools:
+            fields["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in self.tools]
+            choice = self.tool_choice
+            fields["tool_choice"] = (
+                choice.model_dump(mode="json") if isinstance(choice, NamedToolChoice) else choice
+            )
+            fields["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.response_format is not None and self.response_format.type != "text":
+            fields["response_format"] = self.response_format.as_dict()
+        return fields
