@@ -15,7 +15,9 @@
     │   └── UpstreamError              502 upstream_error (remote API / Ollama said no)
     ├── StoreUnavailable               503 store_unavailable (database unreachable)
     └── Overloaded                     429 rate_limited
-        └── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
+        ├── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
+        ├── ModelBusy                  429 model_busy (every replica full; Retry-After)
+        └── ServerBusy                 429 server_busy (ingress HTTP budget; Retry-After)
 
 Each class carries its HTTP status and a stable machine-readable ``code``; the
 ingress maps them to OpenAI-shaped JSON bodies, SSE ``error`` events and
@@ -33,11 +35,13 @@ __all__ = [
     "EngineError",
     "EngineUnavailable",
     "InvalidClient",
+    "ModelBusy",
     "ModelNotFound",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
     "RequestError",
+    "ServerBusy",
     "StoreUnavailable",
     "TokenExpired",
     "TokenRevoked",
@@ -57,9 +61,15 @@ class ChatfleetError(Exception):
         self.message = message
         self.param = param
 
-    def __reduce__(self) -> tuple[type[ChatfleetError], tuple[str], dict[str, str | None]]:
-        # Crosses Ray handles: keep the message and param through pickling.
-        return (type(self), (self.message,), {"param": self.param})
+    def __reduce__(
+        self,
+    ) -> tuple[type[ChatfleetError], tuple[str], dict[str, str | int | None]]:
+        # Crosses Ray handles: keep the message, param and retry_after through pickling.
+        return (
+            type(self),
+            (self.message,),
+            {"param": self.param, "retry_after": self.retry_after},
+        )
 
 
 class RequestError(ChatfleetError):
@@ -147,3 +157,23 @@ class BudgetExceeded(Overloaded):
     def __init__(self, message: str, *, param: str, retry_after: int) -> None:
         super().__init__(message, param=param)
         self.retry_after = retry_after
+
+
+class _Busy(Overloaded):
+    """Too busy now; ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelBusy(_Busy):
+    """Every replica of the model is full and the request waited its bound for one."""
+
+    code = "model_busy"
+
+
+class ServerBusy(_Busy):
+    """The ingress replica holds its budget of HTTP requests (sockets are apart)."""
+
+    code = "server_busy"

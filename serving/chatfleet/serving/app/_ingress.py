@@ -11,6 +11,7 @@ from ray import serve
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api import Metrics, create_app
+from chatfleet.serving.app._admission import EngineAdmission
 from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRouterClient
 from chatfleet.serving.app._metrics import RayMetricsMirror
 from chatfleet.serving.app._replica import _GRACEFUL_SHUTDOWN_S, _favour_the_event_loop
@@ -52,7 +53,12 @@ class Ingress:
         self._metrics_mirror.start()
         self._app = create_app(
             config,
-            {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
+            {
+                model.name: HandleEngineClient(
+                    engines[model.name], EngineAdmission(model, metrics), relay=relay
+                )
+                for model in config.models
+            },
             router=routing if router is not None else None,
             classifier=routing if classifier is not None else None,
             compressor=routing if compressor is not None else None,
