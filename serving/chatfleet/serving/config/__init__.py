@@ -42,13 +42,13 @@ from chatfleet.serving.config._routing import (
     RouteConfig,
     RoutingConfig,
 )
+from chatfleet.serving.config._scaling import AdmissionConfig, AutoscalingConfig
 from chatfleet.serving.config._server import (
     CoalesceConfig,
     IngressDeploymentConfig,
     ServerConfig,
     WebSocketConfig,
 )
-from chatfleet.serving.config._scaling import AdmissionConfig, AutoscalingConfig
 from chatfleet.serving.config._store import StoreConfig
 from chatfleet.serving.config._telemetry import TelemetryConfig
 
