@@ -43,8 +43,10 @@ def test_max_ongoing_requests_overrides_the_engine_default() -> None:
     model = ModelConfig(name="f", engine="fake", max_ongoing_requests=8)
     assert model.admitted_requests() == 8
     assert model.queued_requests() == 8  # a queue as long as one replica admits
-    queued = ModelConfig(name="f", engine="fake", admission={"max_queued_requests": 0})
-    assert queued.queued_requests() == 0
+    queued = ModelConfig(name="f", engine="fake", admission={"max_queued_requests": 1})
+    assert queued.queued_requests() == 1
+    with pytest.raises(ValidationError):  # Serve's smallest queue is one request
+        ModelConfig(name="f", engine="fake", admission={"max_queued_requests": 0})
 
 
 # ---- Ray Serve options --------------------------------------------------------------

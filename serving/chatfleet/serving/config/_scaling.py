@@ -40,7 +40,7 @@ class AdmissionConfig(_Model):
 
     max_queued_requests: int | None = Field(
         None,
-        ge=0,
+        ge=1,
         le=100_000,
         description="Requests that may wait for a replica, per ingress replica; more are"
         " refused at once (429). Empty: as many as one replica admits.",
