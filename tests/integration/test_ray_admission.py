@@ -84,6 +84,15 @@ async def test_a_full_model_refuses_with_429_instead_of_queueing(url: str) -> No
             error = refused.json()["error"]
             assert (error["code"], error["type"]) == ("model_busy", "rate_limit_error")
             assert "busy" in error["message"]
+        # One may wait (max_queued_requests 1); the others are refused at once.
+        crowd = await asyncio.gather(
+            *(
+                http.post(f"{url}/v1/chat/completions", json=_chat("busy", stream=False))
+                for _ in range(3)
+            )
+        )
+        assert [r.status_code for r in crowd] == [429] * 3
+        assert {r.json()["error"]["code"] for r in crowd} == {"model_busy"}
         # Other models are not held up by a full one.
         ok = await http.post(f"{url}/v1/chat/completions", json=_chat("fake", stream=False))
         assert ok.status_code == 200
@@ -92,7 +101,11 @@ async def test_a_full_model_refuses_with_429_instead_of_queueing(url: str) -> No
             _metric(text, "chatfleet_rejected_requests_total", model="busy", reason="wait_timeout")
             >= 2
         )
-        assert _metric(text, "chatfleet_errors_total", code="model_busy") >= 2
+        assert (
+            _metric(text, "chatfleet_rejected_requests_total", model="busy", reason="queue_full")
+            >= 1
+        )
+        assert _metric(text, "chatfleet_errors_total", code="model_busy") == 5
         assert not holder.done()  # the replica was full all along
         holder.cancel()
 
