@@ -36,6 +36,19 @@ def url(ray_serve: Any) -> str:
                 max_ongoing_requests=1,
                 admission={"max_queued_requests": 1, "max_queue_wait_s": 1, "retry_after_s": 3},
             ),
+            # Scaled to zero when idle; a request starts a replica and waits for it.
+            ModelConfig(
+                name="cold",
+                engine="fake",
+                fake={"reply_tokens": 8},
+                autoscaling={
+                    "min_replicas": 0,
+                    "max_replicas": 1,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 1,
+                    "cold_start_timeout_s": 120,
+                },
+            ),
         ],
         ingress={"max_ongoing_requests": HTTP_BUDGET},
         websocket={"max_connections": SOCKETS, "ping_interval_s": 2, "pong_timeout_s": 30},
@@ -146,3 +159,32 @@ async def test_open_sockets_do_not_starve_http(url: str) -> None:
         ):
             pass
         assert frame["type"] == "complete", frame
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[APP].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+async def _eventually_running(deployment: str, replicas: int, within_s: float = 120) -> None:
+    for _ in range(int(within_s / 0.5)):
+        if _running(deployment) == replicas:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{deployment}: {_running(deployment)} replicas, not {replicas}")
+
+
+async def test_a_scaled_to_zero_model_starts_on_demand_and_scales_back(url: str) -> None:
+    await _eventually_running("engine-cold", 0)
+    async with httpx.AsyncClient(timeout=150) as http:
+        # Readiness does not wake an idle model: it is ready on demand.
+        ready = await http.get(f"{url}/ready")
+        assert ready.json()["models"]["cold"] == "ready"
+        assert _running("engine-cold") == 0
+        answer = await http.post(f"{url}/v1/chat/completions", json=_chat("cold", stream=False))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"]
+        assert _running("engine-cold") == 1
+    await _eventually_running("engine-cold", 0)

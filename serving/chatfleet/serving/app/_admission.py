@@ -28,6 +28,7 @@ class EngineAdmission:
         self.model = model.name
         self.max_wait_s = model.queue_wait_s()
         self.retry_after_s = model.admission.retry_after_s
+        self.scales_to_zero = model.autoscaling is not None and model.autoscaling.min_replicas == 0
         self._metrics = metrics
 
     async def wait(self, response: DeploymentResponseGenerator[Any]) -> None:

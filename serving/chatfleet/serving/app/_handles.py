@@ -166,6 +166,10 @@ class HandleEngineClient:
                     await source.aclose()  # type: ignore[attr-defined]
 
     async def is_ready(self) -> bool:
+        if self._admission.scales_to_zero:
+            # Ready on demand: a readiness call would start a replica of an idle model
+            # (and keep it from ever scaling to zero under a prober).
+            return True
         ready: bool = await asyncio.wait_for(
             self._handle.ready.remote(), timeout=self._ready_timeout_s
         )
