@@ -9,6 +9,7 @@ request, one handle hop, with tokens already batched by the engine replica.
 One module per concept: ``_engine`` (`EngineDeployment`), ``_routing`` (the
 classifier, compressor and router deployments), ``_ingress`` (`Ingress`),
 ``_handles`` (the clients the ingress and router call other deployments through),
+``_admission`` (how long a request waits for a full model's replica, then 429),
 ``_metrics`` (`RayMetricsMirror`), ``_replica`` (what every replica shares) and
 ``_build`` (`build_app`, `APP_NAME`).
 """
