@@ -1,14 +1,26 @@
-"""Connections benchmark: idle WebSockets one ingress process holds, and 100 concurrent chats.
+"""Connections benchmark: do idle WebSockets starve HTTP, and what do they cost?
 
 Run from the repository root::
 
-    .venv/bin/python bench/connections.py            # 5,000 idle connections (about 3 minutes)
-    .venv/bin/python bench/connections.py --quick    # 1,000 idle connections (about 1 minute)
+    .venv/bin/python bench/connections.py                      # Ray Serve, 0/1,000/5,000 sockets
+    .venv/bin/python bench/connections.py --levels 0,1000,9000
+    .venv/bin/python bench/connections.py --path uvicorn       # the app alone, 5,000 sockets
+    .venv/bin/python bench/connections.py --path uvicorn --quick
 
-The server is one uvicorn process (a subprocess of this script) serving
+Path "ray" (the default, the headline): chatfleet as ``chatfleet serve`` runs it
+(bench/_chatfleet_server.py: Ray Serve in throughput mode, HAProxy in front of the
+ingress replica, the fake engine in its own replica, default settings, auth off).
+Scenario "probe", at each level N of ``--levels``: N clients open ``/ws/chat``
+sockets and then only answer the server's heartbeat pings; with them held, this
+process measures ``GET /healthz`` latency (sequential requests) and a streamed
+``/v1/chat/completions``'s time to first token (sequential, fake engine paced at
+``--tokens-per-second``), and reads the RSS of the ingress replica and of HAProxy.
+Requests that time out (20 s) are counted, not waited on again.
+
+Path "uvicorn": the server is one uvicorn process (a subprocess of this script) serving
 ``create_app`` over the fake engine with auth on, as the ingress replica does;
 under Ray Serve the same app runs inside the ingress replica (Serve's proxy in
-front of it is a separate process, not measured here). Clients run in their own
+front of it is a separate process, not measured on this path). Clients run in their own
 processes, so the server's CPU and memory are its own; both sides raise their
 open-files limit with ``resource.setrlimit``.
 
@@ -368,6 +380,185 @@ def server_process(
         stop(proc)
 
 
+@contextlib.contextmanager
+def ray_server_process(
+    args: argparse.Namespace,
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """chatfleet on Ray Serve, as ``chatfleet serve`` runs it (bench/_chatfleet_server.py)."""
+    port = free_port()
+    config = {
+        "auth": {"enabled": False},
+        "models": [
+            {
+                "name": "fake",
+                "engine": "fake",
+                "fake": {
+                    "reply_tokens": args.reply_tokens,
+                    "tokens_per_second": args.tokens_per_second,
+                },
+            }
+        ],
+        "websocket": {"ping_interval_s": args.ping_interval, "pong_timeout_s": args.pong_timeout},
+    }
+    helper = os.path.join(_HERE, "_chatfleet_server.py")
+    proc = subprocess.Popen(
+        [sys.executable, "-P", helper, json.dumps(config), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"the Ray server did not start ({proc.wait()})")
+        yield proc, {"port": port, "pid": proc.pid, "start_s": float(line.split()[1])}
+    finally:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pids_named(fragment: str, root: int) -> list[int]:
+    """Descendants of ``root`` whose command line contains ``fragment`` (Ray names
+    replicas in it); other people's processes on a shared box are not counted."""
+    parents: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                commands[int(entry)] = f.read()
+        except OSError:
+            continue
+
+    def under_root(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [p for p, c in commands.items() if fragment.encode() in c and under_root(p)]
+
+
+def rss_of(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += rss_bytes(pid)
+    return total
+
+
+async def probe_http(port: int, healthz: int, chats: int) -> dict[str, Any]:
+    """Sequential /healthz latencies and streamed-chat TTFTs, with timeouts counted."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    health: list[float] = []
+    ttft: list[float] = []
+    timeouts = 0
+    chat = {
+        "model": "fake",
+        "stream": True,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Hello there"}],
+    }
+    async with httpx.AsyncClient(timeout=20) as http:
+        with contextlib.suppress(httpx.HTTPError):
+            await http.get(f"{base}/healthz")  # a warm connection pool, not measured
+        for _ in range(healthz):
+            started = time.perf_counter()
+            try:
+                response = await http.get(f"{base}/healthz")
+                if response.status_code == 200:
+                    health.append(time.perf_counter() - started)
+            except httpx.TimeoutException:
+                timeouts += 1
+        for _ in range(chats):
+            started = time.perf_counter()
+            try:
+                async with http.stream("POST", f"{base}/v1/chat/completions", json=chat) as r:
+                    async for line in r.aiter_lines():
+                        if '"content"' in line:
+                            ttft.append(time.perf_counter() - started)
+                            break
+            except httpx.TimeoutException:
+                timeouts += 1
+    return {"healthz": sorted(health), "ttft": sorted(ttft), "timeouts": timeouts}
+
+
+def probe_scenario(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    print(
+        f"\nIdle sockets vs HTTP, through Ray Serve (HAProxy -> ingress replica -> engine"
+        f" replica; default settings: ingress HTTP budget 1000, websocket.max_connections"
+        f" 10000; server ping every {args.ping_interval:g} s; hold {args.hold:g} s per level)"
+    )
+    print(
+        f"  {'sockets':>7} {'opened':>7} {'failed':>7} {'alive':>7} {'healthz p50':>12}"
+        f" {'p99':>8} {'TTFT p50':>9} {'p99':>8} {'timeouts':>9} {'ingress RSS':>12}"
+        f" {'HAProxy RSS':>12}"
+    )
+    baseline_p99: float | None = None
+    for level in args.levels:
+        ingress = pids_named("ServeReplica:chatfleet:ingress", info["pid"])
+        haproxy = pids_named("haproxy", info["pid"])
+        client = None
+        opened = {"ok": 0, "failed": 0, "errors": []}
+        if level:
+            client = spawn(
+                "_idle",
+                {
+                    "port": info["port"],
+                    "token": "",
+                    "connections": level,
+                    "open_concurrency": 100,
+                    "compression": args.compression,
+                },
+            )
+        try:
+            if client is not None:
+                opened = read_event(client)
+            time.sleep(args.hold)  # heartbeats go round while they are held
+            probe = asyncio.run(probe_http(info["port"], args.probes, args.probes))
+            rss_ingress, rss_haproxy = rss_of(ingress), rss_of(haproxy)
+            held = {"alive": 0}
+            if client is not None:
+                assert client.stdin is not None
+                client.stdin.write("stop\n")
+                client.stdin.flush()
+                held = read_event(client)
+        finally:
+            if client is not None:
+                stop(client)
+        health, ttft = probe["healthz"], probe["ttft"]
+        p99 = percentile(ttft, 0.99)
+        if baseline_p99 is None:
+            baseline_p99 = p99
+        print(
+            f"  {level:>7} {opened['ok']:>7} {opened['failed']:>7} {held['alive']:>7}"
+            f" {1000 * percentile(health, 0.5):>9.1f} ms {1000 * percentile(health, 0.99):>5.1f} ms"
+            f" {1000 * percentile(ttft, 0.5):>6.1f} ms {1000 * p99:>5.1f} ms"
+            f" {probe['timeouts']:>9} {rss_ingress / MiB:>8.0f} MiB {rss_haproxy / MiB:>8.0f} MiB"
+        )
+        if opened["errors"]:
+            print(f"    open errors: {opened['errors']}")
+        time.sleep(2)  # let the server see the sockets close before the next level
+    print(
+        "  (TTFT is of the fake engine, which adds nothing: it is the path's own latency;"
+        " the target is chat p99 TTFT within 10 ms of the no-socket figure.)"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -531,9 +722,38 @@ def main() -> int:
         "--tokens-per-second", type=float, default=0.0, help="Fake engine pace (0: unpaced)."
     )
     parser.add_argument(
-        "--scenarios", default="idle,chat", help="Comma-separated: idle, chat (default both)."
+        "--scenarios",
+        help="Comma-separated: idle, chat (path uvicorn; default both), probe (path ray).",
     )
+    parser.add_argument(
+        "--path",
+        choices=["ray", "uvicorn"],
+        default="ray",
+        help="ray: through Ray Serve as chatfleet serve runs it (the headline);"
+        " uvicorn: the app alone in one process.",
+    )
+    parser.add_argument(
+        "--levels", default="0,1000,5000", help="Idle sockets at each probe level (path ray)."
+    )
+    parser.add_argument("--probes", type=int, default=30, help="Requests of each kind a level.")
     args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if args.path == "ray":
+        args.hold = args.hold or 10.0
+        args.tokens_per_second = args.tokens_per_second or 50.0
+        print(
+            "bench/connections.py --path ray: chatfleet on Ray Serve (HAProxy in front of the"
+            " ingress replica, as chatfleet serve runs it) on 127.0.0.1; clients in separate"
+            " processes."
+        )
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"  machine: {os.cpu_count()} cores (shared; load average {load})")
+        raise_fd_limit()  # Ray's workers and HAProxy inherit it
+        with ray_server_process(args) as (_, info):
+            print(f"  Ray Serve up in {info['start_s']:.0f} s")
+            probe_scenario(args, info)
+        return 0
+    args.scenarios = args.scenarios or "idle,chat"
     args.connections = args.connections or (1000 if args.quick else 5000)
     args.hold = args.hold or (11.0 if args.quick else 20.0)
     args.duration = args.duration or (8.0 if args.quick else 20.0)

@@ -1026,9 +1026,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--engine-max-ongoing",
         type=int,
-        default=1000,
-        help="Fake models' max_ongoing_requests (the app default, 64, would queue"
-        " streams past 64 at the engine).",
+        default=None,
+        help="Fake models' max_ongoing_requests (default: the engine's own, 1000 for fake).",
     )
     p.add_argument(
         "--throughput-optimized",
@@ -1130,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
             f" max_delay_under_load_ms={args.coalesce_delay_under_load_ms:g}"
             f" relay={args.relay};"
             f" ingress replicas {args.ingress_replicas}; engine replicas {args.engine_replicas};"
-            f" engine max_ongoing_requests {args.engine_max_ongoing};"
+            f" engine max_ongoing_requests {args.engine_max_ongoing or 'default (1000)'};"
             f" RAY_SERVE_THROUGHPUT_OPTIMIZED={args.throughput_optimized};"
             f" RAY_SERVE_ENABLE_HA_PROXY={args.haproxy};"
             f" quiet Serve logs {args.quiet_serve_logs}",

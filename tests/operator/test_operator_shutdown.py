@@ -62,4 +62,4 @@ def test_deployment_names_are_the_ones_build_app_binds() -> None:
     # The operator can't import chatfleet.serving.app (Ray): compare the source.
     source = (ROOT / "serving" / "chatfleet" / "serving" / "app" / "_build.py").read_text()
     assert 'name="ingress"' in source
-    assert 'name=f"engine-{model.name}"' in source
+    assert '"name": f"engine-{model.name}"' in source

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
+from tests.fakes.ports import free_port
 
 from chatfleet.serving import cli
 
@@ -50,3 +53,30 @@ def test_a_bad_metrics_port_is_refused_before_anything_starts(
 ) -> None:
     assert cli.main(["serve", "--engine", "fake", "--metrics-port", "0"]) == 2
     assert "--metrics-port 0: not a port" in capsys.readouterr().err
+
+
+def test_haproxy_takes_as_many_sockets_as_its_file_limit_allows(tmp_path: Path) -> None:
+    env, _ = cli.serve_environment({})
+    maxconn = int(env["RAY_SERVE_HAPROXY_MAXCONN"])
+    assert maxconn > 4096  # Serve's default, under the 10,000 sockets a replica takes
+    # HAProxy refuses to start when its maxconn needs more files than it may open.
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        f"global\n    maxconn {maxconn}\n"
+        "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n"
+        "    timeout connect 5s\n"
+        f"frontend f\n    bind 127.0.0.1:{free_port()}\n    default_backend b\n"
+        "backend b\n    server s 127.0.0.1:9\n"
+    )
+    proc = subprocess.Popen(
+        [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-f", str(config), "-db"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(2)  # still serving: it started
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert b"ALERT" not in out, out.decode()

@@ -16,8 +16,10 @@ from chatfleet.serving.config import AppConfig, ModelConfig, load_config
 
 def test_public_surface() -> None:
     assert sorted(config_pkg.__all__) == [
+        "AdmissionConfig",
         "AppConfig",
         "AuthConfig",
+        "AutoscalingConfig",
         "CategoryConfig",
         "ClassifierConfig",
         "ClientBudget",

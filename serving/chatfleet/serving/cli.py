@@ -234,8 +234,26 @@ def serve_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(_haproxy_max_connections()),
         }
     return {k: v for k, v in env.items() if k not in environ}, front
+
+
+def _haproxy_max_connections() -> int:
+    """As many connections as HAProxy's file limit allows, up to 65,536.
+
+    Serve's default (4,096) would refuse WebSockets long before the ingress's own
+    limit (``websocket.max_connections``, 10,000 per replica). HAProxy will not start
+    if its maxconn needs more files than the hard limit lets it raise to: two a
+    connection (client and replica sides), half a one more for its splice pipes
+    (maxconn / 4 of them, two files each), and some for its listeners.
+    """
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 65_536
+    return max(1024, min(65_536, (hard - 256) * 2 // 5))
 
 
 def serve(args: argparse.Namespace) -> int:

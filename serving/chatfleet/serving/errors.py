@@ -19,7 +19,9 @@
     ├── ShuttingDown                   503 shutting_down (the replica drains: retry elsewhere;
     │                                      mid-stream, the answer ends as "interrupted")
     └── Overloaded                     429 rate_limited
-        └── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
+        ├── BudgetExceeded             429 budget_exceeded (a client's budget; Retry-After)
+        ├── ModelBusy                  429 model_busy (every replica full; Retry-After)
+        └── ServerBusy                 429 server_busy (ingress HTTP budget; Retry-After)
 
 Each class carries its HTTP status and a stable machine-readable ``code``; the
 ingress maps them to OpenAI-shaped JSON bodies, SSE ``error`` events and
@@ -37,6 +39,7 @@ __all__ = [
     "EngineError",
     "EngineUnavailable",
     "InvalidClient",
+    "ModelBusy",
     "ModelNotFound",
     "NotConfigured",
     "NotFound",
@@ -44,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "RelayLost",
     "RequestError",
+    "ServerBusy",
     "ShuttingDown",
     "StoreUnavailable",
     "TokenExpired",
@@ -64,9 +68,15 @@ class ChatfleetError(Exception):
         self.message = message
         self.param = param
 
-    def __reduce__(self) -> tuple[type[ChatfleetError], tuple[str], dict[str, str | None]]:
-        # Crosses Ray handles: keep the message and param through pickling.
-        return (type(self), (self.message,), {"param": self.param})
+    def __reduce__(
+        self,
+    ) -> tuple[type[ChatfleetError], tuple[str], dict[str, str | int | None]]:
+        # Crosses Ray handles: keep the message, param and retry_after through pickling.
+        return (
+            type(self),
+            (self.message,),
+            {"param": self.param, "retry_after": self.retry_after},
+        )
 
 
 class RequestError(ChatfleetError):
@@ -176,3 +186,23 @@ class BudgetExceeded(Overloaded):
     def __init__(self, message: str, *, param: str, retry_after: int) -> None:
         super().__init__(message, param=param)
         self.retry_after = retry_after
+
+
+class _Busy(Overloaded):
+    """Too busy now; ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelBusy(_Busy):
+    """Every replica of the model is full and the request waited its bound for one."""
+
+    code = "model_busy"
+
+
+class ServerBusy(_Busy):
+    """The ingress replica holds its budget of HTTP requests (sockets are apart)."""
+
+    code = "server_busy"

@@ -196,6 +196,10 @@ class Relay:
         stream = self._streams[stream_id] = _Stream()
         return self._receive(stream_id, stream, handle_stream)
 
+    def forget(self, stream_id: str) -> None:
+        """Drop a stream `receive` registered but nobody read (its request was refused)."""
+        self._streams.pop(stream_id, None)
+
     async def _receive(
         self, stream_id: str, stream: _Stream, handle_stream: AsyncIterator[Any]
     ) -> AsyncGenerator[list[Chunk], None]:

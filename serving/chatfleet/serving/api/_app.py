@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.serving import telemetry
+from chatfleet.serving.api._admission import HttpAdmission
 from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes, is_public
 from chatfleet.serving.api._boundary import ClientRoute, allowed_methods, validation_message
 from chatfleet.serving.api._capabilities import model_capabilities
@@ -249,6 +250,7 @@ def create_app(
         logger.exception("unhandled error", exc_info=exc)
         return error_response(ChatfleetError("internal server error"))
 
+    app.add_middleware(HttpAdmission, limit=config.ingress.max_ongoing_requests, metrics=metrics)
     app.add_middleware(_RequestMetrics, metrics=metrics)
     app.add_middleware(_BodyLimit, limit=config.server.max_body_bytes)
     if gw.auth is not None:

@@ -95,6 +95,23 @@ class Metrics:
             "Finished generations per model and finish reason (stop, length, cancelled, error).",
             ["model", "finish_reason"],
         )
+        self.queued_requests = self._gauge(
+            "chatfleet_queued_requests",
+            "Requests waiting for a replica of the model (every replica full), per model.",
+            ["model"],
+        )
+        self.queue_wait = self._histogram(
+            "chatfleet_queue_wait_seconds",
+            "From the call to the model to a replica taking it, per model.",
+            ["model"],
+            _DURATION_BUCKETS,
+        )
+        self.rejected_requests = self._counter(
+            "chatfleet_rejected_requests_total",
+            "Requests refused with 429 because the model's replicas were full, by reason"
+            " (queue_full: too many waiting; wait_timeout: waited admission.max_queue_wait_s).",
+            ["model", "reason"],
+        )
         self.websocket_connections = self._gauge(
             "chatfleet_websocket_connections",
             "Open WebSocket connections, per endpoint (chat, events).",

@@ -10,6 +10,7 @@ One module per concept: ``_engine`` (`EngineDeployment`), ``_routing`` (the
 classifier and compressor deployments), ``_ingress`` (`Ingress`, which also runs the
 router for ``model: "auto"``), ``_handles`` (the clients the ingress calls other
 deployments through),
+``_admission`` (how long a request waits for a full model's replica, then 429),
 ``_metrics`` (`RayMetricsMirror`), ``_replica`` (what every replica shares) and
 ``_build`` (`build_app`, `APP_NAME`).
 """

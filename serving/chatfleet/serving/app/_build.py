@@ -30,14 +30,41 @@ def _engine_deployment(
 ) -> Any:
     return (
         _deployment(EngineDeployment)
-        .options(
-            name=f"engine-{model.name}",
-            num_replicas=model.num_replicas,
-            max_ongoing_requests=model.max_ongoing_requests,
-            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
-        )
+        .options(**engine_options(model))
         .bind(model, coalescing, tracing)
     )
+
+
+def engine_options(model: ModelConfig) -> dict[str, Any]:
+    """Ray Serve options of ``model``'s engine deployment: replicas and admission."""
+    admitted = model.admitted_requests()
+    replicas: dict[str, Any] = (
+        {"num_replicas": model.num_replicas}
+        if model.autoscaling is None
+        else {"autoscaling_config": model.autoscaling.serve_options(admitted)}
+    )
+    return {
+        "name": f"engine-{model.name}",
+        **replicas,
+        "max_ongoing_requests": admitted,
+        # Counted by each ingress replica's router. The wait is also bounded in time,
+        # by the ingress (HandleEngineClient), which refuses both alike.
+        "max_queued_requests": model.queued_requests(),
+        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+    }
+
+
+def ingress_max_ongoing_requests(config: AppConfig) -> int:
+    """What Serve lets into one ingress replica: its HTTP budget plus its sockets.
+
+    Serve counts an open WebSocket as an ongoing request for its whole life; were the
+    ingress's limit the HTTP budget alone, idle sockets would fill it and every HTTP
+    request (``/healthz`` included) would queue behind them. So Serve's limit leaves
+    room for every socket the app accepts (``/ws/chat`` and ``/ws`` each take up to
+    ``websocket.max_connections``), and the app admits HTTP requests against its own
+    budget (``chatfleet.serving.api``'s HTTP admission) and sockets against theirs.
+    """
+    return config.ingress.max_ongoing_requests + 2 * config.websocket.max_connections
 
 
 def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
@@ -83,7 +110,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Any:
         .options(
             name="ingress",
             num_replicas=config.ingress.num_replicas,
-            max_ongoing_requests=config.ingress.max_ongoing_requests,
+            max_ongoing_requests=ingress_max_ongoing_requests(config),
             ray_actor_options={"num_cpus": config.ingress.num_cpus},
         )
         .bind(config, engines, classifier, compressor)

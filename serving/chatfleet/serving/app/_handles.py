@@ -16,6 +16,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving import telemetry
+from chatfleet.serving.app._admission import EngineAdmission
 from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
 from chatfleet.serving.protocol import (
     Chunk,
@@ -112,23 +113,35 @@ class HandleEngineClient:
     """The ingress's view of an `EngineDeployment`: one streaming handle call."""
 
     def __init__(
-        self, handle: Handle, ready_timeout_s: float = 5.0, relay: Relay | None = None
+        self,
+        handle: Handle,
+        admission: EngineAdmission,
+        ready_timeout_s: float = 5.0,
+        relay: Relay | None = None,
     ) -> None:
         handle = _local_transport(handle)
         self._stream = handle.options(stream=True)
         self._handle = handle
+        self._admission = admission
         self._ready_timeout_s = ready_timeout_s
         self._relay = relay
 
     async def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
         address = None if self._relay is None else await self._relay.start()
+        key = uuid.uuid4().hex
         if self._relay is None or address is None:
             response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
             source: AsyncIterator[list[Chunk]] = response
         else:
-            key = uuid.uuid4().hex
             response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
+            # Registered before the engine can send on the relay, so before admission.
             source = self._relay.receive(key, response)
+        try:
+            await self._admission.wait(response)
+        except BaseException:
+            if self._relay is not None:
+                self._relay.forget(key)
+            raise
         finished = False
         try:
             async for batch in source:
@@ -149,6 +162,10 @@ class HandleEngineClient:
                     await source.aclose()  # type: ignore[attr-defined]
 
     async def is_ready(self) -> bool:
+        if self._admission.scales_to_zero:
+            # Ready on demand: a readiness call would start a replica of an idle model
+            # (and keep it from ever scaling to zero under a prober).
+            return True
         ready: bool = await asyncio.wait_for(
             self._handle.ready.remote(), timeout=self._ready_timeout_s
         )

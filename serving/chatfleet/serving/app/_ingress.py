@@ -14,6 +14,7 @@ from ray import serve
 from chatfleet.serving import telemetry
 from chatfleet.serving._drain_request import DrainRequest
 from chatfleet.serving.api import LocalRouterClient, Metrics, create_app
+from chatfleet.serving.app._admission import EngineAdmission
 from chatfleet.serving.app._handles import Handle, HandleEngineClient, HandleRoutingClient
 from chatfleet.serving.app._metrics import RayMetricsMirror
 from chatfleet.serving.app._replica import _GRACEFUL_SHUTDOWN_S, _favour_the_event_loop
@@ -72,7 +73,12 @@ class Ingress:
         self._metrics_mirror.start()
         self._app = create_app(
             config,
-            {name: HandleEngineClient(handle, relay=relay) for name, handle in engines.items()},
+            {
+                model.name: HandleEngineClient(
+                    engines[model.name], EngineAdmission(model, metrics), relay=relay
+                )
+                for model in config.models
+            },
             router=router,
             # The classifier's sentence encoder answers /v1/embeddings too (same replicas).
             embeddings=routing

@@ -9,7 +9,8 @@ This package is pure pydantic: importing it must not import Ray, torch or any we
 framework (an import-linter contract holds that).
 
 One module per concern: ``_engines`` (the models served and their engines),
-``_server`` (the ingress: HTTP, WebSockets, token batching), ``_routing``
+``_server`` (the ingress: HTTP, WebSockets, token batching), ``_scaling`` (a
+model's admission and autoscaling), ``_routing``
 (classifier, compressor, routes), ``_store``, ``_auth``, ``_telemetry``, and
 ``_app`` (`AppConfig` itself and `load_config`).
 """
@@ -42,6 +43,7 @@ from chatfleet.serving.config._routing import (
     RouteConfig,
     RoutingConfig,
 )
+from chatfleet.serving.config._scaling import AdmissionConfig, AutoscalingConfig
 from chatfleet.serving.config._server import (
     CoalesceConfig,
     IngressDeploymentConfig,
@@ -54,8 +56,10 @@ from chatfleet.serving.config._telemetry import TelemetryConfig
 __all__ = [
     "ENGINE_KINDS",
     "ENV_PREFIX",
+    "AdmissionConfig",
     "AppConfig",
     "AuthConfig",
+    "AutoscalingConfig",
     "CategoryConfig",
     "ClassifierConfig",
     "ClientBudget",

@@ -14,6 +14,11 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_serializer, model_validator
 
 from chatfleet.serving.config._base import _MODEL_NAME, _Model
+from chatfleet.serving.config._scaling import (
+    AdmissionConfig,
+    AutoscalingConfig,
+    engine_admission_default,
+)
 
 EngineKind = Literal["fake", "transformers", "vllm", "ollama", "openai"]
 ENGINE_KINDS: tuple[EngineKind, ...] = ("fake", "transformers", "vllm", "ollama", "openai")
@@ -341,8 +346,22 @@ class ModelConfig(_Model):
         description="CPUs each replica reserves in Ray (fractional: small boxes have 2).",
     )
     num_gpus: float = Field(0, ge=0, le=64, description="GPUs each replica reserves in Ray.")
-    max_ongoing_requests: int = Field(
-        64, ge=1, le=10_000, description="Concurrent requests one replica accepts."
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Concurrent requests one replica admits. Empty: the engine's default"
+        " (vllm: max_num_seqs, 256 unless engine_args say; transformers: max_concurrency + 2;"
+        " fake, ollama, openai: 1000).",
+    )
+    admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig,
+        description="How long and how many requests wait when every replica is full.",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None,
+        description="Scale replicas with load (Ray Serve autoscaling) instead of num_replicas;"
+        " min_replicas 0 scales the model to zero when idle.",
     )
 
     @model_validator(mode="before")
@@ -367,6 +386,30 @@ class ModelConfig(_Model):
                 f" but its engine is {self.engine!r}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _replicas_fixed_or_scaled(self) -> ModelConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError(f"model {self.name!r}: give num_replicas or autoscaling, not both")
+        return self
+
+    def admitted_requests(self) -> int:
+        """Requests one replica admits: ``max_ongoing_requests`` or the engine's default."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return engine_admission_default(self.engine, getattr(self, self.engine))
+
+    def queued_requests(self) -> int:
+        """Requests that may wait for a replica (per ingress replica)."""
+        queued = self.admission.max_queued_requests
+        return self.admitted_requests() if queued is None else queued
+
+    def queue_wait_s(self) -> float:
+        """Longest a request waits for a replica; a cold start when scaled to zero."""
+        wait = self.admission.max_queue_wait_s
+        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
+            return max(wait, self.autoscaling.cold_start_timeout_s)
+        return wait
 
     def capabilities(self) -> EngineCapabilities:
         """What this model's engine honours beyond the basic sampling fields."""

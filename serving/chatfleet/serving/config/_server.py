@@ -48,7 +48,12 @@ class IngressDeploymentConfig(_Model):
     num_replicas: int = Field(1, ge=1, le=1000, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs each ingress replica reserves.")
     max_ongoing_requests: int = Field(
-        1000, ge=1, le=100_000, description="Concurrent requests one ingress replica accepts."
+        1000,
+        ge=1,
+        le=100_000,
+        description="Concurrent HTTP requests one ingress replica serves (a stream counts"
+        " until its last byte); more get 429 server_busy. WebSockets are not counted here:"
+        " they have websocket.max_connections.",
     )
 
 
