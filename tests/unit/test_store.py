@@ -52,7 +52,7 @@ def test_public_surface() -> None:
 
 
 async def test_migrations_build_exactly_the_models(store: Store, store_url: str) -> None:
-    assert await store.revision() == head_revision() == "0003"
+    assert await store.revision() == head_revision() == "0004"
     engine = create_async_engine(store_url)
 
     def diff(conn: Connection) -> list[object]:
@@ -63,7 +63,7 @@ async def test_migrations_build_exactly_the_models(store: Store, store_url: str)
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
-    assert await store.upgrade() == "0003"  # again: a no-op
+    assert await store.upgrade() == "0004"  # again: a no-op
 
 
 async def test_conversation_messages_and_history(store: Store) -> None:
@@ -314,7 +314,7 @@ async def test_migration_0002_gives_earlier_rows_to_the_local_client(store_url: 
     finally:
         await engine.dispose()
     async with Store.from_url(store_url) as store:  # migrates to head on start
-        assert await store.revision() == "0003"
+        assert await store.revision() == "0004"
         conversation = await store.get_conversation("c1", owner=LOCAL_OWNER)
         assert conversation is not None and conversation.title == "old"
         session = await store.get_session("s1", owner=LOCAL_OWNER)
