@@ -258,7 +258,7 @@ async def test_cli_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # main() runs its own event loop: keep it off this test's loop.
     rc = await asyncio.to_thread(main, ["db", "upgrade", "--config", str(config)])
     assert rc == 0
-    assert "is at revision 0003" in capsys.readouterr().out
+    assert "is at revision 0004" in capsys.readouterr().out
     assert (tmp_path / "data" / "chatfleet.db").is_file()
     missing = await asyncio.to_thread(
         main, ["db", "upgrade", "--config", str(tmp_path / "absent.yaml")]

@@ -51,9 +51,7 @@ class ReplicaStore(Database):
             )
             if not result.rowcount:  # type: ignore[attr-defined]
                 await s.execute(
-                    insert(ReplicaRow).values(
-                        id=self.replica_id, started_at=now, heartbeat_at=now
-                    )
+                    insert(ReplicaRow).values(id=self.replica_id, started_at=now, heartbeat_at=now)
                 )
 
     async def leave(self) -> None:
