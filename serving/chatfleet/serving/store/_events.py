@@ -10,9 +10,11 @@ recovery) take the next number in the database (`add_event_next`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text
 
@@ -144,3 +146,14 @@ class EventStore(Database):
                 delete(SessionEventRow).where(SessionEventRow.created_at < since)
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+    @asynccontextmanager
+    async def raw_connection(self) -> AsyncIterator[Any]:
+        """A connection of the driver's own (asyncpg's, to LISTEN), closed afterwards."""
+        async with self._require().connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                yield raw.driver_connection
+            finally:
+                # Never back to the pool with listeners on it.
+                await conn.invalidate()
