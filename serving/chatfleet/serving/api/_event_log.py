@@ -26,7 +26,13 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from chatfleet.serving.api._events import TERMINAL_EVENTS, Event, EventHub, event_frame
+from chatfleet.serving.api._events import (
+    REMEMBERED_SESSIONS,
+    TERMINAL_EVENTS,
+    Event,
+    EventHub,
+    event_frame,
+)
 from chatfleet.serving.store import Store
 from chatfleet.serving.store._events import EVENTS_CHANNEL, NewEvent, SessionEvent
 
@@ -241,10 +247,9 @@ class EventLog:
         return len(found) == limit
 
     def _deliver_followed(self, event: SessionEvent, last: dict[str, int]) -> None:
-        if event.type in TERMINAL_EVENTS:
-            last.pop(event.session_id, None)
-        else:
-            last[event.session_id] = event.seq
+        last[event.session_id] = event.seq
+        if len(last) > REMEMBERED_SESSIONS:
+            del last[next(iter(last))]
         self.followed += 1
         delivered = _stored(event)
         self.hub.deliver(delivered)

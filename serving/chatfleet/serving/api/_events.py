@@ -45,6 +45,9 @@ TRY_AGAIN_LATER = 1013
 
 GREETING = "connected to chatfleet: live session events"
 
+#: Sessions whose last sent event a subscriber remembers (to send nothing twice).
+REMEMBERED_SESSIONS = 10_000
+
 #: The last event of a session.
 TERMINAL_EVENTS = frozenset(
     {"session.completed", "session.failed", "session.cancelled", "session.interrupted"}
@@ -93,7 +96,7 @@ class Subscriber:
         self.session = session  # only this session's events; None: every session's
         # None is the "you are dropped" sentinel; one slot is kept free for it.
         self.queue: asyncio.Queue[Event | Resume | None] = asyncio.Queue(maxsize=queue_size + 1)
-        # The highest seq sent of each session in progress: nothing is sent twice.
+        # The highest seq sent of each session (the latest ones): nothing is sent twice.
         self.sent: dict[str, int] = {}
 
     def fresh(self, event: Event) -> bool:
@@ -102,10 +105,9 @@ class Subscriber:
             return True
         if event.seq <= self.sent.get(event.session_id, 0):
             return False
-        if event.type in TERMINAL_EVENTS:
-            self.sent.pop(event.session_id, None)  # bounded: only sessions in progress
-        else:
-            self.sent[event.session_id] = event.seq
+        self.sent[event.session_id] = event.seq
+        if len(self.sent) > REMEMBERED_SESSIONS:
+            del self.sent[next(iter(self.sent))]  # the longest-known session's
         return True
 
 

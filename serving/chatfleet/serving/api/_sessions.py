@@ -104,7 +104,7 @@ class SessionRunner:
         store = self.gw.store
         if store is None:
             return
-        settings = self.gw.config.store
+        settings = store.config
         await self.log.start(settings.events_flush_s, settings.events_poll_s)
         self.lease = Lease(store, self.log, settings)
         await self.lease.start()
