@@ -207,3 +207,27 @@ async def test_resuming_an_unknown_session_is_refused(replicas: tuple[Replica, R
         bad = json.loads(await ws.recv())
     assert (refused["type"], refused["data"]["code"]) == ("error", "not_found")
     assert (bad["type"], bad["data"]["code"]) == ("error", "invalid_frame")
+
+
+async def test_a_session_cancelled_through_another_replica_stops_where_it_runs(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with a.http() as http_a, b.http() as http_b:
+        session = (
+            await http_a.post("/api/sessions", json={"message": "x", "model": "slow"})
+        ).json()
+        await wait_for(lambda: _status_is(http_a, session["id"], "running"), within=30)
+        cancelled = await http_b.post(f"/api/sessions/{session['id']}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        # Replica A hears of it through the store and stops generating.
+        await wait_for(lambda: _runs_nothing(a), within=30)
+        stored = (await http_a.get(f"/api/sessions/{session['id']}")).json()
+        replayed = sse_events((await http_a.get(f"/api/sessions/{session['id']}/events")).text)
+    assert stored["status"] == "cancelled"
+    assert replayed[-1]["type"] == "session.cancelled"
+    assert [e["seq"] for e in replayed] == sorted({e["seq"] for e in replayed})
+
+
+async def _runs_nothing(replica: Replica) -> bool:
+    return bool(replica.chat.app.state.sessions.active == 0)

@@ -9,7 +9,7 @@ import pytest
 
 from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.store import Store
-from chatfleet.serving.store._events import NewEvent
+from chatfleet.serving.store._events import OUT_OF_BAND_AHEAD, NewEvent
 
 
 @pytest.fixture
@@ -82,14 +82,17 @@ async def test_events_are_numbered_per_session_and_read_back_in_order(
     await a.add_events([NewEvent("s2", 1, "y", "session.created", "{}")])
     late = await b.add_event_next("s1", "x", "session.cancelled", lambda seq: f'{{"seq":{seq}}}')
 
-    assert late.seq == 4 and late.frame == '{"seq":4}'
-    assert [e.seq for e in await b.events_after("s1", 1)] == [2, 3, 4]
+    # Out of band: ahead of what s1's replica may still write, so never a clash.
+    assert late.seq == 3 + OUT_OF_BAND_AHEAD and late.frame == f'{{"seq":{late.seq}}}'
+    await a.add_events([NewEvent("s1", 4, "x", "llm.response", "{}")])
+    assert [e.seq for e in await b.events_after("s1", 1)] == [2, 3, 4, late.seq]
     since = await b.events_since(start)
     assert [(e.session_id, e.seq) for e in since] == [
         ("s1", 1),
         ("s1", 2),
         ("s1", 3),
         ("s2", 1),
+        ("s1", late.seq),
         ("s1", 4),
     ]
     assert {e.replica for e in since[:4]} == {a.replica_id}

@@ -171,8 +171,8 @@ class EventLog:
         try:
             await store.add_events(batch)
         except IntegrityError:
-            # A number taken meanwhile by another replica (a cancel through it):
-            # store the others one by one, drop the clashing ones.
+            # Should not happen (out-of-band numbers are far ahead); if it does, store
+            # the others one by one and drop the clashing ones.
             for event in batch:
                 try:
                     await store.add_events([event])

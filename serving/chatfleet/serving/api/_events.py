@@ -3,7 +3,8 @@
 Every event is ``{type, session_id, seq, data, ts}`` (``connected``, ``ping``,
 ``pong`` and ``error`` have neither ``session_id`` nor ``seq``); the event types and
 the flat fields beside ``data`` are described in `chatfleet.serving.api._sessions`.
-``seq`` numbers a session's events from 1. A subscriber gets the events of its own
+``seq`` numbers a session's events from 1, one by one (an event another replica
+adds, a cancel or a recovery, is numbered further ahead). A subscriber gets the events of its own
 client's sessions (an admin's: every session's), whichever replica runs them
 (`chatfleet.serving.api._event_log`). A client frame
 ``{"type": "resume", "session_id": ..., "after": N}`` replays the session's events

@@ -5,7 +5,9 @@ The replica running a session numbers its events and writes them in batches
 and a client that reconnects reads what it missed (`events_after`). Events of a
 session are written by one replica at a time, in order, so a session's events are
 committed in ``seq`` order. Out-of-band events (a cancel through another replica,
-recovery) take the next number in the database (`add_event_next`).
+recovery) are numbered by the database `OUT_OF_BAND_AHEAD` past the session's last
+stored event (`add_event_next`), ahead of what its replica, if it is still running
+it, writes before it hears of them: numbers only increase, and never clash.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from chatfleet.serving.store._models import SessionEventRow, utcnow
 #: The PostgreSQL channel a replica notifies after writing events, so the others read
 #: them at once rather than at their next poll.
 EVENTS_CHANNEL = "chatfleet_session_events"
+
+#: How far past a session's last stored event an out-of-band event is numbered: more
+#: than its replica emits between two flushes and hearing of the event.
+OUT_OF_BAND_AHEAD = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,8 @@ class EventStore(Database):
     async def add_event_next(
         self, session_id: str, owner: str, type_: str, frame: Callable[[int], str]
     ) -> SessionEvent:
-        """Store an event as the session's next (``frame(seq)`` builds its text)."""
+        """Store an out-of-band event of a session (``frame(seq)`` builds its text),
+        `OUT_OF_BAND_AHEAD` past its last stored one."""
         async with self._tx() as s:
             last = await s.scalar(
                 select(func.max(SessionEventRow.seq)).where(
@@ -99,7 +106,7 @@ class EventStore(Database):
             )
             row = SessionEventRow(
                 session_id=session_id,
-                seq=(last or 0) + 1,
+                seq=(last or 0) + OUT_OF_BAND_AHEAD,
                 owner=owner,
                 replica=self.replica_id,
                 type=type_,
