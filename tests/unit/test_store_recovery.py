@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import text
 
 from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.store import Store
@@ -102,3 +103,23 @@ async def test_events_are_numbered_per_session_and_read_back_in_order(
 def test_a_lease_shorter_than_two_heartbeats_is_refused() -> None:
     with pytest.raises(ValueError, match="lease_s"):
         StoreConfig(heartbeat_s=10, lease_s=15)
+
+
+async def test_work_no_replica_owns_is_recovered_at_start_up_only(
+    two: tuple[Store, Store],
+) -> None:
+    a, b = two
+    session = await a.create_session("from before 0004", owner="x")
+    conversation = await a.create_conversation(owner="x")
+    reply = await a.begin_assistant_message(conversation.id)
+    async with a._tx() as s:  # as migration 0004 leaves rows from before it
+        await s.execute(text("UPDATE sessions SET replica = NULL"))
+        await s.execute(text("UPDATE messages SET replica = NULL"))
+
+    later = await b.recover(lease_s=60)
+    at_start = await b.recover(lease_s=60, unowned=True)
+
+    assert later.sessions == [(session.id, "x")]  # sessions: always (few, by status)
+    assert later.messages == 0 and at_start.messages == 1
+    [message] = await b.messages(conversation.id)
+    assert message.id == reply.id and message.status == "interrupted"

@@ -37,7 +37,9 @@ class Lease:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.round()  # at start-up: what was left before this replica started
+        # At start-up: what was left before this replica started, replies that no
+        # replica owns (from before replicas were recorded) included.
+        await self.round(unowned=True)
         self._task = asyncio.create_task(self._every(), name="replica-lease")
 
     async def close(self) -> None:
@@ -51,10 +53,10 @@ class Lease:
             await asyncio.sleep(self.config.heartbeat_s)
             await self.round()
 
-    async def round(self) -> None:
+    async def round(self, *, unowned: bool = False) -> None:
         try:
             await self.store.heartbeat()
-            recovered = await self.store.recover(self.config.lease_s)
+            recovered = await self.store.recover(self.config.lease_s, unowned=unowned)
         except Exception:
             logger.warning("could not renew this replica's lease", exc_info=True)
             return

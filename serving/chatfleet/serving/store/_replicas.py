@@ -13,18 +13,17 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, delete, insert, or_, select, update
 
 from chatfleet.serving.config import StoreConfig
 from chatfleet.serving.store._database import Database
 from chatfleet.serving.store._models import MessageRow, ReplicaRow, SessionRow, utcnow
-from chatfleet.serving.store._records import FINISHED_SESSION_STATUSES
 
 #: What a recovered session's or reply's ``error`` says.
 GONE = "interrupted: the replica running it stopped before it finished"
 REPLY_GONE = "incomplete: the replica writing this reply stopped before it finished"
+IN_PROGRESS = ("pending", "running")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,35 +64,41 @@ class ReplicaStore(Database):
             found = await s.scalars(select(ReplicaRow.id).where(ReplicaRow.heartbeat_at >= since))
             return sorted(found.all())
 
-    async def recover(self, lease_s: float) -> Recovered:
-        """Mark ``interrupted`` what replicas whose lease lapsed ``lease_s`` ago left running."""
+    async def recover(self, lease_s: float, *, unowned: bool = False) -> Recovered:
+        """Mark ``interrupted`` what replicas whose lease lapsed ``lease_s`` ago left
+        running; with ``unowned``, also what no replica owns (from before migration
+        0004: done once, at start-up, as it reads every partial reply)."""
         now = utcnow()
         since = now - timedelta(seconds=lease_s)
         live = select(ReplicaRow.id).where(ReplicaRow.heartbeat_at >= since).scalar_subquery()
-
-        def orphaned(column: Any) -> ColumnElement[bool]:
-            return or_(column.is_(None), column.not_in(live))
-
         async with self._tx() as s:
+            dead = list(
+                await s.scalars(select(ReplicaRow.id).where(ReplicaRow.heartbeat_at < since))
+            )
             sessions = (
                 await s.execute(
                     update(SessionRow)
                     .where(
-                        SessionRow.status.not_in(FINISHED_SESSION_STATUSES),
-                        orphaned(SessionRow.replica),
+                        SessionRow.status.in_(IN_PROGRESS),
+                        or_(SessionRow.replica.is_(None), SessionRow.replica.not_in(live)),
                     )
                     .values(status="interrupted", error=GONE, finished_at=now, updated_at=now)
                     .returning(SessionRow.id, SessionRow.owner)
                 )
             ).all()
-            messages = await s.execute(
-                update(MessageRow)
-                .where(MessageRow.status == "partial", orphaned(MessageRow.replica))
-                .values(status="interrupted", error=REPLY_GONE, updated_at=now)
-            )
+            # By replica (indexed), not by status: the messages table is the big one.
+            owners: list[ColumnElement[bool]] = [MessageRow.replica.in_(dead)] if dead else []
+            if unowned:
+                owners.append(MessageRow.replica.is_(None))
+            messages = 0
+            if owners:
+                result = await s.execute(
+                    update(MessageRow)
+                    .where(MessageRow.status == "partial", or_(*owners))
+                    .values(status="interrupted", error=REPLY_GONE, updated_at=now)
+                )
+                messages = result.rowcount  # type: ignore[attr-defined]
             # Their work is settled: forget them (a replica that comes back re-registers).
-            await s.execute(delete(ReplicaRow).where(ReplicaRow.heartbeat_at < since))
-        return Recovered(
-            sessions=[(row.id, row.owner) for row in sessions],
-            messages=messages.rowcount,  # type: ignore[attr-defined]
-        )
+            if dead:
+                await s.execute(delete(ReplicaRow).where(ReplicaRow.id.in_(dead)))
+        return Recovered(sessions=[(row.id, row.owner) for row in sessions], messages=messages)
