@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -84,3 +85,57 @@ def test_every_subscriber_sees_every_session_of_both_replicas(url: str, folder: 
                 assert events[-1]["type"] == "session.completed"
     # Both replicas ran some: each subscriber saw the other replica's sessions too.
     assert len(ran) == 2, ran
+
+
+def test_killing_one_ingress_replica_interrupts_only_its_sessions(
+    ray_serve: Any, tmp_path: Path
+) -> None:
+    import ray
+
+    config = AppConfig(
+        auth={"enabled": False},
+        store={"data_dir": str(tmp_path), "heartbeat_s": 1, "lease_s": 4},
+        ingress={"num_replicas": 2},
+        models=[
+            ModelConfig(
+                name="fake", engine="fake", fake={"reply_tokens": 300, "tokens_per_second": 20}
+            )
+        ],
+    )
+    url = ray_serve.deploy(config, "crash")
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    with ExitStack() as held:  # held open, so that the sessions spread over both replicas
+        for _ in range(4):
+            held.enter_context(connect(ws_url, open_timeout=60)).recv(timeout=30)
+        ids = create_sessions(url, 8)
+    ran = replicas_that_ran(tmp_path, ids)
+    assert len(ran) == 2, ran
+
+    replicas = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::crash#ingress#")
+    ]
+    assert len(replicas) == 2, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+
+    def settled() -> dict[str, str] | None:
+        statuses = {i: httpx.get(f"{url}/api/sessions/{i}", timeout=30).json() for i in ids}
+        if any(s["status"] in ("pending", "running") for s in statuses.values()):
+            return None
+        return {i: s["status"] for i, s in statuses.items()}
+
+    deadline = time.monotonic() + 120
+    while (statuses := settled()) is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert statuses is not None
+    with sqlite3.connect(tmp_path / "chatfleet.db") as db:
+        by_replica = dict(
+            db.execute(
+                f"SELECT id, replica FROM sessions WHERE id IN ({','.join('?' * len(ids))})", ids
+            ).fetchall()
+        )
+    outcome = {(by_replica[i], status) for i, status in statuses.items()}
+    # One replica's sessions all interrupted, the other's all completed.
+    assert {status for _, status in outcome} == {"interrupted", "completed"}, outcome
+    assert len(outcome) == 2, outcome
