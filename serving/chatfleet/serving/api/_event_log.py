@@ -91,6 +91,9 @@ class EventLog:
         self._on_followed = on_followed
         self._next: dict[str, int] = {}
         self._pending: list[NewEvent] = []
+        self._writing: list[NewEvent] = []  # the batch being written
+        # One batch at a time: a session's events must commit in order.
+        self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.written = 0  # events stored by this replica
@@ -150,7 +153,7 @@ class EventLog:
         # Unwritten ones first: one written meanwhile is then in one of the two reads.
         unwritten = [
             Event(e.frame, e.type, e.owner, e.session_id, e.seq)
-            for e in self._pending
+            for e in [*self._writing, *self._pending]
             if e.session_id == session_id and e.seq > after
         ]
         store = self._store()
@@ -163,11 +166,21 @@ class EventLog:
         return [by_seq[seq] for seq in sorted(by_seq)]
 
     async def flush(self) -> None:
-        """Write the events emitted so far, in one statement."""
+        """Write the events emitted so far, in one statement, after any batch before."""
         store = self._store()
-        batch, self._pending = self._pending, []
-        if store is None or not batch:
+        if store is None:
             return
+        async with self._flushing:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            self._writing = batch
+            try:
+                await self._write(store, batch)
+            finally:
+                self._writing = []
+
+    async def _write(self, store: Store, batch: list[NewEvent]) -> None:
         try:
             await store.add_events(batch)
         except IntegrityError:
