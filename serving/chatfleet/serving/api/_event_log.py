@@ -116,7 +116,8 @@ class EventLog:
             self._next[session_id] = seq + 1
         frame = event_frame(type_, data, session_id=session_id, seq=seq, **flat)
         event = Event(frame, type_, owner, session_id, seq)
-        self._pending.append(NewEvent(session_id, seq, owner, type_, frame))
+        if self._store() is not None:  # no store: nowhere to write, nothing to resume
+            self._pending.append(NewEvent(session_id, seq, owner, type_, frame))
         self.hub.deliver(event)
         return event
 
