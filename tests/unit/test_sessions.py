@@ -15,7 +15,7 @@ from tests.fakes.chat_app import ChatApp, fake_model
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from chatfleet.serving.api._events import EventHub
+from chatfleet.serving.api._events import Event, EventHub, event_frame
 from chatfleet.serving.store import Store
 
 MODELS = (
@@ -165,7 +165,7 @@ async def test_events_fan_out_to_every_subscriber_in_order(
     assert (await client.get("/ws/sessions")).json()["subscribers"] == 0
 
 
-async def test_shutdown_cancels_running_sessions(tmp_path: Path) -> None:
+async def test_shutdown_interrupts_running_sessions(tmp_path: Path) -> None:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db")
     chat = ChatApp(store, *MODELS)
     async with serving(chat.app) as url, chat.http(url) as client:
@@ -176,7 +176,9 @@ async def test_shutdown_cancels_running_sessions(tmp_path: Path) -> None:
     async with Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db") as reopened:
         stored = await reopened.get_session(session["id"])
     assert stored is not None
-    assert stored.status == "cancelled"
+    assert stored.status == "interrupted"
+    assert stored.error == "interrupted: the server is shutting down"
+    assert stored.response  # what was said is kept
 
 
 async def test_subscribers_beyond_the_limit_are_refused(tmp_path: Path) -> None:
@@ -197,17 +199,24 @@ async def test_subscribers_beyond_the_limit_are_refused(tmp_path: Path) -> None:
             assert closed.value.rcvd.code == 1013
 
 
+def _event(type_: str, owner: str, session_id: str = "s", seq: int = 1, **flat: Any) -> Event:
+    frame = event_frame(type_, session_id=session_id, seq=seq, **flat)
+    return Event(frame, type_, owner, session_id, seq)
+
+
 async def test_a_slow_subscriber_is_dropped_not_waited_for() -> None:
     hub = EventHub(queue_size=3)
     slow = hub.subscribe(lambda sid: f"hello {sid}", sees=None)
     fast = hub.subscribe(lambda sid: f"hello {sid}", sees="alice")
     received = [fast.queue.get_nowait()]
     for i in range(5):
-        hub.publish("tick", owner="alice", n=i)
-        received.append(fast.queue.get_nowait() or "")
+        hub.deliver(_event("tick", "alice", seq=i + 1, n=i))
+        item = fast.queue.get_nowait()
+        assert isinstance(item, Event)
+        received.append(item.frame)
     assert hub.count == 1
     assert hub.dropped == 1
-    assert [json.loads(r)["n"] for r in received[1:]] == [0, 1, 2, 3, 4]
+    assert [json.loads(r)["data"]["n"] for r in received[1:]] == [0, 1, 2, 3, 4]
     frames = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())]
     assert frames[-1] is None  # the sender closes the socket (1013) when it reads this
     assert len(frames) == 4
@@ -217,12 +226,12 @@ def test_a_subscriber_gets_only_its_clients_events_and_an_admin_all() -> None:
     hub = EventHub()
     alice = hub.subscribe(lambda sid: "hello", sees="alice")
     admin = hub.subscribe(lambda sid: "hello", sees=None)
-    hub.publish("llm.response", owner="bob", session_id="s1", delta="bob's secret")
-    hub.publish("llm.response", owner="alice", session_id="s2", delta="alice's")
+    hub.deliver(_event("llm.response", "bob", "s1", delta="bob's secret"))
+    hub.deliver(_event("llm.response", "alice", "s2", delta="alice's"))
 
     def frames(subscriber: Any) -> list[str]:
         out = [subscriber.queue.get_nowait() for _ in range(subscriber.queue.qsize())]
-        return [json.loads(f)["session_id"] for f in out[1:]]
+        return [json.loads(f.frame)["session_id"] for f in out[1:]]
 
     assert frames(alice) == ["s2"]
     assert frames(admin) == ["s1", "s2"]

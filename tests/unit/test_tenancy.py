@@ -194,6 +194,23 @@ async def test_sessions_and_their_events_are_their_clients_own(tenants: Tenants)
         assert (await ops.get(f"/api/sessions/{secret['id']}")).json()["response"]
 
 
+async def test_resuming_another_clients_session_is_not_found(tenants: Tenants) -> None:
+    async with tenants.http("alice") as alice, tenants.http("bob", other=True) as bob:
+        secret = (await alice.post("/api/sessions", json={"message": "hunter2"})).json()
+        await session_done(alice, secret["id"])
+        refused = await bob.get(f"/api/sessions/{secret['id']}/events")
+        own = await alice.get(f"/api/sessions/{secret['id']}/events", params={"after": 0})
+    assert refused.status_code == 404, refused.text
+    assert "hunter2" not in refused.text
+    assert own.status_code == 200 and "hunter2" in own.text  # its owner replays it
+    async with tenants.ws("bob") as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "resume", "session_id": secret["id"], "after": 0}))
+        frame = json.loads(await ws.recv())
+    assert (frame["type"], frame["data"]["code"]) == ("error", "not_found")
+    assert "hunter2" not in json.dumps(frame)
+
+
 @pytest.mark.parametrize("path", ["/ws", "/ws/chat"])
 async def test_a_token_revoked_through_another_replica_closes_open_sockets(
     tenants: Tenants, path: str

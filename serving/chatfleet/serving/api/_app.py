@@ -41,7 +41,7 @@ from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import GenerateRequest, error_body
-from chatfleet.serving.api._sessions import add_session_routes
+from chatfleet.serving.api._session_api import add_session_routes
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._tracing import TracingMiddleware
@@ -192,12 +192,13 @@ def create_app(
         # The store (if any) opens first: it is migrated and connected before serving.
         if store is not None:
             await store.start()
+            await sessions.start()  # lease, recovery, other replicas' events
         if on_startup is not None:
             await on_startup()
         try:
             yield
         finally:
-            await sessions.close()  # running sessions are stored as cancelled
+            await sessions.close()  # running sessions are stored as interrupted
             await conversation_writes.drain()
             await gw.usage.drain()
             if store is not None:

@@ -12,10 +12,12 @@ goes away. At most ``max_concurrent`` run at once; the others wait (still
     llm.thinking {content: <all the reasoning>, is_complete: true}
     llm.response {content: <piece>, is_complete: false, is_final: false}...
     llm.response {content: <the whole answer>, is_complete, is_final: true}
-    session.completed | session.failed | session.cancelled {<the session>, usage?}
+    session.completed | session.failed | session.cancelled | session.interrupted
+        {<the session>, usage?}
 
-Every event is ``{type, session_id, data, ts}`` (``connected``, ``ping``, ``pong``
-and ``error`` have no ``session_id``). Each also carries chatfleet's first, flat
+Every event is ``{type, session_id, seq, data, ts}`` (``connected``, ``ping``,
+``pong`` and ``error`` have no ``session_id`` nor ``seq``); ``seq`` numbers a
+session's events from 1, the number to resume after. Each also carries chatfleet's first, flat
 shape beside ``data``, which the dashboard reads: ``session`` (the record) on the
 ``session.*`` events; ``delta`` (the piece) or ``content`` (the whole text, on the
 closing event), ``is_complete`` and ``is_final`` on the ``llm.*`` ones; ``error``,
@@ -26,32 +28,38 @@ A session belongs to the client that started it: other clients neither find it
 (404) nor get its events; admins see every session (`chatfleet.serving.api._tenancy`).
 The hub and the socket are in `chatfleet.serving.api._events`.
 
-Under Ray Serve a session runs in the ingress replica that accepted it, and its
-live events reach that replica's subscribers only: with several ingress
-replicas, ``GET /api/sessions/{id}`` (the database) is the source of truth.
+A session runs in the replica that accepted it; its events are stored and reach
+every replica's subscribers (`chatfleet.serving.api._event_log`), and a client
+that reconnects resumes with ``GET /api/sessions/{id}/events?after=N`` or a
+``resume`` frame on ``/ws`` (`chatfleet.serving.api._resume`). A session whose
+replica stops is ``interrupted``: at shutdown by the replica itself ("shutting
+down"), after a crash by another replica once the lease lapses
+(`chatfleet.serving.api._recovery`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
 from chatfleet.serving.api._answers import Answer, BackgroundWrites, best_effort, require_store
-from chatfleet.serving.api._events import EventHub, add_events_socket
+from chatfleet.serving.api._event_log import EventLog
+from chatfleet.serving.api._events import Event, EventHub
 from chatfleet.serving.api._gateway import Gateway
-from chatfleet.serving.api._schemas import Limit, Offset, SamplingFields
-from chatfleet.serving.api._tenancy import Caller, CallerDep
+from chatfleet.serving.api._recovery import Lease
+from chatfleet.serving.api._schemas import SamplingFields
+from chatfleet.serving.api._tenancy import Caller
 from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
 from chatfleet.serving.protocol import GenerationRequest, Message
 from chatfleet.serving.store import Session, SessionStatus, Store
 
 logger = logging.getLogger(__name__)
+
+#: The error of a session this replica stopped because it is shutting down.
+SHUTTING_DOWN = "interrupted: the server is shutting down"
 
 
 class SessionRequest(SamplingFields):
@@ -87,6 +95,26 @@ class SessionRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.running = 0
         self.writes = BackgroundWrites()
+        self.log = EventLog(lambda: gw.store, hub, on_followed=self._followed)
+        self.lease: Lease | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Follow other replicas' events, take this replica's lease, recover the lapsed."""
+        store = self.gw.store
+        if store is None:
+            return
+        settings = store.config
+        await self.log.start(settings.events_flush_s, settings.events_poll_s)
+        self.lease = Lease(store, self.log, settings)
+        await self.lease.start()
+
+    def _followed(self, event: Event) -> None:
+        """Another replica cancelled a session running here: stop it."""
+        if event.type == "session.cancelled" and event.session_id is not None:
+            task = self._tasks.get(event.session_id)
+            if task is not None:
+                task.cancel()
 
     @property
     def store(self) -> Store:
@@ -127,7 +155,7 @@ class SessionRunner:
                 async for delta in answer.deltas():
                     if delta.thinking:
                         thinking_open = True
-                        self.hub.publish(
+                        self.log.emit(
                             "llm.thinking",
                             {"content": delta.thinking, "is_complete": False},
                             owner=owner,
@@ -139,7 +167,7 @@ class SessionRunner:
                         if thinking_open:
                             thinking_open = False
                             self._thinking_done(session, answer)
-                        self.hub.publish(
+                        self.log.emit(
                             "llm.response",
                             {"content": delta.text, "is_complete": False, "is_final": False},
                             owner=owner,
@@ -157,7 +185,8 @@ class SessionRunner:
                         )
             status = "completed"
         except asyncio.CancelledError:
-            status = "cancelled"
+            status = "interrupted" if self._closing else "cancelled"
+            error = SHUTTING_DOWN if self._closing else None
             raise
         except ChatfleetError as exc:
             status, error = "failed", exc.message
@@ -173,7 +202,7 @@ class SessionRunner:
             await self._finish(session, status, error, answer)
 
     def _thinking_done(self, session: Session, answer: Answer) -> None:
-        self.hub.publish(
+        self.log.emit(
             "llm.thinking",
             owner=session.owner,
             session_id=session.id,
@@ -185,7 +214,7 @@ class SessionRunner:
         self, session: Session, status: SessionStatus, error: str | None, answer: Answer
     ) -> None:
         session_id = session.id
-        self.hub.publish(
+        self.log.emit(
             "llm.response",
             owner=session.owner,
             session_id=session_id,
@@ -195,6 +224,7 @@ class SessionRunner:
         )
         usage = answer.final_usage()
         record: Session | None = None
+        finished_here = True
         try:
             record = await self.writes.settle(
                 self.store.finish_session(
@@ -208,14 +238,20 @@ class SessionRunner:
                 )
             )
         except Conflict:
-            # Finished elsewhere meanwhile (cancelled through another replica).
+            # Finished elsewhere meanwhile (cancelled through another replica, or taken
+            # for dead): that replica told the subscribers.
             record = await self.store.get_session(session_id)
             status = record.status if record is not None else status
+            finished_here = False
         except Exception:
             logger.exception("could not store the end of session %s", session_id)
-        self._publish_session(
-            f"session.{status}", record or session, error=error, usage=answer.usage_dict()
-        )
+        if finished_here:
+            self._publish_session(
+                f"session.{status}", record or session, error=error, usage=answer.usage_dict()
+            )
+        else:
+            self.log.forget(session_id)
+        await self.log.flush()  # a finished session's events are stored at once
         await best_effort(
             lambda: self.store.add_log(
                 f"session.{status}",
@@ -248,13 +284,17 @@ class SessionRunner:
         record = await store.finish_session(
             session_id, "cancelled", error="cancelled; it was not running on this replica"
         )
-        self._publish_session("session.cancelled", record)
+        # Stored as the session's next event: its replica (if alive) sees it and stops.
+        data = record.to_dict()
+        await self.log.emit_stored(
+            "session.cancelled", data, owner=record.owner, session_id=session_id, session=data
+        )
         return record
 
     def _publish_session(self, type_: str, session: Session, **more: Any) -> None:
         """A ``session.*`` event: its ``data`` is the session (plus ``more``)."""
         record = session.to_dict()
-        self.hub.publish(
+        self.log.emit(
             type_,
             {**record, **more},
             owner=session.owner,
@@ -264,97 +304,16 @@ class SessionRunner:
         )
 
     async def close(self) -> None:
-        """Cancel every session of this replica (stored as cancelled); drop subscribers."""
+        """Stop every session of this replica (stored as ``interrupted``, "shutting
+        down"), store their events, drop subscribers."""
+        self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         await self.writes.drain()
+        if self.lease is not None:
+            await self.lease.close()
+        await self.log.close()
         self.hub.close_all()
-
-
-def add_session_routes(
-    app: FastAPI,
-    gw: Gateway,
-    *,
-    max_concurrent: int = 8,
-    max_waiting: int = 256,
-    queue_size: int = 256,
-) -> SessionRunner:
-    """The session API and its live events; returns the runner (close it on shutdown)."""
-    hub = EventHub(queue_size)
-    runner = SessionRunner(gw, hub, max_concurrent=max_concurrent, max_waiting=max_waiting)
-    app.state.sessions = runner
-
-    @app.post(
-        "/api/alerts",
-        tags=["sessions"],
-        status_code=202,
-        summary="POST /api/sessions under the dashboard PoC's name.",
-    )
-    @app.post(
-        "/api/sessions",
-        tags=["sessions"],
-        status_code=202,
-        summary="Answer a message in the background; follow it on WS /ws.",
-    )
-    async def create_session(body: SessionRequest, caller: CallerDep) -> JSONResponse:
-        session = await runner.create(body, caller.client_id)
-        # session_id: the name the dashboard PoC's clients read (chatfleet's is id).
-        return JSONResponse({**session.to_dict(), "session_id": session.id}, status_code=202)
-
-    @app.get(
-        "/api/sessions",
-        tags=["sessions"],
-        summary="The caller's sessions (an admin's: everyone's), newest first.",
-    )
-    async def list_sessions(
-        caller: CallerDep,
-        limit: Limit = 50,
-        offset: Offset = 0,
-        status: Annotated[
-            SessionStatus | None, Query(description="Only sessions in this state.")
-        ] = None,
-    ) -> dict[str, Any]:
-        found = await runner.store.list_sessions(
-            owner=caller.sees, limit=limit, offset=offset, status=status
-        )
-        return {"object": "list", "data": [s.to_dict() for s in found]}
-
-    @app.get("/api/sessions/{session_id}", tags=["sessions"], summary="One session.")
-    async def get_session(session_id: str, caller: CallerDep) -> dict[str, Any]:
-        found = await runner.store.get_session(session_id, owner=caller.sees)
-        if found is None:
-            raise NotFound(f"session {session_id!r} not found")
-        return found.to_dict()
-
-    @app.post(
-        "/api/sessions/{session_id}/cancel",
-        tags=["sessions"],
-        summary="Cancel a session (409 if it has already finished).",
-    )
-    async def cancel_session(session_id: str, caller: CallerDep) -> dict[str, Any]:
-        return (await runner.cancel(session_id, caller)).to_dict()
-
-    @app.get(
-        "/ws/sessions",
-        tags=["sessions"],
-        summary="Live counts of this replica: sessions and /ws subscribers.",
-    )
-    async def live_counts() -> dict[str, Any]:
-        return {
-            "subscribers": hub.count,
-            "dropped_subscribers": hub.dropped,
-            "sessions": {
-                "running": runner.running,
-                "waiting": runner.active - runner.running,
-                "max_concurrent": runner.max_concurrent,
-            },
-            "scope": "replica",
-            "time": time.time(),
-        }
-
-    add_events_socket(app, gw, hub, lambda: runner.active)
-
-    return runner

@@ -67,6 +67,8 @@ def _owned_by(owner: str | None) -> ColumnElement[bool]:
 
 
 class ConversationStore(Database):
+    replica_id: str
+
     async def create_conversation(
         self, *, owner: str, title: str | None = None, model: str | None = None
     ) -> Conversation:
@@ -194,6 +196,7 @@ class ConversationStore(Database):
                     error=error,
                     created_at=now,
                     updated_at=now,
+                    replica=self.replica_id if status == "partial" else None,
                 )
                 s.add(row)
                 await s.flush()
@@ -274,6 +277,7 @@ class ConversationStore(Database):
                     error=error,
                     created_at=now,
                     updated_at=now,
+                    replica=self.replica_id if error is None else None,
                 )
                 for row in [*rows, reply]:
                     s.add(row)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     event,
 )
 from sqlalchemy.engine import Dialect
@@ -131,6 +132,9 @@ class MessageRow(Base):
     tool_call_id: Mapped[str | None] = mapped_column(StorableString(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The replica writing a ``partial`` reply: when its lease lapses, the reply is
+    # marked ``interrupted`` (recovery).
+    replica: Mapped[str | None] = mapped_column(StorableString(64), index=True)
 
 
 class SessionRow(Base):
@@ -150,6 +154,39 @@ class SessionRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The replica running it; a session whose replica's lease lapses is ``interrupted``.
+    replica: Mapped[str | None] = mapped_column(StorableString(64), index=True)
+
+
+class ReplicaRow(Base):
+    """A live ingress replica: its lease lasts until ``heartbeat_at`` plus the lease time."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(StorableString(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class SessionEventRow(Base):
+    """One ``/ws`` event of a session, as sent (``frame``), numbered per session (``seq``).
+
+    ``id`` orders every event of every session: other replicas follow the table by it.
+    """
+
+    __tablename__ = "session_events"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq", name="uq_session_events_session_id_seq"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(StorableString(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(StorableString(200))
+    replica: Mapped[str | None] = mapped_column(StorableString(64))
+    type: Mapped[str] = mapped_column(StorableString(64))
+    frame: Mapped[str] = mapped_column(StorableText)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class LogRow(Base):

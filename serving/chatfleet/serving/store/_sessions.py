@@ -45,11 +45,19 @@ def _owned_by(owner: str | None) -> ColumnElement[bool]:
 
 
 class SessionStore(Database):
+    replica_id: str
+
     async def create_session(
         self, message: str, *, owner: str, model: str | None = None
     ) -> Session:
         async with self._tx() as s:
-            row = SessionRow(owner=owner, message=message, model=model, status="pending")
+            row = SessionRow(
+                owner=owner,
+                message=message,
+                model=model,
+                status="pending",
+                replica=self.replica_id,
+            )
             s.add(row)
             await s.flush()
             return _session(row)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from chatfleet.serving.store._conversations import ConversationStore
+from chatfleet.serving.store._events import EventStore
 from chatfleet.serving.store._logs import LogStore
+from chatfleet.serving.store._replicas import ReplicaStore
 from chatfleet.serving.store._sessions import SessionStore
 from chatfleet.serving.store._tokens import TokenStore
 from chatfleet.serving.store._usage import UsageStore
@@ -13,7 +15,9 @@ from chatfleet.serving.store._usage import UsageStore
 logger = logging.getLogger(__name__)
 
 
-class Store(ConversationStore, SessionStore, LogStore, TokenStore, UsageStore):
+class Store(
+    ConversationStore, SessionStore, EventStore, LogStore, TokenStore, UsageStore, ReplicaStore
+):
     """The ingress's database: SQLite by default, PostgreSQL in a cluster.
 
     Build it from a `StoreConfig`, ``await start()`` (migrates when
@@ -25,6 +29,10 @@ class Store(ConversationStore, SessionStore, LogStore, TokenStore, UsageStore):
     Every conversation, session and log entry has an ``owner`` (the client id, a
     token's ``sub``): writes name it, reads filter by it (``owner=None``: everyone's,
     what admins see), so another client's id is simply not found.
+
+    The store is one replica (``replica_id``): the sessions it creates and the replies
+    it begins are recorded as that replica's, and `start` takes the replica's lease
+    (`heartbeat` keeps it; `recover` marks ``interrupted`` what lapsed replicas left).
     """
 
     async def start(self) -> None:
@@ -32,6 +40,7 @@ class Store(ConversationStore, SessionStore, LogStore, TokenStore, UsageStore):
         if self.started:
             return
         await super().start()
+        await self.heartbeat()
         try:
             purged = await self.purge_expired()
         except Exception:  # housekeeping only: never a reason not to start
