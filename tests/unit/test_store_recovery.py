@@ -109,10 +109,10 @@ async def test_work_no_replica_owns_is_recovered_at_start_up_only(
     two: tuple[Store, Store],
 ) -> None:
     a, b = two
-    session = await a.create_session("from before 0004", owner="x")
+    session = await a.create_session("from before 0005", owner="x")
     conversation = await a.create_conversation(owner="x")
     reply = await a.begin_assistant_message(conversation.id)
-    async with a._tx() as s:  # as migration 0004 leaves rows from before it
+    async with a._tx() as s:  # as migration 0005 leaves rows from before it
         await s.execute(text("UPDATE sessions SET replica = NULL"))
         await s.execute(text("UPDATE messages SET replica = NULL"))
 

@@ -52,7 +52,7 @@ from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._recovery import Lease
 from chatfleet.serving.api._schemas import SamplingFields
 from chatfleet.serving.api._tenancy import Caller
-from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded
+from chatfleet.serving.errors import ChatfleetError, Conflict, NotFound, Overloaded, ShuttingDown
 from chatfleet.serving.protocol import GenerationRequest, Message
 from chatfleet.serving.store import Session, SessionStatus, Store
 
@@ -188,6 +188,9 @@ class SessionRunner:
             status = "interrupted" if self._closing else "cancelled"
             error = SHUTTING_DOWN if self._closing else None
             raise
+        except ShuttingDown:
+            # The drain's grace period ended with the session still running.
+            status, error = "interrupted", SHUTTING_DOWN
         except ChatfleetError as exc:
             status, error = "failed", exc.message
             self.gw.metrics.errors.labels(exc.code).inc()

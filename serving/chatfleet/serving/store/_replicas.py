@@ -67,7 +67,7 @@ class ReplicaStore(Database):
     async def recover(self, lease_s: float, *, unowned: bool = False) -> Recovered:
         """Mark ``interrupted`` what replicas whose lease lapsed ``lease_s`` ago left
         running; with ``unowned``, also what no replica owns (from before migration
-        0004: done once, at start-up, as it reads every partial reply)."""
+        0005: done once, at start-up, as it reads every partial reply)."""
         now = utcnow()
         since = now - timedelta(seconds=lease_s)
         live = select(ReplicaRow.id).where(ReplicaRow.heartbeat_at >= since).scalar_subquery()

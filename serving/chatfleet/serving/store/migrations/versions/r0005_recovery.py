@@ -4,8 +4,8 @@ writing each partial reply, and every session event numbered per session.
 Sessions and replies in progress from before have no replica: the first replica to
 start after this migration marks them ``interrupted`` (nothing is running them).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-05
 """
 
@@ -18,8 +18,8 @@ from alembic import op
 
 from chatfleet.serving.store._models import UTCDateTime
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
