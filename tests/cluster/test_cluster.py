@@ -32,7 +32,7 @@ import yaml
 from cluster_helpers import ROOT, Cluster, KubectlError, eventually
 from tests.fakes.ports import free_port
 
-from chatfleet.operator._builders import OWNER_LABEL, jwt_secret_name, service_name
+from chatfleet.operator._names import OWNER_LABEL, jwt_secret_name, service_name
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from operator_helpers import BAD_SPECS, load_sample

@@ -332,7 +332,7 @@ def test_application_name_matches_the_serving_app() -> None:
     # chatfleet.serving.app (Ray), so compare the source.
     from operator_helpers import ROOT
 
-    from chatfleet.operator._builders import APPLICATION_NAME
+    from chatfleet.operator._names import APPLICATION_NAME
 
     source = (ROOT / "serving" / "chatfleet" / "serving" / "app" / "_build.py").read_text()
     assert f'APP_NAME = "{APPLICATION_NAME}"' in source

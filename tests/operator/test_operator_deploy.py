@@ -81,7 +81,7 @@ def test_kind_up_builds_the_images_the_chart_and_sample_use() -> None:
     assert f"-t {serving_image} " in text
     assert "--set image.repository=chatfleet/chatfleet-operator --set image.tag=dev" in text
     # The Service the script port-forwards is the one the operator renders.
-    from chatfleet.operator._builders import service_name
+    from chatfleet.operator._names import service_name
 
     assert f"svc/{service_name(sample['metadata']['name'])} " in text
 

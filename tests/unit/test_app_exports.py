@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 import chatfleet.serving.app as app_pkg
-from chatfleet.operator._builders import IMPORT_PATH
+from chatfleet.operator._names import IMPORT_PATH
 
 
 def test_public_surface() -> None:

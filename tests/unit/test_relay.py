@@ -13,7 +13,8 @@ from tests.fakes.app_server import wait_for
 from chatfleet.serving import relay as relay_module
 from chatfleet.serving.errors import EngineError, RelayLost
 from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
-from chatfleet.serving.relay import Links, Relay, RelayAddress, relay_batches
+from chatfleet.serving.relay import Relay, RelayAddress
+from chatfleet.serving.relay_links import LinkLost, Links, relay_batches
 
 
 def answer(stream: int, n: int) -> list[list[Chunk]]:
@@ -165,7 +166,7 @@ async def test_a_link_lost_midway_is_reported_not_hung(monkeypatch: pytest.Monke
 
     # Reported as what it is (502 relay_lost), not as a failure of the model: by the
     # ingress, which sees the link close, or by the engine's next send on it.
-    with pytest.raises((RelayLost, relay_module.LinkLost)):
+    with pytest.raises((RelayLost, LinkLost)):
         async for _ in relay.receive(key, handle()):
             pass
     assert await links.get(address) is not None  # a broken link is replaced

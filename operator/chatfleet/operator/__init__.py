@@ -11,14 +11,7 @@ installed, and a missing ``kopf`` is reported naming the extra.
 
 from typing import TYPE_CHECKING, Any
 
-from chatfleet.operator._builders import (
-    METRIC_RELABELINGS,
-    build_jwt_secret,
-    build_rayservice,
-    build_service,
-    build_service_monitor,
-    serve_config,
-)
+from chatfleet.operator._builders import build_rayservice, serve_config
 from chatfleet.operator._crd import crd_schema, render_crd, render_crd_yaml
 from chatfleet.operator._models import (
     ChatDeploymentSpec,
@@ -29,6 +22,12 @@ from chatfleet.operator._models import (
     GPUWorkerGroup,
     HeadGroup,
     SecretKeyRef,
+)
+from chatfleet.operator._objects import (
+    METRIC_RELABELINGS,
+    build_jwt_secret,
+    build_service,
+    build_service_monitor,
 )
 from chatfleet.operator._settings import OperatorSettings
 

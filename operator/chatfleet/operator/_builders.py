@@ -6,7 +6,6 @@ references with `kopf.adopt`), the tests check them without a server.
 
 from __future__ import annotations
 
-import base64
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -21,56 +20,26 @@ from chatfleet.operator._models import (
     Resources,
     Toleration,
 )
+
+# Names, labels and constants live in `_names`; re-exported here for the handlers.
+from chatfleet.operator._names import (
+    APPLICATION_NAME,
+    DEFAULT_DATABASE_URL_ENV,
+    IMPORT_PATH,
+    JWT_SECRET_KEY,
+    OLLAMA_PORT,
+    RAY_METRICS_PORT,
+    _meta,
+    jwt_secret_name,
+    labels_for,
+    rayservice_name,
+)
 from chatfleet.operator._shutdown import (
     deployment_shutdown_options,
     prestop_hook,
     termination_grace_period_s,
 )
 from chatfleet.serving.config import AppConfig, ModelConfig
-
-IMPORT_PATH = "chatfleet.serving.app:build_app"
-APPLICATION_NAME = "chatfleet"  # = chatfleet.serving.app.APP_NAME (no Ray import here)
-RAY_METRICS_PORT = 8080
-OLLAMA_PORT = 11434
-JWT_SECRET_KEY = "signing-key"
-# The variable the database URL goes in when spec.serving.store.url_env names none
-# (the JWT key's variable is spec.serving.auth.signing_key_env).
-DEFAULT_DATABASE_URL_ENV = "CHATFLEET_DATABASE_URL"
-
-OWNER_LABEL = "chatfleet.dev/chatdeployment"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "chatfleet-operator"}
-
-
-def labels_for(name: str) -> dict[str, str]:
-    """Labels on everything the operator creates for the ChatDeployment ``name``."""
-    return {
-        "app.kubernetes.io/name": "chatfleet",
-        "app.kubernetes.io/instance": name,
-        **MANAGED_BY,
-        OWNER_LABEL: name,
-    }
-
-
-def rayservice_name(name: str) -> str:
-    return name
-
-
-def service_name(name: str) -> str:
-    return f"{name}-chat"
-
-
-def jwt_secret_name(name: str) -> str:
-    return f"{name}-jwt"
-
-
-def endpoint_for(name: str, namespace: str, spec: ChatDeploymentSpec) -> str:
-    """The in-cluster URL of the chat API (the Service `build_service` renders)."""
-    return f"http://{service_name(name)}.{namespace}.svc:{spec.serving.server.port}"
-
-
-def _meta(name: str, namespace: str, owner: str) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": labels_for(owner)}
-
 
 # --- RayService ------------------------------------------------------------------
 
@@ -343,80 +312,3 @@ def build_rayservice(name: str, namespace: str, spec: ChatDeploymentSpec) -> dic
 
 
 # --- Secret, Service, ServiceMonitor -----------------------------------------------
-
-
-def build_jwt_secret(name: str, namespace: str, signing_key: str) -> dict[str, Any]:
-    """The Secret holding the JWT signing key (the handler creates it once)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _meta(jwt_secret_name(name), namespace, name),
-        "type": "Opaque",
-        "data": {JWT_SECRET_KEY: base64.b64encode(signing_key.encode()).decode()},
-    }
-
-
-def build_service(name: str, namespace: str, spec: ChatDeploymentSpec) -> dict[str, Any]:
-    """The Service in front of the Ray Serve proxies (the chat API and its /metrics)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(service_name(name), namespace, name),
-        "spec": {
-            "type": spec.cluster.service_type,
-            # KubeRay labels the pods whose Serve proxy is ready with ray.io/serve=true.
-            "selector": {OWNER_LABEL: name, "ray.io/serve": "true"},
-            "ports": [
-                {
-                    "name": "http",
-                    "port": spec.serving.server.port,
-                    "targetPort": spec.serving.server.port,
-                    "protocol": "TCP",
-                },
-                {
-                    "name": "ray-metrics",
-                    "port": RAY_METRICS_PORT,
-                    "targetPort": RAY_METRICS_PORT,
-                    "protocol": "TCP",
-                },
-            ],
-        },
-    }
-
-
-# Ray's metrics agent exports the ingress replicas' chatfleet_* metrics as ray_chatfleet_*
-# (one series per replica); the dashboards and alerts use the plain names.
-METRIC_RELABELINGS: list[dict[str, Any]] = [
-    {
-        "sourceLabels": ["__name__"],
-        "regex": "ray_(chatfleet_.*)",
-        "targetLabel": "__name__",
-        "replacement": "$1",
-        "action": "replace",
-    }
-]
-
-
-def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
-    """A Prometheus-operator ServiceMonitor scraping every Serve pod's Ray metrics port.
-
-    That port carries Ray's, Ray Serve's and every replica's chatfleet metrics. The
-    API port's ``/metrics`` is not scraped: behind the proxy it answers for one random
-    ingress replica, and scraped per pod it would count that replica twice.
-    """
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": _meta(service_name(name), namespace, name),
-        "spec": {
-            "selector": {"matchLabels": {OWNER_LABEL: name, **MANAGED_BY}},
-            "endpoints": [
-                {
-                    "port": "ray-metrics",
-                    "path": "/metrics",
-                    "interval": "30s",
-                    "metricRelabelings": METRIC_RELABELINGS,
-                },
-            ],
-        },
-    }

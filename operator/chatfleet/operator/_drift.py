@@ -16,6 +16,8 @@ from chatfleet.operator import _builders as b
 from chatfleet.operator._kube import Kube, KubeError
 from chatfleet.operator._metrics import OperatorMetrics
 from chatfleet.operator._models import API_VERSION, KIND, ChatDeploymentSpec
+from chatfleet.operator._names import OWNER_LABEL
+from chatfleet.operator._objects import build_service
 from chatfleet.operator._spec import InvalidSpecError, now, parse_spec, ready_status
 from chatfleet.operator._status import conditions_from_rayservice, stamp_transitions
 
@@ -32,7 +34,7 @@ class OwnedObjects:
         self, *, body: kopf.Body, namespace: str | None, type: str, logger: Any, **_: Any
     ) -> None:
         """An owned RayService or Service changed: mirror its status, repair any drift."""
-        owner = ((body.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL)
+        owner = ((body.get("metadata") or {}).get("labels") or {}).get(OWNER_LABEL)
         if not owner or not namespace:
             return
         cd = await self._current(namespace, owner)
@@ -143,7 +145,7 @@ class OwnedObjects:
 # The owned kinds the operator watches for drift, and how each is built.
 _WATCHED_BUILDERS: dict[str, Callable[[str, str, ChatDeploymentSpec], dict[str, Any]]] = {
     "RayService": b.build_rayservice,
-    "Service": b.build_service,
+    "Service": build_service,
 }
 
 

@@ -44,6 +44,8 @@ from chatfleet.operator._models import (
     VERSION,
     ChatDeploymentSpec,
 )
+from chatfleet.operator._names import OWNER_LABEL, endpoint_for, jwt_secret_name, rayservice_name
+from chatfleet.operator._objects import build_jwt_secret, build_service, build_service_monitor
 from chatfleet.operator._settings import OperatorSettings
 from chatfleet.operator._spec import (
     InvalidSpecError,
@@ -180,10 +182,10 @@ class Reconciler(OwnedObjects):
         # Created once with a fresh key, then left alone: rotating it would log every
         # user out, so that is a human's decision (delete the Secret). Create-or-409
         # needs no right to read Secrets.
-        secret = b.build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
+        secret = build_jwt_secret(name, namespace, secrets.token_urlsafe(48))
         kopf.adopt(secret, owner=body)
         if await (await self.kube()).create(secret) is not None:
-            logger.info("Created the JWT signing key Secret %s", b.jwt_secret_name(name))
+            logger.info("Created the JWT signing key Secret %s", jwt_secret_name(name))
 
     async def _render(
         self, name: str, namespace: str, spec: ChatDeploymentSpec, owner: Mapping[str, Any]
@@ -191,12 +193,12 @@ class Reconciler(OwnedObjects):
         """The owned objects, adopted by ``owner`` (the ChatDeployment)."""
         objects = [
             b.build_rayservice(name, namespace, spec),
-            b.build_service(name, namespace, spec),
+            build_service(name, namespace, spec),
         ]
         if spec.cluster.service_monitor and await (await self.kube()).serves(
             "monitoring.coreos.com/v1", "servicemonitors"
         ):
-            objects.append(b.build_service_monitor(name, namespace))
+            objects.append(build_service_monitor(name, namespace))
         for obj in objects:
             kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]
         return objects
@@ -308,9 +310,9 @@ class Reconciler(OwnedObjects):
             )
             patch.status["observedGeneration"] = generation
             patch.status["conditions"] = conditions
-            patch.status["endpoint"] = b.endpoint_for(name, namespace, spec)
+            patch.status["endpoint"] = endpoint_for(name, namespace, spec)
             patch.status["models"] = ",".join(m.name for m in spec.serving.models)
-            patch.status["rayService"] = b.rayservice_name(name)
+            patch.status["rayService"] = rayservice_name(name)
             rs_status = (applied or {}).get("status") or {}
             if rs_status.get("serviceStatus"):
                 patch.status["serviceStatus"] = rs_status["serviceStatus"]
@@ -385,6 +387,6 @@ def build_registry(
             *resource,
             registry=registry,
             id=f"owned-{resource[-1]}",
-            labels={b.OWNER_LABEL: kopf.PRESENT},
+            labels={OWNER_LABEL: kopf.PRESENT},
         )(rec.on_owned_event)
     return registry

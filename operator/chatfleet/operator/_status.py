@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from chatfleet.operator._builders import APPLICATION_NAME
+from chatfleet.operator._names import APPLICATION_NAME
 
 _FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
 

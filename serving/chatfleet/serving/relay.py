@@ -5,7 +5,7 @@ replica and as much again in the ingress (gRPC's per-message round trips through
 poller thread, Serve's wrappers, serialization). At 256 streams of 60 tokens/s that is
 most of two cores. The relay carries the batches instead: the ingress replica listens on
 a port of its own (`Relay`), and each engine replica keeps one connection to it
-(`Links`), on which the batches of all the streams between the two travel together, as
+(`relay_links.Links`), on which the batches of all the streams between the two travel together, as
 length-prefixed JSON frames (a frame per event-loop pass, however many streams had a
 batch due in it).
 
@@ -31,8 +31,7 @@ import json
 import logging
 import secrets
 import struct
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +42,11 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 64 << 20
-_BACKLOG = 1 << 20  # bytes queued on a link before a stream waits for it to drain
 _FAIL = "fail"  # the engine failed: its error follows on the handle call
 #: How long the ingress waits for relay items in flight once the handle call has ended.
 SETTLE_S = 5.0
 #: Batches one stream may have waiting for its reader before it is dropped.
 MAX_QUEUED = 1024
-_RETRY_S = (1.0, 30.0)  # an unreachable relay is tried again after 1 s, doubling to 30 s
-
-
-class LinkLost(ConnectionError):
-    """The engine's link to the relay broke (the ingress side hung up or went away)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,142 +257,3 @@ class Relay:
             put(("done", None))
         except Exception as exc:
             put(("error", exc))
-
-
-class _Link:
-    """One engine-to-ingress connection; items sent in one loop pass share a frame."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._pending: list[list[Any]] = []
-        self._scheduled = False
-        self.broken = False
-
-    @property
-    def backlog(self) -> int:
-        """Bytes written but not yet sent (the ingress is behind)."""
-        return self._writer.transport.get_write_buffer_size()
-
-    def send(self, stream_id: str, item: Any) -> None:
-        if self.broken:
-            raise LinkLost("token relay link lost")
-        self._pending.append([stream_id, item])
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if not self._pending or self.broken:
-            return
-        payload = json.dumps(self._pending, separators=(",", ":")).encode()
-        self._pending = []
-        try:
-            self._writer.write(_HEADER.pack(len(payload)) + payload)
-        except (ConnectionError, RuntimeError):
-            self.broken = True
-
-    async def drain(self) -> None:
-        self._flush()
-        if self.broken or self._writer.is_closing():
-            self.broken = True
-            raise LinkLost("token relay link lost")
-        try:
-            await self._writer.drain()
-        except ConnectionError as exc:
-            self.broken = True
-            raise LinkLost(f"token relay link lost: {exc}") from exc
-
-    def close(self) -> None:
-        self.broken = True
-        self._writer.close()
-
-
-class Links:
-    """The engine side: one link per relay address, opened on first use."""
-
-    def __init__(
-        self,
-        connect_timeout_s: float = 2.0,
-        *,
-        retry_s: tuple[float, float] = _RETRY_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._links: dict[RelayAddress, _Link] = {}
-        # An unreachable relay: when to try again, and the back-off that led there.
-        self._retry: dict[RelayAddress, tuple[float, float]] = {}
-        self._opening: dict[RelayAddress, asyncio.Future[_Link | None]] = {}
-        self._timeout = connect_timeout_s
-        self._retry_s = retry_s
-        self._clock = clock
-
-    async def get(self, address: RelayAddress) -> _Link | None:
-        """The open link to ``address``; None when it cannot be reached now (use the
-        handle; it is tried again after a back-off)."""
-        link = self._links.get(address)
-        if link is not None and not link.broken:
-            return link
-        retry = self._retry.get(address)
-        if retry is not None and self._clock() < retry[0]:
-            return None
-        opening = self._opening.get(address)
-        if opening is None:
-            opening = self._opening[address] = asyncio.ensure_future(self._open(address))
-        try:
-            return await asyncio.shield(opening)
-        finally:
-            if opening.done():
-                self._opening.pop(address, None)
-
-    async def _open(self, address: RelayAddress) -> _Link | None:
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(address.host, address.port), self._timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            previous = self._retry.get(address)
-            wait = self._retry_s[0] if previous is None else min(previous[1] * 2, self._retry_s[1])
-            self._retry[address] = (self._clock() + wait, wait)
-            logger.warning(
-                "token relay %s:%s unreachable (%s): batches go on the handle; retry in %.0f s",
-                address.host,
-                address.port,
-                exc,
-                wait,
-            )
-            return None
-        self._retry.pop(address, None)
-        writer.write(address.secret.encode() + b"\n")
-        link = self._links[address] = _Link(writer)
-        return link
-
-    def close(self) -> None:
-        """Hang up every link (the replica is shutting down)."""
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
-
-
-async def relay_batches(
-    link: _Link, stream_id: str, batches: AsyncGenerator[list[Chunk], None]
-) -> AsyncGenerator[int, None]:
-    """Send ``batches`` on ``link``; yields once, at the end, how many items went."""
-    sent = 0
-    try:
-        async for batch in batches:
-            link.send(stream_id, encode_batch(batch))
-            sent += 1
-            if link.backlog > _BACKLOG:
-                await link.drain()
-    except LinkLost:
-        raise
-    except Exception:
-        # The engine failed: the ingress raises its error once the batches before it
-        # are in, so the count goes first.
-        with contextlib.suppress(LinkLost):
-            link.send(stream_id, _FAIL)
-            await link.drain()
-            yield sent + 1
-        raise
-    await link.drain()  # on the wire before the count goes on the handle
-    yield sent

@@ -19,7 +19,8 @@ from chatfleet.serving.engines import (
 )
 from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
 from chatfleet.serving.protocol import Chunk, GenerationRequest
-from chatfleet.serving.relay import LinkLost, Links, RelayAddress, relay_batches
+from chatfleet.serving.relay import RelayAddress
+from chatfleet.serving.relay_links import LinkLost, Links, relay_batches
 
 logger = logging.getLogger(__name__)
 
