@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tests.fakes.ports import free_port
 
-from chatfleet.serving import cli
+from chatfleet.serving import _serve_env, cli
 
 
 def test_haproxy_fronts_serve_when_its_binary_exists() -> None:
@@ -42,7 +42,7 @@ def test_the_users_variables_win() -> None:
 
 
 def test_without_haproxy_serve_keeps_its_python_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_haproxy_binary", lambda: None)
+    monkeypatch.setattr(_serve_env, "_haproxy_binary", lambda: None)
     env, front = cli.serve_environment({})
     assert front == "Ray Serve's proxy (no HAProxy binary found)"
     assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}

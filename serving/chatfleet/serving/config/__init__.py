@@ -23,10 +23,8 @@ from chatfleet.serving.config._auth import (
     CredentialGuessingConfig,
     RateLimitConfig,
 )
+from chatfleet.serving.config._capabilities import ENGINE_KINDS, EngineCapabilities, EngineKind
 from chatfleet.serving.config._engines import (
-    ENGINE_KINDS,
-    EngineCapabilities,
-    EngineKind,
     FakeEngineConfig,
     FakeToolCallsConfig,
     GenerationDefaults,

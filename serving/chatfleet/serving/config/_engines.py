@@ -7,147 +7,23 @@ transformers, vLLM, Ollama, an OpenAI-compatible API) goes with its engine, and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_serializer, model_validator
 
 from chatfleet.serving.config._base import _MODEL_NAME, _Model
+from chatfleet.serving.config._capabilities import (
+    ENGINE_CAPABILITIES,
+    ENGINE_KINDS,
+    EngineCapabilities,
+    EngineKind,
+)
 from chatfleet.serving.config._scaling import (
     AdmissionConfig,
     AutoscalingConfig,
     engine_admission_default,
 )
-
-EngineKind = Literal["fake", "transformers", "vllm", "ollama", "openai"]
-ENGINE_KINDS: tuple[EngineKind, ...] = ("fake", "transformers", "vllm", "ollama", "openai")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineCapabilities:
-    """What an engine does with a request beyond messages, max_tokens, temperature, top_p.
-
-    The ingress refuses (400) what a model's engine cannot do, rather than drop it, and
-    ``GET /v1/models`` shows the flags. ``sampling`` names the extra sampling parameters
-    the engine passes on (``top_k``, ``repetition_penalty``, ...).
-    """
-
-    stop: bool = True
-    seed: bool = True
-    #: Reasoning comes back apart from the answer (``reasoning_content``).
-    reasoning: bool = True
-    tools: bool = False
-    #: ``tool_choice`` ``required`` or a named tool can be enforced (not only hinted).
-    forced_tool_choice: bool = False
-    structured_output: bool = False
-    vision: bool = False
-    logprobs: bool = False
-    sampling: frozenset[str] = frozenset()
-    #: Why a flag is off, where the reason is not plain (capability -> reason): the 400
-    #: that refuses it says so.
-    why_not: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def shared(cls, every: Sequence[EngineCapabilities]) -> EngineCapabilities:
-        """What each of ``every`` can do (model ``auto`` may answer with any of them)."""
-        if not every:
-            return cls()
-        flags: dict[str, Any] = {name: all(getattr(c, name) for c in every) for name in _FLAGS}
-        return cls(**flags, sampling=frozenset.intersection(*(c.sampling for c in every)))
-
-    @classmethod
-    def combined(cls, every: Sequence[EngineCapabilities]) -> EngineCapabilities:
-        """What at least one of ``every`` can do."""
-        if not every:
-            return cls()
-        flags: dict[str, Any] = {name: any(getattr(c, name) for c in every) for name in _FLAGS}
-        return cls(**flags, sampling=frozenset.union(*(c.sampling for c in every)))
-
-    def reason_lacking(self, capability: str) -> str | None:
-        return dict(self.why_not).get(capability)
-
-    def supports(self, capability: str) -> bool:
-        """Whether the engine has ``capability``: a flag's name; anything else it has not."""
-        return capability in _FLAGS and bool(getattr(self, capability))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "stop": self.stop,
-            "seed": self.seed,
-            "reasoning": self.reasoning,
-            "tools": self.tools,
-            "forced_tool_choice": self.forced_tool_choice,
-            "structured_output": self.structured_output,
-            "vision": self.vision,
-            "logprobs": self.logprobs,
-            "sampling_parameters": sorted(self.sampling),
-        }
-
-
-_FLAGS = frozenset(
-    {
-        "stop",
-        "seed",
-        "reasoning",
-        "tools",
-        "forced_tool_choice",
-        "structured_output",
-        "vision",
-        "logprobs",
-    }
-)
-_PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
-#: Every engine's capabilities: the one place that knows what each passes on.
-ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
-    # Scripted tool calls and answers generated from the schema (`fake.tool_calls`).
-    "fake": EngineCapabilities(tools=True, forced_tool_choice=True, structured_output=True),
-    # repetition_penalty: per request, over the model's configured one.
-    "transformers": EngineCapabilities(
-        sampling=frozenset({"repetition_penalty"}),
-        why_not=(
-            (
-                "tools",
-                "it samples free text and has no parser to read tool calls out of it;"
-                " serve the model with vLLM (tool_call_parser) or Ollama for tools",
-            ),
-            (
-                "structured_output",
-                "it has no constrained decoder, so JSON could not be guaranteed;"
-                " serve the model with vLLM or Ollama for response_format",
-            ),
-        ),
-    ),
-    # Structured output by vLLM's guided decoding.
-    "vllm": EngineCapabilities(
-        structured_output=True,
-        sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
-        why_not=(
-            (
-                "tools",
-                "the in-process vLLM engine does not parse tool calls; serve the model"
-                " with vLLM's OpenAI server (--tool-call-parser) behind engine openai",
-            ),
-        ),
-    ),
-    # Native tools and format; sampling into Ollama's options (repeat_penalty...).
-    "ollama": EngineCapabilities(
-        tools=True,
-        structured_output=True,
-        sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
-        why_not=(
-            (
-                "forced_tool_choice",
-                "Ollama has no tool_choice, its model calls a tool only when it chooses to;"
-                " leave tool_choice auto",
-            ),
-        ),
-    ),
-    # Passed through. OpenAI's own penalties; top_k and the like are not OpenAI's.
-    "openai": EngineCapabilities(
-        tools=True, forced_tool_choice=True, structured_output=True, sampling=_PENALTIES
-    ),
-}
 
 
 class FakeToolCallsConfig(_Model):
