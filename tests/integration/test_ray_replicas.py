@@ -73,9 +73,15 @@ def test_every_subscriber_sees_every_session_of_both_replicas(url: str, folder: 
             assert json.loads(ws.recv(timeout=30))["type"] == "connected"
         ids = create_sessions(url, SESSIONS)
         ran = replicas_that_ran(folder, ids)
+        for _ in range(3):  # Serve picks replicas at random: the test needs both to run some
+            if len(ran) == 2:
+                break
+            more = create_sessions(url, SESSIONS)
+            ids += more
+            ran |= replicas_that_ran(folder, more)
         for ws in subscribers:
             seen: dict[str, list[dict[str, Any]]] = {}
-            while sum(e[-1]["type"] in TERMINAL for e in seen.values()) < SESSIONS:
+            while sum(e[-1]["type"] in TERMINAL for e in seen.values()) < len(ids):
                 frame = json.loads(ws.recv(timeout=60))
                 if "seq" in frame:
                     seen.setdefault(frame["session_id"], []).append(frame)
