@@ -265,6 +265,37 @@ async def test_sessions_from_elsewhere_are_listed_live(page: Page, server: Serve
     await expect(page.locator("#thinking")).to_have_text(stored["thinking"])
 
 
+async def test_a_reload_resumes_a_running_session_with_every_token_once(
+    page: Page, server: Server
+) -> None:
+    started = await server.http.post(
+        "/api/sessions", json={"message": "a long one", "model": "thinker"}
+    )
+    session_id = started.json()["id"]
+    item = page.locator(f"#sessions [data-session-id='{session_id}']")
+    response = page.locator("#response")
+    await page.goto(f"{server.url}/#token={server.token}")
+    await page.click(".tab[data-view=sessions]")
+    await item.click()
+    await expect(response).to_have_text(re.compile(r"\w+"), timeout=TIMEOUT_MS)
+    await page.reload()  # mid-answer: the page must pick the session up where it is
+    await page.click(".tab[data-view=sessions]")
+    await item.click()
+    await page.wait_for_function(
+        "document.getElementById('response').textContent.split(' ').length > 6"
+    )
+    midway = await response.text_content() or ""
+    status = await page.locator("#detail-status").text_content()
+    await expect(page.locator("#detail-status")).to_have_text("completed", timeout=TIMEOUT_MS)
+    stored = (await server.http.get(f"/api/sessions/{session_id}")).json()
+    # Replayed from the server's events, not a checkpoint plus what came next: what the
+    # page showed midway is the start of the answer, with no gap and nothing twice.
+    if status == "running":
+        assert stored["response"].startswith(midway), (midway, stored["response"])
+    await expect(response).to_have_text(stored["response"])
+    await expect(page.locator("#thinking")).to_have_text(stored["thinking"])
+
+
 async def test_bad_token_shows_401_and_client_credentials_recover(
     page: Page, server: Server
 ) -> None:

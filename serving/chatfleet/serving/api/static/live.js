@@ -147,5 +147,11 @@
       state.listener = listener;
       connect();
     },
+    /** Send a frame (e.g. ``resume``) if the socket is open; false otherwise. */
+    send(frame) {
+      if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
+      state.ws.send(JSON.stringify(frame));
+      return true;
+    },
   };
 })();

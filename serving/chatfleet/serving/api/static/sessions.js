@@ -5,7 +5,7 @@
 
 (() => {
   const LIST_REFRESH_MS = 15000;
-  const FINISHED = new Set(["completed", "failed", "cancelled"]);
+  const FINISHED = new Set(["completed", "failed", "cancelled", "interrupted"]);
 
   const cf = window.chatfleet;
   const $ = (id) => document.getElementById(id);
@@ -32,8 +32,11 @@
     const live = !FINISHED.has(record.status || existing.status);
     for (const [key, value] of Object.entries(record)) {
       if (value === undefined) continue;
-      // A stored checkpoint may lag what already streamed in: keep the longer text.
+      // A running session's text is its events' once this page follows them in order
+      // (`lastSeq`) or replays them (`resuming`); before that, a stored checkpoint, the
+      // longer the better.
       if (live && (key === "thinking" || key === "response")) {
+        if (existing.lastSeq || existing.resuming) continue;
         if ((existing[key] || "").length > (value || "").length) continue;
       }
       if (key === "status" && existing.status !== value) state.listDirty = true;
@@ -62,6 +65,34 @@
     } catch (err) {
       if (err.status !== 401) cf.showBanner("Could not load sessions: " + err.message);
     }
+  }
+
+  /** After a (re)connect or a reload: a running session whose events this page has not
+   * followed from its first is replayed from it (the server keeps them, numbered by
+   * `seq`), so its panes hold every token once, not a checkpoint plus what came next. */
+  async function resumeRunning() {
+    await refreshSessions();
+    for (const session of state.sessions.values()) {
+      if (FINISHED.has(session.status) || session.lastSeq) continue;
+      session.thinking = "";
+      session.response = "";
+      session.thinkingDone = false;
+      session.joinedLate = false;
+      session.resuming = true; // its text comes from the replay: no checkpoint over it
+      cf.live.send({ type: "resume", session_id: session.id, after: 0 });
+    }
+    scheduleRender();
+  }
+
+  /** Whether ``event`` is the next of its session: events apply strictly in `seq` order.
+   * One already applied (a replay repeats live ones) or one past a gap (live, ahead of a
+   * replay that will bring it in order) is left out. */
+  function inOrder(event) {
+    if (!event.session_id || !event.seq) return true;
+    const session = sessionFor(event.session_id);
+    if (event.seq !== (session.lastSeq || 0) + 1) return false;
+    session.lastSeq = event.seq;
+    return true;
   }
 
   async function loadModels() {
@@ -137,10 +168,11 @@
   }
 
   function onEvent(event) {
+    if (!inOrder(event)) return;
     switch (event.type) {
       case "connected":
         // Catch up on whatever happened while we were away.
-        refreshSessions();
+        resumeRunning();
         return;
       case "session.created":
         upsert(event.session);
@@ -166,7 +198,8 @@
       }
       case "session.completed":
       case "session.failed":
-      case "session.cancelled": {
+      case "session.cancelled":
+      case "session.interrupted": {
         const status = event.type.slice("session.".length);
         const record = Object.assign({}, event.session, { status });
         if (event.error) record.error = event.error;
