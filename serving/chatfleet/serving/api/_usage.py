@@ -2,19 +2,19 @@
 
 `UsageMeter.admit` runs before a generation opens (in `Gateway.open`, the one seam):
 a client over its ``budget`` gets a 429 (`BudgetExceeded`) naming the budget and
-when it resets. When the answer ends, its prompt and completion tokens are added
-to the store (`Store.record_usage`), in the background, so a client that goes away
-is still counted. Both go through the store, so budgets hold across ingress
-replicas; without a store, usage is not kept and budgets are not enforced (the
-config says so at start-up).
+when it resets. When the answer ends, its prompt and completion tokens are counted
+in memory and written to the store within `FLUSH_S` (one upsert per client, model
+and day), so a client that goes away is still counted and a request costs no
+database round trip; a token budget adds what this replica has not written yet.
+Both go through the store, so budgets hold across ingress replicas; without a
+store, usage is not kept and budgets are not enforced (a warning at start-up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, date, datetime, timedelta
 
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._metrics import Metrics
@@ -29,19 +29,32 @@ def _seconds_until(moment: datetime, now: datetime) -> int:
     return max(1, int((moment - now).total_seconds() + 0.999))
 
 
+#: How often the usage counted in memory is written to the store: one upsert per
+#: client, model and day per interval, not one database round trip per request.
+FLUSH_S = 1.0
+
+
 class UsageMeter:
     def __init__(
-        self, store: Store | None, auth: AuthConfig | None, metrics: Metrics | None = None
+        self,
+        store: Store | None,
+        auth: AuthConfig | None,
+        metrics: Metrics | None = None,
+        *,
+        flush_s: float = FLUSH_S,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.flush_s = flush_s
         clients = auth.clients if auth is not None and auth.enabled else []
         self.budgets: dict[str, ClientBudget] = {
             c.client_id: c.budget for c in clients if c.budget is not None
         }
         if self.budgets and store is None:
             logger.warning("client budgets are configured but there is no store: not enforced")
-        self._pending: set[asyncio.Task[Any]] = set()
+        # (owner, model, day) -> [requests, prompt tokens, completion tokens] not yet stored.
+        self._unwritten: dict[tuple[str, str, date], list[int]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def admit(self, owner: str | None) -> None:
         """Raise `BudgetExceeded` if ``owner`` may not start another generation now."""
@@ -50,7 +63,12 @@ class UsageMeter:
             return
         now = datetime.now(UTC)
         if budget.tokens_per_day is not None:
-            used = await self.store.tokens_on(owner, now.date())
+            # What the store holds (every replica's), and what this one has not written.
+            used = await self.store.tokens_on(owner, now.date()) + sum(
+                counts[1] + counts[2]
+                for (who, _, day), counts in self._unwritten.items()
+                if who == owner and day == now.date()
+            )
             if used >= budget.tokens_per_day:
                 midnight = datetime.combine(
                     now.date() + timedelta(days=1), datetime.min.time(), UTC
@@ -76,35 +94,50 @@ class UsageMeter:
         """Count ``answer`` against ``owner`` once it has ended, however it ends."""
         if owner is None:
             return
-        store, metrics = self.store, self.metrics
 
         def record(done: Answer) -> None:
             usage = done.final_usage()
-            if metrics is not None:
-                metrics.client_tokens.labels(owner, done.model, "prompt").inc(usage.prompt_tokens)
-                tokens = metrics.client_tokens.labels(owner, done.model, "completion")
-                tokens.inc(usage.completion_tokens)
-            if store is None:
+            if self.metrics is not None:
+                prompt = self.metrics.client_tokens.labels(owner, done.model, "prompt")
+                prompt.inc(usage.prompt_tokens)
+                completion = self.metrics.client_tokens.labels(owner, done.model, "completion")
+                completion.inc(usage.completion_tokens)
+            if self.store is None:
                 return
-            task = asyncio.ensure_future(
-                store.record_usage(
-                    owner,
-                    done.model,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                )
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._recorded)
+            key = (owner, done.model, datetime.now(UTC).date())
+            counts = self._unwritten.setdefault(key, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += max(0, usage.prompt_tokens)
+            counts[2] += max(0, usage.completion_tokens)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.ensure_future(self._flush_soon())
 
         answer.on_end(record)
 
-    def _recorded(self, task: asyncio.Task[Any]) -> None:
-        self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("could not record usage", exc_info=task.exception())
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if self.store is None or not self._unwritten:
+            return
+        batch, self._unwritten = self._unwritten, {}
+        try:
+            await self.store.record_usage_batch(
+                [
+                    (owner, model, day, counts[0], counts[1], counts[2])
+                    for (owner, model, day), counts in batch.items()
+                ]
+            )
+        except Exception:
+            logger.warning("could not record usage; kept for the next write", exc_info=True)
+            for key, counts in batch.items():  # counted again with what comes next
+                kept = self._unwritten.setdefault(key, [0, 0, 0])
+                for i, value in enumerate(counts):
+                    kept[i] += value
 
     async def drain(self) -> None:
-        """Wait for the usage still being written (on shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        """Write the usage still counted in memory (on shutdown)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        await self._flush()

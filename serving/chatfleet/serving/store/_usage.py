@@ -77,6 +77,20 @@ class UsageStore(Database):
                 completion_tokens=max(0, completion_tokens),
             )
 
+    async def record_usage_batch(self, rows: list[tuple[str, str, date, int, int, int]]) -> None:
+        """Add ``(owner, model, day, requests, prompt_tokens, completion_tokens)`` rows, in
+        one transaction (a replica writes what it counted since its last write)."""
+        async with self._tx() as s:
+            for owner, model, day, requests, prompt, completion in rows:
+                await self._add(
+                    s,
+                    UsageRow.__table__,
+                    {"owner": storable(owner), "day": day, "model": storable(model)},
+                    requests=requests,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                )
+
     async def usage(
         self,
         *,
