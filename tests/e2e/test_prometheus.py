@@ -178,14 +178,22 @@ class Serving:
     log: Path
     url: str
     target: str
+    restart: Callable[[], subprocess.Popen[bytes]]
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if "serving on" in self.log.read_text(errors="replace"):
-                break
-            time.sleep(0.5)
-        output = self.log.read_text(errors="replace")
+        for attempt in range(2):
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if "serving on" in self.log.read_text(errors="replace"):
+                    break
+                time.sleep(0.5)
+            output = self.log.read_text(errors="replace")
+            # Known flake, cause not found yet: Serve's HAProxy manager sometimes fails its
+            # ready() at start-up (seen in CI). One more start, on fresh HAProxy ports.
+            if attempt == 0 and self.proc.poll() is not None and "HAProxyManager" in output:
+                self.proc = self.restart()
+                continue
+            break
         assert self.proc.poll() is None, f"chatfleet serve exited:\n{output}"
         assert f"serving on {self.url}" in output, f"chatfleet serve not ready:\n{output}"
 
@@ -205,27 +213,32 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
         # Ray's metrics agent exports what replicas recorded every 10 s by default.
         "RAY_metrics_report_interval_ms": "1000",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                *CHATFLEET,
-                "serve",
-                "--config",
-                str(config),
-                "--no-auth",
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(metrics_port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                [
+                    *CHATFLEET,
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--no-auth",
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(metrics_port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    serving = Serving(start(), log, f"http://127.0.0.1:{port}", f"127.0.0.1:{metrics_port}", start)
     try:
-        yield Serving(proc, log, f"http://127.0.0.1:{port}", f"127.0.0.1:{metrics_port}")
+        yield serving
     finally:
+        proc = serving.proc
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
