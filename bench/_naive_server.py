@@ -3,8 +3,10 @@
 Usage: ``python bench/_naive_server.py ENGINES_JSON PORT`` (``{model name: fake
 engine settings}``). Serves
 ``POST /api/generate`` with the same request body and SSE events as chatfleet
-(``text_chunk`` {text} per token, then ``end_stream``) straight from a
-`FakeEngine` in this process: no Ray, no coalescing, no metrics, no middleware.
+(``text_chunk`` {text} per token, then ``end_stream``), and a streamed
+``POST /v1/chat/completions`` (one OpenAI chunk per token, for bench/aiperf.py),
+straight from a `FakeEngine` in this process: no Ray, no coalescing, no metrics, no
+middleware.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -30,6 +34,19 @@ class Body(BaseModel):
     model: str | None = None
     prompt: str
     max_tokens: int = 256
+
+
+class ChatBody(BaseModel):
+    model: str | None = None
+    messages: list[dict[str, object]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+def _pieces(text: str, tokens: int) -> list[str]:
+    """One piece per token, even when the engine hands over several that came due
+    together (it does when the reading loop runs late)."""
+    return [p for p in (_TOKEN.findall(text) if tokens > 1 else [text]) if p]
 
 
 def build(models: dict[str, dict[str, object]]) -> FastAPI:
@@ -54,14 +71,46 @@ def build(models: dict[str, dict[str, object]]) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             finish = "stop"
             async for chunk in engine.stream(request):
-                # One event per token, even when the engine hands over several that
-                # came due together (it does when this loop reads late).
-                pieces = _TOKEN.findall(chunk.text) if chunk.tokens > 1 else [chunk.text]
-                for text in pieces:
-                    if text:
-                        yield f"event: text_chunk\ndata: {json.dumps({'text': text})}\n\n"
+                for text in _pieces(chunk.text, chunk.tokens):
+                    yield f"event: text_chunk\ndata: {json.dumps({'text': text})}\n\n"
                 finish = chunk.finish_reason or finish
             yield f"event: end_stream\ndata: {json.dumps({'finish_reason': finish})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models_list() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": n, "object": "model"} for n in engines]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody) -> StreamingResponse:
+        engine = engines.get(body.model or default, engines[default])
+        prompt = " ".join(str(m.get("content", "")) for m in body.messages)
+        request = GenerationRequest(
+            model=engine.name,
+            messages=[Message("user", prompt)],
+            max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+        )
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": engine.name,
+        }
+
+        def event(delta: dict[str, str], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield event({"role": "assistant", "content": ""})
+            finish = "stop"
+            async for chunk in engine.stream(request):
+                for text in _pieces(chunk.text, chunk.tokens):
+                    yield event({"content": text})
+                finish = chunk.finish_reason or finish
+            yield event({}, finish)
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

