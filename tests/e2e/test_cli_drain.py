@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -26,8 +25,7 @@ import psutil
 import pytest
 import yaml
 from tests.fakes.serve_process import ServeProcess, serve_processes
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from tests.fakes.stream_ends import sse_events, ws_chat_frames
 
 CHAT = [{"role": "user", "content": "Tell me a long story"}]
 
@@ -75,19 +73,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         shutil.rmtree(run.env["TMPDIR"], ignore_errors=True)
 
 
-def _events(body: str) -> list[tuple[str | None, Any]]:
-    events: list[tuple[str | None, Any]] = []
-    for block in body.strip().split("\n\n"):
-        event, data = None, ""
-        for line in block.splitlines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-        events.append((event, data if data == "[DONE]" else json.loads(data)))
-    return events
-
-
 async def _openai_stream(url: str, started: asyncio.Event) -> str:
     """What ended the stream, as the official client saw it."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -115,22 +100,7 @@ async def _generate(
             body += text
             if "text_chunk" in body:
                 started.set()
-    return _events(body)
-
-
-async def _ws_chat(url: str, started: asyncio.Event) -> tuple[list[dict[str, Any]], int | None]:
-    frames: list[dict[str, Any]] = []
-    async with connect(url.replace("http://", "ws://") + "/ws/chat") as ws:
-        await ws.recv()  # connection_ack
-        await ws.send(json.dumps({"type": "chat", "content": "Hi", "model": "slow"}))
-        try:
-            async for raw in ws:
-                frames.append(json.loads(raw))
-                if frames[-1]["type"] == "token":
-                    started.set()
-        except ConnectionClosed:
-            pass
-        return frames, ws.close_code
+    return sse_events(body)
 
 
 async def _exit_status(run: ServeProcess, timeout_s: float = 120) -> int:
@@ -160,7 +130,7 @@ async def test_sigterm_during_20_streams_ends_each_with_its_terminal_event(serve
             elif i < 16:
                 tasks.append(asyncio.create_task(_generate(http, event)))
             else:
-                tasks.append(asyncio.create_task(_ws_chat(run.url, event)))
+                tasks.append(asyncio.create_task(ws_chat_frames(run.url, event)))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
         assert not any(t.done() for t in tasks)
         # The check for leftovers sees this run's processes, HAProxy included.
