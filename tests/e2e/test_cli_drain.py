@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,98 +24,53 @@ import openai
 import psutil
 import pytest
 import yaml
-from tests.fakes.ports import free_port
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from tests.fakes.serve_process import ServeProcess, serve_processes
+from tests.fakes.stream_ends import sse_events, ws_chat_frames
 
-CHATFLEET = [sys.executable, "-m", "chatfleet.serving.cli"]
 CHAT = [{"role": "user", "content": "Tell me a long story"}]
 
 
-class _Run:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, url: str, tmp: Path) -> None:
-        self.proc, self.log, self.url, self.tmp = proc, log, url, tmp
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-    async def ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while "serving on" not in self.output:
-            assert self.proc.poll() is None, self.output
-            assert time.monotonic() < deadline, self.output
-            await asyncio.sleep(1)
-
-    def processes(self) -> list[str]:
-        """Processes of this run still alive: in its session, or naming its folder."""
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline", "status"]):
-            try:
-                if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
-                    continue
-                cmdline = " ".join(p.info["cmdline"] or [])
-                if os.getsid(p.pid) == self.proc.pid or str(self.tmp) in cmdline:
-                    found.append(f"{p.pid} {cmdline[:200]}")
-            except (psutil.Error, OSError):
+def _processes(run: ServeProcess) -> list[str]:
+    """Processes of this run still alive: in its session, or naming its folder."""
+    tmp = run.env["TMPDIR"]
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
                 continue
-        return found
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if os.getsid(p.pid) == run.proc.pid or tmp in cmdline:
+                found.append(f"{p.pid} {cmdline[:200]}")
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    runs: list[_Run] = []
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    runs: list[ServeProcess] = []
+    with serve_processes(tmp_path) as start:
 
-    def _serve(drain_timeout_s: float, **fake: Any) -> _Run:
-        # Short: Ray's unix sockets live under it (a 107-byte limit).
-        tmp = Path(tempfile.mkdtemp(prefix="cfd", dir="/tmp"))
-        config = tmp_path / f"app-{len(runs)}.yaml"
-        model = {"name": "slow", "engine": "fake", "num_cpus": 0.1, "fake": fake}
-        config.write_text(
-            yaml.safe_dump({"models": [model], "server": {"drain_timeout_s": drain_timeout_s}})
-        )
-        port = free_port()
-        log = tmp_path / f"serve-{port}.log"
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": "",
-            "CHATFLEET_DATA_DIR": str(tmp_path),
-            "TMPDIR": str(tmp),  # Ray's session folder, and the drain's files
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp / "haproxy" / "haproxy.cfg"),
-        }
-        with log.open("w") as sink:
-            proc = subprocess.Popen(
-                [*CHATFLEET, "serve", "--no-auth", "--port", str(port), "--config", str(config)],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
+        def _serve(drain_timeout_s: float, **fake: Any) -> ServeProcess:
+            # Short: Ray's unix sockets live under it (a 107-byte limit).
+            tmp = Path(tempfile.mkdtemp(prefix="cfd", dir="/tmp"))
+            config = tmp_path / f"app-{len(runs)}.yaml"
+            model = {"name": "slow", "engine": "fake", "num_cpus": 0.1, "fake": fake}
+            config.write_text(
+                yaml.safe_dump({"models": [model], "server": {"drain_timeout_s": drain_timeout_s}})
             )
-        run = _Run(proc, log, f"http://127.0.0.1:{port}", tmp)
-        runs.append(run)
-        return run
+            env = {
+                "TMPDIR": str(tmp),  # Ray's session folder, and the drain's files
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp / "haproxy" / "haproxy.cfg"),
+            }
+            runs.append(start("--no-auth", "--config", str(config), extra_env=env))
+            return runs[-1]
 
-    yield _serve
+        yield _serve
     for run in runs:
-        if run.proc.poll() is None:
-            os.killpg(run.proc.pid, signal.SIGKILL)
-            run.proc.wait()
-        for line in run.processes():
+        for line in _processes(run):
             os.kill(int(line.split()[0]), signal.SIGKILL)
-        shutil.rmtree(run.tmp, ignore_errors=True)
-
-
-def _events(body: str) -> list[tuple[str | None, Any]]:
-    events: list[tuple[str | None, Any]] = []
-    for block in body.strip().split("\n\n"):
-        event, data = None, ""
-        for line in block.splitlines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-        events.append((event, data if data == "[DONE]" else json.loads(data)))
-    return events
+        shutil.rmtree(run.env["TMPDIR"], ignore_errors=True)
 
 
 async def _openai_stream(url: str, started: asyncio.Event) -> str:
@@ -148,25 +100,10 @@ async def _generate(
             body += text
             if "text_chunk" in body:
                 started.set()
-    return _events(body)
+    return sse_events(body)
 
 
-async def _ws_chat(url: str, started: asyncio.Event) -> tuple[list[dict[str, Any]], int | None]:
-    frames: list[dict[str, Any]] = []
-    async with connect(url.replace("http://", "ws://") + "/ws/chat") as ws:
-        await ws.recv()  # connection_ack
-        await ws.send(json.dumps({"type": "chat", "content": "Hi", "model": "slow"}))
-        try:
-            async for raw in ws:
-                frames.append(json.loads(raw))
-                if frames[-1]["type"] == "token":
-                    started.set()
-        except ConnectionClosed:
-            pass
-        return frames, ws.close_code
-
-
-async def _exit_status(run: _Run, timeout_s: float = 120) -> int:
+async def _exit_status(run: ServeProcess, timeout_s: float = 120) -> int:
     deadline = time.monotonic() + timeout_s
     while run.proc.poll() is None:
         assert time.monotonic() < deadline, run.output
@@ -174,16 +111,16 @@ async def _exit_status(run: _Run, timeout_s: float = 120) -> int:
     return run.proc.returncode
 
 
-async def _left_behind(run: _Run, within_s: float = 15) -> list[str]:
+async def _left_behind(run: ServeProcess, within_s: float = 15) -> list[str]:
     deadline = time.monotonic() + within_s
-    while (left := run.processes()) and time.monotonic() < deadline:  # noqa: ASYNC110
+    while (left := _processes(run)) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.5)
     return left
 
 
 async def test_sigterm_during_20_streams_ends_each_with_its_terminal_event(serve: Any) -> None:
     run = serve(3.0, reply_tokens=2000, tokens_per_second=5)
-    await run.ready()
+    await asyncio.to_thread(run.wait_ready)
     started = [asyncio.Event() for _ in range(20)]
     async with httpx.AsyncClient(base_url=run.url, timeout=120) as http:
         tasks: list[asyncio.Task[Any]] = []
@@ -193,11 +130,11 @@ async def test_sigterm_during_20_streams_ends_each_with_its_terminal_event(serve
             elif i < 16:
                 tasks.append(asyncio.create_task(_generate(http, event)))
             else:
-                tasks.append(asyncio.create_task(_ws_chat(run.url, event)))
+                tasks.append(asyncio.create_task(ws_chat_frames(run.url, event)))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
         assert not any(t.done() for t in tasks)
         # The check for leftovers sees this run's processes, HAProxy included.
-        alive = run.processes()
+        alive = _processes(run)
         assert any("haproxy" in p for p in alive) and any("raylet" in p for p in alive), alive
 
         run.proc.send_signal(signal.SIGTERM)
@@ -234,7 +171,7 @@ async def test_sigterm_during_20_streams_ends_each_with_its_terminal_event(serve
 
 async def test_streams_that_finish_within_the_drain_complete_normally(serve: Any) -> None:
     run = serve(60.0, reply_tokens=30, tokens_per_second=10)
-    await run.ready()
+    await asyncio.to_thread(run.wait_ready)
     started = [asyncio.Event() for _ in range(4)]
     async with httpx.AsyncClient(base_url=run.url, timeout=120) as http:
         tasks = [asyncio.create_task(_openai_stream(run.url, e)) for e in started[:2]]
@@ -255,7 +192,7 @@ async def test_streams_that_finish_within_the_drain_complete_normally(serve: Any
 
 async def test_a_second_signal_stops_at_once_and_still_leaves_nothing_behind(serve: Any) -> None:
     run = serve(60.0, reply_tokens=2000, tokens_per_second=5)
-    await run.ready()
+    await asyncio.to_thread(run.wait_ready)
     started = asyncio.Event()
     async with httpx.AsyncClient(base_url=run.url, timeout=120) as http:
         stream = asyncio.create_task(_generate(http, started))

@@ -8,23 +8,18 @@ busy port) must be found before Ray starts.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from tests.fakes.ports import free_port
-
-CHATFLEET = [sys.executable, "-m", "chatfleet.serving.cli"]
+from tests.fakes.serve_process import CHATFLEET, ServeProcess, serve_processes
 
 #: What a quiet start-up never shows (unless --debug).
 NOISE = ("Traceback", "alembic", "Token authentication", "legacy behaviour", "ServeController")
@@ -93,55 +88,11 @@ def test_no_command_prints_help() -> None:
     assert "serve" in out.stdout
 
 
-class _Server:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, url: str) -> None:
-        self.proc, self.log, self.url = proc, log, url
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout_s: float = 300) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if text in self.output:
-                break
-            time.sleep(1)
-        return self.output
-
-
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
-    servers: list[_Server] = []
-
-    def _start(*args: str) -> _Server:
-        port = free_port()
-        log = tmp_path / f"serve-{port}.log"
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": "",
-            # The local signing key lands in the data folder: keep it in the test's.
-            "CHATFLEET_DATA_DIR": str(tmp_path),
-            # The embedded default must not need the hub.
-            "HF_HUB_OFFLINE": "1",
-        }
-        with log.open("w") as sink:
-            proc = subprocess.Popen(
-                [*CHATFLEET, "serve", "--port", str(port), *args],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        server = _Server(proc, log, f"http://127.0.0.1:{port}")
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        if server.proc.poll() is None:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
+def start(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    # The embedded default must not need the hub.
+    with serve_processes(tmp_path, {"HF_HUB_OFFLINE": "1"}) as start:
+        yield start
 
 
 def _sse_events(body: str) -> list[tuple[str, Any]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from tests.fakes.browser import CHROMIUM, chromium, page_of
 from tests.fakes.required import missing
 
 from chatfleet.serving.api import LocalEngineClient, create_app
@@ -30,21 +31,10 @@ from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.store import Store
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     missing(f"{CHROMIUM} is missing: apt-get install -y chromium", module=True)
-from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+from playwright.async_api import Page, expect
 
-# The flags NOTES.md found to work on these machines (no sandbox, no network chatter).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 KEY = "d" * 48
 SECRET = "dashboard-secret"
@@ -130,18 +120,6 @@ async def running(db: Path, port: int = 0) -> AsyncIterator[_Uvicorn]:
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        launched = await p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     async with running(tmp_path / "dashboard.db") as uv:
         url = f"http://127.0.0.1:{uv.port}"
@@ -152,16 +130,9 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 800})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+async def page() -> AsyncIterator[Page]:
+    async with chromium() as browser, page_of(browser) as page:
         yield page
-    finally:
-        await context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 async def screenshot(page: Page, name: str) -> Path:

@@ -26,9 +26,7 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +44,7 @@ import pytest
 import yaml
 from tests.fakes.ports import free_port
 from tests.fakes.prometheus import PrometheusServer, require_binary
+from tests.fakes.serve_process import ServeProcess, serve_processes
 from tests.fakes.tiny_models import build_tiny_llmlingua2
 from websockets.sync.client import ClientConnection, connect
 
@@ -54,7 +53,6 @@ from chatfleet.operator import METRIC_RELABELINGS
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "charts" / "chatfleet" / "dashboards"
 ALERT_RULES = ROOT / "charts" / "chatfleet" / "rules" / "chatfleet-alerts.yaml"
-CHATFLEET = [sys.executable, "-m", "chatfleet.serving.cli"]
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from kmock_emulator import StampingEmulator  # noqa: E402
@@ -174,28 +172,12 @@ def serving_config(compressor_model: Path) -> dict[str, Any]:
 
 @dataclass
 class Serving:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    url: str
-    target: str
-    restart: Callable[[], subprocess.Popen[bytes]]
+    run: ServeProcess
+    target: str  # Ray's metrics port, which Prometheus scrapes
 
-    def wait_ready(self, timeout_s: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for attempt in range(2):
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if "serving on" in self.log.read_text(errors="replace"):
-                    break
-                time.sleep(0.5)
-            output = self.log.read_text(errors="replace")
-            # Known flake, cause not found yet: Serve's HAProxy manager sometimes fails its
-            # ready() at start-up (seen in CI). One more start, on fresh HAProxy ports.
-            if attempt == 0 and self.proc.poll() is not None and "HAProxyManager" in output:
-                self.proc = self.restart()
-                continue
-            break
-        assert self.proc.poll() is None, f"chatfleet serve exited:\n{output}"
-        assert f"serving on {self.url}" in output, f"chatfleet serve not ready:\n{output}"
+    @property
+    def url(self) -> str:
+        return self.run.url
 
 
 @pytest.fixture(scope="module")
@@ -204,48 +186,14 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
     root = tmp_path_factory.mktemp("serve")
     config = root / "chatfleet.yaml"
     config.write_text(yaml.safe_dump(serving_config(build_tiny_llmlingua2(root))))
-    port, metrics_port = free_port(), free_port()
-    log = root / "serve.log"
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": "",
-        "CHATFLEET_DATA_DIR": str(root),
-        # Ray's metrics agent exports what replicas recorded every 10 s by default.
-        "RAY_metrics_report_interval_ms": "1000",
-    }
-
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            return subprocess.Popen(
-                [
-                    *CHATFLEET,
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--no-auth",
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(metrics_port),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-    serving = Serving(start(), log, f"http://127.0.0.1:{port}", f"127.0.0.1:{metrics_port}", start)
-    try:
-        yield serving
-    finally:
-        proc = serving.proc
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    metrics_port = free_port()
+    # Ray's metrics agent exports what replicas recorded every 10 s by default.
+    with serve_processes(root, {"RAY_metrics_report_interval_ms": "1000"}) as start:
+        run = start("--config", str(config), "--no-auth", "--metrics-port", str(metrics_port))
+        try:
+            yield Serving(run, f"127.0.0.1:{metrics_port}")
+        finally:
+            run.stop()
 
 
 # --- the operator against kmock ------------------------------------------------------------
@@ -426,7 +374,7 @@ def prometheus(
     server = PrometheusServer(prometheus_binary, scrape_config(serving.target, operator.target))
     try:
         server.start()
-        serving.wait_ready()
+        serving.run.wait_ready(timeout_s=240)
         server.wait_targets_up({SERVING_JOB, OPERATOR_JOB}, timeout_s=60)
         yield server
     finally:

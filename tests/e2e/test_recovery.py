@@ -12,17 +12,16 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from tests.e2e.test_cli_serve import CHATFLEET, _Server
-from tests.fakes.ports import free_port
 from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
 from tests.fakes.required import missing
+from tests.fakes.serve_process import ServeProcess, serve_processes
 
 HEARTBEAT_S, LEASE_S = 1.0, 4.0
 #: The documented bound after the replica died, plus room for a loaded machine.
@@ -30,36 +29,10 @@ WITHIN_S = LEASE_S + HEARTBEAT_S + 60
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
-    """``chatfleet serve`` as a process group of its own (killed at the end if alive)."""
-    servers: list[_Server] = []
-
-    def _start(*args: str) -> _Server:
-        port = free_port()
-        log = tmp_path / f"serve-{port}.log"
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": "",
-            "CHATFLEET_DATA_DIR": str(tmp_path),
-            # Serve's own proxy: what fronts the port is not what this test is about.
-            "RAY_SERVE_ENABLE_HA_PROXY": "0",
-        }
-        with log.open("w") as sink:
-            proc = subprocess.Popen(
-                [*CHATFLEET, "serve", "--port", str(port), *args],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        servers.append(_Server(proc, log, f"http://127.0.0.1:{port}"))
-        return servers[-1]
-
-    yield _start
-    for server in servers:
-        if server.proc.poll() is None:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
+def start(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    # Serve's own proxy: what fronts the port is not what this test is about.
+    with serve_processes(tmp_path, {"RAY_SERVE_ENABLE_HA_PROXY": "0"}) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

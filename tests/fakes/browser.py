@@ -1,9 +1,9 @@
 """Headless Chromium (Debian's ``/usr/bin/chromium``) driven by Playwright, for page tests.
 
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never
-``playwright install``: the tests use the system browser). Import this module only
-Playwright is imported when a browser starts, so a test module can check `CHROMIUM`
-first (``missing(..., module=True)``).
+``playwright install``: the tests use the system browser). Playwright is imported
+only when a browser starts, so a test module can check `CHROMIUM` first
+(``missing(..., module=True)``).
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import socket
+from chatfleet.serving._serve_env import free_ports
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listens on right now, on any address.
+
+    Outside the kernel's ephemeral range, like the ports ``chatfleet serve`` gives
+    HAProxy: a test's server often binds it after Ray started, whose daemons take
+    random ports in that range meanwhile.
+    """
+    return free_ports(1)[0]

@@ -159,9 +159,15 @@ async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> 
             )
             assert r.status_code == 200
             assert r.text.rstrip().endswith("data: [DONE]")
+    # The engine counts a stream completed when its generator ends, just after the
+    # ingress got the last batch: a stats call right after the response may come first
+    # (the CI flake: completed 2 of 3, read 1 ms after the third response). A stream's
+    # path is counted before its first batch, so that count is exact at once.
     after = dict(await handle.stats.remote())
-    assert after["completed"] == before["completed"] + 3
-    # The relay carried the streams (one that could never be reached would carry none).
-    # One of three once went on the handle in a CI run, after the earlier tests; the
-    # cause is not found yet (a link replaced after a cancelled stream is a suspect).
-    assert after["relayed"] >= before["relayed"] + 2, after
+    deadline = time.monotonic() + 30
+    while after["completed"] < before["completed"] + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        after = dict(await handle.stats.remote())
+    assert after["completed"] == before["completed"] + 3, after
+    assert after["cancelled"] == before["cancelled"], after
+    assert after["relayed"] == before["relayed"] + 3, after

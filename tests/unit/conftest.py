@@ -1,4 +1,5 @@
-"""Fixtures the unit tests share: the store on SQLite and on one real PostgreSQL server."""
+"""Fixtures the unit tests share: the store on SQLite and on one real PostgreSQL server,
+and the fake upstream servers of the remote engines."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.fakes.ollama_server import FakeOllamaServer
+from tests.fakes.openai_server import FakeOpenAIServer
 from tests.fakes.postgres import MISSING_REASON, PostgresCluster, postgres_cluster
 from tests.fakes.required import missing
 
@@ -24,3 +27,17 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if cluster is None:
         missing(MISSING_REASON)
     return await cluster.new_database()
+
+
+@pytest.fixture(scope="module")
+def openai_upstream() -> Iterator[FakeOpenAIServer]:
+    """A real local server speaking OpenAI's API, for the openai engine (``reset()`` it)."""
+    with FakeOpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ollama_upstream() -> Iterator[FakeOllamaServer]:
+    """A real local server speaking Ollama's API, for the ollama engine (``reset()`` it)."""
+    with FakeOllamaServer() as running:
+        yield running

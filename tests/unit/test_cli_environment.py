@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -80,3 +81,29 @@ def test_haproxy_takes_as_many_sockets_as_its_file_limit_allows(tmp_path: Path) 
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert b"ALERT" not in out, out.decode()
+
+
+def test_haproxys_ports_lie_where_ray_and_the_kernel_pick_none() -> None:
+    # Ray's daemons bind random ports in the ephemeral range while HAProxy waits to
+    # start: a port from there was taken now and then before HAProxy bound it.
+    env, _ = cli.serve_environment({})
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for name in (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    ):
+        port = int(env[name])
+        assert not low <= port <= high, (name, port)
+        assert port >= 20_000, (name, port)  # above Ray's workers' ports
+
+
+def test_a_port_taken_on_another_address_is_not_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HAProxy binds all addresses: a port another process holds on one of them only
+    # (Ray listens on the node's address) would make it fail to start.
+    with socket.socket() as held:
+        held.bind(("127.0.0.2", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(_serve_env, "_QUIET_PORTS", range(taken, taken + 1))
+        monkeypatch.setattr(_serve_env, "_ephemeral_ports", lambda: range(0))
+        assert _serve_env.free_ports(2)[0] != taken

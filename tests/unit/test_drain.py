@@ -13,6 +13,7 @@ import openai
 import pytest
 from tests.fakes.app_server import serving, wait_for
 from tests.fakes.chat_app import ChatApp, fake_model
+from tests.fakes.stream_ends import sse_events, ws_chat_frames
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -22,19 +23,6 @@ SLOW = fake_model("slow", reply_tokens=400, tokens_per_second=20)
 QUICK = fake_model("quick", reply_tokens=6, tokens_per_second=20)
 #: One token, then 100 s of nothing: a stream the drain finds waiting on its engine.
 STALLED = fake_model("stalled", reply_tokens=50, tokens_per_second=0.01)
-
-
-def sse_events(body: str) -> list[tuple[str | None, Any]]:
-    events: list[tuple[str | None, Any]] = []
-    for block in body.strip().split("\n\n"):
-        event, data = None, ""
-        for line in block.splitlines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-        events.append((event, data if data == "[DONE]" else json.loads(data)))
-    return events
 
 
 @pytest.fixture
@@ -55,21 +43,6 @@ async def _sse(
             if text.count("\n\n") >= 4:  # past the opening events: tokens flow
                 started.set()
     return text
-
-
-async def _ws_chat(url: str, started: asyncio.Event) -> tuple[list[dict[str, Any]], int | None]:
-    frames: list[dict[str, Any]] = []
-    async with connect(url.replace("http", "ws") + "/ws/chat") as ws:
-        await ws.recv()  # connection_ack
-        await ws.send(json.dumps({"type": "chat", "content": "Hello", "model": "slow"}))
-        try:
-            async for raw in ws:
-                frames.append(json.loads(raw))
-                if frames[-1]["type"] == "token":
-                    started.set()
-        except ConnectionClosed:
-            pass
-        return frames, ws.close_code
 
 
 async def test_a_drain_past_its_timeout_ends_every_stream_with_its_terminal_event(
@@ -97,7 +70,7 @@ async def test_a_drain_past_its_timeout_ends_every_stream_with_its_terminal_even
                 started[2],
             )
         )
-        ws_chat = asyncio.create_task(_ws_chat(url, started[3]))
+        ws_chat = asyncio.create_task(ws_chat_frames(url, started[3]))
         await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 30)
         async with (
             connect(url.replace("http", "ws") + "/ws/chat") as idle_ws,

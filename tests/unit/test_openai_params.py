@@ -7,13 +7,14 @@ local fake servers, so what reaches an engine is seen on the wire.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from tests.fakes.ollama_server import FakeOllamaServer
 from tests.fakes.openai_server import FakeOpenAIServer
+from tests.fakes.remote_engines import NeverReached, remote_models
 from tests.unit.test_api import CHAT, Harness, fake_model, make_config, sse_events
 
 from chatfleet.serving.api import LocalEngineClient, create_app
@@ -159,7 +160,7 @@ async def test_tools_and_formats_are_refused_by_an_engine_without_them(
     extra: dict[str, Any], param: str, what: str
 ) -> None:
     config = make_config(ModelConfig(name="smollm2", engine="transformers"))
-    app = create_app(config, {"smollm2": _Started()})
+    app = create_app(config, {"smollm2": NeverReached()})
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
     ) as c:
@@ -167,7 +168,11 @@ async def test_tools_and_formats_are_refused_by_an_engine_without_them(
             body = {**CHAT, "model": "smollm2", **extra, "stream": stream}
             r = await c.post("/v1/chat/completions", json=body)
             prefix = f"model smollm2 (engine transformers) does not support {what}: "
-            assert _error(r, param).startswith(prefix)
+            message = _error(r, param)
+            assert message.startswith(prefix)
+            # Why, and what to serve the model with instead.
+            why = "it samples free text" if "tools" in what else "it has no constrained decoder"
+            assert message.removeprefix(prefix).startswith(why), message
 
 
 @pytest.mark.parametrize(
@@ -306,18 +311,6 @@ def _minimal(kind: str) -> dict[str, Any]:
 # --- sampling extras reach the engines that declare them -------------------------------------
 
 
-@pytest.fixture(scope="module")
-def openai_upstream() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def ollama_upstream() -> Iterator[FakeOllamaServer]:
-    with FakeOllamaServer() as running:
-        yield running
-
-
 @pytest.fixture
 async def remote_client(
     openai_upstream: FakeOpenAIServer, ollama_upstream: FakeOllamaServer
@@ -325,16 +318,7 @@ async def remote_client(
     openai_upstream.reset()
     ollama_upstream.reset()
     config = make_config(
-        ModelConfig(
-            name="remote",
-            engine="openai",
-            openai={"base_url": openai_upstream.base_url, "model": "gpt-test", "max_retries": 0},
-        ),
-        ModelConfig(
-            name="local",
-            engine="ollama",
-            ollama={"base_url": ollama_upstream.url, "model": "qwen3:0.6b"},
-        ),
+        *remote_models(openai_upstream, ollama_upstream),
     )
     clients = {m.name: LocalEngineClient(create_engine(m)) for m in config.models}
     for engine_client in clients.values():
@@ -389,19 +373,9 @@ async def test_the_seed_systems_bodies_stay_lenient(client: httpx.AsyncClient) -
 
 
 async def test_a_refused_request_never_reaches_the_engine() -> None:
-    app = create_app(make_config(), {"fake": _Started()})
+    app = create_app(make_config(), {"fake": NeverReached()})
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
     ) as c:
         r = await c.post("/v1/chat/completions", json={**CHAT, "functions": [{"name": "f"}]})
     assert r.status_code == 400
-
-
-class _Started:
-    """An engine client that must never be reached: refusals come before it."""
-
-    def batches(self, request: Any) -> Any:
-        raise AssertionError("a refused request reached the engine")
-
-    async def is_ready(self) -> bool:
-        return True

@@ -5,16 +5,16 @@ and OpenAI engines send upstream and bring back."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jsonschema
 import openai
 import pytest
 from tests.fakes.app_server import serving
 from tests.fakes.ollama_server import FakeOllamaServer, OllamaAnswer
 from tests.fakes.openai_server import Answer, FakeOpenAIServer
+from tests.fakes.remote_engines import remote_models
 from tests.unit.test_api import fake_model, make_config
 
 from chatfleet.serving.api import LocalEngineClient, create_app
@@ -301,48 +301,7 @@ async def test_malformed_tools_and_formats_are_400s(
     assert isinstance(caught.value.body, dict) and caught.value.body.get("type")
 
 
-async def test_transformers_refuses_tools_and_formats_saying_why() -> None:
-    config = make_config(ModelConfig(name="smollm2", engine="transformers"))
-    app = create_app(config, {"smollm2": _NeverReached()})
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
-    ) as c:
-        body = {"model": "smollm2", "messages": QUESTION}
-        r = await c.post("/v1/chat/completions", json={**body, "tools": [WEATHER]})
-        assert r.status_code == 400
-        error = r.json()["error"]
-        assert error["param"] == "tools"
-        assert error["message"].startswith(
-            "model smollm2 (engine transformers) does not support tools: it samples free text"
-        )
-        r = await c.post(
-            "/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}}
-        )
-        assert r.status_code == 400
-        assert "no constrained decoder" in r.json()["error"]["message"]
-
-
-class _NeverReached:
-    def batches(self, request: Any) -> Any:
-        raise AssertionError("a refused request reached the engine")
-
-    async def is_ready(self) -> bool:
-        return True
-
-
 # --- remote engines: what goes upstream, what comes back -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def openai_upstream() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def ollama_upstream() -> Iterator[FakeOllamaServer]:
-    with FakeOllamaServer() as running:
-        yield running
 
 
 @pytest.fixture
@@ -352,16 +311,7 @@ async def remote(
     openai_upstream.reset()
     ollama_upstream.reset()
     config = make_config(
-        ModelConfig(
-            name="remote",
-            engine="openai",
-            openai={"base_url": openai_upstream.base_url, "model": "gpt-test", "max_retries": 0},
-        ),
-        ModelConfig(
-            name="local",
-            engine="ollama",
-            ollama={"base_url": ollama_upstream.url, "model": "qwen3:0.6b"},
-        ),
+        *remote_models(openai_upstream, ollama_upstream),
         ModelConfig(
             name="remote-whole",
             engine="openai",

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.fakes.chat_app import ChatApp, fake_model
+from tests.fakes.remote_engines import NeverReached
 from tests.unit.test_api import sse_events
 from tests.unit.test_tools import QUESTION, WEATHER
 
@@ -94,7 +95,7 @@ async def test_a_transformers_model_refuses_tools_here_too(tmp_path: Path) -> No
         models=[ModelConfig(name="smollm2", engine="transformers")], auth={"enabled": False}
     )
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db")
-    app = create_app(config, {"smollm2": _NeverReached()}, store=store)
+    app = create_app(config, {"smollm2": NeverReached()}, store=store)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://chatfleet"
     ) as c:
@@ -102,11 +103,3 @@ async def test_a_transformers_model_refuses_tools_here_too(tmp_path: Path) -> No
     await store.close()
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "tools"
-
-
-class _NeverReached:
-    def batches(self, request: Any) -> Any:
-        raise AssertionError("a refused request reached the engine")
-
-    async def is_ready(self) -> bool:
-        return True

@@ -1,18 +1,60 @@
 """The Ray Serve environment ``chatfleet serve`` runs with: throughput mode, HAProxy in
-front (on free ports, with as many connections as the file limit allows)."""
+front (on free ports outside the ephemeral range, with as many connections as the file
+limit allows)."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from collections.abc import Mapping
+from pathlib import Path
+
+#: Ports Ray never takes by itself: above its workers' default range (10002-19999),
+#: below the kernel's ephemeral range (where Ray's random picks and every bind(0) and
+#: outgoing connection land).
+_QUIET_PORTS = range(20_000, 32_768)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32_768, 61_000)  # Linux's default
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on every address now, that nothing on this machine
+    will take by itself before a server binds them seconds later.
+
+    A port the kernel hands out for bind(0) was the usual way, but it lies in the
+    ephemeral range: while Ray starts (10-60 s before HAProxy binds its stats and
+    metrics ports on all addresses) its daemons bind random ports there and open
+    hundreds of connections from it, and one took HAProxy's port now and then, so
+    Serve's HAProxy manager failed its ready() ("cannot bind socket (Address already
+    in use)"). The check binds all addresses, as HAProxy does: Ray listens on the
+    node's own address, which a check on 127.0.0.1 does not see.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in _QUIET_PORTS if p not in ephemeral]
+    random.shuffle(candidates)
+    found: list[int] = []
+    for port in candidates:
+        if len(found) == count:
+            break
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        found.append(port)
+    while len(found) < count:  # an ephemeral range over all of them: the kernel's pick
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            if (port := int(sock.getsockname()[1])) not in found:
+                found.append(port)
+    return found
 
 
 def _haproxy_binary() -> str | None:
@@ -41,14 +83,15 @@ def serve_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], str]:
         front = "Ray Serve's proxy (no HAProxy binary found)"
     else:
         front = "HAProxy"
+        stats_port, metrics_port, fallback_port = free_ports(3)
         env |= {
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
             # Serve's defaults are fixed ports (its stats page 8404, its metrics 9101,
             # the fallback proxy 8500) that a second local server would collide on.
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_port),
             "RAY_SERVE_HAPROXY_MAXCONN": str(_haproxy_max_connections()),
         }
     return {k: v for k, v in env.items() if k not in environ}, front

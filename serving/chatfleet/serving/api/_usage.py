@@ -13,6 +13,7 @@ store, usage is not kept and budgets are not enforced (a warning at start-up).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, date, datetime, timedelta
 
@@ -55,6 +56,8 @@ class UsageMeter:
         # (owner, model, day) -> [requests, prompt tokens, completion tokens] not yet stored.
         self._unwritten: dict[tuple[str, str, date], list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # Set on shutdown: the flusher waiting out its interval writes at once.
+        self._draining = asyncio.Event()
 
     async def admit(self, owner: str | None) -> None:
         """Raise `BudgetExceeded` if ``owner`` may not start another generation now."""
@@ -115,7 +118,8 @@ class UsageMeter:
         answer.on_end(record)
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(self.flush_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._draining.wait(), self.flush_s)
         await self._flush()
 
     async def _flush(self) -> None:
@@ -137,7 +141,12 @@ class UsageMeter:
                     kept[i] += value
 
     async def drain(self) -> None:
-        """Write the usage still counted in memory (on shutdown)."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
+        """Write the usage still counted in memory (on shutdown).
+
+        The flusher is woken, not cancelled: cancelled during its write, it would lose
+        the batch it had taken. Then what was counted meanwhile is written too.
+        """
+        self._draining.set()
+        if self._flusher is not None:
+            await asyncio.wait([self._flusher])
         await self._flush()
