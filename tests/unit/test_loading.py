@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.errors import ModelStarting
 from chatfleet.serving.protocol import Chunk, GenerationRequest
+from chatfleet.serving.store import Store
 
 CHAT = {"model": "cold", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -162,3 +164,31 @@ async def test_a_client_that_leaves_while_held_withdraws_its_request(cold: _Cold
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_session_tells_its_subscribers_the_model_is_loading(
+    cold: _Cold, tmp_path: Path
+) -> None:
+    config = AppConfig(models=[cold.engine.model], auth={"enabled": False})
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db")
+    app = create_app(config, {"cold": cold}, metrics=Metrics(), store=store)
+    async with (
+        serving(app) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        connect(url.replace("http", "ws", 1) + "/ws") as ws,
+    ):
+        assert json.loads(await ws.recv())["type"] == "connected"
+        created = await http.post("/api/sessions", json={"message": "Go", "model": "cold"})
+        assert created.status_code == 202, created.text
+        kinds = []
+        async with asyncio.timeout(20):
+            while "llm.loading" not in kinds:
+                event = json.loads(await ws.recv())
+                kinds.append(event["type"])
+            assert (event["model"], event["data"]) == ("cold", {"model": "cold"})
+            assert not cold.replica_up.is_set()  # told while the model still starts
+            cold.replica_up.set()
+            while kinds[-1] != "session.completed":
+                kinds.append(json.loads(await ws.recv())["type"])
+    assert kinds[:2] == ["session.created", "llm.loading"]
+    assert "llm.response" in kinds

@@ -116,7 +116,7 @@ class Gateway:
         owner: str | None = None,
         categories: list[str] | None = None,
         accepted_at: float | None = None,
-        on_loading: Callable[[str], None] | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> Answer:
         """Open one answer: the one path every handler takes to a model.
 
@@ -154,7 +154,7 @@ class Gateway:
         owner: str | None = None,
         admitted: bool = False,
         accepted_at: float | None = None,
-        on_loading: Callable[[str], None] | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> Answer:
         """`open` for a request built (and checked) earlier: sessions check before queueing
         (and check ``owner``'s budget then: ``admitted``)."""
@@ -224,7 +224,7 @@ class Gateway:
         decision: RoutingDecision,
         sampling: SamplingFields,
         accepted_at: float,
-        on_loading: Callable[[str], None] | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> tuple[RoutingDecision, GenerationRequest, AsyncGenerator[list[Chunk], None]]:
         """Open a stream on the decided model, falling back while none has started."""
         current: RoutingDecision | None = decision
@@ -302,7 +302,7 @@ class Gateway:
         request: GenerationRequest,
         *,
         accepted_at: float | None = None,
-        on_loading: Callable[[str], None] | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> AsyncGenerator[list[Chunk], None]:
         """Start generating; errors before the first token raise here, not mid-stream.
 
