@@ -18,11 +18,18 @@ import pytest
 from tests.fakes.app_server import serving, wait_for
 from websockets.asyncio.client import connect
 
-from chatfleet.serving.api import LocalEngineClient, Metrics, ModelLoading, create_app
+from chatfleet.serving.api import (
+    LocalEngineClient,
+    LocalRouterClient,
+    Metrics,
+    ModelLoading,
+    create_app,
+)
 from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.errors import ModelStarting
-from chatfleet.serving.protocol import Chunk, GenerationRequest
+from chatfleet.serving.protocol import Chunk, Classification, GenerationRequest
+from chatfleet.serving.routing import Router
 from chatfleet.serving.store import Store
 
 CHAT = {"model": "cold", "messages": [{"role": "user", "content": "Hello there"}]}
@@ -192,3 +199,28 @@ async def test_a_session_tells_its_subscribers_the_model_is_loading(
                 kinds.append(json.loads(await ws.recv())["type"])
     assert kinds[:2] == ["session.created", "llm.loading"]
     assert "llm.response" in kinds
+
+
+async def test_select_sends_a_loading_event_before_its_metadata(cold: _Cold) -> None:
+    config = AppConfig.model_validate(
+        {
+            "models": [cold.engine.model],
+            "classifier": {},
+            "auth": {"enabled": False},
+            "routing": {"routes": [{"category": "chit-chat", "model": "cold"}]},
+        }
+    )
+
+    async def classify(prompt: str) -> Classification:
+        return Classification(["chit-chat"], [1.0])
+
+    router = LocalRouterClient(Router(config, classify))
+    app = create_app(config, {"cold": cold}, router=router, metrics=Metrics())
+    async with serving(app) as url, httpx.AsyncClient(timeout=30) as http:
+        body = {"prompt": "hi"}
+        async with http.stream("POST", f"{url}/api/models/select", json=body) as response:
+            lines = aiter(response.aiter_lines())
+            assert await anext(lines) == "event: loading"
+            cold.replica_up.set()
+            events = [line async for line in lines if line.startswith("event: ")]
+    assert events[0] == "event: metadata" and events[-1] == "event: end_stream"
