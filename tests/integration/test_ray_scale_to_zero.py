@@ -130,7 +130,7 @@ async def test_ws_chat_and_generate_send_a_loading_event(url: str) -> None:
     async with connect(url.replace("http", "ws", 1) + "/ws/chat") as ws:
         assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "connection_ack"
         await ws.send(json.dumps({"type": "chat", "content": "hi", "model": "cold"}))
-        types = []
+        types: list[str] = []
         while not types or types[-1] not in ("complete", "error"):
             types.append(json.loads(await asyncio.wait_for(ws.recv(), 150))["type"])
     types = [t for t in types if t != "ping"]

@@ -120,7 +120,7 @@ async def test_generate_and_ws_chat_send_a_loading_event(cold: _Cold) -> None:
             loading = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert (loading["type"], loading["model"]) == ("loading", "cold")
             cold.replica_up.set()
-            types = []
+            types: list[str] = []
             while not types or types[-1] not in ("complete", "error"):
                 types.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
     assert "token" in types and types[-1] == "complete", types
@@ -187,7 +187,7 @@ async def test_a_session_tells_its_subscribers_the_model_is_loading(
         assert json.loads(await ws.recv())["type"] == "connected"
         created = await http.post("/api/sessions", json={"message": "Go", "model": "cold"})
         assert created.status_code == 202, created.text
-        kinds = []
+        kinds: list[str] = []
         async with asyncio.timeout(20):
             while "llm.loading" not in kinds:
                 event = json.loads(await ws.recv())
