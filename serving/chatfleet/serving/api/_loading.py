@@ -2,10 +2,10 @@
 
 `opened_or_held` runs a `Gateway.open` call and returns its `Answer` if it opened
 without waiting for a replica to start, or else a `Held` answer as soon as the gateway
-said the model is loading. Streaming handlers then tell
-the client at once (an SSE comment ``: loading model <name>``, which OpenAI's clients
-skip; a ``loading`` event or frame in chatfleet's own formats) and stream the answer
-once it opens, or an error event if the model did not start in time (`ModelStarting`).
+said the model is loading. Streaming handlers then tell the client at once (an SSE
+comment ``: loading model <name>``, which OpenAI's clients skip; a ``loading`` event or
+frame in chatfleet's own formats) and stream the answer once it opens, or an error
+event if the model did not start in time (`ModelStarting`).
 A non-streamed request just waits for `Gateway.open`.
 """
 
@@ -39,9 +39,9 @@ class Held:
     async def aclose(self) -> None:
         """Withdraw the request if it is still waiting; close its answer if it opened."""
         self._opening.cancel()
-        with contextlib.suppress(BaseException):
-            answer = await self._opening
-            await answer.aclose()
+        await asyncio.wait({self._opening})  # never raises what opening raised
+        if not self._opening.cancelled() and self._opening.exception() is None:
+            await self._opening.result().aclose()
 
 
 async def opened_or_held(
@@ -63,11 +63,20 @@ async def opened_or_held(
         await asyncio.wait({opening, loading}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # the client went away: withdraw the request
         opening.cancel()
+        opening.add_done_callback(_discard)
         raise
     if opening.done():
         loading.cancel()
         return opening.result()
     return Held(str(loading.result()), opening)
+
+
+def _discard(opening: asyncio.Future[Answer]) -> None:
+    """Mark seen the error of an opening nobody waits for any more. One that opened just
+    before it was withdrawn has its engine stream closed by asyncio's finaliser of
+    abandoned async generators (a callback cannot await its ``aclose``)."""
+    if not opening.cancelled():
+        opening.exception()
 
 
 async def after_notice(opened: Answer | Held, notify: Callable[[str], Awaitable[None]]) -> Answer:
