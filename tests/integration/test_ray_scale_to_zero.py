@@ -14,6 +14,7 @@ import openai
 import pytest
 from websockets.asyncio.client import connect
 
+from chatfleet.serving.app._admission import running_replicas
 from chatfleet.serving.config import AppConfig, ModelConfig
 
 pytestmark = pytest.mark.ray
@@ -97,7 +98,7 @@ async def test_a_cold_model_says_it_is_loading_then_answers(url: str) -> None:
     assert _running("engine-cold") == 1
 
 
-async def test_a_load_ramp_adds_a_replica_and_idle_scales_to_zero(url: str) -> None:
+async def test_a_load_ramp_adds_a_replica_and_idle_scales_to_zero(url: str, ray_serve: Any) -> None:
     async with httpx.AsyncClient(timeout=150) as http:
         # Four streams of ~10 s each against target_ongoing_requests 1: Serve wants 2.
         ramp = [
@@ -108,6 +109,14 @@ async def test_a_load_ramp_adds_a_replica_and_idle_scales_to_zero(url: str) -> N
         ]
         try:
             await _eventually_running("engine-cold", 2, within_s=120)
+            # What the ingress reads to tell "loading" from "busy" (a private Ray chain):
+            # a handle's router learns both replicas.
+            handle = ray_serve.handle("engine-cold", APP).options(stream=True)
+            for _ in range(120):
+                if running_replicas(handle) == 2:
+                    break
+                await asyncio.sleep(0.25)
+            assert running_replicas(handle) == 2
         finally:
             answers = await asyncio.gather(*ramp)
         assert all(lines[-1] == "data: [DONE]" for lines in answers)
