@@ -13,6 +13,8 @@
     │   └── TokenRevoked               401 token_revoked (ends an open WebSocket: 1008)
     ├── EngineError                    502 engine_error
     │   ├── EngineUnavailable          503 engine_unavailable (missing extra, not loaded)
+    │   │   └── ModelStarting          503 model_starting (no replica started within the
+    │   │                                  cold-start bound; Retry-After)
     │   ├── UpstreamError              502 upstream_error (remote API / Ollama said no)
     │   └── RelayLost                  502 relay_lost (the token relay link broke mid-stream)
     ├── StoreUnavailable               503 store_unavailable (database unreachable)
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidClient",
     "ModelBusy",
     "ModelNotFound",
+    "ModelStarting",
     "NotConfigured",
     "NotFound",
     "Overloaded",
@@ -144,6 +147,17 @@ class EngineError(ChatfleetError):
 class EngineUnavailable(EngineError):
     status_code = 503
     code = "engine_unavailable"
+
+
+class ModelStarting(EngineUnavailable):
+    """No replica of the model was running, and none started within the cold-start bound
+    (``autoscaling.cold_start_timeout_s``). An `EngineError`, so ``auto`` falls back."""
+
+    code = "model_starting"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UpstreamError(EngineError):

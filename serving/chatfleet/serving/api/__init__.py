@@ -9,6 +9,7 @@ from chatfleet.serving.api._clients import (
     LocalEmbeddingsClient,
     LocalEngineClient,
     LocalRouterClient,
+    ModelLoading,
     RouterClient,
 )
 from chatfleet.serving.api._metrics import Metrics
@@ -22,6 +23,7 @@ __all__ = [
     "LocalEngineClient",
     "LocalRouterClient",
     "Metrics",
+    "ModelLoading",
     "RouterClient",
     "create_app",
 ]

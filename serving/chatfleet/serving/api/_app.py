@@ -37,6 +37,7 @@ from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._drain import DrainGuard
 from chatfleet.serving.api._embeddings import add_embeddings_routes
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
+from chatfleet.serving.api._loading import Held, native_stream, openai_held, opened_or_held
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._routing_api import add_routing_routes
@@ -340,7 +341,9 @@ def create_app(
     async def chat_completions(
         body: ChatCompletionRequest, raw: Request, caller: CallerDep
     ) -> Response:
-        answer = await gw.open(
+        opened = await opened_or_held(
+            body.stream,
+            gw.open,
             body.model,
             [m.to_message() for m in body.messages],
             body,
@@ -348,10 +351,13 @@ def create_app(
             owner=caller.client_id,
             accepted_at=time.perf_counter(),
         )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if isinstance(opened, Held):  # a replica starts: say so at once
+            return openai_held(gw, opened, include_usage)
+        answer = opened
         headers = route_headers(answer)
         completion_id = f"chatcmpl-{answer.request.request_id}"
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(
                 openai_events(gw, answer, completion_id, include_usage), headers=headers
             )
@@ -370,10 +376,11 @@ def create_app(
         ),
     )
     async def generate(body: GenerateRequest, caller: CallerDep) -> Response:
-        answer = await gw.open(
-            gw.resolve(body.model).name, body.to_messages(), body, owner=caller.client_id
+        model = gw.resolve(body.model).name
+        opened = await opened_or_held(
+            True, gw.open, model, body.to_messages(), body, owner=caller.client_id
         )
-        return EventStream(generate_events(gw, answer, answer.request.request_id))
+        return native_stream(gw, opened, lambda a: generate_events(gw, a, a.request.request_id))
 
     add_routing_routes(app, gw)
     conversation_writes = add_conversation_routes(app, gw)

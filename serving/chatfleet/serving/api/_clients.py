@@ -26,8 +26,15 @@ from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
 from chatfleet.serving.routing.classifier import EmbeddingClassifier
 
 
+class ModelLoading(list[Chunk]):
+    """An empty batch an `EngineClient` may yield before the first one: no replica of the
+    model is running and the request waits while one starts (`Gateway.open` tells the
+    client). Consumers that do not know it see a batch with nothing in it."""
+
+
 class EngineClient(Protocol):
-    """How the ingress reaches one model: batches of chunks, and readiness."""
+    """How the ingress reaches one model: batches of chunks (the first may be a
+    `ModelLoading` notice), and readiness."""
 
     def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]: ...
 

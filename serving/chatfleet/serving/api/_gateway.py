@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._capabilities import checked_sampling
+from chatfleet.serving.api._categories import CategoryRouting
 from chatfleet.serving.api._clients import (
     ClassifierClient,
     CompressorClient,
     EmbeddingsClient,
     EngineClient,
+    ModelLoading,
     RouterClient,
 )
 from chatfleet.serving.api._drain import Drain
@@ -35,12 +37,11 @@ from chatfleet.serving.errors import (
     ChatfleetError,
     EngineError,
     ModelNotFound,
-    NotConfigured,
     RequestError,
 )
-from chatfleet.serving.protocol import Chunk, Classification, Compression, GenerationRequest
+from chatfleet.serving.protocol import Chunk, GenerationRequest
 from chatfleet.serving.protocol import Message as ChatMessage
-from chatfleet.serving.routing import PreviousRoute, Router, RoutingDecision
+from chatfleet.serving.routing import PreviousRoute, RoutingDecision
 from chatfleet.serving.store import Store
 
 logger = logging.getLogger(__name__)
@@ -91,16 +92,8 @@ class Gateway:
         self.created = int(time.time())
         self.tracer_provider = tracer_provider
         self.tracer = telemetry.get_tracer(tracer_provider)
-        # Routing among a client's own categories: the client has ruled the others out,
-        # so the confidence floor (which sends prompts that fit no category well to the
-        # default model) does not apply.
-        self._routing_among = (
-            None
-            if config.routing is None
-            else config.model_copy(
-                update={"routing": config.routing.model_copy(update={"confidence_threshold": 0.0})}
-            )
-        )
+        # Among a client's own categories, routed here on the classifier.
+        self.categories = CategoryRouting(config, classifier, compressor, tracer_provider)
 
     async def model_states(self) -> dict[str, str]:
         """Each model's state: ``ready``, ``loading`` or ``unavailable``."""
@@ -123,6 +116,7 @@ class Gateway:
         owner: str | None = None,
         categories: list[str] | None = None,
         accepted_at: float | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> Answer:
         """Open one answer: the one path every handler takes to a model.
 
@@ -133,19 +127,25 @@ class Gateway:
         handler); later ones end the answer's stream. Metrics and the engine's trace
         span are taken care of. ``owner`` is the client the answer is for: its budget
         is checked first (`BudgetExceeded`) and its usage counted when the answer ends.
+        ``on_loading(model)`` is called while the answer waits for a replica of ``model``
+        to start (scaled to zero), before it opens (`api._loading` tells the client).
         """
         accepted_at = time.perf_counter() if accepted_at is None else accepted_at
         if model == AUTO_MODEL:
             await self.usage.admit(owner)
             key = None if not conversation_id else (owner, conversation_id)
             decision = await self.decide(messages, key, categories)
-            decision, request, batches = await self.open_routed(decision, sampling, accepted_at)
+            decision, request, batches = await self.open_routed(
+                decision, sampling, accepted_at, on_loading
+            )
             self.remember_route(key, decision)
             answer = Answer(request, batches, decision)
             self.usage.meter(answer, owner)
             return answer
         request = self.generation_request(self.resolve(model), messages, sampling)
-        return await self.open_request(request, owner=owner, accepted_at=accepted_at)
+        return await self.open_request(
+            request, owner=owner, accepted_at=accepted_at, on_loading=on_loading
+        )
 
     async def open_request(
         self,
@@ -154,12 +154,14 @@ class Gateway:
         owner: str | None = None,
         admitted: bool = False,
         accepted_at: float | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> Answer:
         """`open` for a request built (and checked) earlier: sessions check before queueing
         (and check ``owner``'s budget then: ``admitted``)."""
         if not admitted:
             await self.usage.admit(owner)
-        answer = Answer(request, await self.open_stream(request, accepted_at=accepted_at))
+        batches = await self.open_stream(request, accepted_at=accepted_at, on_loading=on_loading)
+        answer = Answer(request, batches)
         self.usage.meter(answer, owner)
         return answer
 
@@ -211,53 +213,18 @@ class Gateway:
         if categories is None:
             decision = await router.decide(messages, previous, True)
         else:
-            decision = await self._decide_among(categories, messages, previous)
+            decision = await self.categories.decide(categories, messages, previous)
         self.metrics.routing_duration.observe(time.perf_counter() - started)
         if decision.trace_id is None:
             decision.trace_id = telemetry.trace_id()
         return decision
 
-    async def _decide_among(
-        self,
-        categories: list[str],
-        messages: list[ChatMessage],
-        previous: PreviousRoute | None,
-    ) -> RoutingDecision:
-        """The router's decision over ``categories`` alone, run here on the classifier.
-
-        `Router` is pure logic over a classify and a compress call, so this one routes
-        with the same rules (routes, fallbacks, hysteresis, compression) as the shared
-        router, only classifying over the client's categories.
-        """
-        classifier, compressor = self.classifier, self.compressor
-        if classifier is None or self._routing_among is None:
-            raise NotConfigured(
-                "routing among given categories needs a classifier: none is configured here",
-                param="possible_categories",
-            )
-        configured = self.config.classifier.categories if self.config.classifier else []
-        described = {c.name: c.description for c in configured if c.description}
-        descriptions = {n: described[n] for n in categories if n in described} or None
-
-        async def classify(prompt: str) -> Classification:
-            return await classifier.classify(prompt, categories, descriptions, False)
-
-        async def compress(context: str, question: str) -> Compression:
-            assert compressor is not None
-            return await compressor.compress(context, question, None)
-
-        router = Router(
-            self._routing_among,
-            classify,
-            compress if compressor is not None else None,
-            tracer_provider=self.tracer_provider,
-        )
-        if previous is not None and previous.category not in categories:
-            previous = None  # a conversation never sticks to a category the client excluded
-        return await router.decide(messages, previous, True)
-
     async def open_routed(
-        self, decision: RoutingDecision, sampling: SamplingFields, accepted_at: float
+        self,
+        decision: RoutingDecision,
+        sampling: SamplingFields,
+        accepted_at: float,
+        on_loading: Callable[[str], object] | None = None,
     ) -> tuple[RoutingDecision, GenerationRequest, AsyncGenerator[list[Chunk], None]]:
         """Open a stream on the decided model, falling back while none has started."""
         current: RoutingDecision | None = decision
@@ -266,7 +233,9 @@ class Gateway:
             model = self.resolve(current.model)
             request = self.generation_request(model, current.messages, sampling)
             try:
-                batches = await self.open_stream(request, accepted_at=accepted_at)
+                batches = await self.open_stream(
+                    request, accepted_at=accepted_at, on_loading=on_loading
+                )
             except EngineError as exc:
                 following = current.next_fallback()
                 if following is None:
@@ -329,7 +298,11 @@ class Gateway:
         )
 
     async def open_stream(
-        self, request: GenerationRequest, *, accepted_at: float | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        accepted_at: float | None = None,
+        on_loading: Callable[[str], object] | None = None,
     ) -> AsyncGenerator[list[Chunk], None]:
         """Start generating; errors before the first token raise here, not mid-stream.
 
@@ -346,6 +319,10 @@ class Gateway:
         m.active_streams.labels(model).inc()
         try:
             first = await anext(source)
+            while isinstance(first, ModelLoading):  # a replica starts: say so, wait on
+                if on_loading is not None:
+                    on_loading(model)
+                first = await anext(source)
         except StopAsyncIteration:
             first = []
         except BaseException:

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._gateway import AUTO_MODEL, Gateway
+from chatfleet.serving.api._loading import Held, native_stream, opened_or_held
 from chatfleet.serving.api._routing_schemas import ClassifyRequest, CompressRequest, SelectRequest
 from chatfleet.serving.api._streaming import EventStream, sse
 from chatfleet.serving.api._tenancy import CallerDep
@@ -95,7 +96,9 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
         ),
     )
     async def select(body: SelectRequest, caller: CallerDep) -> Response:
-        answer = await gw.open(
+        opened = await opened_or_held(
+            True,
+            gw.open,
             AUTO_MODEL,
             body.to_messages(),
             body,
@@ -104,7 +107,9 @@ def add_routing_routes(app: FastAPI, gw: Gateway) -> None:
             categories=body.possible_categories,
             accepted_at=time.perf_counter(),
         )
-        return EventStream(_select_events(gw, answer), headers=route_headers(answer))
+        if isinstance(opened, Held):  # the routed model starts: a loading event first
+            return native_stream(gw, opened, lambda answer: _select_events(gw, answer))
+        return EventStream(_select_events(gw, opened), headers=route_headers(opened))
 
 
 async def _select_events(gw: Gateway, answer: Answer) -> AsyncGenerator[str, None]:

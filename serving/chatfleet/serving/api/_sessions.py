@@ -151,7 +151,15 @@ class SessionRunner:
                 self.running += 1
                 started = True
                 await store.update_session(session_id, status="running")
-                answer = await self.gw.open_request(request, owner=owner, admitted=True)
+                answer = await self.gw.open_request(
+                    request,
+                    owner=owner,
+                    admitted=True,
+                    # Subscribers learn at once why the first token is late.
+                    on_loading=lambda model: self.log.emit(
+                        "llm.loading", owner=owner, session_id=session_id, model=model
+                    ),
+                )
                 async for delta in answer.deltas():
                     if delta.thinking:
                         thinking_open = True

@@ -24,6 +24,7 @@ from chatfleet.serving.api._auth import (
     ws_error_frame,
 )
 from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._loading import after_notice, opened_or_held
 from chatfleet.serving.api._schemas import parse_json
 from chatfleet.serving.api._ws_protocol import (
     BUSY,
@@ -286,13 +287,19 @@ class _ChatConnection:
         if frame.system:
             messages.insert(0, Message(role="system", content=frame.system))
         try:
-            answer = await gw.open(
+            opened = await opened_or_held(
+                True,
+                gw.open,
                 frame.model,
                 messages,
                 frame,
                 conversation_id=conversation,
                 owner=self.owner,
                 accepted_at=started,
+            )
+            answer = await after_notice(
+                opened,
+                lambda model: self.send_frame("loading", model=model, conversation_id=conversation),
             )
             progress.model = answer.model
             async for delta in answer.deltas():

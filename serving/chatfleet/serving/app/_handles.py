@@ -16,7 +16,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.app._admission import EngineAdmission
+from chatfleet.serving.app._admission import EngineAdmission, running_replicas
 from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
 from chatfleet.serving.protocol import (
     Chunk,
@@ -137,7 +137,8 @@ class HandleEngineClient:
             # Registered before the engine can send on the relay, so before admission.
             source = self._relay.receive(key, response)
         try:
-            await self._admission.wait(response)
+            async for notice in self._admission.admitted(response, self._running_replicas):
+                yield notice
         except BaseException:
             if self._relay is not None:
                 self._relay.forget(key)
@@ -160,6 +161,9 @@ class HandleEngineClient:
                 response.cancel()  # type: ignore[no-untyped-call]
                 if source is not response:
                     await source.aclose()  # type: ignore[attr-defined]
+
+    def _running_replicas(self) -> int | None:
+        return running_replicas(self._stream)
 
     async def is_ready(self) -> bool:
         if self._admission.scales_to_zero:

@@ -94,8 +94,9 @@ class AutoscalingConfig(_Model):
         300.0,
         gt=0,
         le=3600,
-        description="With min_replicas 0: how long a request waits for the first replica"
-        " to start (model load included) before it is refused.",
+        description="How long a request waits while no replica runs (scaled to zero, or"
+        " all starting; model load included): streams are told at once that the model is"
+        " loading; past this it is refused (503 model_starting, Retry-After).",
     )
 
     @model_validator(mode="after")
