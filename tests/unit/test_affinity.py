@@ -212,6 +212,14 @@ async def test_a_full_replica_sends_its_keys_elsewhere_until_it_has_room() -> No
     assert routing.router.outcomes == {"miss": 6, "hit": 1}
 
 
+async def test_a_replica_full_unbeknown_to_the_router_is_probed_and_passed() -> None:
+    routing = Routing(2)
+    preferred = rendezvous_order("chat", routing.replicas)[0]
+    routing.replicas[preferred].load = 4  # no count of it yet: Serve's probe finds it full
+    assert await routing.route("chat") != preferred
+    assert routing.router.outcomes == {"miss": 1}
+
+
 async def test_max_imbalance_leaves_a_busy_replica_before_it_is_full() -> None:
     routing = Routing(2, max_imbalance=2)
     preferred = rendezvous_order("chat", routing.replicas)[0]

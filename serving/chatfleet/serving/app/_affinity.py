@@ -107,11 +107,15 @@ class AffinityRouter(RequestRouter):
         return [[preferred], _two_choices(others)]
 
     def _too_busy(self, preferred: RunningReplica, others: list[RunningReplica]) -> bool:
-        if self._max_imbalance is None or not others:
-            return False
+        """Whether ``preferred`` is full or, with ``max_imbalance``, too busy, as far as
+        this router's count of its requests knows; Serve's probe finds it otherwise."""
         cache = self._replica_queue_len_cache
         load = cache.get(preferred.replica_id)
-        if load is None:
+        if load is None or not others:
+            return False
+        if load >= preferred.max_ongoing_requests:
+            return True  # skips a probe that would say so
+        if self._max_imbalance is None:
             return False
         least = min(cache.get(r.replica_id) or 0 for r in others)  # unknown: idle
         return load - least >= self._max_imbalance
