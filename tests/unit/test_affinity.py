@@ -188,6 +188,9 @@ class Routing:
         )
         replica = await asyncio.wait_for(self.router._choose_replica_for_request(pending), 30)
         self.router.on_request_routed(pending, replica.replica_id, None)
+        # Serve may have left probes of the other replicas running: let them land
+        # before a test changes a load (a late one would overwrite it).
+        await asyncio.sleep(0.01)
         return replica.replica_id.unique_id
 
 
@@ -212,6 +215,20 @@ async def test_a_full_replica_sends_its_keys_elsewhere_until_it_has_room() -> No
     assert routing.router.outcomes == {"miss": 6, "hit": 1}
 
 
+async def test_while_every_replica_is_full_a_request_takes_whichever_frees_first() -> None:
+    routing = Routing(2)
+    preferred = rendezvous_order("chat", routing.replicas)[0]
+    for replica in routing.replicas:
+        routing.load(replica, 4)
+    waiting = asyncio.create_task(routing.route("chat"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    routing.replicas[preferred].load = 3  # one finished: Serve's next probe sees it
+    # Under the 10 s after which Serve forgets a count (and would try the key's replica
+    # again anyway); its backoff between passes is at most 0.5 s.
+    assert await asyncio.wait_for(waiting, 6) == preferred
+
+
 async def test_a_replica_full_unbeknown_to_the_router_is_probed_and_passed() -> None:
     routing = Routing(2)
     preferred = rendezvous_order("chat", routing.replicas)[0]
@@ -224,6 +241,7 @@ async def test_max_imbalance_leaves_a_busy_replica_before_it_is_full() -> None:
     routing = Routing(2, max_imbalance=2)
     preferred = rendezvous_order("chat", routing.replicas)[0]
     other = next(r for r in routing.replicas if r != preferred)
+    routing.load(other, 0)
     routing.load(preferred, 2)
     assert await routing.route("chat") == other
     routing.load(other, 1)

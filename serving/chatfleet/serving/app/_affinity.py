@@ -8,8 +8,8 @@ It needs no shared state between ingress replicas (each ranks alike), and a repl
 that joins or leaves moves only the keys it wins or held (about 1/n of them), where
 ``hash(key) % n`` would move most. When the key's replica is full (its
 ``max_ongoing_requests``; or, with ``max_imbalance``, that much busier than the least
-loaded), the request goes to the less loaded of two other replicas (power of two
-choices, Serve's default). A request without a key is routed by that default alone.
+loaded), the request goes to the least loaded of two other replicas and that one
+(power of two choices, Serve's default, with the key's replica in the running). A request without a key is routed by that default alone.
 
 Every routed request with a key is counted in ``chatfleet_affinity_total{model,
 outcome}``, outcome ``hit`` (its key's replica) or ``miss``, through Ray's metrics
@@ -102,8 +102,10 @@ class AffinityRouter(RequestRouter):
         self._remember(pending_request, preferred.replica_id)
         others = [r for r in candidate_replicas if r is not preferred]
         if self._too_busy(preferred, others):
-            return [_two_choices(others)]
-        # Serve tries the ranks in order: the preferred replica unless it is full.
+            # The least loaded with room; the key's replica stays in the running, so a
+            # request waiting while every replica is full takes whichever frees first.
+            return [[*_two_choices(others), preferred]]
+        # Serve tries the ranks in order: the key's replica, unless it is full.
         return [[preferred], _two_choices(others)]
 
     def _too_busy(self, preferred: RunningReplica, others: list[RunningReplica]) -> bool:
