@@ -4,6 +4,7 @@ conversations spread over both (`chatfleet.serving.app._affinity`)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import openai
@@ -81,3 +82,29 @@ def test_a_conversation_id_keeps_its_replica_whatever_the_messages(
             for turn in range(TURNS)
         }
         assert len(replicas) == 1
+
+
+def routed_hits() -> float:
+    """``chatfleet_affinity_total{outcome="hit"}`` of this app, as Ray's agent exports it."""
+    import httpx
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ray_chatfleet_affinity_total{")
+        and 'application="affinity"' in line
+        and 'model="fake"' in line
+        and 'outcome="hit"' in line
+    )
+
+
+def test_the_router_counts_its_hits(client: openai.OpenAI) -> None:
+    before = routed_hits()
+    chat(client, "counting")
+    deadline = time.monotonic() + 60  # Ray's agent exports every 10 s
+    while routed_hits() < before + TURNS and time.monotonic() < deadline:
+        time.sleep(1)
+    assert routed_hits() >= before + TURNS
