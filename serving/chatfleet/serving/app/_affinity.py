@@ -8,8 +8,10 @@ It needs no shared state between ingress replicas (each ranks alike), and a repl
 that joins or leaves moves only the keys it wins or held (about 1/n of them), where
 ``hash(key) % n`` would move most. When the key's replica is full (its
 ``max_ongoing_requests``; or, with ``max_imbalance``, that much busier than the least
-loaded), the request goes to the least loaded of two other replicas and that one
-(power of two choices, Serve's default, with the key's replica in the running). A request without a key is routed by that default alone.
+loaded), the request goes to the least loaded with room of two other replicas and
+the key's own (Serve's default is power of two choices; keeping the key's replica in
+the running means a request waiting while all are full takes whichever frees first).
+A request without a key is routed by Serve's default alone.
 
 Every routed request with a key is counted in ``chatfleet_affinity_total{model,
 outcome}``, outcome ``hit`` (its key's replica) or ``miss``, through Ray's metrics
@@ -132,6 +134,8 @@ class AffinityRouter(RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
+        # Serve calls this once the replica accepted the request: always, but through
+        # Ray Client (no rejection protocol there), where nothing would be counted.
         preferred = self._preferred.pop(pending_request.metadata.internal_request_id, None)
         if preferred is None:
             return
