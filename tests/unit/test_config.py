@@ -17,6 +17,7 @@ from chatfleet.serving.config import AppConfig, ModelConfig, load_config
 def test_public_surface() -> None:
     assert sorted(config_pkg.__all__) == [
         "AdmissionConfig",
+        "AffinityConfig",
         "AppConfig",
         "AuthConfig",
         "AutoscalingConfig",

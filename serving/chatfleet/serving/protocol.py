@@ -74,6 +74,9 @@ class GenerationRequest:
     response_format: dict[str, Any] | None = None
     #: The W3C trace context (``traceparent``...) the engine's span is parented on.
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: Requests with the same key go to the same replica while it has room, the one
+    #: holding their prompt's KV cache (the ingress sets it; empty: any replica).
+    affinity_key: str = ""
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,7 +17,6 @@ from typing import Any
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api._answers import Answer
-from chatfleet.serving.api._capabilities import checked_sampling
 from chatfleet.serving.api._categories import CategoryRouting
 from chatfleet.serving.api._clients import (
     ClassifierClient,
@@ -28,6 +27,7 @@ from chatfleet.serving.api._clients import (
     RouterClient,
 )
 from chatfleet.serving.api._drain import Drain
+from chatfleet.serving.api._generation import generation_request
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._schemas import SamplingFields, error_body
 from chatfleet.serving.api._usage import UsageMeter
@@ -37,7 +37,6 @@ from chatfleet.serving.errors import (
     ChatfleetError,
     EngineError,
     ModelNotFound,
-    RequestError,
 )
 from chatfleet.serving.protocol import Chunk, GenerationRequest
 from chatfleet.serving.protocol import Message as ChatMessage
@@ -131,18 +130,18 @@ class Gateway:
         to start (scaled to zero), before it opens (`api._loading` tells the client).
         """
         accepted_at = time.perf_counter() if accepted_at is None else accepted_at
+        key = None if not conversation_id else (owner, conversation_id)
         if model == AUTO_MODEL:
             await self.usage.admit(owner)
-            key = None if not conversation_id else (owner, conversation_id)
             decision = await self.decide(messages, key, categories)
             decision, request, batches = await self.open_routed(
-                decision, sampling, accepted_at, on_loading
+                decision, sampling, accepted_at, key, on_loading
             )
             self.remember_route(key, decision)
             answer = Answer(request, batches, decision)
             self.usage.meter(answer, owner)
             return answer
-        request = self.generation_request(self.resolve(model), messages, sampling)
+        request = self.generation_request(self.resolve(model), messages, sampling, key)
         return await self.open_request(
             request, owner=owner, accepted_at=accepted_at, on_loading=on_loading
         )
@@ -224,6 +223,7 @@ class Gateway:
         decision: RoutingDecision,
         sampling: SamplingFields,
         accepted_at: float,
+        conversation: tuple[str | None, str] | None = None,
         on_loading: Callable[[str], object] | None = None,
     ) -> tuple[RoutingDecision, GenerationRequest, AsyncGenerator[list[Chunk], None]]:
         """Open a stream on the decided model, falling back while none has started."""
@@ -231,7 +231,7 @@ class Gateway:
         while True:
             assert current is not None
             model = self.resolve(current.model)
-            request = self.generation_request(model, current.messages, sampling)
+            request = self.generation_request(model, current.messages, sampling, conversation)
             try:
                 batches = await self.open_stream(
                     request, accepted_at=accepted_at, on_loading=on_loading
@@ -268,33 +268,15 @@ class Gateway:
         return model
 
     def generation_request(
-        self, model: ModelConfig, messages: list[ChatMessage], sampling: SamplingFields
+        self,
+        model: ModelConfig,
+        messages: list[ChatMessage],
+        sampling: SamplingFields,
+        conversation: tuple[str | None, str] | None = None,
     ) -> GenerationRequest:
-        if len(messages) > self.config.server.max_messages:
-            raise RequestError(
-                f"at most {self.config.server.max_messages} messages per request",
-                param="messages",
-            )
-        limits = model.defaults
-        max_tokens = sampling.max_tokens or limits.max_tokens
-        if max_tokens > limits.max_tokens_limit:
-            raise RequestError(
-                f"max_tokens {max_tokens} exceeds this model's limit of {limits.max_tokens_limit}",
-                param="max_tokens",
-            )
-        extras = checked_sampling(model, sampling)  # what the engine lacks is refused
-        return GenerationRequest(
-            model=model.name,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=limits.temperature
-            if sampling.temperature is None
-            else sampling.temperature,
-            top_p=limits.top_p if sampling.top_p is None else sampling.top_p,
-            stop=sampling.stop_list(),
-            seed=sampling.seed,
-            sampling=extras,
-            **sampling.tooling(),
+        """``conversation`` (owner, id) keys its replica affinity (`affinity_key`)."""
+        return generation_request(
+            model, messages, sampling, self.config.server.max_messages, conversation
         )
 
     async def open_stream(

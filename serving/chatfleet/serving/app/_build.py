@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ray.serve.config import RequestRouterConfig
+
+from chatfleet.serving.app._affinity import AffinityRouter
 from chatfleet.serving.app._engine import EngineDeployment
 from chatfleet.serving.app._ingress import Ingress
 from chatfleet.serving.app._routing import ClassifierDeployment, CompressorDeployment
@@ -36,7 +39,7 @@ def _engine_deployment(
 
 
 def engine_options(model: ModelConfig) -> dict[str, Any]:
-    """Ray Serve options of ``model``'s engine deployment: replicas and admission."""
+    """Ray Serve options of ``model``'s engine deployment: replicas, admission, routing."""
     admitted = model.admitted_requests()
     replicas: dict[str, Any] = (
         {"num_replicas": model.num_replicas}
@@ -51,7 +54,18 @@ def engine_options(model: ModelConfig) -> dict[str, Any]:
         # by the ingress (HandleEngineClient), which refuses both alike.
         "max_queued_requests": model.queued_requests(),
         "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        **_routing(model),
     }
+
+
+def _routing(model: ModelConfig) -> dict[str, Any]:
+    """The request router: conversation affinity (`AffinityRouter`), or Serve's default."""
+    if not model.routes_by_affinity():
+        return {}
+    kwargs = {"model": model.name, "max_imbalance": model.affinity.max_imbalance}
+    router_class: Any = AffinityRouter  # Ray's annotation says dict; it takes a class
+    router = RequestRouterConfig(request_router_class=router_class, request_router_kwargs=kwargs)
+    return {"request_router_config": router}
 
 
 def ingress_max_ongoing_requests(config: AppConfig) -> int:

@@ -41,7 +41,7 @@ from chatfleet.serving.config._routing import (
     RouteConfig,
     RoutingConfig,
 )
-from chatfleet.serving.config._scaling import AdmissionConfig, AutoscalingConfig
+from chatfleet.serving.config._scaling import AdmissionConfig, AffinityConfig, AutoscalingConfig
 from chatfleet.serving.config._server import (
     CoalesceConfig,
     IngressDeploymentConfig,
@@ -55,6 +55,7 @@ __all__ = [
     "ENGINE_KINDS",
     "ENV_PREFIX",
     "AdmissionConfig",
+    "AffinityConfig",
     "AppConfig",
     "AuthConfig",
     "AutoscalingConfig",

@@ -21,6 +21,7 @@ from chatfleet.serving.config._capabilities import (
 )
 from chatfleet.serving.config._scaling import (
     AdmissionConfig,
+    AffinityConfig,
     AutoscalingConfig,
     engine_admission_default,
 )
@@ -74,6 +75,11 @@ class FakeEngineConfig(_Model):
         description="Inject an engine failure after this many tokens (0: before the first).",
     )
     seed: int = Field(0, description="Seed mixed with the prompt to pick the reply words.")
+    report_process: bool = Field(
+        False,
+        description="Answer 'pid <n>' (its process id) instead of words: tells which"
+        " replica served a request (tests, the affinity bench).",
+    )
     tool_calls: FakeToolCallsConfig = Field(
         default_factory=lambda: FakeToolCallsConfig(),
         description="How it calls tools a request offers (so agents run offline).",
@@ -239,6 +245,11 @@ class ModelConfig(_Model):
         description="Scale replicas with load (Ray Serve autoscaling) instead of num_replicas;"
         " min_replicas 0 scales the model to zero when idle.",
     )
+    affinity: AffinityConfig = Field(
+        default_factory=AffinityConfig,
+        description="Which replica a request goes to: the one holding its conversation's"
+        " KV cache while it has room.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -286,6 +297,12 @@ class ModelConfig(_Model):
         if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
             return max(wait, self.autoscaling.cold_start_timeout_s)
         return wait
+
+    def routes_by_affinity(self) -> bool:
+        """Whether requests go to their conversation's replica (`AffinityConfig`)."""
+        if self.affinity.enabled is not None:
+            return self.affinity.enabled
+        return self.autoscaling is not None or self.num_replicas > 1
 
     def capabilities(self) -> EngineCapabilities:
         """What this model's engine honours beyond the basic sampling fields."""

@@ -1,5 +1,6 @@
 """How many requests a model's replicas admit, how long the rest may wait, and how many
-replicas it runs: `AdmissionConfig`, `AutoscalingConfig`, and the per-engine defaults.
+replicas it runs: `AdmissionConfig`, `AutoscalingConfig`, and the per-engine defaults;
+and which replica a request goes to: `AffinityConfig`.
 
 One number fits no engine: a remote API or Ollama is I/O-bound and takes hundreds of
 streams, vLLM batches ``max_num_seqs`` sequences, the transformers engine runs
@@ -123,3 +124,33 @@ class AutoscalingConfig(_Model):
         if self.downscale_to_zero_delay_s is not None:
             options["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
         return options
+
+
+class AffinityConfig(_Model):
+    """Conversation affinity: a request goes to the replica that already holds its
+    prompt's KV cache (the one that ran the conversation's earlier turns, or another
+    request with the same long prefix), or to the less loaded of two when that one is
+    full. A key per request is hashed onto the live replicas (rendezvous hashing), so
+    adding a replica moves only the keys that now fall on it."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Route by affinity. Empty: on when the model runs more than one"
+        " replica (num_replicas above 1, or autoscaling).",
+    )
+    prefix_chars: int = Field(
+        2048,
+        ge=16,
+        le=1_000_000,
+        description="Without a conversation id, requests share a replica when the"
+        " conversation's opening (messages up to the first user message) agrees in this"
+        " many first characters: the turns of one chat, or prompts on one long system"
+        " prompt.",
+    )
+    max_imbalance: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Leave the affine replica when it runs this many more requests than"
+        " the least loaded one. Empty: only when it is full (max_ongoing_requests).",
+    )

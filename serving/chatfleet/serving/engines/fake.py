@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 from collections.abc import AsyncGenerator, Iterator
 
 from chatfleet.serving.config import FakeEngineConfig, ModelConfig
@@ -114,6 +115,8 @@ class FakeEngine(Engine):
             answer = min(s.reply_tokens, request.max_tokens)
             finish = "stop" if s.reply_tokens <= request.max_tokens else "length"
             words = self.words(request, answer)
+            if s.report_process:  # each Ray Serve replica is a process of its own
+                words = ["pid", str(os.getpid())][: request.max_tokens]
         text, cut = _cut(" ".join(words), request.stop)
         if cut:
             words = text.split()
