@@ -39,6 +39,7 @@ from chatfleet.serving.api._embeddings import add_embeddings_routes
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
+from chatfleet.serving.api._responses import add_responses_routes
 from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import GenerateRequest, error_body
 from chatfleet.serving.api._session_api import add_session_routes
@@ -377,6 +378,7 @@ def create_app(
 
     add_routing_routes(app, gw)
     conversation_writes = add_conversation_routes(app, gw)
+    add_responses_routes(app, gw, conversation_writes)
     sessions = add_session_routes(app, gw)
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)
