@@ -35,7 +35,7 @@ from chatfleet.serving.api._clients import (
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._drain import DrainGuard
-from chatfleet.serving.api._embeddings import add_embeddings_routes
+from chatfleet.serving.api._embeddings import add_embeddings_routes, embeddings_model_entry
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
@@ -322,6 +322,8 @@ def create_app(
             }
             for m in config.models
         ]
+        if embeddings is not None and config.classifier is not None:
+            data.append(embeddings_model_entry(config.classifier.embeddings_model, gw.created))
         if router is not None:
             data.append(
                 {
