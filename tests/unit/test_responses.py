@@ -20,7 +20,7 @@ from tests.unit.test_tools import RECIPE
 
 from chatfleet.serving.api import LocalEngineClient, Metrics, create_app
 from chatfleet.serving.auth import Authenticator
-from chatfleet.serving.config import AppConfig
+from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.protocol import GenerationRequest
 from chatfleet.serving.store import Store
 
@@ -62,12 +62,14 @@ async def served(store_url: str) -> AsyncIterator[Served]:
     config = AppConfig(
         models=[
             fake_model("fake", reply_tokens=8),
-            fake_model("shy", tool_calls={"enabled": False}),
+            fake_model("broken", fail_after_tokens=3),
+            # An engine without tools or structured output (never reached: refused first).
+            ModelConfig(name="smollm2", engine="transformers"),
         ],
         auth={"clients": CLIENTS},
     )
     store = Store.from_url(store_url)
-    engines = {m.name: RecordingEngine(m) for m in config.models}
+    engines = {m.name: RecordingEngine(m if m.fake else fake_model(m.name)) for m in config.models}
     clients = {n: LocalEngineClient(e) for n, e in engines.items()}
 
     async def start_engines() -> None:
@@ -159,6 +161,22 @@ async def test_a_streamed_response_is_openai_event_sequence(served: Served) -> N
     async with served.alice.responses.stream(model="fake", input="Tell me about dogs.") as s:
         accumulated = await s.get_final_response()
     assert accumulated.output_text == text
+
+
+async def test_a_failure_mid_stream_is_an_error_event_then_response_failed(
+    served: Served,
+) -> None:
+    stream = await served.alice.responses.create(model="broken", input="Hello?", stream=True)
+    events = [e async for e in stream]
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    error, failed = events[-2:]
+    assert error.code == "engine_error"  # type: ignore[union-attr]
+    response = failed.response  # type: ignore[union-attr]
+    assert response.status == "failed" and response.error.code == "engine_error"
+    said = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert len(said.split()) == 3 and response.output_text == said
+    stored = await served.alice.responses.retrieve(response.id)
+    assert (stored.status, stored.output_text) == ("failed", said)
 
 
 async def test_previous_response_id_carries_three_turns(served: Served) -> None:
@@ -292,11 +310,34 @@ async def test_bad_requests_are_400s_in_openais_shape(
     assert param_or_words in f"{error['message']} {error['param']}"
 
 
-async def test_tools_an_engine_cannot_force_are_refused_naming_the_parameter(
-    served: Served,
+@pytest.mark.parametrize(
+    ("extra", "param", "what"),
+    [
+        ({"tools": [WEATHER]}, "tools", "tools"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "r", "schema": RECIPE}}},
+            "text.format",
+            "text.format json_schema (structured output)",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c1", "output": "18"}]},
+            "input",
+            "function calls in input (tools)",
+        ),
+    ],
+)
+async def test_what_the_engine_cannot_do_is_refused_naming_the_parameter(
+    served: Served, extra: dict[str, Any], param: str, what: str
 ) -> None:
-    # The fake with scripted calls off still has tools; a model without them is tested
-    # for /v1/chat/completions, through the same check. Here: what the request asks.
+    for stream in (False, True):
+        body = {"model": "smollm2", "input": "Hi", "stream": stream, **extra}
+        with pytest.raises(openai.BadRequestError) as refused:
+            await served.alice.responses.create(**body)  # type: ignore[call-overload]
+        error = refused.value.body
+        assert isinstance(error, dict) and error["param"] == param
+        assert error["message"].startswith(
+            f"model smollm2 (engine transformers) does not support {what}"
+        )
     with pytest.raises(openai.NotFoundError) as unknown:
         await served.alice.responses.create(model="nope", input="Hi")
     assert unknown.value.body["param"] == "model"  # type: ignore[index]

@@ -29,7 +29,7 @@ from chatfleet.serving.api._responses_wire import ResponseWire
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._wire import route_headers, tool_call_dict, tool_call_from_dict
-from chatfleet.serving.errors import NotFound, RequestError
+from chatfleet.serving.errors import NotFound
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import StoredMessage, StoredResponse
 
@@ -72,11 +72,11 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
             limit = min(limit, reads.history_limit)
             earlier = [_message(m) for m in await reads.response_history(previous, limit)]
         new = body.input_messages()
+        # The prompt has the input as sent (as chat completions' has its messages); the
+        # store keeps what was said, as its history has it.
         said = [m for m in new if m.content or m.tool_calls]
         instructions = [Message("system", body.instructions)] if body.instructions else []
-        history = [*instructions, *[*earlier, *said][-limit:]]
-        if not said:
-            raise RequestError("input: give at least one message with text", param="input")
+        history = [*instructions, *[*earlier, *new][-limit:]]
         with_tools = any(m.role == "tool" or m.tool_calls for m in history)
         sampling = body.sampling(with_tool_messages=with_tools)
         gw.check(body.model, history, sampling)  # refused before anything is stored

@@ -190,7 +190,7 @@ class ResponsesSampling(ToolFields, SamplingFields):
 def _text_or_items(schema: dict[str, Any]) -> None:
     # Validated as items (a text becomes one user message, so a bad item's error names
     # the item); documented as OpenAI's API takes it.
-    items = {"type": "array", "items": schema.pop("items")}
+    items = {"type": "array", "items": schema.pop("items"), "minItems": schema.pop("minItems")}
     schema.pop("type", None)
     schema["anyOf"] = [{"type": "string"}, items]
 
@@ -206,6 +206,7 @@ class ResponsesRequest(ClientBody):
 
     model: str = Field(min_length=1, description="A served model's name, or 'auto'.")
     input: list[InputItem] = Field(
+        min_length=1,
         description="A user message, or items: messages, function calls and their outputs.",
         json_schema_extra=_text_or_items,
     )
