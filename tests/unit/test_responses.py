@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from tests.fakes.app_server import serving
+from tests.fakes.app_server import serving, wait_for
 from tests.fakes.chat_app import RecordingEngine, fake_model
 from tests.unit.test_tools import RECIPE
 
@@ -63,6 +63,8 @@ async def served(store_url: str) -> AsyncIterator[Served]:
         models=[
             fake_model("fake", reply_tokens=8),
             fake_model("broken", fail_after_tokens=3),
+            fake_model("thinker", reply_tokens=4, thinking_tokens=3),
+            fake_model("slow", reply_tokens=2000, tokens_per_second=50),
             # An engine without tools or structured output (never reached: refused first).
             ModelConfig(name="smollm2", engine="transformers"),
         ],
@@ -177,6 +179,43 @@ async def test_a_failure_mid_stream_is_an_error_event_then_response_failed(
     assert len(said.split()) == 3 and response.output_text == said
     stored = await served.alice.responses.retrieve(response.id)
     assert (stored.status, stored.output_text) == ("failed", said)
+
+
+async def test_reasoning_is_its_own_output_item(served: Served) -> None:
+    r = await served.alice.responses.create(model="thinker", input="Think first.")
+    reasoning, message = r.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.content is not None and len(reasoning.content[0].text.split()) == 3
+    assert len(r.output_text.split()) == 4
+
+    stream = await served.alice.responses.create(model="thinker", input="Think first.", stream=True)
+    events = [e async for e in stream]
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    said = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (thought, said) == (reasoning.content[0].text, r.output_text)
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    assert added == [0, 1]
+
+
+async def test_a_stream_the_client_leaves_is_stopped_and_stored_as_cancelled(
+    served: Served,
+) -> None:
+    stream = await served.alice.responses.create(model="slow", input="A long one.", stream=True)
+    response_id = ""
+    async for event in stream:
+        if event.type == "response.created":
+            response_id = event.response.id
+        if event.type == "response.output_text.delta":
+            break
+    await stream.close()
+
+    async def cancelled() -> Any:
+        found = await served.alice.responses.retrieve(response_id)
+        return found if found.status == "cancelled" else None
+
+    found = await wait_for(cancelled, within=30)
+    assert 0 < len(found.output_text.split()) < 2000
+    assert served.engines["slow"].cancelled  # the generation was stopped, not run out
 
 
 async def test_previous_response_id_carries_three_turns(served: Served) -> None:
