@@ -180,6 +180,11 @@ async def test_a_failure_mid_stream_is_an_error_event_then_response_failed(
     stored = await served.alice.responses.retrieve(response.id)
     assert (stored.status, stored.output_text) == ("failed", said)
 
+    with pytest.raises(openai.APIStatusError) as failed_whole:
+        await served.alice.responses.create(model="broken", input="Hello?")
+    assert failed_whole.value.status_code == 502
+    assert failed_whole.value.body["code"] == "engine_error"  # type: ignore[index]
+
 
 async def test_reasoning_is_its_own_output_item(served: Served) -> None:
     r = await served.alice.responses.create(model="thinker", input="Think first.")

@@ -29,7 +29,7 @@ from chatfleet.serving.api._responses_wire import ResponseWire
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._wire import route_headers, tool_call_dict, tool_call_from_dict
-from chatfleet.serving.errors import NotFound
+from chatfleet.serving.errors import ChatfleetError, NotFound
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import StoredMessage, StoredResponse
 
@@ -58,7 +58,11 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
     )
     async def create_response(body: ResponsesRequest, raw: Request, caller: CallerDep) -> Response:
         accepted_at = time.perf_counter()
-        limit = gw.config.server.max_messages
+        new = body.input_messages()
+        # The prompt has the input as sent (as chat completions' has its messages); the
+        # store keeps what was said, as its history has it.
+        said = [m for m in new if m.content or m.tool_calls]
+        instructions = [Message("system", body.instructions)] if body.instructions else []
         previous: StoredResponse | None = None
         earlier: list[Message] = []
         if body.previous_response_id is not None:
@@ -69,14 +73,14 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
                     f"response {body.previous_response_id!r} not found",
                     param="previous_response_id",
                 )
-            limit = min(limit, reads.history_limit)
-            earlier = [_message(m) for m in await reads.response_history(previous, limit)]
-        new = body.input_messages()
-        # The prompt has the input as sent (as chat completions' has its messages); the
-        # store keeps what was said, as its history has it.
-        said = [m for m in new if m.content or m.tool_calls]
-        instructions = [Message("system", body.instructions)] if body.instructions else []
-        history = [*instructions, *[*earlier, *new][-limit:]]
+            # Earlier turns fill what room the new input leaves (too much input is a 400).
+            room = min(
+                reads.history_limit,
+                gw.config.server.max_messages - len(new) - len(instructions),
+            )
+            if room > 0:
+                earlier = [_message(m) for m in await reads.response_history(previous, room)]
+        history = [*instructions, *earlier, *new]
         with_tools = any(m.role == "tool" or m.tool_calls for m in history)
         sampling = body.sampling(with_tool_messages=with_tools)
         gw.check(body.model, history, sampling)  # refused before anything is stored
@@ -130,10 +134,15 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
         if body.stream:
             deltas: AsyncGenerator[Delta, None] = answer.deltas() if turn is None else turn.deltas()
             return EventStream(wire.events(gw, answer, deltas, keep), headers=headers)
-        if turn is not None:
-            await turn.collect(raw)  # a client gone: stopped, stored as cancelled
-        else:
-            await answer.collect()
+        try:
+            if turn is not None:
+                await turn.collect(raw)  # a client gone: stopped, stored as cancelled
+            else:
+                await answer.collect()
+        except Exception as exc:
+            error = exc if isinstance(exc, ChatfleetError) else ChatfleetError("generation failed")
+            await keep(wire.body(answer, status="failed", error=error))
+            raise
         final = wire.body(answer)
         await keep(final)
         return JSONResponse(final, headers=headers)
