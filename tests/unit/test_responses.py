@@ -201,6 +201,17 @@ async def test_reasoning_is_its_own_output_item(served: Served) -> None:
     added = [e.output_index for e in events if e.type == "response.output_item.added"]
     assert added == [0, 1]
 
+    # An agent sends the whole output back: the reasoning item is taken, not prompted.
+    replayed = [item.model_dump(exclude_none=True) for item in r.output]
+    await served.alice.responses.create(
+        model="thinker", input=[*replayed, {"role": "user", "content": "And then?"}], store=False
+    )
+    prompt = served.last_request("thinker").messages
+    assert [(m.role, m.content) for m in prompt] == [
+        ("assistant", r.output_text),
+        ("user", "And then?"),
+    ]
+
 
 async def test_a_stream_the_client_leaves_is_stopped_and_stored_as_cancelled(
     served: Served,

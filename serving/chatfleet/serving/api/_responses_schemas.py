@@ -5,8 +5,8 @@ not know is a 400 ("Unrecognized request argument"), and what the model's engine
 honour is refused, not dropped. Function tools (``{"type": "function", "name": ...}``)
 become chat tools, ``text.format`` becomes ``response_format``, ``max_output_tokens``
 becomes ``max_tokens`` (`ResponsesRequest.sampling`); the input items become messages
-(`ResponsesRequest.input_messages`). Tools of other types (OpenAI's hosted web search,
-file search...) are refused with a 400.
+(`ResponsesRequest.input_messages`; reasoning items sent back are left out). Tools of
+other types (OpenAI's hosted web search, file search...) are refused with a 400.
 """
 
 from __future__ import annotations
@@ -86,6 +86,19 @@ class FunctionCallOutputItem(_Item):
     output: str = Field(description="The result, as text.")
 
 
+class ReasoningItem(_Item):
+    """An earlier answer's reasoning, sent back with its output (as agents replay
+    ``response.output``): accepted, and left out of the prompt, as chat templates leave
+    earlier thinking out."""
+
+    type: Literal["reasoning"] = Field(description="Reasoning.")
+    summary: Annotated[list[Any], OPAQUE] = Field(
+        default_factory=list, description="Its summary; not used."
+    )
+    content: Annotated[list[Any] | None, OPAQUE] = Field(None, description="Its text; not used.")
+    encrypted_content: Annotated[str | None, OPAQUE] = Field(None, description="Not used.")
+
+
 def _tagged(value: Any, default: str | None = None) -> str | None:
     if isinstance(value, dict):
         kind = value.get("type", default)
@@ -101,12 +114,13 @@ def _item_type(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(
         _item_type,
         custom_error_type="invalid_input_item",
-        custom_error_message="only message, function_call and function_call_output items"
-        " are served",
+        custom_error_message="only message, function_call, function_call_output and"
+        " reasoning items are served",
     ),
 ]
 
@@ -287,7 +301,7 @@ class ResponsesRequest(ClientBody):
                     messages[-1] = Message("assistant", last.content, (*last.tool_calls, call))
                 else:
                     messages.append(Message("assistant", "", (call,)))
-            else:
+            elif isinstance(item, FunctionCallOutputItem):
                 messages.append(Message("tool", item.output, tool_call_id=item.call_id))
         return messages
 
