@@ -131,6 +131,12 @@ async def test_max_output_tokens_makes_an_incomplete_response(served: Served) ->
     assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
     assert len(r.output_text.split()) == 3
 
+    with pytest.raises(openai.BadRequestError) as refused:
+        await served.alice.responses.create(model="fake", input="Foxes?", max_output_tokens=10**6)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "max_output_tokens"
+    assert error["message"].startswith("max_output_tokens 1000000 exceeds this model's limit")
+
 
 async def test_a_streamed_response_is_openai_event_sequence(served: Served) -> None:
     stream = await served.alice.responses.create(

@@ -29,7 +29,7 @@ from chatfleet.serving.api._responses_wire import ResponseWire
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
 from chatfleet.serving.api._wire import route_headers, tool_call_dict, tool_call_from_dict
-from chatfleet.serving.errors import ChatfleetError, NotFound
+from chatfleet.serving.errors import ChatfleetError, NotFound, RequestError
 from chatfleet.serving.protocol import Message
 from chatfleet.serving.store import StoredMessage, StoredResponse
 
@@ -83,7 +83,14 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
         history = [*instructions, *earlier, *new]
         with_tools = any(m.role == "tool" or m.tool_calls for m in history)
         sampling = body.sampling(with_tool_messages=with_tools)
-        gw.check(body.model, history, sampling)  # refused before anything is stored
+        try:
+            gw.check(body.model, history, sampling)  # refused before anything is stored
+        except RequestError as exc:
+            if exc.param != "max_tokens":
+                raise
+            # The gateway knows chat completions' name for it; say the one that was sent.
+            message = exc.message.replace("max_tokens", "max_output_tokens", 1)
+            raise RequestError(message, param="max_output_tokens") from None
         store = gw.store if body.store else None
         response_id = f"{_ID_PREFIX}{uuid.uuid4().hex}"
         owner = caller.client_id if previous is None else previous.owner
