@@ -52,6 +52,19 @@ def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
+async def test_the_embeddings_model_is_listed_as_one(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as http:
+        models = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+    capabilities = models[MODEL]["capabilities"]
+    assert (capabilities["embeddings"], capabilities["chat"], capabilities["tools"]) == (
+        True,
+        False,
+        False,
+    )
+    assert models["fake"]["capabilities"]["chat"] is True
+    assert models["fake"]["capabilities"]["embeddings"] is False
+
+
 async def test_three_texts_embed_in_order_and_similar_ones_are_closer(url: str) -> None:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
     texts = [

@@ -261,6 +261,8 @@ async def test_stop_is_honoured_when_streamed(client: httpx.AsyncClient) -> None
 async def test_models_say_what_each_supports(client: httpx.AsyncClient) -> None:
     models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
     assert models["fake"]["capabilities"] == {
+        "chat": True,
+        "embeddings": False,
         "stop": True,
         "seed": True,
         "reasoning": False,

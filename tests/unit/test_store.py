@@ -45,6 +45,7 @@ def test_public_surface() -> None:
         "SessionStatus",
         "Store",
         "StoredMessage",
+        "StoredResponse",
         "UsageEntry",
         "head_revision",
         "resolve_url",
@@ -52,7 +53,7 @@ def test_public_surface() -> None:
 
 
 async def test_migrations_build_exactly_the_models(store: Store, store_url: str) -> None:
-    assert await store.revision() == head_revision() == "0005"
+    assert await store.revision() == head_revision() == "0006"
     engine = create_async_engine(store_url)
 
     def diff(conn: Connection) -> list[object]:
@@ -63,7 +64,7 @@ async def test_migrations_build_exactly_the_models(store: Store, store_url: str)
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
-    assert await store.upgrade() == "0005"  # again: a no-op
+    assert await store.upgrade() == "0006"  # again: a no-op
 
 
 async def test_conversation_messages_and_history(store: Store) -> None:
@@ -258,7 +259,7 @@ async def test_cli_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # main() runs its own event loop: keep it off this test's loop.
     rc = await asyncio.to_thread(main, ["db", "upgrade", "--config", str(config)])
     assert rc == 0
-    assert "is at revision 0005" in capsys.readouterr().out
+    assert "is at revision 0006" in capsys.readouterr().out
     assert (tmp_path / "data" / "chatfleet.db").is_file()
     missing = await asyncio.to_thread(
         main, ["db", "upgrade", "--config", str(tmp_path / "absent.yaml")]
@@ -314,7 +315,7 @@ async def test_migration_0002_gives_earlier_rows_to_the_local_client(store_url: 
     finally:
         await engine.dispose()
     async with Store.from_url(store_url) as store:  # migrates to head on start
-        assert await store.revision() == "0005"
+        assert await store.revision() == "0006"
         conversation = await store.get_conversation("c1", owner=LOCAL_OWNER)
         assert conversation is not None and conversation.title == "old"
         session = await store.get_session("s1", owner=LOCAL_OWNER)

@@ -35,11 +35,12 @@ from chatfleet.serving.api._clients import (
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._drain import DrainGuard
-from chatfleet.serving.api._embeddings import add_embeddings_routes
+from chatfleet.serving.api._embeddings import add_embeddings_routes, embeddings_model_entry
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._loading import Held, native_stream, openai_held, opened_or_held
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._openapi import document_responses
+from chatfleet.serving.api._responses import add_responses_routes
 from chatfleet.serving.api._routing_api import add_routing_routes
 from chatfleet.serving.api._schemas import GenerateRequest, error_body
 from chatfleet.serving.api._session_api import add_session_routes
@@ -322,6 +323,8 @@ def create_app(
             }
             for m in config.models
         ]
+        if embeddings is not None and config.classifier is not None:
+            data.append(embeddings_model_entry(config.classifier.embeddings_model, gw.created))
         if router is not None:
             data.append(
                 {
@@ -384,6 +387,7 @@ def create_app(
 
     add_routing_routes(app, gw)
     conversation_writes = add_conversation_routes(app, gw)
+    add_responses_routes(app, gw, conversation_writes)
     sessions = add_session_routes(app, gw)
     add_auth_routes(app, gw)
     add_chat_ws_routes(app, gw)

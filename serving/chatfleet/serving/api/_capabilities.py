@@ -33,7 +33,8 @@ def checked_sampling(model: ModelConfig, sampling: SamplingFields) -> dict[str, 
 
 def model_capabilities(models: list[ModelConfig]) -> dict[str, Any]:
     """What every one of ``models`` supports, as ``GET /v1/models`` shows it."""
-    return EngineCapabilities.shared([m.capabilities() for m in models]).as_dict()
+    shared = EngineCapabilities.shared([m.capabilities() for m in models]).as_dict()
+    return {"chat": True, "embeddings": False, **shared}
 
 
 def _unsupported(model: ModelConfig, what: str, param: str) -> RequestError:

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field, StrictInt, StrictStr
 
 from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import ClientBody
+from chatfleet.serving.config import EngineCapabilities
 from chatfleet.serving.errors import ModelNotFound, NotConfigured, RequestError
 
 #: Texts one request may embed (OpenAI allows 2,048).
@@ -56,6 +57,21 @@ def _encoded(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def embeddings_model_entry(name: str, created: int) -> dict[str, Any]:
+    """The embeddings model as ``GET /v1/models`` lists it: it embeds, it does not chat."""
+    capabilities: dict[str, Any] = {flag: False for flag in EngineCapabilities().as_dict()}
+    capabilities.update(chat=False, embeddings=True, sampling_parameters=[])
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "chatfleet",
+        "engine": "embedding",
+        "description": "Sentence embeddings (POST /v1/embeddings), the classifier's encoder.",
+        "capabilities": capabilities,
+    }
 
 
 def add_embeddings_routes(app: FastAPI, gw: Gateway) -> None:

@@ -48,6 +48,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "GET /api/usage": (503,),
     "GET /api/model-rankings": (404,),
     "POST /v1/messages": _ENGINE,
+    "POST /v1/responses": _ENGINE,  # and previous_response_id not found
+    "GET /v1/responses/{response_id}": (503,),
     "GET /v1/conversations": (503,),
     "GET /v1/conversations/{conversation_id}": (503,),
     "DELETE /v1/conversations/{conversation_id}": (503,),
@@ -71,12 +73,13 @@ _SSE = {
 STREAMED: dict[str, tuple[str, ...]] = {
     "POST /v1/chat/completions": ("application/json", "text/event-stream"),
     "POST /v1/messages": ("application/json", "text/event-stream"),
+    "POST /v1/responses": ("application/json", "text/event-stream"),
     "POST /api/generate": ("text/event-stream",),
     "POST /api/models/select": ("text/event-stream",),
 }
 _PLAIN = {"GET /metrics": "text/plain"}
 _METHODS = ("get", "post", "put", "patch", "delete")
-_ANSWER_LENGTH = ("max_tokens", "max_completion_tokens")
+_ANSWER_LENGTH = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def document_responses(

@@ -19,6 +19,7 @@ from chatfleet.serving.store._records import (
     Session,
     SessionStatus,
     StoredMessage,
+    StoredResponse,
 )
 from chatfleet.serving.store._store import Store
 from chatfleet.serving.store._url import resolve_url
@@ -35,6 +36,7 @@ __all__ = [
     "SessionStatus",
     "Store",
     "StoredMessage",
+    "StoredResponse",
     "UsageEntry",
     "head_revision",
     "resolve_url",

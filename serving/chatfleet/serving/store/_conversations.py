@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatfleet.serving.errors import Conflict, NotFound
 from chatfleet.serving.store._database import Database
@@ -237,56 +238,81 @@ class ConversationStore(Database):
         ``conversation_id`` for that owner (with ``title`` and ``conversation_model``);
         otherwise it must exist (`NotFound`).
         """
-        now = utcnow()
         try:
             async with self._tx() as s:
-                if create_for is not None:
-                    conversation = ConversationRow(
-                        id=conversation_id,
-                        owner=create_for,
-                        title=title[:200] if title else None,
-                        model=conversation_model,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    s.add(conversation)
-                else:
-                    found = await s.get(ConversationRow, conversation_id)
-                    if found is None:
-                        raise NotFound(f"conversation {conversation_id!r} not found")
-                    found.updated_at = now
-                rows = [
-                    MessageRow(
-                        conversation_id=conversation_id,
-                        role=role,
-                        content=content,
-                        status="complete",
-                        tool_calls=(tools[0] or None) if tools else None,
-                        tool_call_id=tools[1] if tools else None,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    for role, content, *tools in messages
-                ]
-                reply = MessageRow(
-                    conversation_id=conversation_id,
-                    role="assistant",
-                    content="",
-                    status="partial" if error is None else "failed",
+                _, reply = await self._turn_rows(
+                    s,
+                    conversation_id,
+                    messages,
+                    create_for=create_for,
+                    title=title,
+                    conversation_model=conversation_model,
                     model=model,
                     error=error,
-                    created_at=now,
-                    updated_at=now,
-                    replica=self.replica_id if error is None else None,
                 )
-                for row in [*rows, reply]:
-                    s.add(row)
-                    await s.flush()  # one at a time: ids follow the conversation's order
                 return _message(reply)
         except IntegrityError as exc:
             if create_for is not None:
                 raise Conflict(f"conversation {conversation_id!r} already exists") from exc
             raise NotFound(f"conversation {conversation_id!r} not found") from exc  # deleted
+
+    async def _turn_rows(
+        self,
+        s: AsyncSession,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        create_for: str | None,
+        title: str | None,
+        conversation_model: str | None,
+        model: str | None,
+        error: str | None,
+    ) -> tuple[list[MessageRow], MessageRow]:
+        """`add_turn`'s rows, added in the transaction ``s``: the new messages and the reply."""
+        now = utcnow()
+        if create_for is not None:
+            conversation = ConversationRow(
+                id=conversation_id,
+                owner=create_for,
+                title=title[:200] if title else None,
+                model=conversation_model,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(conversation)
+        else:
+            found = await s.get(ConversationRow, conversation_id)
+            if found is None:
+                raise NotFound(f"conversation {conversation_id!r} not found")
+            found.updated_at = now
+        rows = [
+            MessageRow(
+                conversation_id=conversation_id,
+                role=role,
+                content=content,
+                status="complete",
+                tool_calls=(tools[0] or None) if tools else None,
+                tool_call_id=tools[1] if tools else None,
+                created_at=now,
+                updated_at=now,
+            )
+            for role, content, *tools in messages
+        ]
+        reply = MessageRow(
+            conversation_id=conversation_id,
+            role="assistant",
+            content="",
+            status="partial" if error is None else "failed",
+            model=model,
+            error=error,
+            created_at=now,
+            updated_at=now,
+            replica=self.replica_id if error is None else None,
+        )
+        for row in [*rows, reply]:
+            s.add(row)
+            await s.flush()  # one at a time: ids follow the conversation's order
+        return rows, reply
 
     async def update_message(
         self, message_id: int, *, content: str, thinking: str | None = None

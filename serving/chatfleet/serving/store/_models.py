@@ -137,6 +137,28 @@ class MessageRow(Base):
     replica: Mapped[str | None] = mapped_column(StorableString(64), index=True)
 
 
+class ResponseRow(Base):
+    """A Responses API answer (``resp_...``): the conversation turn it is, for
+    ``previous_response_id`` and ``GET /v1/responses/{id}``."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(StorableString(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(StorableString(200), index=True)
+    conversation_id: Mapped[str] = mapped_column(
+        StorableString(64), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    #: The assistant's reply in the conversation.
+    message_id: Mapped[int] = mapped_column(Integer)
+    #: The messages (ids, oldest first) a response built on this one starts from: this
+    #: response's chain of turns, not the whole conversation (two responses may build
+    #: on the same one, each its own branch).
+    context: Mapped[list[int]] = mapped_column(JSON)
+    #: The Response object as it was answered; null while it is being written.
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class SessionRow(Base):
     __tablename__ = "sessions"
 

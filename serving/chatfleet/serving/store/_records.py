@@ -171,3 +171,21 @@ class LogEntry:
 #: them to it), and everything stored while auth is off: ``chatfleet serve``'s own
 #: client is called so too, so a laptop's history stays its user's.
 LOCAL_OWNER = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A Responses API answer: a turn of ``conversation_id``, its reply ``message_id``.
+
+    ``context`` is the ids of the messages a response built on this one starts from
+    (its chain of turns, this one's included); ``body`` is the Response object as it
+    was answered (``None`` while it is being written).
+    """
+
+    id: str
+    owner: str
+    conversation_id: str
+    message_id: int
+    context: list[int]
+    body: dict[str, Any] | None
+    created_at: datetime

@@ -1,13 +1,13 @@
-"""`Store`: conversations, sessions, logs, revoked tokens and usage behind typed async methods."""
+"""`Store`: conversations, responses, sessions, logs, revoked tokens and usage, typed and async."""
 
 from __future__ import annotations
 
 import logging
 
-from chatfleet.serving.store._conversations import ConversationStore
 from chatfleet.serving.store._events import EventStore
 from chatfleet.serving.store._logs import LogStore
 from chatfleet.serving.store._replicas import ReplicaStore
+from chatfleet.serving.store._responses import ResponseStore
 from chatfleet.serving.store._sessions import SessionStore
 from chatfleet.serving.store._tokens import TokenStore
 from chatfleet.serving.store._usage import UsageStore
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 class Store(
-    ConversationStore, SessionStore, EventStore, LogStore, TokenStore, UsageStore, ReplicaStore
+    ResponseStore, SessionStore, EventStore, LogStore, TokenStore, UsageStore, ReplicaStore
 ):
     """The ingress's database: SQLite by default, PostgreSQL in a cluster.
 
