@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatfleet.serving import telemetry
 from chatfleet.serving.api._admission import HttpAdmission
@@ -39,6 +38,7 @@ from chatfleet.serving.api._embeddings import add_embeddings_routes, embeddings_
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._loading import Held, native_stream, openai_held, opened_or_held
 from chatfleet.serving.api._metrics import Metrics
+from chatfleet.serving.api._middleware import BodyLimit, RequestMetrics
 from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._responses import add_responses_routes
 from chatfleet.serving.api._routing_api import add_routing_routes
@@ -57,98 +57,10 @@ from chatfleet.serving.api._wire import (
 from chatfleet.serving.api._ws_chat import add_chat_ws_routes
 from chatfleet.serving.auth import Authenticator
 from chatfleet.serving.config import AppConfig, EngineCapabilities
-from chatfleet.serving.errors import ChatfleetError, PayloadTooLarge, RequestError
+from chatfleet.serving.errors import ChatfleetError, RequestError
 from chatfleet.serving.store import Store
 
 logger = logging.getLogger(__name__)
-
-
-class _RequestMetrics:
-    """Counts requests by route template and status, and times them to their last byte.
-
-    A pure ASGI middleware: Starlette's ``@app.middleware("http")`` would hand every
-    streamed event through an extra memory stream and task, and only see the headers.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # unless the app starts a response
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        finally:
-            # The router stores the matched route in the (shared) scope.
-            template = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.request_duration.labels(template).observe(time.perf_counter() - started)
-
-
-class _BodyLimit:
-    """Reject bodies over the limit with 413, declared or streamed."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._reject(scope, receive, send)
-            return
-        if declared is not None:
-            await self.app(scope, receive, send)
-            return
-        # A chunked body: read it here, up to the limit, then replay it.
-        body: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._reject(scope, receive, send)
-                return
-            body.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            error_body(
-                f"request body exceeds {self.limit} bytes",
-                type_="invalid_request_error",
-                code=PayloadTooLarge.code,
-            ),
-            status_code=413,
-        )
-        await response(scope, receive, send)
 
 
 def create_app(
@@ -254,8 +166,8 @@ def create_app(
         return error_response(ChatfleetError("internal server error"))
 
     app.add_middleware(HttpAdmission, limit=config.ingress.max_ongoing_requests, metrics=metrics)
-    app.add_middleware(_RequestMetrics, metrics=metrics)
-    app.add_middleware(_BodyLimit, limit=config.server.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
     if gw.auth is not None:
         # Outside the body limit (no reading bodies of strangers), inside CORS (preflights).
         app.add_middleware(AuthMiddleware, auth=gw.auth, metrics=metrics)
