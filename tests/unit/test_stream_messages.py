@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from chatfleet.serving.api import Metrics, create_app
+from chatfleet.serving.api._streaming import sse
 from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.protocol import Chunk, GenerationRequest, Usage
 
@@ -26,11 +27,14 @@ TOKENS = sum(BATCH_SIZES)
 class BatchedEngine:
     """An engine client replaying fixed batches, so the test knows their boundaries."""
 
+    def __init__(self, texts: list[list[str]]) -> None:
+        self.texts = texts
+
     def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
         async def replay() -> AsyncGenerator[list[Chunk], None]:
-            for i, size in enumerate(BATCH_SIZES):
-                batch = [Chunk("text", f"t{i}.{j} ") for j in range(size)]
-                if i == len(BATCH_SIZES) - 1:
+            for i, texts in enumerate(self.texts):
+                batch = [Chunk("text", text) for text in texts]
+                if i == len(self.texts) - 1:
                     batch.append(Chunk("text", "", finish_reason="stop", usage=Usage(2, TOKENS)))
                 yield batch
                 await asyncio.sleep(0)
@@ -41,12 +45,21 @@ class BatchedEngine:
         return True
 
 
-def app() -> Any:
+#: Tokens by batch; every one distinct, so their order shows.
+TEXTS = [[f"t{i}.{j} " for j in range(n)] for i, n in enumerate(BATCH_SIZES)]
+#: Text JSON escapes: quotes, backslashes, controls, non-ASCII, a lone surrogate.
+ODD_TEXTS = [
+    ['"quoted"', "back\\slash", "line\nbreak\ttab\x00\x1f", "\u2028"],
+    ["é", "😀", "\ud800", "</script>"],
+]
+
+
+def app(texts: list[list[str]]) -> Any:
     config = AppConfig(models=[ModelConfig(name="fake", engine="fake")], auth={"enabled": False})
-    return create_app(config, {"fake": BatchedEngine()}, metrics=Metrics())
+    return create_app(config, {"fake": BatchedEngine(texts)}, metrics=Metrics())
 
 
-async def post(path: str, body: dict[str, Any]) -> list[bytes]:
+async def post(path: str, body: dict[str, Any], texts: list[list[str]] = TEXTS) -> list[bytes]:
     """The body messages of one POST, as the server (uvicorn, Serve) would send them."""
     raw = json.dumps(body).encode()
     scope = {
@@ -87,7 +100,7 @@ async def post(path: str, body: dict[str, Any]) -> list[bytes]:
         elif message["type"] == "http.response.body" and message.get("body"):
             bodies.append(message["body"])
 
-    await app()(scope, receive, send)
+    await app(texts)(scope, receive, send)
     done.set()
     assert status == [200], b"".join(bodies)
     return bodies
@@ -102,7 +115,7 @@ async def test_generate_sends_a_batch_of_tokens_as_one_message() -> None:
     events = sse_events(bodies)
     texts = [json.loads(e.split("data: ", 1)[1])["text"] for e in events if "text_chunk" in e]
     # Every token is still its own event, in order ...
-    assert texts == [f"t{i}.{j} " for i, n in enumerate(BATCH_SIZES) for j in range(n)]
+    assert texts == [t for batch in TEXTS for t in batch]
     assert events[0].startswith("event: metadata") and events[-1].startswith("event: end_stream")
     # ... but a batch's events share one body message: metadata, the batches, end_stream.
     assert len(bodies) == 1 + len(BATCH_SIZES) + 1
@@ -117,9 +130,7 @@ async def test_openai_stream_sends_a_batch_of_tokens_as_one_message() -> None:
     assert events[-1] == "data: [DONE]"
     deltas = [json.loads(e[len("data: ") :])["choices"][0]["delta"] for e in events[:-1]]
     assert deltas[0] == {"role": "assistant", "content": ""}
-    assert [d["content"] for d in deltas[1:-1]] == [
-        f"t{i}.{j} " for i, n in enumerate(BATCH_SIZES) for j in range(n)
-    ]
+    assert [d["content"] for d in deltas[1:-1]] == [t for batch in TEXTS for t in batch]
     # The role chunk, one message per batch, the finish chunk, [DONE].
     assert len(bodies) == 1 + len(BATCH_SIZES) + 2
 
@@ -136,3 +147,16 @@ async def test_a_stream_needs_no_worker_thread(monkeypatch: pytest.MonkeyPatch) 
     await post("/api/generate", {"model": "fake", "prompt": "hi"})
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     await post("/v1/chat/completions", body)
+
+
+async def test_text_events_are_the_json_the_generic_encoder_writes() -> None:
+    # The per-token events skip json.dumps: their bytes must not change for any text.
+    tokens = [t for batch in ODD_TEXTS for t in batch]
+    bodies = await post("/api/generate", {"model": "fake", "prompt": "hi"}, ODD_TEXTS)
+    expected = "".join(sse({"text": t}, "text_chunk") for t in tokens)
+    assert expected in b"".join(bodies).decode()
+
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    events = sse_events(await post("/v1/chat/completions", body, ODD_TEXTS))
+    deltas = [e.split('"delta":', 1)[1].split(',"finish_reason"', 1)[0] for e in events[1:-2]]
+    assert deltas == [json.dumps({"content": t}) for t in tokens]
