@@ -11,7 +11,8 @@ else the machine runs. This bench isolates what chatfleet's own request path cos
 ``create_app`` (default store, auth off, as gateway.py configures it) is called
 directly as an ASGI app with ``POST /api/generate`` and ``/v1/chat/completions``
 (streamed), its engine client replaying what the relay hands the ingress (the first
-token alone, then the rest in two batches). The figure is CPU time
+token alone, then the rest in two batches, each one merged chunk; ``--unmerged``: a
+chunk per token). The figure is CPU time
 (``time.process_time``) per request, so a loaded machine changes it little; each
 revision runs in its own process (``git archive`` of ``serving/``), the revisions
 alternating every round. It prints figures, never asserts.
@@ -62,13 +63,17 @@ async def _measure(args: argparse.Namespace) -> dict[str, list[float]]:
         from chatfleet.serving.api._metrics import Metrics
 
     n = args.tokens
-    # Built once: the chunks are immutable, and making them is the engine's cost.
+    # As coalesce() hands them on: a batch's tokens of one kind merged into one chunk.
+    # Built once: chunks are immutable, and making them is the engine's cost.
+    second, third = n // 2 - 1, n - n // 2
     replies = [
         [Chunk("text", "tok ")],
-        [Chunk("text", "tok ") for _ in range(n // 2 - 1)],
-        [Chunk("text", "tok ") for _ in range(n - n // 2 - 1)]
-        + [Chunk("text", "", finish_reason="length", usage=Usage(3, n))],
+        [Chunk("text", "tok " * second, second)],
+        [Chunk("text", "tok " * third, third, finish_reason="length", usage=Usage(3, n))],
     ]
+    if args.unmerged:  # one chunk per token, as an engine without coalescing would
+        replies = [[Chunk("text", "tok ")] * len(b[0].text.split()) for b in replies]
+        replies[-1][-1] = Chunk("text", "tok ", finish_reason="length", usage=Usage(3, n))
 
     class Replay:
         def batches(self, request: Any) -> AsyncGenerator[list[Any], None]:
@@ -188,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="Figures per process and path.")
     p.add_argument("--concurrency", type=int, default=32, help="Requests in flight at once.")
     p.add_argument("--tokens", type=int, default=256, help="Tokens per reply.")
+    p.add_argument(
+        "--unmerged", action="store_true", help="A chunk per token instead of one per batch."
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
