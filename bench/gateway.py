@@ -666,9 +666,18 @@ def scenario_ttft(
         for name in names:
             c = cells[(name, conc)]
             per_k = c.server_cores() / max(c.tok_s(), 1e-9) * 1e6
+            # The ingress's own share per request: what its request path costs, the
+            # figure to compare across revisions (every request here is args.tokens long).
+            ingress = c.cpu().get("ingress")
+            per_request = (
+                ""
+                if ingress is None
+                else f" | ingress {ingress / max(c.tok_s(), 1e-9) * args.tokens * 1e3:.2f}"
+                " ms CPU per request"
+            )
             lines.append(
                 f"  c={conc:<3} {name:>16}: {cpu_text(c)}  | {per_k:,.1f} ms CPU per 1k tokens"
-                f" | other server idle {c.other_cores():.2f}"
+                f"{per_request} | other server idle {c.other_cores():.2f}"
             )
     lines.append(
         f"\nIn-process engine (no server): first chunk p50 {inproc['first_chunk_p50_ms']:.3f} ms,"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator
+from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
 from chatfleet.serving.api._answers import Answer
@@ -81,14 +82,23 @@ async def openai_events(
             yield event("[]", f',"chatfleet_route":{json.dumps(answer.route)}')
         yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
         async for delta in answer.deltas():
+            # A batch's events go out as one body message: the same bytes, but every
+            # message costs the ingress CPU in each ASGI layer and Serve's send path,
+            # and a batch arrived at once anyway (one message per token cost about a
+            # third of the ingress's CPU per request).
+            events: list[str] = []
             for chunk in delta.chunks:
                 if chunk.call is not None:
                     text = json.dumps({"tool_calls": [tool_call_delta(chunk.call)]})
-                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
+                    events.append(event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]'))
                 elif chunk.text:
                     key = "reasoning_content" if chunk.kind == "thinking" else "content"
-                    text = json.dumps({key: chunk.text})
-                    yield event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]')
+                    # The bytes json.dumps({key: text}) writes, without a dict and an
+                    # encoder pass per token (json_string is the C function it ends in).
+                    text = f'{{"{key}": {json_string(chunk.text)}}}'
+                    events.append(event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]'))
+            if events:
+                yield "".join(events)
         yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]')
         if include_usage:
             yield event("[]", f',"usage":{json.dumps(answer.usage_dict())}')
@@ -109,10 +119,14 @@ async def generate_events(
         if metadata:
             yield sse({"model": answer.model, "request_id": request_id}, "metadata")
         async for delta in answer.deltas():
+            events: list[str] = []
             for chunk in delta.chunks:
                 if chunk.text:
                     kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
-                    yield sse({"text": chunk.text}, kind)
+                    # sse({"text": ...}, kind)'s bytes, at a tenth of its CPU per token.
+                    events.append(f'event: {kind}\ndata: {{"text":{json_string(chunk.text)}}}\n\n')
+            if events:
+                yield "".join(events)  # one body message per batch, as in openai_events
     except Exception as exc:
         yield sse(gw.error_event(exc), "error")
         finish = "interrupted" if isinstance(exc, ShuttingDown) else "error"
