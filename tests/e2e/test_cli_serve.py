@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 from tests.fakes.serve_process import CHATFLEET, ServeProcess, serve_processes
 
@@ -116,6 +117,15 @@ def test_the_default_pipeline_answers_offline_and_stops_on_ctrl_c(start: Any) ->
     for noise in NOISE:
         assert noise not in output, output
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+    # The Serve replicas and HAProxy carry every token: not at Ray's worker niceness (15).
+    serving = {
+        p.name(): p.nice()
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if p.name().startswith(("ray::ServeReplica", "haproxy"))
+    }
+    assert any(n.startswith("haproxy") for n in serving), serving
+    assert sum(n.startswith("ray::ServeReplica") for n in serving) >= 3, serving
+    assert set(serving.values()) == {0}, serving
 
     # Auth is on by default: the printed token works, no token is a 401.
     token = re.search(r"token \(expires in \d+ min\): (\S+)", output)

@@ -225,6 +225,7 @@ def test_every_ray_pod_fronts_serve_with_haproxy_unless_asked_not_to() -> None:
     for env in default:
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["RAY_worker_niceness"] == "0"
     spec = gpu_spec()
     spec = spec.model_copy(
         update={"cluster": spec.cluster.model_copy(update={"http_proxy": "serve"})}

@@ -18,6 +18,9 @@ def test_haproxy_fronts_serve_when_its_binary_exists() -> None:
     assert front == "HAProxy"
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # Replicas (and the HAProxy one of them spawns) at normal priority, not Ray's 15.
+    assert env["RAY_worker_niceness"] == "0"
+    assert 1 <= int(env["RAY_SERVE_HAPROXY_NBTHREAD"]) <= min(4, len(os.sched_getaffinity(0)))
     assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
     # Fresh ports, not Serve's fixed 8404/9101/8500 a second local server would collide on.
     ports = {
@@ -37,7 +40,9 @@ def test_the_users_variables_win() -> None:
         {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     )
     assert front == "Ray Serve's proxy"
-    assert env == {}
+    assert env == {"RAY_worker_niceness": "0"}
+    env, _ = cli.serve_environment({"RAY_worker_niceness": "5"})
+    assert "RAY_worker_niceness" not in env
     env, _ = cli.serve_environment({"RAY_SERVE_HAPROXY_STATS_PORT": "9999"})
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # kept as the user set it
 
@@ -46,7 +51,7 @@ def test_without_haproxy_serve_keeps_its_python_proxy(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_serve_env, "_haproxy_binary", lambda: None)
     env, front = cli.serve_environment({})
     assert front == "Ray Serve's proxy (no HAProxy binary found)"
-    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_worker_niceness": "0"}
 
 
 def test_a_bad_metrics_port_is_refused_before_anything_starts(

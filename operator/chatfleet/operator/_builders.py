@@ -140,6 +140,10 @@ def _env(name: str, spec: ChatDeploymentSpec) -> list[dict[str, Any]]:
         # What `chatfleet serve` runs and bench/gateway.py measures: uvloop, handle
         # calls over gRPC, no per-request log lines.
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+        # Ray starts workers at niceness 15; here they are the Serve replicas and
+        # HAProxy, the pod's workload, which Ray's own agents must not starve (as
+        # `chatfleet serve` sets: chatfleet.serving._serve_env.SERVING_PRIORITY).
+        {"name": "RAY_worker_niceness", "value": "0"},
         {
             "name": "RAY_SERVE_ENABLE_HA_PROXY",
             "value": "1" if spec.cluster.http_proxy == "haproxy" else "0",

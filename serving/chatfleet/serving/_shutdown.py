@@ -74,7 +74,7 @@ def drain_local_replicas(
 
 def run_processes() -> list[Any]:
     """This process's descendants now (Ray's daemons, workers and their HAProxy)."""
-    import psutil  # type: ignore[import-untyped]  # a Ray dependency
+    import psutil  # type: ignore[import-untyped]
 
     with contextlib.suppress(psutil.Error):
         return list(psutil.Process(os.getpid()).children(recursive=True))
