@@ -180,6 +180,10 @@ def profile(
         str(args.tokens),
         "--ui-type",
         "none",
+        # aiperf scrapes base_url/metrics three times a second by default: a cost only
+        # chatfleet pays (the naive server has no /metrics), while Prometheus scrapes
+        # every 15-30 s. The measuring client should not load what it measures.
+        "--no-server-metrics",
         "--output-artifact-dir",
         str(out),
     ]
