@@ -1,6 +1,6 @@
 """The Responses API on real Ray Serve, through the official client: a conversation carried
 by ``previous_response_id`` over the store the ingress replica opens (streamed and not),
-and the fake engine's function-call loop."""
+its input items and a deletion, and the fake engine's function-call loop."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def test_a_conversation_by_previous_response_id(client: openai.OpenAI) -> None:
         second.output_text,
         "And my last name?",
     )
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+
+    # Its own input is listed; deleting the first response leaves the later ones whole.
+    (item,) = client.responses.input_items.list(third.id).data
+    assert item.type == "message" and item.content[0].text == "And my last name?"
+    deleted = client.responses.with_raw_response.delete(first.id).http_response.json()
+    assert deleted == {"id": first.id, "object": "response.deleted", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
     assert client.responses.retrieve(third.id).output_text == third.output_text
 
 

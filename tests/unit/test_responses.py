@@ -48,8 +48,11 @@ WEATHER: Any = {
 
 
 class Served:
-    def __init__(self, engines: dict[str, RecordingEngine], clients: dict[str, Any]) -> None:
+    def __init__(
+        self, engines: dict[str, RecordingEngine], clients: dict[str, Any], store: Store
+    ) -> None:
         self.engines = engines
+        self.store = store
         self.alice: openai.AsyncOpenAI = clients["alice"]
         self.bob: openai.AsyncOpenAI = clients["bob"]
 
@@ -98,7 +101,7 @@ async def served(store_url: str) -> AsyncIterator[Served]:
                     base_url=f"{url}/v1", api_key=r.json()["access_token"], max_retries=0
                 )
         try:
-            yield Served(engines, openai_clients)
+            yield Served(engines, openai_clients, store)
         finally:
             for c in openai_clients.values():
                 await c.close()

@@ -133,6 +133,11 @@ class HeldStream(EventStream):
                 await self._held.aclose()
 
 
+def loading_comment(model: str) -> str:
+    """The notice of OpenAI's streams: an SSE comment, which OpenAI's clients skip."""
+    return f": loading model {model}\n\n"
+
+
 def openai_held(gw: Gateway, held: Held, include_usage: bool) -> HeldStream:
     """A held answer as OpenAI's stream, after a ``: loading model`` comment line."""
 
@@ -144,8 +149,7 @@ def openai_held(gw: Gateway, held: Held, include_usage: bool) -> HeldStream:
         # As openai_events reports a late failure: an event with an "error" key.
         return [sse(gw.error_event(exc)), "data: [DONE]\n\n"]
 
-    notice = f": loading model {held.model}\n\n"
-    return HeldStream(held, held_events(held, notice, events, failed))
+    return HeldStream(held, held_events(held, loading_comment(held.model), events, failed))
 
 
 def native_stream(

@@ -50,6 +50,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /v1/messages": _ENGINE,
     "POST /v1/responses": _ENGINE,  # and previous_response_id not found
     "GET /v1/responses/{response_id}": (503,),
+    "GET /v1/responses/{response_id}/input_items": (503,),
+    "DELETE /v1/responses/{response_id}": (503,),
     "GET /v1/conversations": (503,),
     "GET /v1/conversations/{conversation_id}": (503,),
     "DELETE /v1/conversations/{conversation_id}": (503,),

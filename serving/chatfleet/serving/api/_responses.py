@@ -1,5 +1,5 @@
-"""``POST /v1/responses`` and ``GET /v1/responses/{id}``: OpenAI's Responses API over
-the conversation store.
+"""``POST /v1/responses``: OpenAI's Responses API over the conversation store (reading
+and deleting stored responses: `api._responses_stored`).
 
 A stored response (``store``, the default, on a server with a store) is a turn of a
 stored conversation owned by the caller: its input items are the turn's messages (the
@@ -9,10 +9,17 @@ streams, finished as complete, cancelled or failed). ``previous_response_id`` co
 that response's chain of turns; another client's response id is not found (404), as an
 unknown one. ``store: false`` keeps nothing (such a response cannot be continued).
 A server without a store answers every response unstored (``"store": false``).
+
+A streamed response whose model is scaled to zero starts with the comment line
+``: loading model <name>`` (as chat completions' stream does, `api._loading`: OpenAI's
+SDK skips comments, where an event of a type it does not know would reach the code
+iterating it); the turn is stored once the answer opens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -21,10 +28,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from chatfleet.serving.api._answers import BackgroundWrites, Delta, best_effort, require_store
+from chatfleet.serving.api._answers import (
+    Answer,
+    BackgroundWrites,
+    Delta,
+    best_effort,
+    require_store,
+)
 from chatfleet.serving.api._conversations import _title, _Turn
 from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._loading import (
+    Held,
+    HeldStream,
+    held_events,
+    loading_comment,
+    opened_or_held,
+)
 from chatfleet.serving.api._responses_schemas import ResponsesRequest
+from chatfleet.serving.api._responses_stored import add_stored_response_routes
 from chatfleet.serving.api._responses_wire import ResponseWire
 from chatfleet.serving.api._streaming import EventStream
 from chatfleet.serving.api._tenancy import CallerDep
@@ -43,6 +64,7 @@ def _message(stored: StoredMessage) -> Message:
 
 def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) -> None:
     """The Responses API; its store writes finish through ``writes`` (drained on shutdown)."""
+    add_stored_response_routes(app, gw, writes)
 
     @app.post(
         "/v1/responses",
@@ -95,7 +117,9 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
         response_id = f"{_ID_PREFIX}{uuid.uuid4().hex}"
         owner = caller.client_id if previous is None else previous.owner
         conversation_id = uuid.uuid4().hex if previous is None else previous.conversation_id
-        answer = await gw.open(
+        opened = await opened_or_held(
+            body.stream,
+            gw.open,
             body.model,
             history,
             sampling,
@@ -104,8 +128,11 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
             accepted_at=accepted_at,
         )
         wire = ResponseWire(body, response_id, stored=store is not None)
-        turn: _Turn | None = None
-        if store is not None:
+
+        async def begin(answer: Answer) -> _Turn | None:
+            """The stored turn the answer streams into (none unstored)."""
+            if store is None:
+                return None
             try:
                 reply = await store.add_response_turn(
                     response_id,
@@ -127,7 +154,7 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
             except BaseException:
                 await answer.aclose()
                 raise
-            turn = _Turn(gw, store, writes, owner, conversation_id, reply.id, answer)
+            return _Turn(gw, store, writes, owner, conversation_id, reply.id, answer)
 
         async def keep(final: dict[str, Any]) -> None:
             if store is not None:
@@ -137,10 +164,34 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
                     "store of a response",
                 )
 
+        def events(answer: Answer, turn: _Turn | None) -> AsyncGenerator[str, None]:
+            deltas: AsyncGenerator[Delta, None] = answer.deltas() if turn is None else turn.deltas()
+            return wire.events(gw, answer, deltas, keep)
+
+        if isinstance(opened, Held):  # a replica starts: say so at once, store once opened
+
+            async def held_answer(answer: Answer) -> AsyncGenerator[str, None]:
+                try:
+                    turn = await begin(answer)
+                except Exception as exc:  # previous_response_id deleted meanwhile...
+                    for line in wire.refused(gw, exc):
+                        yield line
+                    return
+                stream = events(answer, turn)
+                async with contextlib.aclosing(stream):
+                    async for line in stream:
+                        yield line
+
+            # Before any event, as chat completions' stream: a comment OpenAI's SDK skips.
+            notice = loading_comment(opened.model)
+            failed = functools.partial(wire.refused, gw)
+            return HeldStream(opened, held_events(opened, notice, held_answer, failed))
+        answer = opened
+        turn = await begin(answer)
+
         headers = route_headers(answer)
         if body.stream:
-            deltas: AsyncGenerator[Delta, None] = answer.deltas() if turn is None else turn.deltas()
-            return EventStream(wire.events(gw, answer, deltas, keep), headers=headers)
+            return EventStream(events(answer, turn), headers=headers)
         try:
             if turn is not None:
                 await turn.collect(raw)  # a client gone: stopped, stored as cancelled
@@ -153,17 +204,3 @@ def add_responses_routes(app: FastAPI, gw: Gateway, writes: BackgroundWrites) ->
         final = wire.body(answer)
         await keep(final)
         return JSONResponse(final, headers=headers)
-
-    @app.get(
-        "/v1/responses/{response_id}",
-        tags=["openai"],
-        summary="A stored response (the caller's own).",
-    )
-    async def get_response(response_id: str, caller: CallerDep) -> dict[str, Any]:
-        store = require_store(gw.store)
-        found = await store.get_response(response_id, owner=caller.sees)
-        if found is None:
-            raise NotFound(f"response {response_id!r} not found", param="response_id")
-        if found.body is None:  # still being answered (or its replica stopped meanwhile)
-            return {"id": found.id, "object": "response", "status": "in_progress", "output": []}
-        return found.body

@@ -10,7 +10,8 @@ then per item ``response.output_item.added``, its deltas
 their ``.done`` events and ``response.output_item.done``; last
 ``response.completed`` (``response.incomplete`` when ``max_output_tokens`` cut the
 answer short). A failure once streaming has started is an ``error`` event followed by
-``response.failed``.
+``response.failed``; so is one before the answer opened, once a loading notice was
+sent (`ResponseWire.refused`).
 """
 
 from __future__ import annotations
@@ -149,6 +150,21 @@ class ResponseWire:
         if answer is not None and answer.route is not None:
             body["chatfleet_route"] = answer.route
         return body
+
+    def refused(self, gw: Gateway, exc: Exception) -> list[str]:
+        """A stream whose answer never opened (its model did not start...): an ``error``
+        event, then ``response.failed``."""
+        error = exc if isinstance(exc, ChatfleetError) else ChatfleetError("generation failed")
+        detail = gw.error_event(exc)["error"]
+        fields = {"code": detail["code"], "message": detail["message"], "param": detail["param"]}
+        failed = self.body(None, status="failed", error=error)
+        return [
+            sse({"type": "error", "sequence_number": 0, **fields}, "error"),
+            sse(
+                {"type": "response.failed", "sequence_number": 1, "response": failed},
+                "response.failed",
+            ),
+        ]
 
     async def events(
         self,

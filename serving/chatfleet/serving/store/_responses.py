@@ -4,6 +4,13 @@ A response built on another (``previous_response_id``) continues that one's
 conversation; its prompt is that response's chain of turns (`StoredResponse.context`),
 not every message of the conversation, so two responses built on the same one are
 two branches that never see each other.
+
+A response's own input is the part of its chain after the last earlier reply: replies
+are the chain's assistant messages with a ``model`` (an input message has none, an
+assistant message replayed in ``input`` included). Deleting a response deletes its row
+and the messages no other response of the conversation has in its chain: a response
+built on it keeps its whole context (as OpenAI keeps it), and the last response of a
+conversation takes the conversation with it (unless it holds other messages).
 """
 
 from __future__ import annotations
@@ -11,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from chatfleet.serving.errors import Conflict, NotFound
 from chatfleet.serving.store._conversations import ConversationStore, NewMessage, _message
-from chatfleet.serving.store._models import MessageRow, ResponseRow
+from chatfleet.serving.store._models import ConversationRow, MessageRow, ResponseRow
 from chatfleet.serving.store._records import StoredMessage, StoredResponse
 
 #: Message ids a response keeps as its context: far more than any history limit.
@@ -124,3 +131,73 @@ class ResponseStore(ConversationStore):
         async with self._tx() as s:
             rows = (await s.scalars(query)).all()
         return [_message(row) for row in reversed(rows)]
+
+    async def response_reply(self, response: StoredResponse) -> StoredMessage | None:
+        """The reply ``response`` answered with (``partial`` while it is being written)."""
+        async with self._tx() as s:
+            row = await s.get(MessageRow, response.message_id)
+            return None if row is None else _message(row)
+
+    async def response_inputs(self, response: StoredResponse) -> list[StoredMessage]:
+        """The messages ``response`` was asked with (its own turn's), oldest first."""
+        in_chain = (
+            MessageRow.conversation_id == response.conversation_id,
+            MessageRow.id.in_(response.context),
+            MessageRow.id < response.message_id,
+        )
+        async with self._tx() as s:
+            last_reply = await s.scalar(
+                select(func.max(MessageRow.id)).where(
+                    *in_chain, MessageRow.role == "assistant", MessageRow.model.is_not(None)
+                )
+            )
+            query = select(MessageRow).where(*in_chain).order_by(MessageRow.id)
+            if last_reply is not None:
+                query = query.where(MessageRow.id > last_reply)
+            rows = (await s.scalars(query)).all()
+        return [_message(row) for row in rows]
+
+    async def delete_response(self, response_id: str, *, owner: str | None = None) -> bool:
+        """Delete a response of ``owner`` and what no other response's chain holds;
+        ``False`` if there was none."""
+        query = select(ResponseRow).where(ResponseRow.id == response_id)
+        if owner is not None:
+            query = query.where(ResponseRow.owner == owner)
+        async with self._tx() as s:
+            row = await s.scalar(query)
+            if row is None:
+                return False
+            conversation_id = row.conversation_id
+            await s.delete(row)
+            others = (
+                await s.scalars(
+                    select(ResponseRow.context).where(
+                        ResponseRow.conversation_id == conversation_id
+                    )
+                )
+            ).all()
+            kept = {message_id for context in others for message_id in context}
+            alone = [m for m in row.context if m not in kept]
+            if alone:
+                await s.execute(
+                    delete(MessageRow).where(
+                        MessageRow.conversation_id == conversation_id, MessageRow.id.in_(alone)
+                    )
+                )
+            left = await s.scalar(
+                select(func.count()).where(MessageRow.conversation_id == conversation_id)
+            )
+            if not others and not left:  # nothing else can reach the conversation
+                await s.execute(
+                    delete(ConversationRow).where(ConversationRow.id == conversation_id)
+                )
+            return True
+            kept = {message_id for context in others for message_id in context}
+            alone = [m for m in row.context if m not in kept]
+            if alone:
+                await s.execute(
+                    delete(MessageRow).where(
+                        MessageRow.conversation_id == conversation_id, MessageRow.id.in_(alone)
+                    )
+                )
+            return True
