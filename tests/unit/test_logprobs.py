@@ -5,6 +5,7 @@ checked against the model's own logits, the openai engine's relayed from its ups
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from openai import AsyncOpenAI
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob
 from tests.fakes.app_server import serving
-from tests.fakes.ollama_server import FakeOllamaServer
+from tests.fakes.ollama_server import FakeOllamaServer, OllamaAnswer
 from tests.fakes.openai_server import FakeOpenAIServer, token_logprob
 from tests.fakes.remote_engines import remote_models
 from tests.unit.test_api import Harness, fake_model, make_config
@@ -148,13 +149,14 @@ async def remote_client(
     openai_upstream: FakeOpenAIServer, ollama_upstream: FakeOllamaServer
 ) -> AsyncIterator[AsyncOpenAI]:
     openai_upstream.reset()
-    remote = remote_models(openai_upstream, ollama_upstream)[0]
+    ollama_upstream.reset()
+    remote, local = remote_models(openai_upstream, ollama_upstream)
     whole = ModelConfig(
         name="remote-whole",
         engine="openai",
         openai={**remote.openai.model_dump(), "stream": False},  # type: ignore[union-attr]
     )
-    config = make_config(remote, whole)
+    config = make_config(remote, whole, local)
     clients = {m.name: LocalEngineClient(create_engine(m)) for m in config.models}
     for engine_client in clients.values():
         await engine_client.start()
@@ -188,6 +190,51 @@ async def test_the_openai_engine_relays_its_upstream_logprobs(
     _, logprobs = await ask(remote_client, model, stream=stream, messages=messages)
     assert logprobs is None
     assert "logprobs" not in openai_upstream.requests[-1].body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_ollama_engine_maps_ollamas_logprobs(
+    remote_client: AsyncOpenAI, ollama_upstream: FakeOllamaServer, stream: bool
+) -> None:
+    messages = [{"role": "user", "content": "alpha beta gamma"}]
+    text, logprobs = await ask(
+        remote_client, "local", stream=stream, messages=messages, logprobs=True, top_logprobs=3
+    )
+    assert text == "alpha beta gamma"
+    sent = ollama_upstream.requests[-1].body
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 3)
+    assert logprobs is not None
+    assert [t.model_dump() for t in logprobs] == [
+        token_logprob(p, i, 3) for i, p in enumerate(["alpha", " beta", " gamma"])
+    ]
+
+    _, logprobs = await ask(remote_client, "local", stream=stream, messages=messages)
+    assert logprobs is None
+    assert "logprobs" not in ollama_upstream.requests[-1].body
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        "x",
+        [{"token": 1, "logprob": -0.5}],
+        [{"token": "a", "logprob": "-0.5"}],
+        [{"token": "a", "logprob": -0.5, "bytes": [256]}],
+        [{"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "b"}]}],
+    ],
+)
+async def test_malformed_upstream_logprobs_are_a_502_not_a_crash(
+    remote_client: AsyncOpenAI, ollama_upstream: FakeOllamaServer, logprobs: Any
+) -> None:
+    line = {"message": {"role": "assistant", "content": " b"}, "done": False}
+    malformed = json.dumps({**line, "logprobs": logprobs}).encode() + b"\n"
+    ollama_upstream.queue(
+        OllamaAnswer(content=["a", " b"], malformed_after=1, malformed_line=malformed)
+    )
+    with pytest.raises(openai.APIStatusError) as caught:
+        await ask(remote_client, "local", stream=False, logprobs=True)
+    assert caught.value.status_code == 502
+    assert "malformed" in str(caught.value.body)
 
 
 # --- the transformers engine: the model's own log-probabilities -----------------------------

@@ -123,10 +123,11 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
             ),
         ),
     ),
-    # Native tools and format; sampling into Ollama's options (repeat_penalty...).
+    # Native tools, format and logprobs; sampling into Ollama's options (repeat_penalty...).
     "ollama": EngineCapabilities(
         tools=True,
         structured_output=True,
+        logprobs=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
         why_not=(
             (

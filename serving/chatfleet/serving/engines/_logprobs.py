@@ -1,9 +1,10 @@
 """Engines' token logprobs in the one shape chunks carry (`TokenLogprob`).
 
 Each engine reports them its own way: a remote OpenAI-compatible server in OpenAI's
-shape, vLLM as a dict per position of token id -> (logprob, rank, decoded text), and
-transformers as the logits of each step (`_hf_logprobs`). The conversions here are
-pure, so they are tested without vLLM or a server.
+shape (client objects), Ollama in the same shape as plain JSON on each line, vLLM as
+a dict per position of token id -> (logprob, rank, decoded text), and transformers
+as the logits of each step (`_hf_streaming.LogprobRecorder`). The conversions here
+are pure, so they are tested without vLLM or a server.
 
 JSON has no infinity: a token the model rules out entirely (logprob -inf, as a
 masked logit gives) is reported at `FLOOR`, as vLLM's OpenAI server does.
@@ -17,7 +18,7 @@ from typing import Any
 
 from chatfleet.serving.protocol import TokenLogprob
 
-__all__ = ["FLOOR", "from_openai", "from_vllm", "reported"]
+__all__ = ["FLOOR", "from_json", "from_openai", "from_vllm", "reported"]
 
 FLOOR = -9999.0
 
@@ -41,6 +42,37 @@ def from_openai(content: Iterable[Any] | None) -> tuple[TokenLogprob, ...]:
         )
         for entry in content or ()
     )
+
+
+def from_json(entries: object) -> tuple[TokenLogprob, ...]:
+    """Logprobs as JSON (``[{token, logprob, bytes?, top_logprobs?}]``, Ollama's); a
+    `ValueError` for anything else."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ValueError("logprobs is not a list")
+    return tuple(_json_entry(e, nested=True) for e in entries)
+
+
+def _json_entry(entry: object, *, nested: bool) -> TokenLogprob:
+    if not isinstance(entry, dict):
+        raise ValueError("a logprob is not an object")
+    token, logprob, raw = entry.get("token"), entry.get("logprob"), entry.get("bytes")
+    top = entry.get("top_logprobs") or [] if nested else []
+    if (
+        not isinstance(token, str)
+        or isinstance(logprob, bool)
+        or not isinstance(logprob, int | float)
+        or not (raw is None or (isinstance(raw, list) and all(_is_byte(b) for b in raw)))
+        or not isinstance(top, list)
+    ):
+        raise ValueError("a logprob is malformed")
+    alternatives = tuple(_json_entry(t, nested=False) for t in top)
+    return TokenLogprob(token, reported(float(logprob)), _bytes(token, raw), alternatives)
+
+
+def _is_byte(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
 
 
 def _bytes(token: str, raw: Sequence[int] | None) -> tuple[int, ...] | None:
