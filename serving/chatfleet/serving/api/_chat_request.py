@@ -49,6 +49,20 @@ class OpenAIMessage(ChatMessage):
     which says what the served engines can take: no tool messages without tools...)."""
 
 
+def _top_logprobs_with_logprobs(schema: dict[str, Any]) -> None:
+    # The document says what `_with_logprobs` checks, so no generated client (or
+    # schema-driven test) believes top_logprobs alone is a request.
+    schema.setdefault("allOf", []).append(
+        {
+            "if": {
+                "properties": {"top_logprobs": {"type": "integer"}},
+                "required": ["top_logprobs"],
+            },
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
+
+
 def _strict(default: Any = None, **constraints: Any) -> Any:
     return Field(default, strict=True, **constraints)
 
@@ -56,7 +70,7 @@ def _strict(default: Any = None, **constraints: Any) -> Any:
 class ChatCompletionRequest(ToolFields, SamplingFields):
     """`POST /v1/chat/completions`: OpenAI's parameters plus chatfleet's extensions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_top_logprobs_with_logprobs)
 
     model: str = Field(min_length=1, description="A served model's name, or 'auto'.")
     messages: list[OpenAIMessage] = Field(min_length=1, description="The conversation so far.")
