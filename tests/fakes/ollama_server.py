@@ -10,6 +10,8 @@ answer (``done_reason: length``). An unknown model gets Ollama's 404 body.
 Tool calls come whole in one line before the done line, with arguments as a JSON
 object, as Ollama sends them; a request with a ``format`` (a JSON schema, or
 ``"json"``) and no script gets a document that follows it, as a constrained model's.
+``logprobs: true`` gets each line's ``logprobs`` (as Ollama 0.12.11 sends them), with
+the made-up values of the OpenAI fake (`token_logprob`), ``top_logprobs`` long.
 ``GET /api/version`` answers too.
 
 Tests script replies with `queue`: an `OllamaAnswer` (pieces, pacing, faults: drop
@@ -29,6 +31,7 @@ from typing import Any
 from chatfleet.serving.engines._fake_scripts import json_document
 
 from .local_server import Exchange, Failure, LocalServer
+from .openai_server import token_logprob
 
 __all__ = ["Failure", "FakeOllamaServer", "OllamaAnswer"]
 
@@ -131,6 +134,9 @@ class FakeOllamaServer(LocalServer):
             if sent and not await exchange.pause(answer.delay_s):
                 return
             line = {**_head(body), "message": {"role": "assistant", **message}, "done": False}
+            if body.get("logprobs"):
+                token = message.get("thinking") or message["content"]
+                line["logprobs"] = [token_logprob(token, sent, body.get("top_logprobs") or 0)]
             if not await exchange.write_split(_line(line), split=answer.split_lines):
                 return
         if answer.tool_calls:

@@ -4,7 +4,9 @@
 Server-Sent Events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``) when the
 request says ``stream: true``; a usage chunk with empty ``choices`` comes last
 only when ``stream_options.include_usage`` asks for it, as OpenAI does.
-``max_tokens`` caps the answer (finish_reason ``length``). With ``api_key`` set,
+``max_tokens`` caps the answer (finish_reason ``length``). ``logprobs: true`` gets each
+content piece's logprobs (`token_logprob`), in each chunk's choice or in the
+completion's, with ``top_logprobs`` alternatives. With ``api_key`` set,
 requests need ``Authorization: Bearer <key>``; a wrong key gets OpenAI's 401
 body, which (unlike OpenAI, which masks it) echoes the key back in full, so
 tests can prove that engines scrub it.
@@ -25,7 +27,7 @@ from typing import Any
 
 from .local_server import Exchange, Failure, LocalServer
 
-__all__ = ["Answer", "Failure", "FakeOpenAIServer"]
+__all__ = ["Answer", "Failure", "FakeOpenAIServer", "token_logprob"]
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,11 @@ class FakeOpenAIServer(LocalServer):
             "system_fingerprint": None,
         }
 
-        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
             chunk = {
                 **base,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 ],
             }
             if include_usage:
@@ -136,6 +138,7 @@ class FakeOpenAIServer(LocalServer):
         if not await exchange.write(event({"role": "assistant", "content": ""})):
             return
         pieces, finish = _capped(answer, body)
+        said = 0  # content pieces so far
         for sent, (name, piece) in enumerate(pieces):
             if sent == answer.drop_after:
                 return  # a started response left unfinished: uvicorn drops the connection
@@ -152,9 +155,16 @@ class FakeOpenAIServer(LocalServer):
             if sent and not await exchange.pause(answer.delay_s):
                 return
             delta = {answer.reasoning_field: piece} if name == "reasoning" else {"content": piece}
+            logprobs = None
+            if name == "content" and body.get("logprobs"):
+                top = body.get("top_logprobs") or 0
+                logprobs = {"content": [token_logprob(piece, said, top)], "refusal": None}
+                said += 1
             if answer.comments and not await exchange.write(b": OPENROUTER PROCESSING\n\n"):
                 return
-            if not await exchange.write_split(event(delta), split=answer.split_events):
+            if not await exchange.write_split(
+                event(delta, None, logprobs), split=answer.split_events
+            ):
                 return
         for index, (call_id, name, arguments) in enumerate(answer.tool_calls):
             function = {"name": name, "arguments": ""}
@@ -193,6 +203,14 @@ def _completion(body: dict[str, Any], answer: Answer) -> dict[str, Any]:
     reasoning = "".join(p for name, p in pieces if name == "reasoning")
     if reasoning:
         message[answer.reasoning_field] = reasoning
+    logprobs = None
+    if body.get("logprobs"):
+        content = [p for name, p in pieces if name == "content"]
+        top = body.get("top_logprobs") or 0
+        logprobs = {
+            "content": [token_logprob(p, i, top) for i, p in enumerate(content)],
+            "refusal": None,
+        }
     if answer.tool_calls:
         message["content"] = message["content"] or None
         message["tool_calls"] = [
@@ -204,8 +222,25 @@ def _completion(body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body["model"],
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        ],
         "usage": _usage(answer, len(pieces)),
+    }
+
+
+def token_logprob(piece: str, i: int, top: int) -> dict[str, Any]:
+    """The made-up logprobs of the ``i``-th content piece: -(i + 1) / 8, its
+    alternatives ``alt1``, ``alt2``... each 1 lower (``top`` entries in all)."""
+    logprob = -(i + 1) / 8
+    alternatives = [(piece, logprob)] + [(f"alt{j}", logprob - j) for j in range(1, top)]
+    return {
+        "token": piece,
+        "logprob": logprob,
+        "bytes": list(piece.encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives[:top]
+        ],
     }
 
 

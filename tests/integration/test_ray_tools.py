@@ -133,3 +133,26 @@ def test_tool_calls_pass_through_to_an_openai_api(
     assert finish == "tool_calls"
     assert calls == [{"id": "call_9", "name": "get_weather", "arguments": '{"city": "Oslo"}'}]
     assert remote.requests[-1].body["tools"] == [WEATHER]
+
+
+@pytest.mark.parametrize("model", ["fake", "local", "remote"])
+def test_logprobs_cross_the_replicas(client: openai.OpenAI, model: str) -> None:
+    # Logprobs ride on the engine's chunks: through the handle or the relay, as chunks do.
+    request: Any = {
+        "model": model,
+        "messages": [{"role": "user", "content": "alpha beta gamma delta"}],
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    choice = client.chat.completions.create(**request).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    streamed, text = [], ""
+    for chunk in client.chat.completions.create(stream=True, **request):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs is not None:
+                streamed += c.logprobs.content or []
+    assert text == choice.message.content
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in choice.logprobs.content]

@@ -90,8 +90,6 @@ async def test_an_unknown_field_is_refused_in_openai_words(client: httpx.AsyncCl
     [
         ({"functions": [{"name": "f"}]}, "functions", "functions (deprecated: use tools)"),
         ({"function_call": "auto"}, "function_call", "function_call (deprecated: use tools)"),
-        ({"logprobs": True}, "logprobs", "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs (logprobs)"),
         ({"n": 2}, "n", "n > 1 (one choice per request)"),
         ({"logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
         ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning_effort"),
@@ -270,7 +268,7 @@ async def test_models_say_what_each_supports(client: httpx.AsyncClient) -> None:
         "forced_tool_choice": True,
         "structured_output": True,
         "vision": False,
-        "logprobs": False,
+        "logprobs": True,
         "sampling_parameters": [],
     }
     assert models["thinker"]["capabilities"]["reasoning"] is True
@@ -281,6 +279,7 @@ def test_every_engine_declares_its_capabilities() -> None:
         kind: ModelConfig.model_validate(_minimal(kind)).capabilities() for kind in ENGINE_KINDS
     }
     assert not any(c.vision for c in declared.values())
+    assert all(c.logprobs for c in declared.values())
     assert {k for k, c in declared.items() if c.tools} == {"fake", "ollama", "openai"}
     assert {k for k, c in declared.items() if c.structured_output} == {
         "fake",

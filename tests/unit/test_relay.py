@@ -12,7 +12,7 @@ from tests.fakes.app_server import wait_for
 
 from chatfleet.serving import relay as relay_module
 from chatfleet.serving.errors import EngineError, RelayLost
-from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
+from chatfleet.serving.protocol import Chunk, TokenLogprob, ToolCallDelta, Usage
 from chatfleet.serving.relay import Relay, RelayAddress
 from chatfleet.serving.relay_links import LinkLost, Links, relay_batches
 
@@ -236,6 +236,10 @@ def test_frames_are_json_not_pickles() -> None:
         Chunk("tool_call", "", 1, call=ToolCallDelta(0, '{"a"', "call_1", "f")),
         Chunk("tool_call", "", 1, call=ToolCallDelta(0, ": 1}")),
     ]
+    # And logprobs, with their alternatives and the bytes of a token cut inside a character.
+    top = (TokenLogprob(" a", -0.5), TokenLogprob("\ufffd", -1.5, bytes=(0xE2, 0x80)))
+    batch.append(Chunk("text", " a", 1, logprobs=(TokenLogprob(" a", -0.5, top=top),)))
+    batch.append(Chunk("text", "\u2026", 2, logprobs=(top[1], TokenLogprob("\ufffd", -0.1))))
     encoded = relay_module.encode_batch(batch)
     assert relay_module.decode_batch(json.loads(json.dumps(encoded))) == batch
 

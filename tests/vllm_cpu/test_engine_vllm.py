@@ -218,3 +218,29 @@ async def test_a_json_schema_response_format_constrains_the_answer_to_the_schema
     # The same random model unconstrained writes no such document.
     with pytest.raises(json.JSONDecodeError):
         json.loads(free)
+
+
+async def test_logprobs_are_vllms_with_the_top_alternatives_by_rank(
+    vllm_engine: VLLMEngine,
+) -> None:
+    chunks = await _collect(vllm_engine, _request(max_tokens=24, logprobs=3))
+
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert len(logprobs) == 24  # one per generated token, none lost across deltas
+    assert all(c.kind == "text" for c in chunks if c.logprobs)
+    tokenizer = vllm_engine._tokenizer
+    for lp in logprobs:
+        assert len(lp.top) == 3
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+        # Greedy: the sampled token is the most likely one, with the same logprob.
+        assert (lp.token, lp.logprob) == (lp.top[0].token, lp.top[0].logprob)
+        assert lp.logprob <= 0
+    # The tokens, decoded as vLLM's OpenAI server decodes them, spell the answer.
+    text = "".join(c.text for c in chunks)
+    assert "".join(lp.token for lp in logprobs) == text, tokenizer.name_or_path
+
+    # top_logprobs 0: each sampled token's own logprob only.
+    chunks = await _collect(vllm_engine, _request(max_tokens=8, logprobs=0))
+    assert [len(lp.top) for c in chunks for lp in c.logprobs] == [0] * 8
+    # Not asked: none.
+    assert not any(c.logprobs for c in await _collect(vllm_engine, _request(max_tokens=8)))

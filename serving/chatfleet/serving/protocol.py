@@ -20,6 +20,7 @@ __all__ = [
     "GenerationRequest",
     "Message",
     "Role",
+    "TokenLogprob",
     "ToolCall",
     "ToolCallDelta",
     "Usage",
@@ -72,6 +73,10 @@ class GenerationRequest:
     parallel_tool_calls: bool | None = None
     #: OpenAI's ``response_format`` (``json_object``, ``json_schema``); None for text.
     response_format: dict[str, Any] | None = None
+    #: None: no logprobs; k: each answer token's logprob with the k most likely
+    #: alternatives (OpenAI's ``logprobs: true`` with ``top_logprobs: k``); only for
+    #: engines whose capabilities say ``logprobs``.
+    logprobs: int | None = None
     #: The W3C trace context (``traceparent``...) the engine's span is parented on.
     trace_context: dict[str, str] = field(default_factory=dict)
     #: Requests with the same key go to the same replica while it has room, the one
@@ -100,6 +105,23 @@ class ToolCallDelta:
     name: str | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """A token and its log probability (natural log of the probability the model gave it,
+    before temperature and penalties, as OpenAI defines it); ``top`` holds the most likely
+    tokens at its position, best first (their own ``top`` is empty)."""
+
+    token: str
+    logprob: float
+    #: The token's bytes where its text is not their UTF-8 (a token that ends inside a
+    #: character); None: ``token.encode()``.
+    bytes: tuple[int, ...] | None = None
+    top: tuple[TokenLogprob, ...] = ()
+
+    def utf8(self) -> list[int]:
+        return list(self.token.encode("utf-8")) if self.bytes is None else list(self.bytes)
+
+
 @dataclass(slots=True)
 class Chunk:
     """A piece of a streamed answer.
@@ -107,7 +129,9 @@ class Chunk:
     ``kind`` tells reasoning ("thinking") from the answer ("text") and from a piece of
     a tool call ("tool_call", in ``call``; its ``text`` is empty); ``tokens`` is
     how many model tokens the text stands for. The last chunk of a stream has a
-    ``finish_reason`` and ``usage`` (its text may be empty).
+    ``finish_reason`` and ``usage`` (its text may be empty). ``logprobs``, when the
+    request asked for them, are those of the tokens this chunk adds (the tokens of a
+    text may come a chunk before or after the text, as a detokenizer holds them).
     """
 
     kind: ChunkKind
@@ -116,6 +140,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     call: ToolCallDelta | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

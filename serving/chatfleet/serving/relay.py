@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatfleet.serving.errors import RelayLost
-from chatfleet.serving.protocol import Chunk, ToolCallDelta, Usage
+from chatfleet.serving.protocol import Chunk, TokenLogprob, ToolCallDelta, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -59,22 +59,20 @@ class RelayAddress:
 
 
 def encode_batch(batch: list[Chunk]) -> list[Any]:
-    # A tool call's piece is a sixth item, left off the (many) chunks without one.
-    return [
-        [
-            c.kind,
-            c.text,
-            c.tokens,
-            c.finish_reason,
-            None if c.usage is None else [c.usage.prompt_tokens, c.usage.completion_tokens],
-            *(
-                ()
-                if c.call is None
-                else ([c.call.index, c.call.arguments, c.call.id, c.call.name],)
-            ),
-        ]
-        for c in batch
-    ]
+    return [_encode_chunk(c) for c in batch]
+
+
+def _encode_chunk(c: Chunk) -> list[Any]:
+    usage = None if c.usage is None else [c.usage.prompt_tokens, c.usage.completion_tokens]
+    item = [c.kind, c.text, c.tokens, c.finish_reason, usage]
+    # A tool call's piece is a sixth item and logprobs a seventh, left off the (many)
+    # chunks without them.
+    if c.call is not None or c.logprobs:
+        call = c.call
+        item.append(None if call is None else [call.index, call.arguments, call.id, call.name])
+    if c.logprobs:
+        item.append([_encode_logprob(lp) for lp in c.logprobs])
+    return item
 
 
 def decode_batch(items: list[Any]) -> list[Chunk]:
@@ -85,10 +83,25 @@ def decode_batch(items: list[Any]) -> list[Chunk]:
             tokens,
             finish,
             None if usage is None else Usage(*usage),
-            ToolCallDelta(*call[0]) if call else None,
+            ToolCallDelta(*rest[0]) if rest and rest[0] else None,
+            tuple(_decode_logprob(lp) for lp in rest[1]) if len(rest) > 1 else (),
         )
-        for kind, text, tokens, finish, usage, *call in items
+        for kind, text, tokens, finish, usage, *rest in items
     ]
+
+
+def _encode_logprob(lp: TokenLogprob) -> list[Any]:
+    return [lp.token, lp.logprob, lp.bytes, [_encode_logprob(t) for t in lp.top]]
+
+
+def _decode_logprob(item: list[Any]) -> TokenLogprob:
+    token, logprob, raw, top = item
+    return TokenLogprob(
+        token,
+        logprob,
+        None if raw is None else tuple(raw),
+        tuple(_decode_logprob(t) for t in top),
+    )
 
 
 class _Stream:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chatfleet.serving.errors import StoreUnavailable
-from chatfleet.serving.protocol import Chunk, GenerationRequest, ToolCall, Usage
+from chatfleet.serving.protocol import Chunk, GenerationRequest, TokenLogprob, ToolCall, Usage
 from chatfleet.serving.routing import RoutingDecision
 from chatfleet.serving.store import Store
 
@@ -53,6 +53,8 @@ class Answer:
         self.thinking: list[str] = []
         #: The tool calls so far, by index: [id, name, arguments].
         self.calls: dict[int, list[str]] = {}
+        #: The answer's tokens' logprobs, when the request asked for them.
+        self.logprobs: list[TokenLogprob] = []
         self.tokens = 0
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -118,6 +120,8 @@ class Answer:
                 call[2] += chunk.call.arguments
             if chunk.text:
                 (thinking if chunk.kind == "thinking" else text).append(chunk.text)
+            if chunk.logprobs and chunk.kind == "text":  # as OpenAI's: none for reasoning
+                self.logprobs.extend(chunk.logprobs)
         self.thinking.extend(thinking)
         self.text.extend(text)
         return "".join(thinking), "".join(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
@@ -13,7 +13,7 @@ from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway
 from chatfleet.serving.api._streaming import sse
 from chatfleet.serving.errors import ShuttingDown
-from chatfleet.serving.protocol import ToolCall, ToolCallDelta
+from chatfleet.serving.protocol import TokenLogprob, ToolCall, ToolCallDelta
 
 
 def route_headers(answer: Answer) -> dict[str, str]:
@@ -30,17 +30,35 @@ def openai_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
         # As OpenAI's: a message of tool calls has no content (null, not "").
         message["content"] = answer.content or None
         message["tool_calls"] = [tool_call_dict(c) for c in answer.tool_calls]
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": answer.finish}
+    if answer.request.logprobs is not None:
+        choice["logprobs"] = {"content": logprobs_content(answer.logprobs), "refusal": None}
     completion = {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": answer.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish}],
+        "choices": [choice],
         "usage": answer.usage_dict(),
     }
     if answer.route is not None:
         completion["chatfleet_route"] = answer.route
     return completion
+
+
+def logprobs_content(logprobs: Iterable[TokenLogprob]) -> list[dict[str, Any]]:
+    """Tokens' logprobs as OpenAI's ``choices[].logprobs.content``."""
+    return [
+        {
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": lp.utf8(),
+            "top_logprobs": [
+                {"token": t.token, "logprob": t.logprob, "bytes": t.utf8()} for t in lp.top
+            ],
+        }
+        for lp in logprobs
+    ]
 
 
 def tool_call_dict(call: ToolCall) -> dict[str, Any]:
@@ -91,6 +109,17 @@ async def openai_events(
                 if chunk.call is not None:
                     text = json.dumps({"tool_calls": [tool_call_delta(chunk.call)]})
                     events.append(event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]'))
+                elif chunk.logprobs and chunk.kind == "text":
+                    # Tokens a detokenizer held back come with the text after them, or
+                    # with none (an end token's): an empty content carries them then.
+                    text = f'{{"content": {json_string(chunk.text)}}}'
+                    logprobs = json.dumps({"content": logprobs_content(chunk.logprobs)})
+                    events.append(
+                        event(
+                            f'[{{"index":0,"delta":{text},"logprobs":{logprobs},'
+                            '"finish_reason":null}]'
+                        )
+                    )
                 elif chunk.text:
                     key = "reasoning_content" if chunk.kind == "thinking" else "content"
                     # The bytes json.dumps({key: text}) writes, without a dict and an

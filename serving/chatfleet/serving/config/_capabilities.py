@@ -87,10 +87,15 @@ _FLAGS = frozenset(
 _PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
 #: Every engine's capabilities: the one place that knows what each passes on.
 ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
-    # Scripted tool calls and answers generated from the schema (`fake.tool_calls`).
-    "fake": EngineCapabilities(tools=True, forced_tool_choice=True, structured_output=True),
-    # repetition_penalty: per request, over the model's configured one.
+    # Scripted tool calls and answers generated from the schema (`fake.tool_calls`);
+    # made-up logprobs (`fake.logprobs`).
+    "fake": EngineCapabilities(
+        tools=True, forced_tool_choice=True, structured_output=True, logprobs=True
+    ),
+    # repetition_penalty: per request, over the model's configured one. Logprobs from
+    # the raw logits of each step.
     "transformers": EngineCapabilities(
+        logprobs=True,
         sampling=frozenset({"repetition_penalty"}),
         why_not=(
             (
@@ -105,9 +110,10 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
             ),
         ),
     ),
-    # Structured output by vLLM's guided decoding.
+    # Structured output by vLLM's guided decoding; its sampler's logprobs.
     "vllm": EngineCapabilities(
         structured_output=True,
+        logprobs=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
         why_not=(
             (
@@ -117,10 +123,11 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
             ),
         ),
     ),
-    # Native tools and format; sampling into Ollama's options (repeat_penalty...).
+    # Native tools, format and logprobs; sampling into Ollama's options (repeat_penalty...).
     "ollama": EngineCapabilities(
         tools=True,
         structured_output=True,
+        logprobs=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
         why_not=(
             (
@@ -132,6 +139,10 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
     ),
     # Passed through. OpenAI's own penalties; top_k and the like are not OpenAI's.
     "openai": EngineCapabilities(
-        tools=True, forced_tool_choice=True, structured_output=True, sampling=_PENALTIES
+        tools=True,
+        forced_tool_choice=True,
+        structured_output=True,
+        logprobs=True,
+        sampling=_PENALTIES,
     ),
 }

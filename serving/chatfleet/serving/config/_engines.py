@@ -84,6 +84,11 @@ class FakeEngineConfig(_Model):
         default_factory=lambda: FakeToolCallsConfig(),
         description="How it calls tools a request offers (so agents run offline).",
     )
+    logprobs: bool = Field(
+        True,
+        description="Report made-up logprobs when asked (the chosen token ln 1/2, its"
+        " alternatives ln 1/4, ln 1/8...); false acts as an engine without them.",
+    )
 
 
 class TransformersEngineConfig(_Model):
@@ -307,8 +312,12 @@ class ModelConfig(_Model):
     def capabilities(self) -> EngineCapabilities:
         """What this model's engine honours beyond the basic sampling fields."""
         capabilities = ENGINE_CAPABILITIES[self.engine]
-        if self.fake is not None and self.fake.thinking_tokens == 0:
-            return replace(capabilities, reasoning=False)
+        if self.fake is not None:
+            return replace(
+                capabilities,
+                reasoning=self.fake.thinking_tokens > 0,
+                logprobs=self.fake.logprobs,
+            )
         if self.ollama is not None and self.ollama.think is False:
             return replace(capabilities, reasoning=False)
         return capabilities

@@ -55,6 +55,7 @@ def _merge(pending: list[Chunk]) -> list[Chunk]:
                 tokens=last.tokens + chunk.tokens,
                 finish_reason=chunk.finish_reason,
                 usage=chunk.usage,
+                logprobs=last.logprobs + chunk.logprobs,
             )
         else:
             out.append(chunk)

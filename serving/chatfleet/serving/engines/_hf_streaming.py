@@ -4,7 +4,8 @@ The thread reports `Prompt`, `Piece` and `Done` events (or an exception) through
 `Job`, which hands them to the stream's queue with ``call_soon_threadsafe``; the
 `PieceStreamer` decodes new tokens incrementally in the thread and matches stop
 strings there; `StopWhenSet` ends a generation after the current token once the
-consumer has gone; `Sampler` is temperature and top-p with the request's seed.
+consumer has gone; `Sampler` is temperature and top-p with the request's seed;
+`LogprobRecorder` keeps each step's log-probabilities for the streamer to report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from chatfleet.serving.protocol import FinishReason
+from chatfleet.serving.engines._logprobs import reported
+from chatfleet.serving.protocol import FinishReason, TokenLogprob
 
 # -- what the generation thread reports ---------------------------------------------
 
@@ -34,6 +36,8 @@ class Prompt:
 class Piece:
     text: str
     tokens: int
+    #: The tokens' logprobs, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,8 +82,11 @@ class PieceStreamer(BaseStreamer):
         context: list[int],
         eos_ids: frozenset[int],
         stop_strings: Sequence[str],
+        logprobs: LogprobRecorder | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self.unsent_logprobs: list[TokenLogprob] = []
         self.job = job
         self.eos_ids = eos_ids
         self.stop_strings = [s for s in stop_strings if s]
@@ -105,6 +112,8 @@ class PieceStreamer(BaseStreamer):
             if token in self.eos_ids:
                 self.hit_eos = True
                 continue
+            if self.logprobs is not None:
+                self.unsent_logprobs.append(self.logprobs.of(token, self.tokenizer))
             self.ids.append(token)
             self._accept(self._decode_new())
 
@@ -114,7 +123,7 @@ class PieceStreamer(BaseStreamer):
     def flush(self) -> None:
         if not self.hit_stop:
             tail = self.tokenizer.decode(self.ids[self.read_offset :], skip_special_tokens=True)
-            self._send(self.held + tail.rstrip("\ufffd"))
+            self._send(self.held + tail.rstrip("\ufffd"), final=True)
             self.held = ""
 
     def _decode_new(self) -> str:
@@ -144,10 +153,13 @@ class PieceStreamer(BaseStreamer):
         self.held = text[len(text) - keep :] if keep else ""
         self._send(text[: len(text) - keep])
 
-    def _send(self, text: str) -> None:
-        if text:
-            self.job.emit(Piece(text, self.unsent_tokens))
+    def _send(self, text: str, *, final: bool = False) -> None:
+        # The last piece may have no text (the answer ended inside a character): it
+        # still carries its tokens' logprobs.
+        if text or (final and self.unsent_logprobs):
+            self.job.emit(Piece(text, self.unsent_tokens, tuple(self.unsent_logprobs)))
             self.unsent_tokens = 0
+            self.unsent_logprobs = []
 
 
 def partial_suffix(text: str, target: str) -> int:
@@ -156,6 +168,34 @@ def partial_suffix(text: str, target: str) -> int:
         if text.endswith(target[:n]):
             return n
     return 0
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Keeps the log-probabilities of the step being decoded; changes nothing.
+
+    First in the list of processors, it sees the model's raw logits, before
+    repetition penalty, temperature or top-p: the logprobs OpenAI (and vLLM, by
+    default) report. The streamer reads them back with `of` when the step's token
+    comes out, in the same thread, before the next step.
+    """
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.step: Any = None
+        self.ranked: list[tuple[int, float]] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.step = torch.log_softmax(scores[0].float(), dim=-1)
+        if self.top:
+            values, ids = self.step.topk(self.top)
+            self.ranked = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return scores
+
+    def of(self, token: int, tokenizer: Any) -> TokenLogprob:
+        """The logprobs of ``token``, just chosen at the recorded step."""
+        top = tuple(TokenLogprob(tokenizer.decode([t]), reported(lp)) for t, lp in self.ranked)
+        chosen = reported(float(self.step[token]))
+        return TokenLogprob(tokenizer.decode([token]), chosen, top=top)
 
 
 class StopWhenSet(StoppingCriteria):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import math
 import os
 from collections.abc import AsyncGenerator, Iterator
 
@@ -16,7 +17,14 @@ from chatfleet.serving.engines._fake_scripts import (
     tool_calls,
 )
 from chatfleet.serving.errors import EngineError
-from chatfleet.serving.protocol import Chunk, ChunkKind, GenerationRequest, ToolCallDelta, Usage
+from chatfleet.serving.protocol import (
+    Chunk,
+    ChunkKind,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 
 _Step = tuple[ChunkKind, str, ToolCallDelta | None]
 
@@ -25,6 +33,25 @@ _WORDS = (
     " every answer is made of plain words chosen from this short fixed list so that tests"
     " can predict exactly what a prompt will produce"
 ).split(" ")
+
+
+#: The fake's alternatives to a token, in order (distinct words of its list).
+_ALTERNATIVES = tuple(dict.fromkeys(_WORDS))
+_LN2 = math.log(2)
+
+
+def fake_logprobs(token: str, top: int) -> TokenLogprob:
+    """The made-up logprobs of ``token``: a geometric distribution with the token first.
+
+    The token has probability 1/2 and is the most likely (what greedy decoding picks);
+    its alternatives are the fake's words other than it, with 1/4, 1/8, ... So values
+    are exact (ln 2 apart) and a client can check what it got without a model.
+    """
+    space = " " if token.startswith(" ") else ""
+    others = (space + w for w in _ALTERNATIVES if space + w != token)
+    ranked = [token, *itertools.islice(others, max(0, top - 1))][:top]
+    top_logprobs = tuple(TokenLogprob(t, -(i + 1) * _LN2) for i, t in enumerate(ranked))
+    return TokenLogprob(token, -_LN2, top=top_logprobs)
 
 
 def _prompt_tokens(request: GenerationRequest) -> int:
@@ -128,6 +155,7 @@ class FakeEngine(Engine):
         s = self.settings
         delay = 1.0 / s.tokens_per_second if s.tokens_per_second > 0 else 0.0
         plan, finish = self._plan(request)
+        top = request.logprobs if s.logprobs else None
         self.active += 1
         emitted = 0
         clock = asyncio.get_running_loop().time
@@ -158,9 +186,12 @@ class FakeEngine(Engine):
                 while i + count < end and plan[i + count][0] == kind and call is None:
                     text += plan[i + count][1]
                     count += 1
+                logprobs: tuple[TokenLogprob, ...] = ()
+                if kind == "text" and top is not None:
+                    logprobs = tuple(fake_logprobs(t, top) for _, t, _ in plan[i : i + count])
                 emitted += count
                 i += count
-                yield Chunk(kind=kind, text=text, tokens=count, call=call)
+                yield Chunk(kind=kind, text=text, tokens=count, call=call, logprobs=logprobs)
             if s.fail_after_tokens is not None and emitted >= s.fail_after_tokens:
                 raise EngineError(f"fake engine failure after {emitted} tokens")
             yield Chunk(

@@ -39,7 +39,7 @@ from chatfleet.serving.errors import (
     PayloadTooLarge,
     RequestError,
 )
-from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, Usage
+from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, TokenLogprob, Usage
 
 try:
     import jinja2
@@ -49,6 +49,7 @@ try:
         AutoTokenizer,
         GenerationConfig,
         LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
         StoppingCriteriaList,
     )
 
@@ -56,6 +57,7 @@ try:
     from chatfleet.serving.engines._hf_streaming import (
         Done,
         Job,
+        LogprobRecorder,
         Piece,
         PieceStreamer,
         Prompt,
@@ -145,6 +147,7 @@ class TransformersEngine(Engine):
         splitter: ThinkSplitter | None = None
         prompt_tokens = 0
         unreported = 0  # tokens whose text has not been yielded yet
+        logprobs: tuple[TokenLogprob, ...] = ()  # and their logprobs
         reported = 0
         while True:
             event = await job.events.get()
@@ -154,16 +157,17 @@ class TransformersEngine(Engine):
             elif isinstance(event, Piece):
                 assert splitter is not None
                 unreported += event.tokens
+                logprobs += event.logprobs
                 for kind, text in splitter.feed(event.text):
-                    yield Chunk(kind=kind, text=text, tokens=unreported)
+                    yield Chunk(kind=kind, text=text, tokens=unreported, logprobs=logprobs)
                     reported += unreported
-                    unreported = 0
+                    unreported, logprobs = 0, ()
             elif isinstance(event, Done):
                 if splitter is not None:
                     for kind, text in splitter.flush():
-                        yield Chunk(kind=kind, text=text, tokens=unreported)
+                        yield Chunk(kind=kind, text=text, tokens=unreported, logprobs=logprobs)
                         reported += unreported
-                        unreported = 0
+                        unreported, logprobs = 0, ()
                 # The rest: tokens without text (end of sequence, a stop string).
                 yield Chunk(
                     kind="text",
@@ -171,6 +175,7 @@ class TransformersEngine(Engine):
                     tokens=event.tokens - reported,
                     finish_reason=event.finish_reason,
                     usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=event.tokens),
+                    logprobs=logprobs,
                 )
                 return
             elif isinstance(event, ChatfleetError):
@@ -203,14 +208,21 @@ class TransformersEngine(Engine):
                 max_new_tokens = min(max_new_tokens, room)
             job.emit(Prompt(prompt_tokens, starts_in_thinking))
 
+            recorder = None if request.logprobs is None else LogprobRecorder(request.logprobs)
             streamer = PieceStreamer(
                 tokenizer,
                 job,
                 context=prompt_ids[0, -_DETOKENIZE_CONTEXT:].tolist(),
                 eos_ids=self._eos_ids,
                 stop_strings=request.stop,
+                logprobs=recorder,
             )
-            logits_processor = LogitsProcessorList()
+            # Ours, in this order (generate would run its own before them): the raw
+            # logits are recorded before the penalty changes them.
+            logits_processor = LogitsProcessorList([] if recorder is None else [recorder])
+            penalty = request.sampling.get("repetition_penalty", self.settings.repetition_penalty)
+            if penalty != 1.0:
+                logits_processor.append(RepetitionPenaltyLogitsProcessor(penalty))
             if request.temperature > 0:
                 logits_processor.append(
                     Sampler(request.temperature, request.top_p, request.seed, self._device)
@@ -218,9 +230,6 @@ class TransformersEngine(Engine):
             generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
                 max_new_tokens=max_new_tokens,
                 do_sample=False,  # Sampler draws from its own seeded generator
-                repetition_penalty=request.sampling.get(
-                    "repetition_penalty", self.settings.repetition_penalty
-                ),
                 eos_token_id=sorted(self._eos_ids) or None,
                 pad_token_id=self._pad_id,
             )

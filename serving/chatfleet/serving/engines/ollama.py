@@ -16,6 +16,8 @@ out for ``tool_choice: none``, and only the first call is kept for
 not a text; a call has no id, so one is made up here) and ``format`` (``"json"`` or
 the schema). Ollama sends each tool call whole, in one line; the answer then ends
 with ``done_reason: stop``, reported here as ``tool_calls`` as OpenAI does.
+``logprobs``/``top_logprobs`` are Ollama's own fields too (since 0.12.11): each line
+then carries its tokens' ``logprobs`` in OpenAI's shape.
 
 Failures::
 
@@ -37,6 +39,7 @@ import httpx
 
 from chatfleet.serving.config import ModelConfig, OllamaEngineConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._logprobs import from_json
 from chatfleet.serving.engines._thinking import ThinkSplitter
 from chatfleet.serving.errors import EngineUnavailable, UpstreamError
 from chatfleet.serving.protocol import (
@@ -45,6 +48,7 @@ from chatfleet.serving.protocol import (
     FinishReason,
     GenerationRequest,
     Message,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
 )
@@ -116,6 +120,7 @@ class OllamaEngine(Engine):
         calls = 0
         generated = 0  # streamed lines with text: one generated token each
         owed = 0  # tokens of text the splitter holds back, paid with the next chunk
+        logprobs: tuple[TokenLogprob, ...] = ()  # and their logprobs
         async for line in response.aiter_lines():
             if not line.strip():
                 continue
@@ -132,9 +137,14 @@ class OllamaEngine(Engine):
             if thinking or content:
                 generated += 1
                 owed += 1
+            if request.logprobs is not None:
+                try:
+                    logprobs += from_json(event.get("logprobs"))
+                except ValueError:
+                    raise self._malformed(line) from None
             for kind, text in parts:
-                yield Chunk(kind=kind, text=text, tokens=owed)
-                owed = 0
+                yield Chunk(kind=kind, text=text, tokens=owed, logprobs=logprobs)
+                owed, logprobs = 0, ()
             for call in message.get("tool_calls") or ():
                 if calls and request.parallel_tool_calls is False:
                     break  # Ollama cannot be told: the calls past the first are dropped
@@ -151,6 +161,7 @@ class OllamaEngine(Engine):
                     kind=tail[0][0] if tail else "text",
                     text=tail[0][1] if tail else "",
                     tokens=owed,
+                    logprobs=logprobs,
                     finish_reason=finish,
                     usage=Usage(
                         prompt_tokens=prompt_count,
@@ -224,6 +235,9 @@ class OllamaEngine(Engine):
         if form is not None:
             schema = form.get("json_schema", {}).get("schema")
             body["format"] = schema if form["type"] == "json_schema" and schema else "json"
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
         if s.think is not None:
             body["think"] = s.think
         if s.keep_alive is not None:

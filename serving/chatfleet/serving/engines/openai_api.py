@@ -44,6 +44,7 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
 from chatfleet.serving.config import ModelConfig, OpenAIEngineConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._logprobs import from_openai
 from chatfleet.serving.engines._openai_tools import call_chunks, tool_arguments, wire_messages
 from chatfleet.serving.engines._thinking import ThinkSplitter
 from chatfleet.serving.errors import EngineError, EngineUnavailable, UpstreamError
@@ -53,6 +54,7 @@ from chatfleet.serving.protocol import (
     FinishReason,
     GenerationRequest,
     Message,
+    TokenLogprob,
     Usage,
 )
 
@@ -162,6 +164,8 @@ class OpenAIEngine(Engine):
             "frequency_penalty": request.sampling.get("frequency_penalty", omit),
             "presence_penalty": request.sampling.get("presence_penalty", omit),
             "extra_body": dict(s.extra_body) or None,
+            "logprobs": True if request.logprobs is not None else omit,
+            "top_logprobs": request.logprobs if request.logprobs is not None else omit,
             **tool_arguments(request),
         }
 
@@ -217,7 +221,8 @@ async def _chunks_from_stream(
             continue
         if not isinstance(choice.delta, ChoiceDelta):
             raise _Malformed("a choice has no delta")
-        for chunk in answer.feed(_reasoning(choice.delta), _text(choice.delta.content)):
+        logprobs = _logprobs(choice)
+        for chunk in answer.feed(_reasoning(choice.delta), _text(choice.delta.content), logprobs):
             yield chunk
         for chunk in call_chunks(choice.delta.tool_calls, named):
             answer.pieces += 1
@@ -254,6 +259,7 @@ def _chunks_from_completion(completion: ChatCompletion, request: GenerationReque
             tokens=total - (thinking_tokens if thinking else 0),
             finish_reason=last.finish_reason,
             usage=last.usage,
+            logprobs=_logprobs(choice),
         )
     )
     return chunks
@@ -270,8 +276,12 @@ class _Answer:
         self._splitter = ThinkSplitter()
         self.pieces = 0
         self._owed = 0
+        self._owed_logprobs: tuple[TokenLogprob, ...] = ()
 
-    def feed(self, reasoning: str | None, content: str | None) -> list[Chunk]:
+    def feed(
+        self, reasoning: str | None, content: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> list[Chunk]:
+        self._owed_logprobs += logprobs
         parts: list[tuple[ChunkKind, str]] = []
         if reasoning:
             parts.append(("thinking", reasoning))
@@ -291,12 +301,14 @@ class _Answer:
             tokens=sum(c.tokens for c in tail) + self._owed,
             finish_reason=_finish_reason(reason),
             usage=usage,
+            logprobs=sum((c.logprobs for c in tail), self._owed_logprobs),
         )
 
     def _chunks(self, parts: list[tuple[ChunkKind, str]]) -> list[Chunk]:
         chunks = []
         for kind, text in parts:
-            chunks.append(Chunk(kind=kind, text=text, tokens=self._owed))
+            logprobs, self._owed_logprobs = self._owed_logprobs, ()
+            chunks.append(Chunk(kind=kind, text=text, tokens=self._owed, logprobs=logprobs))
             self._owed = 0
         return chunks
 
@@ -315,6 +327,14 @@ def _first_choice(choices: object, kind: type[_ChoiceT]) -> _ChoiceT | None:
     if not isinstance(choices, list) or not all(isinstance(c, kind) for c in choices):
         raise _Malformed("malformed choices")
     return next((c for c in choices if c.index == 0), None)
+
+
+def _logprobs(choice: CompletionChoice | StreamChoice) -> tuple[TokenLogprob, ...]:
+    """The choice's ``logprobs.content`` (none unless the request asked for them)."""
+    try:
+        return from_openai(choice.logprobs.content if choice.logprobs is not None else None)
+    except (AttributeError, TypeError) as exc:
+        raise _Malformed(f"malformed logprobs: {exc}") from None
 
 
 def _text(value: object) -> str | None:

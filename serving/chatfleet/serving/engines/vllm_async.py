@@ -22,9 +22,10 @@ from typing import Any
 
 from chatfleet.serving.config import ModelConfig, VLLMEngineConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._logprobs import from_vllm
 from chatfleet.serving.engines._thinking import OPEN_TAG, ThinkSplitter
 from chatfleet.serving.errors import EngineError, EngineUnavailable, RequestError
-from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, Usage
+from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, TokenLogprob, Usage
 
 __all__ = ["VLLMEngine"]
 
@@ -172,6 +173,11 @@ class VLLMEngine(Engine):
         # The template already wrote BOS and the role markers.
         return text, list(self._tokenizer.encode(text, add_special_tokens=False))
 
+    def _decode(self, token_id: int) -> str:
+        # For a logprob vLLM did not detokenize (a tokenizer-less engine): as its server.
+        text: str = self._tokenizer.decode([token_id])
+        return text
+
     async def _engine_input(self, token_ids: list[int]) -> Any:
         prompt = {"prompt_token_ids": token_ids}
         renderer = getattr(self.llm, "renderer", None)
@@ -202,6 +208,8 @@ class VLLMEngine(Engine):
             output_kind=api.delta,
             **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
             **_structured(request),
+            # The sampled token's logprob comes with the top k (none: the sampled one only).
+            **({} if request.logprobs is None else {"logprobs": request.logprobs}),
         )
         request_id = request.request_id
         finished = False
@@ -215,6 +223,7 @@ class VLLMEngine(Engine):
             prompt_tokens = len(token_ids)
             completion_tokens = 0
             uncounted = 0  # tokens whose text the splitter still holds back
+            logprobs: tuple[TokenLogprob, ...] = ()  # and their logprobs
             vllm_reason: str | None = None
             while True:
                 try:
@@ -229,9 +238,13 @@ class VLLMEngine(Engine):
                 new_tokens = len(completion.token_ids)
                 completion_tokens += new_tokens
                 uncounted += new_tokens
+                if request.logprobs is not None:
+                    logprobs += from_vllm(
+                        completion.token_ids, completion.logprobs, request.logprobs, self._decode
+                    )
                 for kind, text in splitter.feed(completion.text):
-                    yield Chunk(kind=kind, text=text, tokens=uncounted)
-                    uncounted = 0
+                    yield Chunk(kind=kind, text=text, tokens=uncounted, logprobs=logprobs)
+                    uncounted, logprobs = 0, ()
                 if output.finished:
                     # No break: the next read ends vLLM's generator cleanly.
                     finished = True
@@ -239,12 +252,13 @@ class VLLMEngine(Engine):
             if not finished:
                 raise EngineError(f"vLLM ended the stream of model {self.name!r} unfinished")
             for kind, text in splitter.flush():
-                yield Chunk(kind=kind, text=text, tokens=uncounted)
-                uncounted = 0
+                yield Chunk(kind=kind, text=text, tokens=uncounted, logprobs=logprobs)
+                uncounted, logprobs = 0, ()
             yield Chunk(
                 kind="text",
                 text="",
                 tokens=uncounted,
+                logprobs=logprobs,
                 finish_reason=_FINISH_REASONS.get(vllm_reason or "", "stop"),
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             )
