@@ -23,8 +23,17 @@ from typing import Any
 from chatfleet.serving.config import ModelConfig, VLLMEngineConfig
 from chatfleet.serving.engines._base import Engine
 from chatfleet.serving.engines._thinking import OPEN_TAG, ThinkSplitter
+from chatfleet.serving.engines._vllm_tool_readers import Piece, ToolReader
+from chatfleet.serving.engines._vllm_tools import ToolParsing, forced_tool_schema, template_messages
 from chatfleet.serving.errors import EngineError, EngineUnavailable, RequestError
-from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, Usage
+from chatfleet.serving.protocol import (
+    Chunk,
+    ChunkKind,
+    FinishReason,
+    GenerationRequest,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = ["VLLMEngine"]
 
@@ -107,6 +116,8 @@ class VLLMEngine(Engine):
         self.llm: Any = None
         self._tokenizer: Any = None
         self._api: _VLLMApi | None = None
+        #: vLLM's tool parser once started, if the model names one (``tool_call_parser``).
+        self._tools: ToolParsing | None = None
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of ``AsyncEngineArgs`` for this model."""
@@ -145,6 +156,8 @@ class VLLMEngine(Engine):
                     f"model {self.name!r} ({self.settings.model}) has no chat template:"
                     " serve an instruct/chat model, or one whose tokenizer_config sets one"
                 )
+            if self.settings.tool_call_parser is not None:
+                self._tools = ToolParsing(self.settings.tool_call_parser, self.name, tokenizer)
         except BaseException:
             llm.shutdown()
             raise
@@ -165,9 +178,14 @@ class VLLMEngine(Engine):
 
     def render_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The conversation rendered with the model's chat template: text and token ids."""
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        # The tools go to the template also with tool_choice none, as vLLM's server
+        # sends them (without --exclude-tools-when-tool-choice-none).
+        tools = {"tools": request.tools} if request.tools else {}
         text: str = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            template_messages(request.messages),
+            tokenize=False,
+            add_generation_prompt=True,
+            **tools,
         )
         # The template already wrote BOS and the role markers.
         return text, list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -187,8 +205,11 @@ class VLLMEngine(Engine):
         llm, api = self.llm, self._api
         if llm is None or api is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded (vLLM engine not started)")
+        tools = self._tools
         try:
             prompt_text, token_ids = self.render_prompt(request)
+            reader = tools.reader(request) if tools is not None else None
+            keep_special = tools is not None and tools.keeps_special_tokens(request)
         except Exception as exc:
             raise _classify(exc, self.name, api) from exc
         # Reasoning templates (Qwen3, DeepSeek-R1) open the think block in the prompt.
@@ -202,6 +223,7 @@ class VLLMEngine(Engine):
             output_kind=api.delta,
             **request.sampling,  # top_k, min_p, penalties: SamplingParams' own names
             **_structured(request),
+            **({"skip_special_tokens": False} if keep_special else {}),
         )
         request_id = request.request_id
         finished = False
@@ -229,8 +251,9 @@ class VLLMEngine(Engine):
                 new_tokens = len(completion.token_ids)
                 completion_tokens += new_tokens
                 uncounted += new_tokens
-                for kind, text in splitter.feed(completion.text):
-                    yield Chunk(kind=kind, text=text, tokens=uncounted)
+                ids = list(completion.token_ids)
+                for kind, piece in _read(splitter.feed(completion.text), reader, ids):
+                    yield _chunk(kind, piece, uncounted)
                     uncounted = 0
                 if output.finished:
                     # No break: the next read ends vLLM's generator cleanly.
@@ -238,14 +261,19 @@ class VLLMEngine(Engine):
                     vllm_reason = completion.finish_reason
             if not finished:
                 raise EngineError(f"vLLM ended the stream of model {self.name!r} unfinished")
-            for kind, text in splitter.flush():
-                yield Chunk(kind=kind, text=text, tokens=uncounted)
+            tail = _read(splitter.flush(), reader, [])
+            tail += [("text", p) for p in (reader.finish() if reader is not None else [])]
+            for kind, piece in tail:
+                yield _chunk(kind, piece, uncounted)
                 uncounted = 0
+            reason = _FINISH_REASONS.get(vllm_reason or "", "stop")
             yield Chunk(
                 kind="text",
                 text="",
                 tokens=uncounted,
-                finish_reason=_FINISH_REASONS.get(vllm_reason or "", "stop"),
+                finish_reason="tool_calls"
+                if reader and reader.called and reason == "stop"
+                else reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             )
         finally:
@@ -261,10 +289,31 @@ class VLLMEngine(Engine):
                     logger.warning("vLLM could not abort request %s", request_id, exc_info=True)
 
 
+def _read(
+    parts: list[tuple[ChunkKind, str]], reader: ToolReader | None, token_ids: list[int]
+) -> list[tuple[ChunkKind, Piece]]:
+    """The answer's text through the tool reader, if any (reasoning is not read)."""
+    if reader is None:
+        return list(parts)
+    read: list[tuple[ChunkKind, Piece]] = []
+    for kind, text in parts:
+        pieces = reader.feed(text, token_ids) if kind == "text" else [text]
+        read += [(kind, p) for p in pieces]
+    return read
+
+
+def _chunk(kind: ChunkKind, piece: Piece, tokens: int) -> Chunk:
+    if isinstance(piece, ToolCallDelta):
+        return Chunk(kind="tool_call", text="", tokens=tokens, call=piece)
+    return Chunk(kind=kind, text=piece, tokens=tokens)
+
+
 def _structured(request: GenerationRequest) -> dict[str, Any]:
-    """SamplingParams' guided decoding for ``response_format`` (none for text)."""
+    """SamplingParams' guided decoding for ``response_format`` (none for text), or for
+    a ``required`` or named tool choice, which wins over it as in vLLM's server."""
     form = request.response_format
-    if form is None:
+    tool_schema = forced_tool_schema(request)
+    if form is None and tool_schema is None:
         return {}
     params: Any
     try:  # vLLM 0.11 renamed guided decoding to structured outputs
@@ -275,6 +324,9 @@ def _structured(request: GenerationRequest) -> dict[str, Any]:
         from vllm.sampling_params import GuidedDecodingParams
 
         params, keyword = GuidedDecodingParams, "guided_decoding"
+    if tool_schema is not None:
+        return {keyword: params(json=tool_schema)}
+    assert form is not None
     if form["type"] == "json_schema":
         return {keyword: params(json=form["json_schema"].get("schema") or {})}
     return {keyword: params(json_object=True)}
