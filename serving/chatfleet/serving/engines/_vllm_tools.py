@@ -33,11 +33,14 @@ from chatfleet.serving.engines._vllm_tool_readers import ParserReader, ToolReade
 from chatfleet.serving.errors import EngineUnavailable
 from chatfleet.serving.protocol import GenerationRequest, Message
 
-__all__ = ["ToolParsing", "forced_tool_schema", "template_messages"]
+__all__ = ["ToolParsing", "forced_tool_schema", "template_messages", "tool_parser_class"]
 
 
-def template_messages(messages: Iterable[Message]) -> list[dict[str, Any]]:
-    """The conversation as chat templates take it, tool calls and results included."""
+def template_messages(messages: Iterable[Message], *, objects: bool = True) -> list[dict[str, Any]]:
+    """The conversation as chat templates take it, tool calls and results included.
+
+    ``objects=False``: the calls' arguments stay JSON text, as in OpenAI's wire shape.
+    """
     out: list[dict[str, Any]] = []
     for m in messages:
         message: dict[str, Any] = {"role": m.role, "content": m.content}
@@ -46,7 +49,10 @@ def template_messages(messages: Iterable[Message]) -> list[dict[str, Any]]:
                 {
                     "id": c.id,
                     "type": "function",
-                    "function": {"name": c.name, "arguments": _arguments_object(c.arguments)},
+                    "function": {
+                        "name": c.name,
+                        "arguments": _arguments_object(c.arguments) if objects else c.arguments,
+                    },
                 }
                 for c in m.tool_calls
             ]
@@ -106,37 +112,50 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(function.get("parameters")) or {"type": "object", "properties": {}}
 
 
-class ToolParsing:
-    """vLLM's tool parser ``name`` (its ``--tool-call-parser``) for one model.
+def tool_parser_class(name: str, model: str) -> Any:
+    """vLLM's tool parser registered as ``name`` (its ``--tool-call-parser``).
 
-    Checked as vLLM's server checks it at start: the name is registered and the parser
-    takes the model's tokenizer; `EngineUnavailable` says which is wrong otherwise.
+    Looked up before vLLM starts, so a wrong name fails at once, listing the right ones.
+    """
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:  # older vLLM kept them under its OpenAI server
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+    listed = getattr(ToolParserManager, "list_registered", None)
+    registered = sorted(listed() if listed else ToolParserManager.tool_parsers)
+    if name not in registered:
+        raise EngineUnavailable(
+            f"model {model!r}: vllm.tool_call_parser {name!r} is not one of vLLM's tool"
+            f" parsers: {', '.join(registered)}"
+        )
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except Exception as exc:  # a lazily registered parser failed to import
+        raise EngineUnavailable(
+            f"model {model!r}: vLLM's tool parser {name!r} failed to load: {exc}"
+        ) from exc
+
+
+class ToolParsing:
+    """Tool calls of one model with vLLM's tool parser ``parser_class`` (`tool_parser_class`).
+
+    Checked as vLLM's server checks it at start: the parser must take the model's
+    tokenizer (Hermes' needs none of its tags to be tokens, others do).
     """
 
-    def __init__(self, name: str, model: str, tokenizer: Any) -> None:
-        try:
-            from vllm.tool_parsers import ToolParserManager
-        except ImportError:  # vLLM before 0.12 kept them under the OpenAI server
-            from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+    def __init__(self, parser_class: Any, name: str, model: str, tokenizer: Any) -> None:
         try:
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        except ImportError:
+        except ImportError:  # older vLLM
             from vllm.entrypoints.openai.protocol import ChatCompletionRequest
-
-        registered = sorted(ToolParserManager.list_registered())
-        if name not in registered:
-            raise EngineUnavailable(
-                f"model {model!r}: vllm.tool_call_parser {name!r} is not one of vLLM's tool"
-                f" parsers: {', '.join(registered)}"
-            )
         try:
-            self._parser_class = ToolParserManager.get_tool_parser(name)
-            self._parser_class(tokenizer)
+            parser_class(tokenizer)
         except Exception as exc:
             raise EngineUnavailable(
                 f"model {model!r}: vLLM's tool parser {name!r} cannot be used with its"
                 f" tokenizer: {type(exc).__name__}: {exc}"
             ) from exc
+        self._parser_class = parser_class
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
@@ -160,7 +179,7 @@ class ToolParsing:
         # The request as vLLM's parsers read it (its tools, its tool_choice).
         fields: dict[str, Any] = {
             "model": request.model,
-            "messages": template_messages(request.messages),
+            "messages": template_messages(request.messages, objects=False),
             "tools": request.tools,
             "tool_choice": request.tool_choice or "auto",
         }

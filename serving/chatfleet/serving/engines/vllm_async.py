@@ -24,7 +24,12 @@ from chatfleet.serving.config import ModelConfig, VLLMEngineConfig
 from chatfleet.serving.engines._base import Engine
 from chatfleet.serving.engines._thinking import OPEN_TAG, ThinkSplitter
 from chatfleet.serving.engines._vllm_tool_readers import Piece, ToolReader
-from chatfleet.serving.engines._vllm_tools import ToolParsing, forced_tool_schema, template_messages
+from chatfleet.serving.engines._vllm_tools import (
+    ToolParsing,
+    forced_tool_schema,
+    template_messages,
+    tool_parser_class,
+)
 from chatfleet.serving.errors import EngineError, EngineUnavailable, RequestError
 from chatfleet.serving.protocol import (
     Chunk,
@@ -139,6 +144,9 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             return
         api = _import_vllm()
+        parser_name = self.settings.tool_call_parser
+        # Before vLLM starts: a wrong name fails at once, not after the weights load.
+        parser_class = tool_parser_class(parser_name, self.name) if parser_name else None
         began = time.perf_counter()
         args = self.engine_args()
         if "structured_outputs_config" not in args and (compact := _compact_json_outputs()):
@@ -156,8 +164,8 @@ class VLLMEngine(Engine):
                     f"model {self.name!r} ({self.settings.model}) has no chat template:"
                     " serve an instruct/chat model, or one whose tokenizer_config sets one"
                 )
-            if self.settings.tool_call_parser is not None:
-                self._tools = ToolParsing(self.settings.tool_call_parser, self.name, tokenizer)
+            if parser_name:
+                self._tools = ToolParsing(parser_class, parser_name, self.name, tokenizer)
         except BaseException:
             llm.shutdown()
             raise
