@@ -159,21 +159,20 @@ class ToolParsing:
         self._tokenizer = tokenizer
         self._request_class = ChatCompletionRequest
 
-    def reader(self, request: GenerationRequest) -> ToolReader | None:
-        """The reader of ``request``'s answer; None when it is plain text."""
-        return ToolReader.for_request(request, self._parser_reader)
-
-    def keeps_special_tokens(self, request: GenerationRequest) -> bool:
-        """Whether the answer's special tokens must stay in its text, where the parser
-        looks for them (``adjust_request``: Hermes' ``<tool_call>`` may be one)."""
+    def begin(self, request: GenerationRequest) -> tuple[ToolReader | None, bool]:
+        """The reader of ``request``'s answer (None when it is plain text), and whether
+        the answer's special tokens must stay in its text, where the parser looks for
+        them (vLLM's ``adjust_request``: Hermes' ``<tool_call>`` may be one)."""
         if not request.tools:
-            return False
-        adjusted = self._parser_class(self._tokenizer).adjust_request(self._vllm_request(request))
-        return not getattr(adjusted, "skip_special_tokens", True)
-
-    def _parser_reader(self, request: GenerationRequest) -> ParserReader:
+            return None, False
         parser = self._parser_class(self._tokenizer)
-        return ParserReader(request, parser, self._vllm_request(request))
+        # Adjusted as vLLM's server adjusts it before its parser reads the answer.
+        vllm_request = parser.adjust_request(self._vllm_request(request))
+        keep_special = not getattr(vllm_request, "skip_special_tokens", True)
+        reader = ToolReader.for_request(
+            request, lambda request: ParserReader(request, parser, vllm_request)
+        )
+        return reader, keep_special
 
     def _vllm_request(self, request: GenerationRequest) -> Any:
         # The request as vLLM's parsers read it (its tools, its tool_choice).

@@ -216,8 +216,7 @@ class VLLMEngine(Engine):
         tools = self._tools
         try:
             prompt_text, token_ids = self.render_prompt(request)
-            reader = tools.reader(request) if tools is not None else None
-            keep_special = tools is not None and tools.keeps_special_tokens(request)
+            reader, keep_special = tools.begin(request) if tools is not None else (None, False)
         except Exception as exc:
             raise _classify(exc, self.name, api) from exc
         # Reasoning templates (Qwen3, DeepSeek-R1) open the think block in the prompt.
