@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import types
 from collections.abc import AsyncGenerator
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +29,8 @@ from chatfleet.serving.engines._vllm_tool_readers import (
     ToolReader,
 )
 from chatfleet.serving.engines._vllm_tools import forced_tool_schema, template_messages
+from chatfleet.serving.engines.vllm_async import _structured
+from chatfleet.serving.errors import EngineError
 from chatfleet.serving.protocol import (
     Chunk,
     GenerationRequest,
@@ -408,3 +412,35 @@ def test_the_arguments_of_a_read_call_are_json() -> None:
         _feed(reader, '[{"name":"get_weather","parameters":{"city":"Oslo"}}]', 3)
     )
     assert json.loads(arguments) == {"city": "Oslo"}
+
+
+def test_a_parser_that_fails_is_an_engine_error_not_a_crash() -> None:
+    class Broken:
+        def extract_tool_calls_streaming(self, *args: Any) -> Any:
+            raise IndexError("list index out of range")
+
+    reader = ParserReader(_request(tools=[WEATHER]), Broken(), None)
+
+    with pytest.raises(EngineError, match="reading the tool calls failed: IndexError"):
+        reader.feed("<tool_call>", [1])
+
+
+def test_a_forced_choice_is_what_structured_outputs_hold_the_answer_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As vLLM's server: a required or named choice wins over response_format.
+    sampling = types.ModuleType("vllm.sampling_params")
+    sampling.StructuredOutputsParams = SimpleNamespace  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    form = {"type": "json_object"}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    forced = _structured(_request(tools=[WEATHER], tool_choice=named, response_format=form))
+    required = _structured(_request(tools=[WEATHER], tool_choice="required"))
+    auto = _structured(_request(tools=[WEATHER], tool_choice="auto", response_format=form))
+
+    assert forced["structured_outputs"].json == WEATHER["function"]["parameters"]  # type: ignore[index]
+    assert required["structured_outputs"].json["type"] == "array"
+    assert vars(auto["structured_outputs"]) == {"json_object": True}
+    assert _structured(_request(tools=[WEATHER], tool_choice="none")) == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from chatfleet.serving.errors import EngineError
 from chatfleet.serving.protocol import GenerationRequest, ToolCallDelta
 
 __all__ = ["NamedCallReader", "ParserReader", "Piece", "RequiredCallsReader", "ToolReader"]
@@ -33,10 +34,20 @@ class ToolReader:
         self.called = False
 
     def feed(self, text: str, token_ids: list[int]) -> list[Piece]:
-        return self._kept(self._read(text, token_ids))
+        try:
+            return self._kept(self._read(text, token_ids))
+        except Exception as exc:
+            raise self._failed(exc) from exc
 
     def finish(self) -> list[Piece]:
-        return self._kept(self._end())
+        try:
+            return self._kept(self._end())
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: Exception) -> EngineError:
+        # The model's answer broke the reader (or vLLM's parser), not the client's request.
+        return EngineError(f"reading the tool calls failed: {type(exc).__name__}: {exc}")
 
     def _read(self, text: str, token_ids: list[int]) -> list[Piece]:
         raise NotImplementedError
