@@ -9,6 +9,10 @@ handed to vLLM as token ids, which every vLLM release since the V1 engine accept
 vLLM streams deltas (``RequestOutputKind.DELTA``); each delta is split into reasoning
 and answer at ``<think>`` tags. When the consumer stops iterating, the request is
 aborted in vLLM so that its KV cache and scheduler slot are freed at once.
+
+Tools, when the model names its tool parser (``vllm.tool_call_parser``), the way vLLM's
+OpenAI server handles them (`_vllm_tools`): the template renders them, and a reader
+turns the answer's text into tool-call pieces as it streams.
 """
 
 from __future__ import annotations
