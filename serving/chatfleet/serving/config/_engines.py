@@ -138,6 +138,13 @@ class VLLMEngineConfig(_Model):
     engine_args: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Further vLLM AsyncEngineArgs, passed through."
     )
+    tool_call_parser: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="vLLM's tool parser for this model's tool-call format (hermes,"
+        " llama3_json, mistral, qwen3_xml... as vLLM's --tool-call-parser; checked against"
+        " vLLM's registry at start). Empty: the model refuses tools and tool_choice.",
+    )
 
 
 class OllamaEngineConfig(_Model):
@@ -320,6 +327,10 @@ class ModelConfig(_Model):
             )
         if self.ollama is not None and self.ollama.think is False:
             return replace(capabilities, reasoning=False)
+        if self.vllm is not None and self.vllm.tool_call_parser is not None:
+            # Auto reads calls with the parser; required and named are held to their
+            # JSON by structured outputs.
+            return replace(capabilities, tools=True, forced_tool_choice=True, why_not=())
         return capabilities
 
     def engine_settings(self) -> _Model:

@@ -9,6 +9,10 @@ handed to vLLM as token ids, which every vLLM release since the V1 engine accept
 vLLM streams deltas (``RequestOutputKind.DELTA``); each delta is split into reasoning
 and answer at ``<think>`` tags. When the consumer stops iterating, the request is
 aborted in vLLM so that its KV cache and scheduler slot are freed at once.
+
+Tools, when the model names its tool parser (``vllm.tool_call_parser``), the way vLLM's
+OpenAI server handles them (`_vllm_tools`): the template renders them, and a reader
+turns the answer's text into tool-call pieces as it streams.
 """
 
 from __future__ import annotations
@@ -24,8 +28,23 @@ from chatfleet.serving.config import ModelConfig, VLLMEngineConfig
 from chatfleet.serving.engines._base import Engine
 from chatfleet.serving.engines._logprobs import from_vllm
 from chatfleet.serving.engines._thinking import OPEN_TAG, ThinkSplitter
+from chatfleet.serving.engines._vllm_tool_readers import Piece, ToolReader
+from chatfleet.serving.engines._vllm_tools import (
+    ToolParsing,
+    forced_tool_schema,
+    template_messages,
+    tool_parser_class,
+)
 from chatfleet.serving.errors import EngineError, EngineUnavailable, RequestError
-from chatfleet.serving.protocol import Chunk, FinishReason, GenerationRequest, TokenLogprob, Usage
+from chatfleet.serving.protocol import (
+    Chunk,
+    ChunkKind,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = ["VLLMEngine"]
 
@@ -108,6 +127,8 @@ class VLLMEngine(Engine):
         self.llm: Any = None
         self._tokenizer: Any = None
         self._api: _VLLMApi | None = None
+        #: vLLM's tool parser once started, if the model names one (``tool_call_parser``).
+        self._tools: ToolParsing | None = None
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of ``AsyncEngineArgs`` for this model."""
@@ -129,6 +150,9 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             return
         api = _import_vllm()
+        parser_name = self.settings.tool_call_parser
+        # Before vLLM starts: a wrong name fails at once, not after the weights load.
+        parser_class = tool_parser_class(parser_name, self.name) if parser_name else None
         began = time.perf_counter()
         args = self.engine_args()
         if "structured_outputs_config" not in args and (compact := _compact_json_outputs()):
@@ -146,6 +170,8 @@ class VLLMEngine(Engine):
                     f"model {self.name!r} ({self.settings.model}) has no chat template:"
                     " serve an instruct/chat model, or one whose tokenizer_config sets one"
                 )
+            if parser_name:
+                self._tools = ToolParsing(parser_class, parser_name, self.name, tokenizer)
         except BaseException:
             llm.shutdown()
             raise
@@ -166,9 +192,14 @@ class VLLMEngine(Engine):
 
     def render_prompt(self, request: GenerationRequest) -> tuple[str, list[int]]:
         """The conversation rendered with the model's chat template: text and token ids."""
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        # The tools go to the template also with tool_choice none, as vLLM's server
+        # sends them (without --exclude-tools-when-tool-choice-none).
+        tools = {"tools": request.tools} if request.tools else {}
         text: str = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            template_messages(request.messages),
+            tokenize=False,
+            add_generation_prompt=True,
+            **tools,
         )
         # The template already wrote BOS and the role markers.
         return text, list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -193,8 +224,10 @@ class VLLMEngine(Engine):
         llm, api = self.llm, self._api
         if llm is None or api is None:
             raise EngineUnavailable(f"model {self.name!r} is not loaded (vLLM engine not started)")
+        tools = self._tools
         try:
             prompt_text, token_ids = self.render_prompt(request)
+            reader, keep_special = tools.begin(request) if tools is not None else (None, False)
         except Exception as exc:
             raise _classify(exc, self.name, api) from exc
         # Reasoning templates (Qwen3, DeepSeek-R1) open the think block in the prompt.
@@ -210,6 +243,7 @@ class VLLMEngine(Engine):
             **_structured(request),
             # The sampled token's logprob comes with the top k (none: the sampled one only).
             **({} if request.logprobs is None else {"logprobs": request.logprobs}),
+            **({"skip_special_tokens": False} if keep_special else {}),
         )
         request_id = request.request_id
         finished = False
@@ -242,8 +276,9 @@ class VLLMEngine(Engine):
                     logprobs += from_vllm(
                         completion.token_ids, completion.logprobs, request.logprobs, self._decode
                     )
-                for kind, text in splitter.feed(completion.text):
-                    yield Chunk(kind=kind, text=text, tokens=uncounted, logprobs=logprobs)
+                ids = list(completion.token_ids)
+                for kind, piece in _read(splitter.feed(completion.text), reader, ids):
+                    yield _chunk(kind, piece, uncounted, logprobs)
                     uncounted, logprobs = 0, ()
                 if output.finished:
                     # No break: the next read ends vLLM's generator cleanly.
@@ -251,15 +286,20 @@ class VLLMEngine(Engine):
                     vllm_reason = completion.finish_reason
             if not finished:
                 raise EngineError(f"vLLM ended the stream of model {self.name!r} unfinished")
-            for kind, text in splitter.flush():
-                yield Chunk(kind=kind, text=text, tokens=uncounted, logprobs=logprobs)
+            tail = _read(splitter.flush(), reader, [])
+            tail += [("text", p) for p in (reader.finish() if reader is not None else [])]
+            for kind, piece in tail:
+                yield _chunk(kind, piece, uncounted, logprobs)
                 uncounted, logprobs = 0, ()
+            reason = _FINISH_REASONS.get(vllm_reason or "", "stop")
             yield Chunk(
                 kind="text",
                 text="",
                 tokens=uncounted,
                 logprobs=logprobs,
-                finish_reason=_FINISH_REASONS.get(vllm_reason or "", "stop"),
+                finish_reason="tool_calls"
+                if reader and reader.called and reason == "stop"
+                else reason,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             )
         finally:
@@ -275,10 +315,31 @@ class VLLMEngine(Engine):
                     logger.warning("vLLM could not abort request %s", request_id, exc_info=True)
 
 
+def _read(
+    parts: list[tuple[ChunkKind, str]], reader: ToolReader | None, token_ids: list[int]
+) -> list[tuple[ChunkKind, Piece]]:
+    """The answer's text through the tool reader, if any (reasoning is not read)."""
+    if reader is None:
+        return list(parts)
+    read: list[tuple[ChunkKind, Piece]] = []
+    for kind, text in parts:
+        pieces = reader.feed(text, token_ids) if kind == "text" else [text]
+        read += [(kind, p) for p in pieces]
+    return read
+
+
+def _chunk(kind: ChunkKind, piece: Piece, tokens: int, logprobs: tuple[TokenLogprob, ...]) -> Chunk:
+    if isinstance(piece, ToolCallDelta):
+        return Chunk(kind="tool_call", text="", tokens=tokens, call=piece, logprobs=logprobs)
+    return Chunk(kind=kind, text=piece, tokens=tokens, logprobs=logprobs)
+
+
 def _structured(request: GenerationRequest) -> dict[str, Any]:
-    """SamplingParams' guided decoding for ``response_format`` (none for text)."""
+    """SamplingParams' guided decoding for ``response_format`` (none for text), or for
+    a ``required`` or named tool choice, which wins over it as in vLLM's server."""
     form = request.response_format
-    if form is None:
+    tool_schema = forced_tool_schema(request)
+    if form is None and tool_schema is None:
         return {}
     params: Any
     try:  # vLLM 0.11 renamed guided decoding to structured outputs
@@ -289,6 +350,9 @@ def _structured(request: GenerationRequest) -> dict[str, Any]:
         from vllm.sampling_params import GuidedDecodingParams
 
         params, keyword = GuidedDecodingParams, "guided_decoding"
+    if tool_schema is not None:
+        return {keyword: params(json=tool_schema)}
+    assert form is not None
     if form["type"] == "json_schema":
         return {keyword: params(json=form["json_schema"].get("schema") or {})}
     return {keyword: params(json_object=True)}
