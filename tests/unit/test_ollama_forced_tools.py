@@ -288,6 +288,14 @@ async def test_an_answer_that_breaks_the_format(
         )
     assert caught.value.status_code == 502
     assert "did not answer with the tool calls tool_choice asks for" in caught.value.message
+    # JSON calls, but of a tool that was not offered: as broken.
+    stray = [{"name": "delete_everything", "parameters": {}}]
+    ollama_upstream.queue(OllamaAnswer(content=_pieces(stray)))
+    with pytest.raises(openai.APIStatusError) as caught:
+        await remote.chat.completions.create(
+            model="local", messages=QUESTION, tools=[CLOCK], tool_choice="required"
+        )
+    assert caught.value.status_code == 502
 
 
 async def test_models_list_forced_tool_choice_for_ollama(remote: openai.AsyncOpenAI) -> None:
