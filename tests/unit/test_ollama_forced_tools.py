@@ -302,3 +302,32 @@ async def test_models_list_forced_tool_choice_for_ollama(remote: openai.AsyncOpe
     r = await remote.with_raw_response.models.list()
     (local,) = [m for m in json.loads(r.text)["data"] if m["id"] == "local"]
     assert local["capabilities"]["forced_tool_choice"] is True
+
+
+async def test_the_responses_api_forces_ollama_calls_too(
+    remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer
+) -> None:
+    weather: Any = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}
+    r = await remote.responses.create(
+        model="local",
+        input="Weather in Lyon?",
+        tools=[weather],
+        tool_choice="required",
+        store=False,
+    )
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMETERS)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await remote.responses.create(
+            model="local",
+            input="Weather in Lyon?",
+            tools=[weather],
+            tool_choice="required",
+            text={"format": {"type": "json_object"}},
+            store=False,
+        )
+    error: Any = caught.value.body
+    assert error["param"] == "text.format"
+    assert "text.format json_object with tool_choice required: they conflict" in error["message"]
+    assert len(ollama_upstream.requests) == 1
