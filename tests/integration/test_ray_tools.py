@@ -156,3 +156,46 @@ def test_logprobs_cross_the_replicas(client: openai.OpenAI, model: str) -> None:
                 streamed += c.logprobs.content or []
     assert text == choice.message.content
     assert [t.model_dump() for t in streamed] == [t.model_dump() for t in choice.logprobs.content]
+
+
+def test_ollama_agent_loop_with_tool_choice_required_then_auto(
+    client: openai.OpenAI, upstreams: tuple[FakeOllamaServer, FakeOpenAIServer]
+) -> None:
+    # Ollama has no tool_choice: the replica forces the call through Ollama's format.
+    ollama, _ = upstreams
+    calls, finish, content = _streamed(
+        client, model="local", messages=QUESTION, tools=[WEATHER], tool_choice="required"
+    )
+    assert (finish, content) == ("tool_calls", "")
+    (call,) = calls
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])  # type: ignore[index]
+    assert ollama.requests[-1].body["format"]["minItems"] == 1
+    history: Any = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call["id"], "content": "rain"},
+    ]
+    second = client.chat.completions.create(
+        model="local", messages=history, tools=[WEATHER], tool_choice="auto"
+    )
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == "rain"
+    named = client.chat.completions.create(
+        model="local",
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    (made,) = named.choices[0].message.tool_calls or []
+    assert named.choices[0].finish_reason == "tool_calls" and made.function.name == "get_weather"
+    jsonschema.validate(json.loads(made.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]

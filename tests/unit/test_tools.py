@@ -447,24 +447,12 @@ async def test_ollama_native_tool_calls(
 async def test_ollama_honours_what_it_can_of_tool_choice(
     remote: openai.AsyncOpenAI, ollama_upstream: FakeOllamaServer
 ) -> None:
-    # Ollama has no tool_choice: "none" leaves the tools out; forcing a call is refused.
+    # Ollama has no tool_choice: "none" leaves the tools out (required and a named tool
+    # are forced through its format: test_ollama_forced_tools.py).
     await remote.chat.completions.create(
         model="local", messages=QUESTION, tools=[WEATHER], tool_choice="none"
     )
     assert "tools" not in ollama_upstream.requests[0].body
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        with pytest.raises(openai.BadRequestError) as caught:
-            await remote.chat.completions.create(
-                model="local",
-                messages=QUESTION,
-                tools=[WEATHER],
-                tool_choice=choice,  # type: ignore[arg-type]
-            )
-        assert caught.value.message.endswith(
-            "Ollama has no tool_choice, its model calls a tool"
-            " only when it chooses to; leave tool_choice auto"
-        )
-    assert len(ollama_upstream.requests) == 1
     # Nor parallel_tool_calls: with false, the calls past the first are dropped here.
     two = [
         {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},

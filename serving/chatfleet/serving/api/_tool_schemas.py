@@ -164,6 +164,11 @@ class ToolFields(ClientBody):
         if self.response_format is not None and self.response_format.type != "text":
             what = f"response_format {self.response_format.type} (structured output)"
             asks.append(Ask("response_format", "structured_output", what))
+            if self.tools and self.tool_choice not in (None, "none", "auto"):
+                choice = self.tool_choice
+                named = "a named tool" if isinstance(choice, NamedToolChoice) else "required"
+                what = f"response_format {self.response_format.type} with tool_choice {named}"
+                asks.append(Ask("response_format", "forced_tool_choice_with_format", what))
         return asks
 
     def tooling(self) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class EngineCapabilities:
     tools: bool = False
     #: ``tool_choice`` ``required`` or a named tool can be enforced (not only hinted).
     forced_tool_choice: bool = False
+    #: A forced ``tool_choice`` and a ``response_format`` in one request (off where
+    #: the one constrains the answer by the same means as the other).
+    forced_tool_choice_with_format: bool = True
     structured_output: bool = False
     vision: bool = False
     logprobs: bool = False
@@ -79,6 +82,7 @@ _FLAGS = frozenset(
         "reasoning",
         "tools",
         "forced_tool_choice",
+        "forced_tool_choice_with_format",
         "structured_output",
         "vision",
         "logprobs",
@@ -123,16 +127,19 @@ ENGINE_CAPABILITIES: dict[EngineKind, EngineCapabilities] = {
         why_not=tuple((flag, _VLLM_NO_PARSER) for flag in ("tools", "forced_tool_choice")),
     ),
     # Native tools, format and logprobs; sampling into Ollama's options (repeat_penalty...).
+    # A forced tool_choice is a format too (the calls' schema, as vLLM does it).
     "ollama": EngineCapabilities(
         tools=True,
+        forced_tool_choice=True,
+        forced_tool_choice_with_format=False,
         structured_output=True,
         logprobs=True,
         sampling=_PENALTIES | {"top_k", "min_p", "repetition_penalty"},
         why_not=(
             (
-                "forced_tool_choice",
-                "Ollama has no tool_choice, its model calls a tool only when it chooses to;"
-                " leave tool_choice auto",
+                "forced_tool_choice_with_format",
+                "they conflict: Ollama has one format, and a forced tool_choice takes it"
+                " for the calls' schema",
             ),
         ),
     ),

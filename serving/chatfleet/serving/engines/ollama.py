@@ -11,7 +11,9 @@ into ``options`` over the configured ones.
 
 Tools and ``response_format`` use Ollama's own fields: ``tools`` (OpenAI's shape; left
 out for ``tool_choice: none``, and only the first call is kept for
-``parallel_tool_calls: false``: Ollama has neither option),
+``parallel_tool_calls: false``: Ollama has neither option; ``tool_choice`` ``required``
+or a named function constrains the answer with ``format`` and reads it back as calls,
+see `_forced_tools`, so it cannot go with a ``response_format``, refused at the ingress),
 ``message.tool_calls`` in the history and the answer (arguments as a JSON object,
 not a text; a call has no id, so one is made up here) and ``format`` (``"json"`` or
 the schema). Ollama sends each tool call whole, in one line; the answer then ends
@@ -32,6 +34,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
@@ -39,6 +42,7 @@ import httpx
 
 from chatfleet.serving.config import ModelConfig, OllamaEngineConfig
 from chatfleet.serving.engines._base import Engine
+from chatfleet.serving.engines._forced_tools import ForcedCalls, forced_schema
 from chatfleet.serving.engines._logprobs import from_json
 from chatfleet.serving.engines._thinking import ThinkSplitter
 from chatfleet.serving.errors import EngineUnavailable, UpstreamError
@@ -117,6 +121,7 @@ class OllamaEngine(Engine):
         self, response: httpx.Response, request: GenerationRequest
     ) -> AsyncGenerator[Chunk]:
         splitter = ThinkSplitter()
+        forced = ForcedCalls.of(request)
         calls = 0
         generated = 0  # streamed lines with text: one generated token each
         owed = 0  # tokens of text the splitter holds back, paid with the next chunk
@@ -143,8 +148,10 @@ class OllamaEngine(Engine):
                 except ValueError:
                     raise self._malformed(line) from None
             for kind, text in parts:
-                yield Chunk(kind=kind, text=text, tokens=owed, logprobs=logprobs)
-                owed, logprobs = 0, ()
+                for chunk in self._forced(forced, kind, text, calls):
+                    calls += chunk.call is not None and chunk.call.id is not None
+                    yield replace(chunk, tokens=owed, logprobs=logprobs)
+                    owed, logprobs = 0, ()
             for call in message.get("tool_calls") or ():
                 if calls and request.parallel_tool_calls is False:
                     break  # Ollama cannot be told: the calls past the first are dropped
@@ -153,6 +160,12 @@ class OllamaEngine(Engine):
             if event.get("done"):
                 tail = splitter.flush()
                 finish = _finish_reason(event.get("done_reason"))
+                if forced is not None:
+                    for chunk in self._forced_end(forced, tail, calls, finish):
+                        calls += chunk.call is not None and chunk.call.id is not None
+                        yield replace(chunk, tokens=owed)
+                        owed = 0
+                    tail = []
                 finish = "tool_calls" if calls and finish == "stop" else finish
                 prompt_count, eval_count = event.get("prompt_eval_count"), event.get("eval_count")
                 if not isinstance(prompt_count, int):  # left out when the prompt was cached
@@ -170,6 +183,35 @@ class OllamaEngine(Engine):
                 )
                 return
         raise UpstreamError(f"{self._where} ended the stream before the answer was done")
+
+    def _forced(
+        self, forced: ForcedCalls | None, kind: ChunkKind, text: str, calls: int
+    ) -> list[Chunk]:
+        if forced is None or kind != "text":
+            return [Chunk(kind=kind, text=text)]
+        return forced.feed(text, calls)
+
+    def _forced_end(
+        self,
+        forced: ForcedCalls,
+        tail: list[tuple[ChunkKind, str]],
+        calls: int,
+        finish: FinishReason,
+    ) -> list[Chunk]:
+        """The forced answer's last calls; text cut short by ``length`` is sent as text."""
+        chunks = [c for kind, text in tail for c in self._forced(forced, kind, text, calls)]
+        started = sum(c.call is not None and c.call.id is not None for c in chunks)
+        try:
+            return chunks + forced.finish(calls + started, finish)
+        except ValueError as exc:
+            if finish == "length":
+                return [*chunks, Chunk(kind="text", text=forced.text)]
+            logger.warning(
+                "model %s: %s broke the forced tool choice: %s", self.name, self._where, exc
+            )
+            raise UpstreamError(
+                f"{self._where} did not answer with the tool calls tool_choice asks for"
+            ) from None
 
     def _parse(self, line: str) -> dict[str, Any]:
         try:
@@ -232,7 +274,11 @@ class OllamaEngine(Engine):
         if request.tools and request.tool_choice != "none":
             body["tools"] = request.tools
         form = request.response_format
-        if form is not None:
+        forcing = forced_schema(request)
+        if forcing is not None:
+            # The tools stay in the prompt for the model to read; the format makes it call.
+            body["format"] = forcing
+        elif form is not None:
             schema = form.get("json_schema", {}).get("schema")
             body["format"] = schema if form["type"] == "json_schema" and schema else "json"
         if request.logprobs is not None:
