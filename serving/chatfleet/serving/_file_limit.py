@@ -121,10 +121,11 @@ def capacity_warning(config: AppConfig, limit: FileLimit) -> str | None:
     wanted = config.websocket.max_connections
     if capacity >= wanted:
         return None
-    why = f" (raising it was refused: {limit.refused})" if limit.refused else ""
+    why = f"; raising it was refused: {limit.refused}" if limit.refused else ""
     return (
-        f"the open-files limit ({limit.hard}){why} caps WebSockets at {capacity} per"
+        f"the open-files limit ({limit.hard}{why}) caps WebSockets at {capacity} per"
         f" ingress replica, under websocket.max_connections ({wanted}); raise it with"
-        f" `ulimit -n {limit.wanted}` (as root, or LimitNOFILE= in a systemd unit)"
-        " before chatfleet serve"
+        f" `ulimit -n {limit.wanted}` before chatfleet serve (it needs root with"
+        f" CAP_SYS_RESOURCE; in a container, `--ulimit nofile={limit.wanted}`; in a"
+        " systemd unit, LimitNOFILE=)"
     )
