@@ -74,6 +74,8 @@ class LongLivedSockets:
             started = time.perf_counter()
             gc.unfreeze()
             gc.collect()
+            # Even with no socket open: unfreeze released the start-up heap Ray Serve
+            # froze when the replica started, too.
             gc.freeze()
             logger.debug(
                 "heap compacted after %d WebSockets closed (%d open) in %.0f ms",
