@@ -10,6 +10,7 @@ one), not how long a collection takes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import weakref
 from collections.abc import Iterator
@@ -65,8 +66,12 @@ async def test_open_sockets_are_frozen_and_the_heap_compacted_once_they_close() 
         # Frozen every _FREEZE_EVERY sockets: only the newest ones are left for a full
         # collection to walk (without the freeze: all of them).
         assert _in_collector(_ChatConnection) <= _FREEZE_EVERY
+        # While they are held (no socket opens), what is new is frozen too, every
+        # second: their heartbeats' objects would otherwise fill generation 2 again.
+        late = _Cycle()
+        await wait_for(functools.partial(_frozen, late))
         # The price: garbage frozen with them outlives a full collection...
-        del garbage
+        del garbage, late
         gc.collect()
         assert freed() is not None
 
@@ -83,3 +88,7 @@ async def test_open_sockets_are_frozen_and_the_heap_compacted_once_they_close() 
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def _frozen(obj: object) -> bool:
+    return not any(tracked is obj for tracked in gc.get_objects())
