@@ -4,9 +4,10 @@ Each open socket holds a few hundred objects the cyclic collector tracks for its
 life (uvicorn's and websockets' protocol state, Ray Serve's per-request wrappers, the
 app's tasks, coroutines and events). A full (generation 2) collection walks all of them
 with the GIL held: with 5,000 idle sockets in the ingress each one stopped the event
-loop for 0.2 to 1.2 s, and one came every 8 to 20 s (the heartbeats' short-lived
-objects, promoted while in flight, fill generation 2 until Python collects it). That
-was the chat p99 time to first token of hundreds of ms with thousands of idle sockets.
+loop for 0.2 to 1.2 s, with 10,000 for 1.2 to 1.9 s, and one came every 8 to 20 s (the
+heartbeats' objects, promoted while in flight, fill generation 2 until Python collects
+it); sockets missed their pong deadline and were dropped. That was the chat p99 time to
+first token of hundreds of ms with thousands of idle sockets (gc.callbacks timed it).
 
 ``gc.freeze()`` moves every object tracked now into a permanent generation the
 collector skips; reference counting still frees them. The heap is frozen after every
