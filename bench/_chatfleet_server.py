@@ -1,8 +1,9 @@
 """Run the chatfleet app on a private Ray instance until stdin closes (bench helper).
 
 Usage: ``python bench/_chatfleet_server.py CONFIG_JSON PORT``. Starts Ray the way
-``chatfleet serve`` does: its ``serve_environment`` (Serve's throughput mode; HAProxy in
-front unless RAY_SERVE_ENABLE_HA_PROXY=0; variables already set win), ``ray.init``,
+``chatfleet serve`` does: its open-files limit (raised for the config's sockets), its
+``serve_environment`` (Serve's throughput mode; HAProxy in front unless
+RAY_SERVE_ENABLE_HA_PROXY=0; variables already set win), ``ray.init``,
 ``serve.start(http_options)``, ``serve.run(build_app(config), route_prefix="/")``.
 Prints ``READY`` on stdout, and shuts Ray down when its stdin reaches EOF (the bench
 closes it) or on SIGTERM. ``CHATFLEET_BENCH_SERVE_LOGGING`` (JSON) is passed as Serve's
@@ -22,6 +23,16 @@ import time
 
 def main() -> int:
     config_json, port = sys.argv[1], int(sys.argv[2])
+    from chatfleet.serving.config import AppConfig
+
+    config = AppConfig.model_validate(json.loads(config_json))
+    try:
+        from chatfleet.serving._file_limit import files_needed, raise_file_limit
+    except ImportError:  # --rev of a chatfleet before it raised its file limit
+        pass
+    else:
+        limit = raise_file_limit(files_needed(config))
+        print(f"file limit {limit.soft}/{limit.hard}", file=sys.stderr, flush=True)
     try:
         from chatfleet.serving.cli import serve_environment
     except ImportError:  # --rev of a chatfleet before HAProxy
@@ -33,9 +44,7 @@ def main() -> int:
     from ray import serve
 
     from chatfleet.serving.app import APP_NAME, build_app
-    from chatfleet.serving.config import AppConfig
 
-    config = AppConfig.model_validate(json.loads(config_json))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.perf_counter()

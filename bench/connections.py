@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/connections.py                      # Ray Serve, 0/1,000/5,000 sockets
     .venv/bin/python bench/connections.py --levels 0,1000,9000
+    .venv/bin/python bench/connections.py --levels 0,10000 --sockets-via replica --probes 1000
     .venv/bin/python bench/connections.py --path uvicorn       # the app alone, 5,000 sockets
     .venv/bin/python bench/connections.py --path uvicorn --quick
 
@@ -15,7 +16,13 @@ sockets and then only answer the server's heartbeat pings; with them held, this
 process measures ``GET /healthz`` latency (sequential requests) and a streamed
 ``/v1/chat/completions``'s time to first token (sequential, fake engine paced at
 ``--tokens-per-second``), and reads the RSS of the ingress replica and of HAProxy.
-Requests that time out (20 s) are counted, not waited on again.
+Requests that time out (20 s) are counted, not waited on again. Each row ends with the
+machine's 1-minute load average when its probes started (the box is shared). HAProxy
+holds as many connections as its open-files limit allows (2.5 files each): where the
+hard limit cannot be raised (20,000 on the shared CI box: ~7,900 connections),
+``--sockets-via replica`` opens the idle sockets straight to the ingress replica's own
+port (read from HAProxy's config) while the probes still go through HAProxy, which
+measures what the sockets cost the ingress past HAProxy's cap.
 
 Path "uvicorn": the server is one uvicorn process (a subprocess of this script) serving
 ``create_app`` over the fake engine with auth on, as the ingress replica does;
@@ -459,6 +466,21 @@ def rss_of(pids: list[int]) -> int:
     return total
 
 
+def ingress_replica_port(root: int) -> int:
+    """The ingress replica's own HTTP port, read from the config of HAProxy in front of it."""
+    for pid in pids_named("haproxy", root):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        if "-f" not in argv:
+            continue
+        with open(argv[argv.index("-f") + 1]) as f:
+            for line in f:
+                words = line.split()
+                if words[:1] == ["server"] and "-ingress-" in words[1]:
+                    return int(words[2].rsplit(":", 1)[1])
+    raise RuntimeError("no HAProxy backend server for the ingress replica")
+
+
 async def probe_http(port: int, healthz: int, chats: int) -> dict[str, Any]:
     """Sequential /healthz latencies and streamed-chat TTFTs, with timeouts counted."""
     import httpx
@@ -506,9 +528,16 @@ def probe_scenario(args: argparse.Namespace, info: dict[str, Any]) -> None:
     print(
         f"  {'sockets':>7} {'opened':>7} {'failed':>7} {'alive':>7} {'healthz p50':>12}"
         f" {'p99':>8} {'TTFT p50':>9} {'p99':>8} {'timeouts':>9} {'ingress RSS':>12}"
-        f" {'HAProxy RSS':>12}"
+        f" {'HAProxy RSS':>12} {'load':>5}"
     )
     baseline_p99: float | None = None
+    sockets_port = info["port"]
+    if args.sockets_via == "replica":
+        sockets_port = ingress_replica_port(info["pid"])
+        print(
+            f"  (idle sockets straight to the ingress replica's port {sockets_port}, past"
+            " HAProxy; the probes through HAProxy)"
+        )
     for level in args.levels:
         ingress = pids_named("ServeReplica:chatfleet:ingress", info["pid"])
         haproxy = pids_named("haproxy", info["pid"])
@@ -518,7 +547,7 @@ def probe_scenario(args: argparse.Namespace, info: dict[str, Any]) -> None:
             client = spawn(
                 "_idle",
                 {
-                    "port": info["port"],
+                    "port": sockets_port,
                     "token": "",
                     "connections": level,
                     "open_concurrency": 100,
@@ -529,6 +558,7 @@ def probe_scenario(args: argparse.Namespace, info: dict[str, Any]) -> None:
             if client is not None:
                 opened = read_event(client)
             time.sleep(args.hold)  # heartbeats go round while they are held
+            load = os.getloadavg()[0]
             probe = asyncio.run(probe_http(info["port"], args.probes, args.probes))
             rss_ingress, rss_haproxy = rss_of(ingress), rss_of(haproxy)
             held = {"alive": 0}
@@ -549,6 +579,7 @@ def probe_scenario(args: argparse.Namespace, info: dict[str, Any]) -> None:
             f" {1000 * percentile(health, 0.5):>9.1f} ms {1000 * percentile(health, 0.99):>5.1f} ms"
             f" {1000 * percentile(ttft, 0.5):>6.1f} ms {1000 * p99:>5.1f} ms"
             f" {probe['timeouts']:>9} {rss_ingress / MiB:>8.0f} MiB {rss_haproxy / MiB:>8.0f} MiB"
+            f" {load:>5.1f}"
         )
         if opened["errors"]:
             print(f"    open errors: {opened['errors']}")
@@ -736,6 +767,13 @@ def main() -> int:
         "--levels", default="0,1000,5000", help="Idle sockets at each probe level (path ray)."
     )
     parser.add_argument("--probes", type=int, default=30, help="Requests of each kind a level.")
+    parser.add_argument(
+        "--sockets-via",
+        choices=["haproxy", "replica"],
+        default="haproxy",
+        help="Path ray: idle sockets through HAProxy (as users connect) or straight to the"
+        " ingress replica's port (past HAProxy's maxconn, which the file limit caps).",
+    )
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if args.path == "ray":

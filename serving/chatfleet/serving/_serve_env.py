@@ -11,6 +11,8 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from chatfleet.serving._file_limit import HAPROXY_MAX_CONNECTIONS, haproxy_connections
+
 #: Ports Ray never takes by itself: above its workers' default range (10002-19999),
 #: below the kernel's ephemeral range (where Ray's random picks and every bind(0) and
 #: outgoing connection land).
@@ -115,13 +117,12 @@ def _haproxy_max_connections() -> int:
 
     Serve's default (4,096) would refuse WebSockets long before the ingress's own
     limit (``websocket.max_connections``, 10,000 per replica). HAProxy will not start
-    if its maxconn needs more files than the hard limit lets it raise to: two a
-    connection (client and replica sides), half a one more for its splice pipes
-    (maxconn / 4 of them, two files each), and some for its listeners.
+    if its maxconn needs more files than the hard limit lets it raise to
+    (chatfleet.serving._file_limit, which ``chatfleet serve`` raises first).
     """
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY:
-        return 65_536
-    return max(1024, min(65_536, (hard - 256) * 2 // 5))
+        return HAPROXY_MAX_CONNECTIONS
+    return haproxy_connections(hard)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from chatfleet.serving._drain_request import DrainRequest
+from chatfleet.serving._file_limit import capacity_warning, files_needed, raise_file_limit
 from chatfleet.serving._preflight import StartupError, check_models, check_port, yaml_error
 from chatfleet.serving._serve_env import serve_environment
 from chatfleet.serving._shutdown import (
@@ -219,6 +220,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chatfleet: cannot set up authentication: {exc}", file=sys.stderr)
         return 2
 
+    # Before Ray starts: its workers and the HAProxy one of them spawns inherit the
+    # limit, and HAProxy's maxconn (serve_environment) is sized from it.
+    limit = raise_file_limit(files_needed(config))
+    if (capped := capacity_warning(config, limit)) is not None:
+        logger.warning("%s", capped)
     # Before Ray is imported: Serve reads these once, at import (handles made here
     # would otherwise default to Ray actor calls instead of the throughput mode's gRPC).
     env, front = serve_environment(os.environ)

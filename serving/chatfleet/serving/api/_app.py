@@ -37,6 +37,7 @@ from chatfleet.serving.api._drain import DrainGuard
 from chatfleet.serving.api._embeddings import add_embeddings_routes, embeddings_model_entry
 from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._loading import Held, native_stream, openai_held, opened_or_held
+from chatfleet.serving.api._long_lived import LongLivedSockets
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._middleware import BodyLimit, RequestMetrics
 from chatfleet.serving.api._openapi import document_responses
@@ -165,6 +166,8 @@ def create_app(
         logger.exception("unhandled error", exc_info=exc)
         return error_response(ChatfleetError("internal server error"))
 
+    # Innermost: counts the WebSockets the app takes (not those refused on the way).
+    app.add_middleware(LongLivedSockets)
     app.add_middleware(HttpAdmission, limit=config.ingress.max_ongoing_requests, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)

@@ -1,0 +1,121 @@
+"""Keep open WebSockets' objects out of Python's full garbage collections.
+
+Each open socket holds a few hundred objects the cyclic collector tracks for its whole
+life (uvicorn's and websockets' protocol state, Ray Serve's per-request wrappers, the
+app's tasks, coroutines and events). A full (generation 2) collection walks all of them
+with the GIL held: with 5,000 idle sockets in the ingress each one stopped the event
+loop for 0.2 to 1.2 s, with 10,000 for 1.2 to 1.9 s, and one came every 8 to 20 s (the
+heartbeats' objects, promoted while in flight, fill generation 2 until Python collects
+it); sockets missed their pong deadline and were dropped. That was the chat p99 time to
+first token of hundreds of ms with thousands of idle sockets (gc.callbacks timed it).
+
+``gc.freeze()`` moves every object tracked now into a permanent generation the
+collector skips; reference counting still frees them. The heap is frozen after every
+``_FREEZE_EVERY`` sockets opened and, while that many are open, every ``_REFREEZE_S``
+(their heartbeats' objects outlive young collections too), which keeps a full
+collection's work to the last second's survivors, whatever the number of sockets.
+What freezing costs: cyclic garbage frozen with them (of a socket that then closes, of
+a request that ended) is not reclaimed until `gc.unfreeze`. So the heap is compacted
+(unfrozen, fully collected once: one pause, and frozen again) once as many sockets have
+closed as remain open, and at the latest every ``_COMPACT_EVERY_S`` while sockets stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+#: Sockets opened between two freezes: a young collection and a freeze cost about a
+#: millisecond, so this bounds the unfrozen sockets (and a full collection's work).
+_FREEZE_EVERY = 100
+#: While that many sockets are open, the heap is also frozen this often: their
+#: heartbeats' objects (a sleeping ping's coroutine, future and timer, ~30 a socket)
+#: outlive young collections and would fill generation 2 again within seconds.
+_REFREEZE_S = 1.0
+#: Cyclic garbage a refreeze caught is reclaimed by a compaction at most this late.
+_COMPACT_EVERY_S = 600.0
+
+
+class LongLivedSockets:
+    """Freezes the heap as WebSockets open, and compacts it once many have closed.
+
+    A pure ASGI middleware: a counter per WebSocket opened and closed, nothing per
+    message, nothing for HTTP.
+    """
+
+    def __init__(self, app: ASGIApp, freeze_every: int = _FREEZE_EVERY) -> None:
+        self.app = app
+        self.freeze_every = freeze_every
+        self.open = 0
+        self._opened_since_freeze = 0
+        self._closed_since_compaction = 0
+        self._refreezing: asyncio.TimerHandle | None = None
+        self._refreezes = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        self._opened()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._closed()
+
+    def _opened(self) -> None:
+        self.open += 1
+        self._opened_since_freeze += 1
+        if self._opened_since_freeze >= self.freeze_every:
+            self._freeze()
+            if self._refreezing is None:
+                self._refreezing = asyncio.get_running_loop().call_later(
+                    _REFREEZE_S, self._refreeze
+                )
+
+    def _freeze(self) -> None:
+        # The young generations' garbage is collected first, not frozen with them.
+        gc.collect(1)
+        gc.freeze()
+        self._opened_since_freeze = 0
+
+    def _refreeze(self) -> None:
+        # A timer, not a task: nothing is left pending when the loop stops.
+        if self.open < self.freeze_every:
+            self._refreezing = None
+            return
+        self._refreezes += 1
+        if self._refreezes * _REFREEZE_S >= _COMPACT_EVERY_S:
+            self._compact("on schedule")
+        else:
+            self._freeze()
+        self._refreezing = asyncio.get_running_loop().call_later(_REFREEZE_S, self._refreeze)
+
+    def _closed(self) -> None:
+        self.open -= 1
+        self._closed_since_compaction += 1
+        closed = self._closed_since_compaction
+        if closed >= self.freeze_every and closed >= self.open:
+            self._compact(f"after {closed} WebSockets closed")
+
+    def _compact(self, why: str) -> None:
+        started = time.perf_counter()
+        gc.unfreeze()
+        gc.collect()
+        # Even with no socket open: unfreeze released the start-up heap Ray Serve froze
+        # when the replica started, too.
+        gc.freeze()
+        logger.debug(
+            "heap compacted %s (%d open) in %.0f ms",
+            why,
+            self.open,
+            1000 * (time.perf_counter() - started),
+        )
+        self._closed_since_compaction = 0
+        self._opened_since_freeze = 0
+        self._refreezes = 0

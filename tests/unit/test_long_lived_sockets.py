@@ -1,0 +1,94 @@
+"""Open WebSockets' objects are kept out of Python's full collections (gc.freeze), and
+the heap is compacted once many of them have closed. Real uvicorn, real sockets.
+
+A full collection walks every object it tracks with the GIL held: with thousands of
+idle sockets in the ingress, that stopped the event loop for up to a second at a time.
+What is asserted is where the objects are (the collector's generations or the frozen
+one), not how long a collection takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+from tests.fakes.app_server import serving, wait_for
+from websockets.asyncio.client import ClientConnection, connect
+
+from chatfleet.serving.api import LocalEngineClient, create_app
+from chatfleet.serving.api._long_lived import _FREEZE_EVERY
+from chatfleet.serving.api._ws_chat import _ChatConnection
+from chatfleet.serving.config import AppConfig, ModelConfig
+from chatfleet.serving.engines.fake import FakeEngine
+
+SOCKETS = 2 * _FREEZE_EVERY + _FREEZE_EVERY // 2
+
+
+@pytest.fixture(autouse=True)
+def _thawed() -> Iterator[None]:
+    # gc.freeze is process-wide: leave no frozen heap to the other tests.
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    gc.collect()
+
+
+class _Cycle:
+    """Garbage only the cyclic collector can reclaim (it refers to itself)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _in_collector(kind: type) -> int:
+    """Objects of ``kind`` the collector's generations hold (frozen ones are not listed)."""
+    return sum(1 for obj in gc.get_objects() if type(obj) is kind)
+
+
+async def test_open_sockets_are_frozen_and_the_heap_compacted_once_they_close() -> None:
+    config = AppConfig(models=[ModelConfig(name="fake", engine="fake")], auth={"enabled": False})
+    engine = LocalEngineClient(FakeEngine(config.models[0]))
+    await engine.start()
+    async with serving(create_app(config, {"fake": engine})) as base:
+        url = base.replace("http://", "ws://") + "/ws/chat"
+        garbage = _Cycle()
+        freed = weakref.ref(garbage)
+        sockets: list[ClientConnection] = []
+        for _ in range(SOCKETS):
+            ws = await connect(url, ping_interval=None)
+            assert '"connection_ack"' in str(await asyncio.wait_for(ws.recv(), 30))
+            sockets.append(ws)
+
+        # Frozen every _FREEZE_EVERY sockets: only the newest ones are left for a full
+        # collection to walk (without the freeze: all of them).
+        assert _in_collector(_ChatConnection) <= _FREEZE_EVERY
+        # While they are held (no socket opens), what is new is frozen too, every
+        # second: their heartbeats' objects would otherwise fill generation 2 again.
+        late = _Cycle()
+        await wait_for(functools.partial(_frozen, late))
+        # The price: garbage frozen with them outlives a full collection...
+        del garbage, late
+        gc.collect()
+        assert freed() is not None
+
+        # ...until as many sockets have closed as remain open: then the heap is
+        # unfrozen, collected once and frozen again.
+        for ws in sockets[: SOCKETS // 2]:
+            await ws.close()
+        await wait_for(lambda: _async(freed() is None), within=60)
+        assert _in_collector(_ChatConnection) == 0  # the rest were frozen again
+
+        for ws in sockets[SOCKETS // 2 :]:
+            await ws.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _frozen(obj: object) -> bool:
+    return not any(tracked is obj for tracked in gc.get_objects())
