@@ -8,6 +8,7 @@ under Ray Serve (see `chatfleet.serving.api`); ``_unwrapped`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -129,6 +130,7 @@ class HandleEngineClient:
     async def batches(self, request: GenerationRequest) -> AsyncGenerator[list[Chunk], None]:
         address = None if self._relay is None else await self._relay.start()
         key = uuid.uuid4().hex
+        first: asyncio.Future[list[Chunk]] | None = None
         if self._relay is None or address is None:
             response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
             source: AsyncIterator[list[Chunk]] = response
@@ -136,15 +138,27 @@ class HandleEngineClient:
             response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
             # Registered before the engine can send on the relay, so before admission.
             source = self._relay.receive(key, response)
+            # Read from now on: the first batch may come in before Serve says a replica
+            # took the request, and then admits it (`EngineAdmission.admitted`).
+            first = asyncio.ensure_future(anext(source))
         try:
-            async for notice in self._admission.admitted(response, self._running_replicas):
+            async for notice in self._admission.admitted(
+                response, self._running_replicas, started=first
+            ):
                 yield notice
         except BaseException:
+            if first is not None:
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                await source.aclose()  # type: ignore[attr-defined]
             if self._relay is not None:
                 self._relay.forget(key)
             raise
         finished = False
         try:
+            if first is not None:
+                with contextlib.suppress(StopAsyncIteration):
+                    yield await first
             async for batch in source:
                 yield batch
             finished = True
