@@ -86,23 +86,28 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def vllm_engine(tiny_llama: Path) -> AsyncIterator[VLLMEngine]:
-    engine = VLLMEngine(
-        ModelConfig(
-            name="tiny",
-            engine="vllm",
-            vllm={
-                "model": str(tiny_llama),
-                "max_model_len": MAX_MODEL_LEN,
-                "dtype": "bfloat16",
-                "enforce_eager": True,  # torch.compile would add minutes to start-up
-                # Tools on (test_tools_vllm): Hermes' parser reads text, so it takes
-                # SmolLM2's tokenizer, which has no <tool_call> token.
-                "tool_call_parser": "hermes",
-            },
-        )
+@pytest.fixture(scope="session")
+def tiny_model(tiny_llama: Path) -> ModelConfig:
+    """The tiny Llama as chatfleet serves it: in process here, on Ray Serve in
+    test_vllm_ray."""
+    return ModelConfig(
+        name="tiny",
+        engine="vllm",
+        vllm={
+            "model": str(tiny_llama),
+            "max_model_len": MAX_MODEL_LEN,
+            "dtype": "bfloat16",
+            "enforce_eager": True,  # torch.compile would add minutes to start-up
+            # Tools on (test_tools_vllm): Hermes' parser reads text, so it takes
+            # SmolLM2's tokenizer, which has no <tool_call> token.
+            "tool_call_parser": "hermes",
+        },
     )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_engine(tiny_model: ModelConfig) -> AsyncIterator[VLLMEngine]:
+    engine = VLLMEngine(tiny_model)
     began = time.perf_counter()
     await engine.start()
     print(f"\nvLLM engine started in {time.perf_counter() - began:.1f} s (import included)")
