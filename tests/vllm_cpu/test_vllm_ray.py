@@ -69,6 +69,9 @@ def base_url(tiny_model: ModelConfig, tmp_path_factory: pytest.TempPathFactory) 
     # in front. For Ray's daemons and workers only (they inherit the environment at
     # ray.init); the vLLM settings conftest put in this process's environment go too.
     env, _ = serve_environment(os.environ)
+    # In direct-ingress mode Serve keeps a stopping ingress replica 30 s for load
+    # balancers to notice; at shutdown nothing needs that.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     saved = dict(os.environ)
     os.environ.update(env)
     ray.init(
