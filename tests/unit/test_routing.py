@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from chatfleet.serving.api import LocalEngineClient, LocalRouterClient, Metrics, create_app
+from chatfleet.serving.api._routing_schemas import SelectRequest
 from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
 from chatfleet.serving.errors import RequestError
@@ -381,6 +382,9 @@ async def test_classify_and_compress_endpoints(client: httpx.AsyncClient) -> Non
         ("/api/compress", {"text": ""}, "text"),
         ("/api/models/select", {"prompt": ""}, "prompt"),
         ("/api/models/select", {}, None),
+        # The prompt router's camelCase spellings are checked as their fields are.
+        ("/api/models/select", {"prompt": "x", "topP": {}}, "topP"),
+        ("/api/models/select", {"prompt": "x", "top_p": 0.5, "topP": 0.5}, None),
     ],
 )
 async def test_routing_bad_input_is_400(
@@ -389,6 +393,17 @@ async def test_routing_bad_input_is_400(
     r = await client.post(path, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_the_document_declares_the_camel_case_spellings() -> None:
+    # Undeclared, they were unknown properties the document allowed and the server refused.
+    schema = SelectRequest.model_json_schema()
+    for camel, snake in (("topP", "top_p"), ("maxTokens", "max_tokens")):
+        assert {**schema["properties"][camel], "title": ""} == {
+            **schema["properties"][snake],
+            "title": "",
+        }
+        assert {"not": {"required": [snake, camel]}} in schema["allOf"]
 
 
 async def test_auto_without_routing_is_a_clear_404() -> None:

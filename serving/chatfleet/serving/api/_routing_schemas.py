@@ -105,6 +105,25 @@ class CompressRequest(ClientBody):
     )
 
 
+#: The prompt router's camelCase spellings `SelectRequest` takes, and the field each is.
+_CAMEL_CASE = {
+    "maxTokens": "max_tokens",
+    "topP": "top_p",
+    "possibleCategories": "possible_categories",
+}
+
+
+def _select_schema(schema: dict[str, Any]) -> None:
+    prompt_or_messages_schema(schema)
+    # The document says each spelling is checked as its field is: else it allowed
+    # `{"topP": {}}` as an unknown (ignored) property, which the server refuses.
+    for camel, snake in _CAMEL_CASE.items():
+        field = schema["properties"][snake]
+        schema["properties"][camel] = {**field, "title": camel}
+    # One spelling of a field at a time (`_one_spelling`).
+    schema["allOf"] = [{"not": {"required": [s, c]}} for c, s in _CAMEL_CASE.items()]
+
+
 class SelectRequest(PromptOrMessages):
     """`POST /api/models/select`: route a prompt, then stream the answer.
 
@@ -112,7 +131,7 @@ class SelectRequest(PromptOrMessages):
     (camelCase): each spelling works, and fields chatfleet does not use are ignored.
     """
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra=prompt_or_messages_schema)
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_select_schema)
 
     max_tokens: int | None = Field(
         None,
@@ -147,6 +166,16 @@ class SelectRequest(PromptOrMessages):
         " is classified over them, and the best one's route answers, whatever its"
         " confidence (an unrouted one: the default model). Empty: every configured category.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: Any) -> Any:
+        # Both would leave one unchecked (the first present wins): say which to keep.
+        if isinstance(data, dict):
+            for camel, snake in _CAMEL_CASE.items():
+                if camel in data and snake in data:
+                    raise ValueError(f"give {snake} or {camel}, not both")
+        return data
 
     @field_validator("possible_categories")
     @classmethod
