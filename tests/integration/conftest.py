@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.fakes.ports import free_port
+from tests.fakes.ray_serve import private_ray_serve
 
 from chatfleet.serving.config import AppConfig
 
@@ -44,43 +43,8 @@ class RayServe:
 
 @pytest.fixture(scope="session")
 def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from chatfleet.serving.cli import serve_environment
-
-    # The Serve settings `chatfleet serve` runs with (throughput mode, HAProxy in front
-    # of the ingress), for Ray's daemons and workers only: they inherit this process's
-    # environment at ray.init, and later `chatfleet serve` subprocesses must not.
-    env, _ = serve_environment(os.environ)
-    # Each module deletes the previous module's app; in direct-ingress mode Serve keeps a
-    # deleted ingress replica 30 s for load balancers to notice. Nothing here needs that.
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
-    saved = dict(os.environ)
-    os.environ.update(env)
-    ray.init(
-        # Logical CPUs: replicas ask for fractions, and a module's app plus the
-        # Serve controller and proxy must fit whatever the physical count.
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={
-            "env_vars": {
-                "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                # Replicas keep their SQLite store and JWT key here, not in ~.
-                "CHATFLEET_DATA_DIR": str(tmp_path_factory.mktemp("ray-data")),
-            }
-        },
-    )
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    try:
+    pytest.importorskip("ray")
+    # Each module deletes the previous module's app: private_ray_serve keeps Serve from
+    # holding a deleted ingress replica 30 s.
+    with private_ray_serve(tmp_path_factory.mktemp("ray-data")) as port:
         yield RayServe(port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()

@@ -16,6 +16,7 @@ from unittest import mock
 
 import jsonschema
 import pytest
+from tests.fakes.closed_tools import WEATHER
 
 from chatfleet.serving.config import ModelConfig
 from chatfleet.serving.engines.vllm_async import VLLMEngine
@@ -26,24 +27,7 @@ pytest.importorskip("vllm.sampling_params")
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
-# Closed choices only: a random model left free in a string or a number writes on until
-# max_tokens, and a truncated document proves nothing about the schema.
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo", "Lima"]},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
+# Closed choices only, as WEATHER's (tests/fakes/closed_tools.py).
 LIGHTS = {
     "type": "function",
     "function": {

@@ -16,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 import pytest_asyncio
+from tests.fakes.closed_tools import WEATHER
 
 from chatfleet.serving.api import LocalEngineClient, create_app
 from chatfleet.serving.config import AppConfig
@@ -25,21 +26,6 @@ pytest.importorskip("vllm.sampling_params")
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo", "Lima"]},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
 CHOICES = [
     pytest.param("required", id="required"),

@@ -10,7 +10,6 @@ from conftest. Run in the vllm environment only (see .ci/vllm-env.sh).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,14 +17,14 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from tests.fakes.ports import free_port
+from tests.fakes.closed_tools import WEATHER
+from tests.fakes.ray_serve import private_ray_serve
 from tests.fakes.required import missing
 
 from chatfleet.serving.config import AppConfig, ModelConfig
 
 pytest.importorskip("vllm.sampling_params")
 try:
-    import ray
     from ray import serve
 except ImportError:
     # The vllm environment installs ray[serve]: without it, the env is an old build.
@@ -34,21 +33,6 @@ except ImportError:
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
 APP = "vllm"
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo", "Lima"]},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 # Only closed choices: a random model left free in a string or a number would write on
 # until max_tokens, and a truncated document proves nothing about the schema.
 PICK: dict[str, Any] = {
@@ -63,38 +47,12 @@ PICK: dict[str, Any] = {
 def base_url(tiny_model: ModelConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app on a Ray of its own: the main tier's session Ray (tests/integration) is
     another environment's, and this one must not outlive the module's vLLM replica."""
-    from chatfleet.serving.cli import serve_environment
-
-    # As `chatfleet serve` runs: throughput mode, replicas at normal priority, HAProxy
-    # in front. For Ray's daemons and workers only (they inherit the environment at
-    # ray.init); the vLLM settings conftest put in this process's environment go too.
-    env, _ = serve_environment(os.environ)
-    # In direct-ingress mode Serve keeps a stopping ingress replica 30 s for load
-    # balancers to notice; at shutdown nothing needs that.
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
-    saved = dict(os.environ)
-    os.environ.update(env)
-    ray.init(
-        # Logical CPUs: every replica asks for a fraction, which the 2 real cores share.
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
+    # As `chatfleet serve` runs (tests/fakes/ray_serve.py); the vLLM settings conftest
+    # put in this process's environment reach the workers with it.
+    with private_ray_serve(
+        tmp_path_factory.mktemp("ray-data"),
         object_store_memory=200 * 1024**2,  # chunks are small; the default takes GiBs
-        runtime_env={
-            "env_vars": {
-                "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                "CHATFLEET_DATA_DIR": str(tmp_path_factory.mktemp("ray-data")),
-            }
-        },
-    )
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    try:
+    ) as port:
         config = AppConfig(
             auth={"enabled": False},
             ingress={"num_cpus": 0.1},
@@ -107,9 +65,6 @@ def base_url(tiny_model: ModelConfig, tmp_path_factory: pytest.TempPathFactory) 
         serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
         print(f"\nvLLM app on Ray Serve running in {time.perf_counter() - began:.1f} s")
         yield f"http://127.0.0.1:{port}/{APP}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
