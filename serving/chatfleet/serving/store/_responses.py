@@ -192,12 +192,3 @@ class ResponseStore(ConversationStore):
                     delete(ConversationRow).where(ConversationRow.id == conversation_id)
                 )
             return True
-            kept = {message_id for context in others for message_id in context}
-            alone = [m for m in row.context if m not in kept]
-            if alone:
-                await s.execute(
-                    delete(MessageRow).where(
-                        MessageRow.conversation_id == conversation_id, MessageRow.id.in_(alone)
-                    )
-                )
-            return True
