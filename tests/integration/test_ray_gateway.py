@@ -146,9 +146,9 @@ async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> 
     # The relay is on by default; a relay that could not be reached would fall back to
     # the handle silently, and the answers below would be the same: count the path.
     handle = ray_serve.handle("engine-fake", APP)
-    before = dict(await handle.stats.remote())
     async with httpx.AsyncClient(timeout=60) as client:
-        for i in range(3):
+
+        async def chat(i: int) -> None:
             r = await client.post(
                 f"{url}/v1/chat/completions",
                 json={
@@ -159,6 +159,11 @@ async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> 
             )
             assert r.status_code == 200
             assert r.text.rstrip().endswith("data: [DONE]")
+
+        await chat(-1)  # the engine replica opens its link on its first relayed request
+        before = dict(await handle.stats.remote())
+        for i in range(3):
+            await chat(i)
     # The engine counts a stream completed when its generator ends, just after the
     # ingress got the last batch: a stats call right after the response may come first
     # (the CI flake: completed 2 of 3, read 1 ms after the third response). A stream's
@@ -171,3 +176,11 @@ async def test_the_token_relay_carries_the_streams(url: str, ray_serve: Any) -> 
     assert after["completed"] == before["completed"] + 3, after
     assert after["cancelled"] == before["cancelled"], after
     assert after["relayed"] == before["relayed"] + 3, after
+    # Each request went ahead on the link too (Serve's router chose the replica, which
+    # has a link): the engine started on the copy, or on the handle call if that came
+    # first (a race by design; either way one generation, counted above).
+    while after["ahead"] < before["ahead"] + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        after = dict(await handle.stats.remote())
+    assert after["ahead"] == before["ahead"] + 3, after
+    assert after["early"] <= after["ahead"], after

@@ -257,10 +257,13 @@ async def test_requests_without_a_key_spread_over_the_replicas() -> None:
 def test_engine_options_route_by_affinity_with_several_replicas() -> None:
     from chatfleet.serving.app import EngineDeployment
 
-    assert "request_router_config" not in engine_options(ModelConfig(name="f", engine="fake"))
+    deployment: Any = EngineDeployment
+    # One replica: Serve's default router, with the request sent ahead on the relay link.
+    single = engine_options(ModelConfig(name="f", engine="fake"))
+    config = deployment.options(**single)._deployment_config.request_router_config
+    assert config.request_router_class.endswith("_offers.DefaultRouter")
     model = ModelConfig(name="f", engine="fake", num_replicas=2, affinity={"max_imbalance": 8})
     options = engine_options(model)
-    deployment: Any = EngineDeployment
     config = deployment.options(**options)._deployment_config.request_router_config
     assert config.request_router_class.endswith("AffinityRouter")
     assert config.request_router_kwargs == {"model": "f", "max_imbalance": 8}

@@ -8,7 +8,7 @@ message that crosses a Ray handle, and they carry no user-facing validation
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "request_from_json",
+    "request_to_json",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -183,3 +185,23 @@ class Compression:
     def ratio(self) -> float:
         """Achieved ratio: compressed tokens / original tokens (1.0 = unchanged)."""
         return self.compressed_tokens / self.original_tokens if self.original_tokens else 1.0
+
+
+def request_to_json(request: GenerationRequest) -> dict[str, Any]:
+    """``request`` as plain JSON values (what the token relay's link carries; it never
+    unpickles from the network)."""
+    return asdict(request)
+
+
+def request_from_json(data: dict[str, Any]) -> GenerationRequest:
+    """The `GenerationRequest` `request_to_json` gave ``data`` for."""
+    messages = [
+        Message(
+            m["role"],
+            m["content"],
+            tuple(ToolCall(**call) for call in m["tool_calls"]),
+            m["tool_call_id"],
+        )
+        for m in data["messages"]
+    ]
+    return GenerationRequest(**{**data, "messages": messages})

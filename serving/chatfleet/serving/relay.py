@@ -9,11 +9,20 @@ a port of its own (`Relay`), and each engine replica keeps one connection to it
 length-prefixed JSON frames (a frame per event-loop pass, however many streams had a
 batch due in it).
 
-The request itself still goes through the Serve handle (routing, max_ongoing_requests,
+The request itself goes through the Serve handle (routing, max_ongoing_requests,
 autoscaling, cancellation and errors stay Serve's), and so does everything when no link
 can be made: the engine then yields its batches on the handle as before. With a link, the
 handle call yields one message at the end, the number of relay items it sent, so the
 ingress knows when it has them all.
+
+A copy of the request goes ahead on the link (`offer`): once Serve's router has chosen
+the engine replica, and when that replica has a link to this relay, the request is
+written on the link too, and the engine starts on whichever comes first (Serve's gRPC
+call takes 8-33 ms to reach a replica on a busy machine, a line on the link 1-2 ms).
+The handle call then joins the generation the link started; a copy whose call never
+comes is dropped (`chatfleet.serving.app._early`). A request Serve moves to another
+replica (the first refused it: full) is withdrawn from the first, and what that one
+sends for it is ignored.
 
 A link opens with the relay's secret (passed in each request); frames are plain JSON,
 nothing is unpickled from the network. A link lost mid-stream ends its streams with
@@ -36,7 +45,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatfleet.serving.errors import RelayLost
-from chatfleet.serving.protocol import Chunk, TokenLogprob, ToolCallDelta, Usage
+from chatfleet.serving.protocol import (
+    Chunk,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+    request_to_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +72,17 @@ class RelayAddress:
     host: str
     port: int
     secret: str
+
+
+#: Every listening relay of this process by address: where Serve's router (running in
+#: the process that calls the handle) finds the relay a request's copy goes through.
+_RELAYS: dict[RelayAddress, Relay] = {}
+
+
+def frame(items: list[Any]) -> bytes:
+    """``items`` as one length-prefixed JSON frame (both directions of a link)."""
+    payload = json.dumps(items, separators=(",", ":")).encode()
+    return _HEADER.pack(len(payload)) + payload
 
 
 def encode_batch(batch: list[Chunk]) -> list[Any]:
@@ -107,7 +134,7 @@ def _decode_logprob(item: list[Any]) -> TokenLogprob:
 class _Stream:
     """What the ingress has received for one request, from either path."""
 
-    __slots__ = ("expected", "overflowed", "queue", "received")
+    __slots__ = ("expected", "offered", "overflowed", "queue", "received", "refused")
 
     def __init__(self) -> None:
         # Unbounded as a queue, bounded by the link reader (`MAX_QUEUED`), which must
@@ -116,6 +143,8 @@ class _Stream:
         self.received = 0  # relay items
         self.expected: int | None = None  # relay items the engine says it sent
         self.overflowed = False
+        self.offered: str | None = None  # the engine replica a copy went to on its link
+        self.refused: set[str] = set()  # replicas it was withdrawn from: ignored
 
 
 class Relay:
@@ -128,10 +157,12 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._starting = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: dict[str, asyncio.StreamWriter] = {}  # by engine replica id
         self._unavailable = False
         self.address: RelayAddress | None = None
-        #: Batches received on links, and streams dropped for a reader too far behind.
-        self.stats = {"batches": 0, "overflowed": 0}
+        #: Batches received on links, streams dropped for a reader too far behind, and
+        #: requests sent ahead on a link.
+        self.stats = {"batches": 0, "overflowed": 0, "offered": 0}
 
     async def start(self) -> RelayAddress | None:
         """The relay's address, listening from the first call on; None if it cannot listen
@@ -146,12 +177,20 @@ class Relay:
                     return None
                 port = self._server.sockets[0].getsockname()[1]
                 self.address = RelayAddress(self._host, port, self._secret)
+                _RELAYS[self.address] = self
         return self.address
+
+    @staticmethod
+    def at(address: RelayAddress) -> Relay | None:
+        """The relay of this process listening at ``address``."""
+        return _RELAYS.get(address)
 
     async def close(self) -> None:
         """Stop listening and hang up on every link (their engines fall back or fail)."""
         if self._server is not None:
             self._server.close()
+        if self.address is not None:
+            _RELAYS.pop(self.address, None)
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
@@ -159,18 +198,23 @@ class Relay:
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         carried: set[str] = set()  # streams this link delivered to: they end with it
+        replica = ""
         try:
-            hello = await asyncio.wait_for(reader.readline(), 10)
-            if not hmac.compare_digest(hello.strip(), self._secret.encode()):
+            # The secret, then (engines that take requests on the link) their replica id.
+            secret, _, named = (await asyncio.wait_for(reader.readline(), 10)).partition(b" ")
+            if not hmac.compare_digest(secret.strip(), self._secret.encode()):
                 return
+            replica = named.strip().decode(errors="replace")
+            if replica:
+                self._links[replica] = writer
             while True:
                 (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
                 if size > _MAX_FRAME:
                     return
                 for stream_id, item in json.loads(await reader.readexactly(size)):
                     stream = self._streams.get(stream_id)
-                    if stream is None or stream.overflowed:
-                        continue  # the request is gone (client left), or dropped
+                    if stream is None or stream.overflowed or replica in stream.refused:
+                        continue  # the request is gone (client left), dropped, or moved
                     carried.add(stream_id)
                     stream.received += 1
                     self.stats["batches"] += 1
@@ -184,6 +228,8 @@ class Relay:
             pass
         finally:
             self._writers.discard(writer)
+            if self._links.get(replica) is writer:
+                del self._links[replica]
             writer.close()
             for stream_id in carried:
                 stream = self._streams.get(stream_id)
@@ -204,7 +250,45 @@ class Relay:
 
     def forget(self, stream_id: str) -> None:
         """Drop a stream `receive` registered but nobody read (its request was refused)."""
-        self._streams.pop(stream_id, None)
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._withdraw(stream_id, stream)
+
+    def offer(self, replica: str, stream_id: str, request: GenerationRequest) -> bool:
+        """Send ``request`` ahead to engine ``replica`` on its link, now that Serve's
+        router chose it; False when there is no link from it (the handle call alone).
+
+        A stream offered to another replica before (that one refused the handle call)
+        is withdrawn from it; if it had already sent some of the answer, the stream
+        fails, rather than repeat the answer's start from the new replica.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.offered == replica:
+            return stream is not None
+        if stream.offered is not None:
+            moved_after_start = stream.received > 0
+            self._withdraw(stream_id, stream)
+            if moved_after_start:
+                stream.queue.put_nowait(("moved", None))
+                return False
+        writer = self._links.get(replica)
+        if writer is None or writer.is_closing() or replica in stream.refused:
+            return False
+        writer.write(frame([["start", stream_id, request_to_json(request)]]))
+        stream.offered = replica
+        self.stats["offered"] += 1
+        return True
+
+    def _withdraw(self, stream_id: str, stream: _Stream) -> None:
+        """Tell the replica ``stream`` was offered to that it is not coming (its copy,
+        if started, stops), and ignore what it still sends for it."""
+        replica, stream.offered = stream.offered, None
+        if replica is None:
+            return
+        stream.refused.add(replica)
+        writer = self._links.get(replica)
+        if writer is not None and not writer.is_closing():
+            writer.write(frame([["drop", stream_id]]))
 
     async def _receive(
         self, stream_id: str, stream: _Stream, handle_stream: AsyncIterator[Any]
@@ -251,8 +335,13 @@ class Relay:
                     if stream.expected is None:
                         raise item  # nothing on the relay to wait for
                     error = item  # raised once the batches before it are in
+                elif source == "moved":
+                    raise RelayLost(
+                        "the engine replica that had started the answer refused the request"
+                    )
         finally:
-            self._streams.pop(stream_id, None)
+            if self._streams.pop(stream_id, None) is stream and not watcher.done():
+                self._withdraw(stream_id, stream)  # the client left: stop its copy too
             if not watcher.done():
                 watcher.cancel()
                 with contextlib.suppress(BaseException):

@@ -2,6 +2,9 @@
 
 An engine replica keeps one connection to each ingress replica's relay (`Links`);
 `relay_batches` sends a request's batches on it and yields, at the end, how many went.
+The ingress writes on the link too: requests sent ahead of their handle call
+(``["start", stream id, request]``) and their withdrawals (``["drop", stream id]``),
+which `Links` hands to its ``on_item``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from chatfleet.serving.protocol import Chunk
-from chatfleet.serving.relay import _FAIL, _HEADER, RelayAddress, encode_batch
+from chatfleet.serving.relay import _FAIL, _HEADER, _MAX_FRAME, RelayAddress, encode_batch, frame
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +56,10 @@ class _Link:
         self._scheduled = False
         if not self._pending or self.broken:
             return
-        payload = json.dumps(self._pending, separators=(",", ":")).encode()
+        data = frame(self._pending)
         self._pending = []
         try:
-            self._writer.write(_HEADER.pack(len(payload)) + payload)
+            self._writer.write(data)
         except (ConnectionError, RuntimeError):
             self.broken = True
 
@@ -76,16 +79,29 @@ class _Link:
         self._writer.close()
 
 
+#: What the ingress sent on a link: the link and one item (``["start", ...]``...).
+OnItem = Callable[["_Link", list[Any]], None]
+
+
 class Links:
-    """The engine side: one link per relay address, opened on first use."""
+    """The engine side: one link per relay address, opened on first use.
+
+    With a ``replica`` id, each link says it after the secret, and the ingress may send
+    requests ahead on it: each item it sends goes to ``on_item``.
+    """
 
     def __init__(
         self,
         connect_timeout_s: float = 2.0,
         *,
+        replica: str = "",
+        on_item: OnItem | None = None,
         retry_s: tuple[float, float] = _RETRY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._replica = replica
+        self._on_item = on_item
+        self._readers: set[asyncio.Task[None]] = set()
         self._links: dict[RelayAddress, _Link] = {}
         # An unreachable relay: when to try again, and the back-off that led there.
         self._retry: dict[RelayAddress, tuple[float, float]] = {}
@@ -114,7 +130,7 @@ class Links:
 
     async def _open(self, address: RelayAddress) -> _Link | None:
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(address.host, address.port), self._timeout
             )
         except (OSError, TimeoutError) as exc:
@@ -130,15 +146,40 @@ class Links:
             )
             return None
         self._retry.pop(address, None)
-        writer.write(address.secret.encode() + b"\n")
+        hello = address.secret if not self._replica else f"{address.secret} {self._replica}"
+        writer.write(hello.encode() + b"\n")
         link = self._links[address] = _Link(writer)
+        if self._on_item is not None:
+            task = asyncio.create_task(self._read(reader, link, self._on_item))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
         return link
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader, link: _Link, on_item: OnItem) -> None:
+        """Hand what the ingress sends on ``link`` to ``on_item``, until it hangs up."""
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                if size > _MAX_FRAME:
+                    break
+                for item in json.loads(await reader.readexactly(size)):
+                    try:
+                        on_item(link, item)
+                    except Exception:  # one bad item loses itself, not the link
+                        logger.exception("token relay: cannot take %.200r", item)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            link.close()
 
     def close(self) -> None:
         """Hang up every link (the replica is shutting down)."""
         for link in self._links.values():
             link.close()
         self._links.clear()
+        for task in self._readers:
+            task.cancel()
 
 
 async def relay_batches(

@@ -11,7 +11,8 @@ that joins or leaves moves only the keys it wins or held (about 1/n of them), wh
 loaded), the request goes to the least loaded with room of two other replicas and
 the key's own (Serve's default is power of two choices; keeping the key's replica in
 the running means a request waiting while all are full takes whichever frees first).
-A request without a key is routed by Serve's default alone.
+A request without a key is routed by Serve's default alone. The chosen replica gets
+the request ahead on its token relay link (`SendsAhead`).
 
 Every routed request with a key is counted in ``chatfleet_affinity_total{model,
 outcome}``, outcome ``hit`` (its key's replica) or ``miss``, through Ray's metrics
@@ -34,6 +35,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from chatfleet.serving.app._offers import SendsAhead
 from chatfleet.serving.protocol import GenerationRequest
 
 __all__ = ["AffinityRouter", "rendezvous_order"]
@@ -66,7 +68,7 @@ def _two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:
     return random.sample(replicas, min(2, len(replicas)))
 
 
-class AffinityRouter(RequestRouter):
+class AffinityRouter(SendsAhead, RequestRouter):
     """Routes a request to its affinity key's replica, or the less loaded of two others.
 
     Serve builds one per deployment handle and calls `initialize_state` with

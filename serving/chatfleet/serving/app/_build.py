@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 from chatfleet.serving.app._affinity import AffinityRouter
 from chatfleet.serving.app._engine import EngineDeployment
 from chatfleet.serving.app._ingress import Ingress
+from chatfleet.serving.app._offers import DefaultRouter
 from chatfleet.serving.app._routing import ClassifierDeployment, CompressorDeployment
 from chatfleet.serving.config import (
     AppConfig,
@@ -59,11 +60,14 @@ def engine_options(model: ModelConfig) -> dict[str, Any]:
 
 
 def _routing(model: ModelConfig) -> dict[str, Any]:
-    """The request router: conversation affinity (`AffinityRouter`), or Serve's default."""
-    if not model.routes_by_affinity():
-        return {}
-    kwargs = {"model": model.name, "max_imbalance": model.affinity.max_imbalance}
-    router_class: Any = AffinityRouter  # Ray's annotation says dict; it takes a class
+    """The request router: conversation affinity (`AffinityRouter`), or Serve's default;
+    both send the request ahead on the token relay's link (`SendsAhead`)."""
+    router_class: Any  # Ray's annotation says dict; it takes a class
+    if model.routes_by_affinity():
+        kwargs = {"model": model.name, "max_imbalance": model.affinity.max_imbalance}
+        router_class = AffinityRouter
+    else:
+        kwargs, router_class = {}, DefaultRouter
     router = RequestRouterConfig(request_router_class=router_class, request_router_kwargs=kwargs)
     return {"request_router_config": router}
 
