@@ -176,3 +176,16 @@ def test_send_ahead_offers_only_generate_calls_to_this_processes_relays() -> Non
     assert not send_ahead(["not a request", address, "k"], REPLICA)
     assert not send_ahead([request()], REPLICA)  # no relay: the handle alone
     assert not send_ahead([request(), address, "k"], REPLICA)  # no relay listening there
+
+
+async def test_send_ahead_from_a_router_on_another_thread_offers_on_the_relays_loop() -> None:
+    relay, address, engine, expected = await linked()
+    key, arrived = uuid.uuid4().hex, asyncio.Event()
+    stream = relay.receive(key, call_when(arrived, engine, address, key))
+    # Serve's router on a loop of its own (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1).
+    assert await asyncio.to_thread(send_ahead, [request(), address, key], REPLICA)
+    first = await asyncio.wait_for(anext(stream), 10)
+    assert engine._stats["early"] == 1
+    arrived.set()
+    assert text([first, *[b async for b in stream]]) == expected
+    await close(relay, engine)

@@ -160,6 +160,7 @@ class Relay:
         self._links: dict[str, asyncio.StreamWriter] = {}  # by engine replica id
         self._unavailable = False
         self.address: RelayAddress | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it listens on
         #: Batches received on links, streams dropped for a reader too far behind, and
         #: requests sent ahead on a link.
         self.stats = {"batches": 0, "overflowed": 0, "offered": 0}
@@ -177,6 +178,7 @@ class Relay:
                     return None
                 port = self._server.sockets[0].getsockname()[1]
                 self.address = RelayAddress(self._host, port, self._secret)
+                self.loop = asyncio.get_running_loop()
                 _RELAYS[self.address] = self
         return self.address
 

@@ -7,6 +7,7 @@ call reaches it. `DefaultRouter` is Serve's default router with it; `AffinityRou
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 # Private Ray, pinned with Ray (2.60.0): Serve's default router class (its public
@@ -45,7 +46,18 @@ def send_ahead(args: list[Any], replica: str) -> bool:
         return False
     request, address, key = args[:3]
     relay = Relay.at(address) if isinstance(address, RelayAddress) else None
-    return relay is not None and relay.offer(replica, key, request)
+    if relay is None or relay.loop is None:
+        return False
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is relay.loop:  # the router runs on the caller's loop (throughput mode)
+        return relay.offer(replica, key, request)
+    # Serve's router on a loop of its own (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1): the
+    # relay is the caller's loop's; the call has registered its stream there already.
+    relay.loop.call_soon_threadsafe(relay.offer, replica, key, request)
+    return True
 
 
 class DefaultRouter(SendsAhead, PowerOfTwoChoicesRequestRouter):
