@@ -43,8 +43,18 @@ STAGES = [
     ("E1", "Q1", "relay: engine -> ingress's stream queue"),
     ("Q1", "B1", "ingress reads it (after admission)"),
     ("R2", "A4", "accept -> the router has the answer (gRPC back)"),
-    ("A0", "R3", "total: assign -> engine starts"),
+    ("H", "A0", "ingress: HTTP request -> the handle call (app, validation, admission)"),
+    ("A0", "O", "ingress: router assigns -> request sent ahead on the link"),
+    ("O", "C", "link: ingress -> engine replica starts the copy"),
+    ("C", "S", "engine: its generation task runs"),
+    ("S", "E1", "engine: start from the copy -> first batch on the relay link"),
+    ("A0", "R3", "total: assign -> engine starts (handle call)"),
+    ("A0", "S", "total: assign -> engine starts (copy sent ahead)"),
     ("A0", "B1", "total: assign -> ingress has the first batch"),
+    ("B1", "W", "ingress: first batch -> its SSE event goes to uvicorn"),
+    ("H", "W0", "ingress: HTTP request -> first body bytes (the role chunk)"),
+    ("H", "B1", "total: HTTP request in the ingress -> it has the first batch"),
+    ("H", "W", "total: HTTP request in the ingress -> first content event out"),
 ]
 
 
@@ -74,9 +84,10 @@ def read_trace(folder: Path) -> tuple[dict[str, dict[str, float]], dict[str, int
                 ongoing[rid] = int(extra.split("=")[1])
             elif stage == "K":
                 keys[extra] = rid
-    for key, rid in keys.items():  # the engine stamps E1 by relay key
-        if "E1" in times.get(key, {}):
-            times[rid]["E1"] = times[key]["E1"]
+    for key, rid in keys.items():  # stamped by relay key
+        for stage in ("E1", "O", "C", "S"):
+            if stage in times.get(key, {}):
+                times[rid][stage] = times[key][stage]
     return times, ongoing
 
 

@@ -15,7 +15,11 @@ starts; R1 (E) ``handle_request_with_rejection`` (arguments unpickled); R2 (E) i
 accepts (the answer goes back as initial metadata); R3 (E) the user generator starts;
 A4 (I) the router has the answer; A9 (I) ``assign_request`` returns; E1 (E) the first
 item for the request goes on the relay link; Q1 (I) it is in the relay's stream
-queue; B1 (I) the ingress reads it out of ``Relay.receive``.
+queue; B1 (I) the ingress reads it out of ``Relay.receive``. The request sent ahead on
+the link: O (I) ``Relay.offer`` writes it; C (E) the engine replica starts it; S (E) its
+generation task runs (by relay key, like E1). H (I) the ingress's ASGI app got the
+HTTP request (Starlette's ``__call__``); W0 (I) the response's first body bytes go
+to the server (uvicorn), W its first with a ``"content"``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,47 @@ def link_send(self, stream_id, item):
     return _orig["link_send"](self, stream_id, item)
 
 
+def relay_offer(self, replica, stream_id, request):
+    rec("O", stream_id)
+    return _orig["relay_offer"](self, replica, stream_id, request)
+
+
+def early_start(self, stream_id, run):
+    rec("C", stream_id)
+
+    async def traced():
+        rec("S", stream_id)
+        return await run()
+
+    return _orig["early_start"](self, stream_id, traced)
+
+
+_http_start = contextvars.ContextVar("stage_http_start", default=None)
+
+
+_http_request = contextvars.ContextVar("stage_http_request", default=None)
+
+
+async def starlette_call(self, scope, receive, send):
+    if scope["type"] != "http":
+        return await _orig["starlette_call"](self, scope, receive, send)
+    _http_start.set(time.monotonic())
+    request = {}  # the request's id once it has one (relay_receive)
+    _http_request.set(request)
+
+    async def traced_send(message):
+        if message["type"] == "http.response.body" and "rid" in request:
+            if "W0" not in request:
+                request["W0"] = True
+                rec("W0", request["rid"])
+            if "W" not in request and b'"content"' in message.get("body", b""):
+                request["W"] = True
+                rec("W", request["rid"])
+        return await send(message)
+
+    return await _orig["starlette_call"](self, scope, receive, traced_send)
+
+
 class _FirstRelayItem(asyncio.Queue):
     rid = ""
     seen = False
@@ -111,6 +156,10 @@ class _FirstRelayItem(asyncio.Queue):
 def relay_receive(self, stream_id, handle_stream):
     rid = handle_stream._request_metadata.internal_request_id
     rec("K", rid, stream_id)  # the relay key of the request (E1 is by key)
+    if (start := _http_start.get()) is not None:
+        rec("H", rid, at=start)
+    if (request := _http_request.get()) is not None:
+        request["rid"] = rid
     batches = _orig["relay_receive"](self, stream_id, handle_stream)
     if (stream := self._streams.get(stream_id)) is not None:
         stream.queue = _FirstRelayItem()
@@ -142,6 +191,9 @@ def _install():
     from ray.serve._private.request_router import replica_wrapper
 
     from chatfleet.serving import relay, relay_links
+    import starlette.applications
+
+    from chatfleet.serving.app import _early
 
     _patch(router.AsyncioRouter, "assign_request", "assign_request", assign_request)
     _patch(replica_wrapper.RunningReplica, "try_send_request", "try_send_request", try_send_request)
@@ -156,6 +208,11 @@ def _install():
     _patch(replica.UserCallableWrapper, "call_user_generator", "cug", call_user_generator)
     _patch(relay_links._Link, "send", "link_send", link_send)
     _patch(relay.Relay, "receive", "relay_receive", relay_receive)
+    _patch(relay.Relay, "offer", "relay_offer", relay_offer)
+    # The engine deployment's class travels by value (pickled by the driver): the probe
+    # wraps EarlyStarts, which its copy imports by reference.
+    _patch(_early.EarlyStarts, "start", "early_start", early_start)
+    _patch(starlette.applications.Starlette, "__call__", "starlette_call", starlette_call)
 
 
 if os.environ.get("CHATFLEET_STAGE_TRACE_DIR") and any("default_worker" in a for a in sys.argv[:2]):
