@@ -187,12 +187,11 @@ def _patch(cls, name, key, new):
 
 
 def _install():
+    import starlette.applications
     from ray.serve._private import replica, replica_result, router
     from ray.serve._private.request_router import replica_wrapper
 
     from chatfleet.serving import relay, relay_links
-    import starlette.applications
-
     from chatfleet.serving.app import _early
 
     _patch(router.AsyncioRouter, "assign_request", "assign_request", assign_request)
