@@ -129,9 +129,13 @@ def test_killing_one_ingress_replica_interrupts_only_its_sessions(
     )
     url = ray_serve.deploy(config, "crash")
     ws_url = url.replace("http://", "ws://") + "/ws"
-    with ExitStack() as held:  # held open, so that the sessions spread over both replicas
+    # Held open, so that the sessions spread over both replicas, and until the kill: a
+    # socket's close waits for the server's answer, which a loaded box can take seconds
+    # to give (it once took most of the sessions' 30 s).
+    with ExitStack() as held:
         for _ in range(4):
-            held.enter_context(connect(ws_url, open_timeout=60)).recv(timeout=30)
+            ws = held.enter_context(connect(ws_url, open_timeout=60, close_timeout=1))
+            ws.recv(timeout=30)
         ids = create_sessions(url, 8)
         ran = replicas_that_ran(tmp_path, ids)
         for _ in range(5):  # as above: HAProxy and Serve may send a first burst to one
@@ -141,19 +145,20 @@ def test_killing_one_ingress_replica_interrupts_only_its_sessions(
             more = create_sessions(url, 8)
             ids += more
             ran |= replicas_that_ran(tmp_path, more)
-    assert len(ran) == 2, ran
+        assert len(ran) == 2, ran
 
-    replicas = [
-        actor
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith("SERVE_REPLICA::crash#ingress#")
-    ]
-    assert len(replicas) == 2, replicas
-    # Which stored replica is which actor is not known here: the test kills one while both
-    # run sessions, and the outcome must match exactly one replica's running sessions.
-    running = running_by_replica(tmp_path, ids)
-    assert len(running) == 2, running
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+        replicas = [
+            actor
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("SERVE_REPLICA::crash#ingress#")
+        ]
+        assert len(replicas) == 2, replicas
+        # Which stored replica is which actor is not known here: the test kills one while
+        # both run sessions, and the outcome must match exactly one replica's running
+        # sessions.
+        running = running_by_replica(tmp_path, ids)
+        assert len(running) == 2, running
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
 
     def settled() -> dict[str, str] | None:
         try:
