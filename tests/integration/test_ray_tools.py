@@ -14,6 +14,7 @@ import openai
 import pytest
 from tests.fakes.ollama_server import FakeOllamaServer
 from tests.fakes.openai_server import Answer, FakeOpenAIServer
+from tests.fakes.tool_turns import after_tool_call
 from tests.unit.test_tools import QUESTION, RECIPE, RECIPE_FORMAT, WEATHER
 
 from chatfleet.serving.config import AppConfig, ModelConfig
@@ -91,20 +92,7 @@ def test_a_two_step_agent_loop_streamed(client: openai.OpenAI) -> None:
     (call,) = calls
     assert call["name"] == "get_weather" and call["id"]
     jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])  # type: ignore[index]
-    history: Any = [
-        *QUESTION,
-        {
-            "role": "assistant",
-            "tool_calls": [
-                {
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["name"], "arguments": call["arguments"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call["id"], "content": "rain"},
-    ]
+    history: Any = after_tool_call(QUESTION, call, "rain")
     calls, finish, content = _streamed(client, model="fake", messages=history, tools=[WEATHER])
     assert (calls, finish, content) == ([], "stop", "get_weather returned rain")
 
@@ -171,20 +159,7 @@ def test_ollama_agent_loop_with_tool_choice_required_then_auto(
     assert call["name"] == "get_weather" and call["id"].startswith("call_")
     jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])  # type: ignore[index]
     assert ollama.requests[-1].body["format"]["minItems"] == 1
-    history: Any = [
-        *QUESTION,
-        {
-            "role": "assistant",
-            "tool_calls": [
-                {
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["name"], "arguments": call["arguments"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call["id"], "content": "rain"},
-    ]
+    history: Any = after_tool_call(QUESTION, call, "rain")
     second = client.chat.completions.create(
         model="local", messages=history, tools=[WEATHER], tool_choice="auto"
     )

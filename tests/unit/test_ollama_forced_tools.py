@@ -15,6 +15,7 @@ import pytest
 from tests.fakes.ollama_server import FakeOllamaServer, OllamaAnswer
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.fakes.remote_engines import remote_models
+from tests.fakes.tool_turns import after_tool_call
 from tests.unit.test_api import make_config
 from tests.unit.test_tools import CLOCK, QUESTION, RECIPE, RECIPE_FORMAT, WEATHER
 from tests.unit.test_tools import _serve as serve
@@ -192,20 +193,7 @@ async def test_the_agent_loop_with_required_then_auto(
     (call,) = calls
     arguments = json.loads(call["arguments"])
     jsonschema.validate(arguments, WEATHER_PARAMETERS)
-    history: Any = [
-        *QUESTION,
-        {
-            "role": "assistant",
-            "tool_calls": [
-                {
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["name"], "arguments": call["arguments"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny"},
-    ]
+    history: Any = after_tool_call(QUESTION, call, "18 degrees and sunny")
     calls, finish, content = (
         await stream_tool_calls(
             remote, model="local", messages=history, tools=tools, tool_choice="auto"

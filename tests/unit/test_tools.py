@@ -15,6 +15,7 @@ from tests.fakes.app_server import serving
 from tests.fakes.ollama_server import FakeOllamaServer, OllamaAnswer
 from tests.fakes.openai_server import Answer, FakeOpenAIServer
 from tests.fakes.remote_engines import remote_models
+from tests.fakes.tool_turns import after_tool_call
 from tests.unit.test_api import fake_model, make_config
 
 from chatfleet.serving.api import LocalEngineClient, create_app
@@ -155,20 +156,7 @@ async def test_the_agent_loop_streamed_as_openai_streams_it(client: openai.Async
     assert whole.choices[0].message.tool_calls is not None
     assert call["arguments"] == whole.choices[0].message.tool_calls[0].function.arguments
     assert len(call["arguments"]) > 6
-    history = [
-        *QUESTION,
-        {
-            "role": "assistant",
-            "tool_calls": [
-                {
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["name"], "arguments": call["arguments"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call["id"], "content": "rain"},
-    ]
+    history = after_tool_call(QUESTION, call, "rain")
     calls, finish, content = await _stream_tool_calls(
         client, model="fake", messages=history, tools=[WEATHER]
     )

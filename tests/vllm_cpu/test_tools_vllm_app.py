@@ -46,6 +46,19 @@ async def client(vllm_engine: VLLMEngine) -> AsyncIterator[openai.AsyncOpenAI]:
         )
 
 
+def forced(tool_choice: Any) -> Any:
+    """The request of a forced call, as both tests send it (streamed or not)."""
+    return {
+        "model": "tiny",
+        "messages": QUESTION,
+        "tools": [WEATHER],
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+
+
 def _valid(arguments: str) -> None:
     jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
 
@@ -54,15 +67,7 @@ def _valid(arguments: str) -> None:
 async def test_a_forced_choice_is_a_tool_call_not_streamed(
     client: openai.AsyncOpenAI, tool_choice: Any
 ) -> None:
-    completion = await client.chat.completions.create(
-        model="tiny",
-        messages=QUESTION,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice=tool_choice,
-        parallel_tool_calls=False,
-        temperature=0,
-        max_tokens=80,
-    )
+    completion = await client.chat.completions.create(**forced(tool_choice))
 
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -77,16 +82,7 @@ async def test_a_forced_choice_is_a_tool_call_not_streamed(
 async def test_a_forced_choice_is_a_tool_call_streamed(
     client: openai.AsyncOpenAI, tool_choice: Any
 ) -> None:
-    stream = await client.chat.completions.create(
-        model="tiny",
-        messages=QUESTION,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice=tool_choice,
-        parallel_tool_calls=False,
-        temperature=0,
-        max_tokens=80,
-        stream=True,
-    )
+    stream = await client.chat.completions.create(stream=True, **forced(tool_choice))
     pieces, finish, content = [], None, ""
     async for chunk in stream:
         for choice in chunk.choices:
