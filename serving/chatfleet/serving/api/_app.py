@@ -22,7 +22,6 @@ from chatfleet.serving import telemetry
 from chatfleet.serving.api._admission import HttpAdmission
 from chatfleet.serving.api._auth import AuthMiddleware, add_auth_routes, is_public
 from chatfleet.serving.api._boundary import ClientRoute, allowed_methods, validation_message
-from chatfleet.serving.api._capabilities import model_capabilities
 from chatfleet.serving.api._chat_request import ChatCompletionRequest
 from chatfleet.serving.api._clients import (
     ClassifierClient,
@@ -34,12 +33,13 @@ from chatfleet.serving.api._clients import (
 from chatfleet.serving.api._conversations import add_conversation_routes
 from chatfleet.serving.api._dashboard import add_dashboard_routes
 from chatfleet.serving.api._drain import DrainGuard
-from chatfleet.serving.api._embeddings import add_embeddings_routes, embeddings_model_entry
-from chatfleet.serving.api._gateway import AUTO_MODEL, CONVERSATION_HEADER, VERSION, Gateway
+from chatfleet.serving.api._embeddings import add_embeddings_routes
+from chatfleet.serving.api._gateway import CONVERSATION_HEADER, VERSION, Gateway
 from chatfleet.serving.api._loading import Held, native_stream, openai_held, opened_or_held
 from chatfleet.serving.api._long_lived import LongLivedSockets
 from chatfleet.serving.api._metrics import Metrics
 from chatfleet.serving.api._middleware import BodyLimit, RequestMetrics
+from chatfleet.serving.api._models import add_model_routes
 from chatfleet.serving.api._openapi import document_responses
 from chatfleet.serving.api._responses import add_responses_routes
 from chatfleet.serving.api._routing_api import add_routing_routes
@@ -224,36 +224,7 @@ def create_app(
 
     # ---- OpenAI-compatible -----------------------------------------------------
 
-    @app.get("/v1/models", tags=["openai"], summary="The served models.")
-    async def list_models() -> dict[str, Any]:
-        data = [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": gw.created,
-                "owned_by": "chatfleet",
-                "engine": m.engine,
-                "description": m.description,
-                "capabilities": model_capabilities([m]),
-            }
-            for m in config.models
-        ]
-        if embeddings is not None and config.classifier is not None:
-            data.append(embeddings_model_entry(config.classifier.embeddings_model, gw.created))
-        if router is not None:
-            data.append(
-                {
-                    "id": AUTO_MODEL,
-                    "object": "model",
-                    "created": gw.created,
-                    "owned_by": "chatfleet",
-                    "engine": "router",
-                    "description": "Chooses a model from the prompt's category.",
-                    # The routed model is checked again: only what all of them do.
-                    "capabilities": model_capabilities(config.models),
-                }
-            )
-        return {"object": "list", "data": data}
+    add_model_routes(app, gw)
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completion, streamed or not.")
     async def chat_completions(
