@@ -125,3 +125,16 @@ async def test_a_server_without_an_encoder_says_so() -> None:
         r = await http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_configured"
+
+
+@pytest.mark.parametrize("tokens", [[15339, 1917], [[15339, 1917], [9906]]])
+async def test_token_arrays_are_refused_in_one_sentence_naming_input(
+    url: str, tokens: list[Any]
+) -> None:
+    # What LangChain's OpenAIEmbeddings sends by default (tiktoken's ids): the 400 says
+    # what to do, not how each member of the input union failed.
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.embeddings.create(model=MODEL, input=tokens)
+    assert refused.value.param == "input"
+    assert "token arrays are not accepted: send the texts" in refused.value.message

@@ -15,7 +15,7 @@ import struct
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import ConfigDict, Field, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from chatfleet.serving.api._gateway import Gateway
 from chatfleet.serving.api._schemas import ClientBody
@@ -43,6 +43,20 @@ class EmbeddingsRequest(ClientBody):
         None, ge=1, description="Only the model's own number of dimensions is accepted."
     )
     user: StrictStr | None = Field(None, max_length=256, description="Accepted, unused.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_arrays(cls, value: Any) -> Any:
+        # Said in one sentence naming input, not as each member of the union failing. The
+        # ids a client tokenized (tiktoken's, for OpenAI's models) mean nothing to this
+        # model's own tokenizer, so they are refused rather than guessed at.
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, int | list) and not isinstance(item, bool) for item in items):
+            raise ValueError(
+                "token arrays are not accepted: send the texts (LangChain's"
+                " OpenAIEmbeddings: check_embedding_ctx_length=False)"
+            )
+        return value
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else self.input
