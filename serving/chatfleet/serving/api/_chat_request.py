@@ -9,8 +9,8 @@ engines pass on (`SAMPLING_EXTRAS`).
 A parameter the model's engine cannot honour is not dropped: `ChatCompletionRequest.asks`
 lists what the request needs, and the gateway refuses it (400, naming the parameter and
 the model) when the engine's capabilities lack it. A parameter given its neutral value
-(``tools: []``, ``logprobs: false``, ``n: 1``, ``response_format: {"type": "text"}``)
-asks for nothing.
+(``tools: []``, ``logprobs: false``, ``n: 1``, ``response_format: {"type": "text"}``,
+OpenAI's penalties at 0, as OpenAI's playground code sends them) asks for nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ SAMPLING_EXTRAS = (
     "min_p",
     "repetition_penalty",
 )
+#: OpenAI's own sampling extras, at the value OpenAI's API defaults them to.
+_NEUTRAL_PENALTIES = {"frequency_penalty": 0, "presence_penalty": 0}
 
 
 class StreamOptions(ClientBody):
@@ -49,18 +51,19 @@ class OpenAIMessage(ChatMessage):
     which says what the served engines can take: no tool messages without tools...)."""
 
 
-def _top_logprobs_with_logprobs(schema: dict[str, Any]) -> None:
-    # The document says what `_with_logprobs` checks, so no generated client (or
-    # schema-driven test) believes top_logprobs alone is a request.
-    schema.setdefault("allOf", []).append(
-        {
-            "if": {
-                "properties": {"top_logprobs": {"type": "integer"}},
-                "required": ["top_logprobs"],
-            },
-            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
-        }
-    )
+def _needs(field: str, kind: str, flag: str) -> dict[str, Any]:
+    return {
+        "if": {"properties": {field: {"type": kind}}, "required": [field]},
+        "then": {"properties": {flag: {"const": True}}, "required": [flag]},
+    }
+
+
+def _options_with_their_flags(schema: dict[str, Any]) -> None:
+    # The document says what `_with_logprobs` and `_with_stream` check, so no generated
+    # client (or schema-driven test) believes top_logprobs alone is a request.
+    needs = [_needs("top_logprobs", "integer", "logprobs")]
+    needs.append(_needs("stream_options", "object", "stream"))
+    schema.setdefault("allOf", []).extend(needs)
 
 
 def _strict(default: Any = None, **constraints: Any) -> Any:
@@ -70,7 +73,7 @@ def _strict(default: Any = None, **constraints: Any) -> Any:
 class ChatCompletionRequest(ToolFields, SamplingFields):
     """`POST /v1/chat/completions`: OpenAI's parameters plus chatfleet's extensions."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_top_logprobs_with_logprobs)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_options_with_their_flags)
 
     model: str = Field(min_length=1, description="A served model's name, or 'auto'.")
     messages: list[OpenAIMessage] = Field(min_length=1, description="The conversation so far.")
@@ -137,6 +140,14 @@ class ChatCompletionRequest(ToolFields, SamplingFields):
             raise ValueError("top_logprobs must be used with logprobs set to true")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            # As OpenAI's API (and vLLM's server) answer it: the options would go unused.
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     @model_validator(mode="after")
     def _alias(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -145,7 +156,9 @@ class ChatCompletionRequest(ToolFields, SamplingFields):
 
     def sampling_extras(self) -> dict[str, int | float]:
         return {
-            name: value for name in SAMPLING_EXTRAS if (value := getattr(self, name)) is not None
+            name: value
+            for name in SAMPLING_EXTRAS
+            if (value := getattr(self, name)) is not None and value != _NEUTRAL_PENALTIES.get(name)
         }
 
     def tooling(self) -> dict[str, Any]:
@@ -241,7 +254,8 @@ def document_what_is_served(schemas: dict[str, Any], served: EngineCapabilities)
                 _only(request[name], None)
     for name in SAMPLING_EXTRAS:
         if name in request and name not in served.sampling:
-            _only(request[name], None)
+            zero = _NEUTRAL_PENALTIES.get(name)
+            _only(request[name], None if zero is None else {"type": "number", "enum": [zero]})
     if "n" in request:
         request["n"]["maximum"] = 1
     message = schemas.get("OpenAIMessage", {}).get("properties", {})

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ClientBody, SamplingFields
 from chatfleet.serving.api._tool_schemas import (
@@ -276,15 +283,16 @@ class ResponsesRequest(ClientBody):
                 )
         return value
 
-    @model_validator(mode="after")
-    def _choice_among_tools(self) -> ResponsesRequest:
-        names = {t.name for t in self.tools or ()}
-        if self.tool_choice not in (None, "none") and not names:
-            raise ValueError("tool_choice is only allowed when tools are specified")
-        choice = self.tool_choice
-        if isinstance(choice, FunctionChoice) and choice.name not in names:
-            raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
-        return self
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" in info.data:  # a field validator, so the 400 names tool_choice
+            names = {t.name for t in info.data["tools"] or ()}
+            if choice not in (None, "none") and not names:
+                raise ValueError("tool_choice is only allowed when tools are specified")
+            if isinstance(choice, FunctionChoice) and choice.name not in names:
+                raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
+        return choice
 
     def input_messages(self) -> list[Message]:
         """The input items as messages: a run of function calls is one assistant message

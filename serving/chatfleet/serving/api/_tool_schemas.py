@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from chatfleet.serving.api._schemas import OPAQUE, Ask, ChatMessage, ClientBody
 
@@ -135,16 +135,19 @@ class ToolFields(ClientBody):
         None, description="'text'; json_object and json_schema need structured output."
     )
 
-    @model_validator(mode="after")
-    def _choice_among_tools(self) -> ToolFields:
-        # As OpenAI's API: a choice needs tools, and a named one must be among them.
-        names = {t.function.name for t in self.tools or ()}
-        if self.tool_choice not in (None, "none") and not names:
-            raise ValueError("tool_choice is only allowed when tools are specified")
-        choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
-        return self
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        # As OpenAI's API: a choice needs tools, and a named one must be among them (a
+        # field validator, so the 400 names tool_choice; tools that failed say so first).
+        if "tools" in info.data:
+            names = {t.function.name for t in info.data["tools"] or ()}
+            if choice not in (None, "none") and not names:
+                raise ValueError("tool_choice is only allowed when tools are specified")
+            named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            if named is not None and named not in names:
+                raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+        return choice
 
     def tool_asks(self, messages: Sequence[ChatMessage]) -> list[Ask]:
         """What the tool and format fields, and tool messages in ``messages``, ask for."""
