@@ -102,3 +102,26 @@ async def test_a_tool_choice_without_its_tool_names_tool_choice(
             model="fake", input="Weather?", store=False, **responses_request
         )
     assert (refused.value.param, why in refused.value.message) == ("tool_choice", True)
+
+
+async def test_a_responses_text_without_a_format_is_free_text(client: openai.AsyncOpenAI) -> None:
+    r = await client.responses.create(model="fake", input="Foxes?", text={}, store=False)
+    assert r.text is not None and r.text.format is not None and r.text.format.type == "text"
+    # Not "text.format: Field required": the parameter at fault is the one named.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(
+            model="fake", input="Foxes?", text={"verbosity": "low"}, store=False
+        )
+    assert refused.value.param == "text.verbosity"
+
+
+async def test_a_responses_image_is_refused_as_not_served(client: openai.AsyncOpenAI) -> None:
+    image = {"type": "input_image", "image_url": "https://example.com/fox.png", "detail": "auto"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(
+            model="fake",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "?"}, image]}],
+            store=False,
+        )
+    assert "content[1]: part type 'input_image' is not served" in refused.value.message
+    assert refused.value.param is not None and refused.value.param.startswith("input.0")

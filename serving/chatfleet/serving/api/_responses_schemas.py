@@ -70,6 +70,20 @@ class InputMessage(_Item):
     role: Literal["user", "system", "developer", "assistant"] = Field(description="Its author.")
     content: str | list[InputText] = Field(description="A text, or text parts.")
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Said before the union is tried, naming the part's type (an image, a file), not
+        # as "content.str: Input should be a valid string".
+        for i, part in enumerate(value if isinstance(value, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text"):
+                raise ValueError(
+                    f"content[{i}]: part type {kind!r} is not served: only text (no model"
+                    " here has vision or reads files)"
+                )
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
@@ -181,7 +195,11 @@ class TextConfig(ClientBody):
             custom_error_type="invalid_format",
             custom_error_message="text.format type must be text, json_object or json_schema",
         ),
-    ] = Field(description="text; json_object and json_schema need structured output.")
+    ] = Field(
+        # As OpenAI's API: ``text`` without a format (``{"verbosity": ...}``) is free text.
+        default_factory=lambda: TextFormat(type="text"),
+        description="text; json_object and json_schema need structured output.",
+    )
 
 
 class ResponsesSampling(ToolFields, SamplingFields):
