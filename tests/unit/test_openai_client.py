@@ -125,3 +125,15 @@ async def test_a_responses_image_is_refused_as_not_served(client: openai.AsyncOp
         )
     assert "content[1]: part type 'input_image' is not served" in refused.value.message
     assert refused.value.param is not None and refused.value.param.startswith("input.0")
+
+
+async def test_an_empty_include_asks_for_nothing(client: openai.AsyncOpenAI) -> None:
+    # OpenAI's Agents SDK sends include on every call, empty unless asked otherwise.
+    r = await client.responses.create(model="fake", input="Foxes?", include=[], store=False)
+    assert r.status == "completed"
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(
+            model="fake", input="Foxes?", include=["reasoning.encrypted_content"], store=False
+        )
+    assert refused.value.param == "include"
+    assert "only [] is served" in refused.value.message

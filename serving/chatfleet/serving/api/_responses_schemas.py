@@ -283,11 +283,27 @@ class ResponsesRequest(ClientBody):
     truncation: Literal["disabled"] | None = Field(
         None, description="Only 'disabled': a prompt too long for the model is an error."
     )
+    include: list[str] | None = Field(
+        None,
+        max_length=0,
+        description="Only empty (as OpenAI's Agents SDK always sends it): nothing extra"
+        " (encrypted reasoning, logprobs, hosted tools' results) is served.",
+    )
 
     @field_validator("input", mode="before")
     @classmethod
     def _text_is_a_user_message(cls, value: Any) -> Any:
         return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _nothing_included(cls, value: Any) -> Any:
+        if isinstance(value, list) and value:
+            raise ValueError(
+                "only [] is served: no encrypted reasoning, output logprobs or hosted"
+                " tools' results are kept to include"
+            )
+        return value
 
     @field_validator("tools", mode="before")
     @classmethod
