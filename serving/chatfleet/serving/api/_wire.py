@@ -93,18 +93,21 @@ async def openai_events(
     def event(choices: str, extra: str = "") -> str:
         return f"data: {head}{choices}{extra}}}\n\n"
 
+    # The opening events go out with the first batch's (it is already here: the answer
+    # opened on it), and the closing ones with [DONE]: a batch's events go out as one
+    # body message. The same bytes, but every message costs the ingress CPU in each
+    # ASGI layer and Serve's send path (one message per token cost about a third of
+    # the ingress's CPU per request), and a burst of new requests waits on that CPU.
+    events: list[str] = []
+    if answer.route is not None:
+        # The route first, in a chunk with no choices (as OpenAI's usage chunk):
+        # clients that don't know the field skip it.
+        events.append(event("[]", f',"chatfleet_route":{json.dumps(answer.route)}'))
+    events.append(
+        event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
+    )
     try:
-        if answer.route is not None:
-            # The route first, in a chunk with no choices (as OpenAI's usage chunk):
-            # clients that don't know the field skip it.
-            yield event("[]", f',"chatfleet_route":{json.dumps(answer.route)}')
-        yield event('[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]')
         async for delta in answer.deltas():
-            # A batch's events go out as one body message: the same bytes, but every
-            # message costs the ingress CPU in each ASGI layer and Serve's send path,
-            # and a batch arrived at once anyway (one message per token cost about a
-            # third of the ingress's CPU per request).
-            events: list[str] = []
             for chunk in delta.chunks:
                 if chunk.call is not None:
                     text = json.dumps({"tool_calls": [tool_call_delta(chunk.call)]})
@@ -128,15 +131,17 @@ async def openai_events(
                     events.append(event(f'[{{"index":0,"delta":{text},"finish_reason":null}}]'))
             if events:
                 yield "".join(events)
-        yield event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]')
+                events = []
+        events.append(event(f'[{{"index":0,"delta":{{}},"finish_reason":"{answer.finish}"}}]'))
         if include_usage:
-            yield event("[]", f',"usage":{json.dumps(answer.usage_dict())}')
+            events.append(event("[]", f',"usage":{json.dumps(answer.usage_dict())}'))
     except Exception as exc:
         # OpenAI's own streams report late failures as an event with an "error" key.
-        yield sse(gw.error_event(exc))
+        events.append(sse(gw.error_event(exc)))
     finally:
         await answer.aclose()
-    yield "data: [DONE]\n\n"
+    events.append("data: [DONE]\n\n")
+    yield "".join(events)
 
 
 async def generate_events(
@@ -144,22 +149,25 @@ async def generate_events(
 ) -> AsyncGenerator[str, None]:
     """An answer as chatfleet's native SSE: metadata, thinking/text chunks, end_stream."""
     finish: str | None = None
+    # One body message per batch, the opening event with the first, as in openai_events.
+    events: list[str] = []
+    if metadata:
+        events.append(sse({"model": answer.model, "request_id": request_id}, "metadata"))
     try:
-        if metadata:
-            yield sse({"model": answer.model, "request_id": request_id}, "metadata")
         async for delta in answer.deltas():
-            events: list[str] = []
             for chunk in delta.chunks:
                 if chunk.text:
                     kind = "thinking_chunk" if chunk.kind == "thinking" else "text_chunk"
                     # sse({"text": ...}, kind)'s bytes, at a tenth of its CPU per token.
                     events.append(f'event: {kind}\ndata: {{"text":{json_string(chunk.text)}}}\n\n')
             if events:
-                yield "".join(events)  # one body message per batch, as in openai_events
+                yield "".join(events)
+                events = []
     except Exception as exc:
-        yield sse(gw.error_event(exc), "error")
+        events.append(sse(gw.error_event(exc), "error"))
         finish = "interrupted" if isinstance(exc, ShuttingDown) else "error"
     finally:
         await answer.aclose()
     end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}
-    yield sse(end, "end_stream")
+    events.append(sse(end, "end_stream"))
+    yield "".join(events)

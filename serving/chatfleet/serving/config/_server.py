@@ -45,7 +45,16 @@ class ServerConfig(_Model):
 class IngressDeploymentConfig(_Model):
     """Ray resources of the ingress (HTTP/SSE/WebSocket) deployment."""
 
-    num_replicas: int = Field(1, ge=1, le=1000, description="Ingress replicas.")
+    num_replicas: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        description="Ingress replicas. Two by default: a replica that dies or restarts leaves"
+        " HTTP and new sockets to the other (its own streams and sockets end; clients"
+        " reconnect), and a burst of new requests is parsed, routed and started on two cores"
+        " instead of one (bench/aiperf.py: 256 streams restarted together wait half as long"
+        " for their first token).",
+    )
     num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs each ingress replica reserves.")
     max_ongoing_requests: int = Field(
         1000,
