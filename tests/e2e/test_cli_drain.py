@@ -27,6 +27,8 @@ import yaml
 from tests.fakes.serve_process import ServeProcess, serve_processes
 from tests.fakes.stream_ends import sse_events, ws_chat_frames
 
+from chatfleet.serving._drain_request import DrainRequest
+
 CHAT = [{"role": "user", "content": "Tell me a long story"}]
 
 
@@ -138,17 +140,20 @@ async def test_sigterm_during_20_streams_ends_each_with_its_terminal_event(serve
         assert any("haproxy" in p for p in alive) and any("raylet" in p for p in alive), alive
 
         run.proc.send_signal(signal.SIGTERM)
-        not_ready = None
+        # Each of the two ingress replicas looks for the drain request every 0.2 s: once
+        # both say they began (their .draining files), neither takes new work.
+        request = DrainRequest(int(run.url.rsplit(":", 1)[1]), Path(run.env["TMPDIR"]))
         for _ in range(100):
-            with_drain = await http.get("/ready")
-            if with_drain.status_code == 503:
-                not_ready = with_drain
+            if request.requested() and not request.not_draining():
                 break
             await asyncio.sleep(0.1)
-        assert not_ready is not None and not_ready.json()["draining"] is True, run.output
-        refused = await http.post("/api/generate", json={"model": "slow", "prompt": "Hi"})
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "shutting_down"
+        assert request.requested() and not request.not_draining(), run.output
+        for _ in range(4):  # whichever replica HAProxy picks
+            not_ready = await http.get("/ready")
+            assert not_ready.status_code == 503 and not_ready.json()["draining"] is True
+            refused = await http.post("/api/generate", json={"model": "slow", "prompt": "Hi"})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
 
         results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
 

@@ -167,6 +167,9 @@ def serving_config(compressor_model: Path) -> dict[str, Any]:
         },
         # The WebSocket stays open through the evaluation without answering pings.
         "websocket": {"ping_interval_s": 3600},
+        # One ingress replica (the default is two): the tests compare its own /metrics
+        # with what Prometheus scraped from Ray's agent for the whole application.
+        "ingress": {"num_replicas": 1},
     }
 
 

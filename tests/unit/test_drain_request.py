@@ -88,3 +88,18 @@ def test_a_replica_watching_the_files_sees_the_request(tmp_path: Path) -> None:
     assert asked.is_set() and files.pending() == []
     files.clear()
     assert not files.folder.exists()
+
+
+def test_each_replica_says_when_it_began_to_drain(tmp_path: Path) -> None:
+    files = DrainRequest(8128, root=tmp_path)
+    files.register("replica-a")
+    files.register("replica-b")
+    assert files.not_draining() == ["replica-a", "replica-b"]
+    files.request()
+    files.draining("replica-b")
+    assert files.not_draining() == ["replica-a"]  # a replica notices within its poll
+    assert files.pending() == ["replica-a", "replica-b"]  # neither is done
+    files.draining("replica-a")
+    files.drained("replica-a")
+    assert files.not_draining() == []
+    assert files.pending() == ["replica-b"]

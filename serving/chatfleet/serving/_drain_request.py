@@ -9,8 +9,9 @@ serve`` on SIGTERM/SIGINT, and by ``chatfleet drain`` as a Kubernetes preStop ho
 Files rather than a Serve call: a deployment handle reaches one replica, not each,
 and a pod's preStop hook must drain that pod's replicas only (its ``/tmp`` is its
 own). In ``folder``: ``<replica>.serving`` per ingress replica started here (its process id),
-``request`` once a drain is asked for, ``<replica>.drained`` once that replica's
-drain is over (every stream ended with its terminal event).
+``request`` once a drain is asked for, ``<replica>.draining`` once that replica refuses
+new work (each looks for the request every 0.2 s, so replicas begin a moment apart),
+``<replica>.drained`` once its drain is over (every stream ended with its terminal event).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 __all__ = ["DrainRequest"]
 
 _SERVING = ".serving"
+_DRAINING = ".draining"
 _DRAINED = ".drained"
 
 
@@ -62,15 +64,25 @@ class DrainRequest:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "request").touch()
 
+    def draining(self, replica: str) -> None:
+        (self.folder / f"{replica}{_DRAINING}").touch()
+
     def drained(self, replica: str) -> None:
         (self.folder / f"{replica}{_DRAINED}").touch()
 
     def pending(self) -> list[str]:
         """Replicas registered here, still running, whose drain is not over."""
+        return self._without(_DRAINED)
+
+    def not_draining(self) -> list[str]:
+        """Replicas registered here, still running, that have not begun to drain."""
+        return self._without(_DRAINING)
+
+    def _without(self, suffix: str) -> list[str]:
         if not self.folder.is_dir():
             return []
         serving = {p.name.removesuffix(_SERVING) for p in self.folder.glob(f"*{_SERVING}")}
-        done = {p.name.removesuffix(_DRAINED) for p in self.folder.glob(f"*{_DRAINED}")}
+        done = {p.name.removesuffix(suffix) for p in self.folder.glob(f"*{suffix}")}
         # A replica that died (or that Serve replaced) left its file: don't wait for it.
         return sorted(r for r in serving - done if _running(r))
 

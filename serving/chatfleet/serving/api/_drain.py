@@ -108,14 +108,19 @@ class Drain:
         if not self._streams:
             self._idle.set()
 
+    def begin(self) -> None:
+        """Start draining now (readiness 503, new requests refused); once only."""
+        if self._run is None:
+            self.draining = True
+            self._run = asyncio.ensure_future(self._drain())
+
     async def run(self) -> None:
         """Drain once; later calls wait for the first."""
-        if self._run is None:
-            self._run = asyncio.ensure_future(self._drain())
+        self.begin()
+        assert self._run is not None
         await asyncio.shield(self._run)
 
     async def _drain(self) -> None:
-        self.draining = True
         if self._streams:
             self._idle.clear()
         else:

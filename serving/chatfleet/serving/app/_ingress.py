@@ -109,7 +109,10 @@ class Ingress:
         request.register(replica)
         while not request.requested():  # noqa: ASYNC110 (a file, not an Event)
             await asyncio.sleep(_DRAIN_POLL_S)
-        await self._app.state.gateway.drain.run()
+        drain = self._app.state.gateway.drain
+        drain.begin()
+        request.draining(replica)  # each replica notices within _DRAIN_POLL_S: say when
+        await drain.run()
         request.drained(replica)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

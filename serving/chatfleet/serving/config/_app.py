@@ -187,7 +187,10 @@ class AppConfig(_Model):
         return self.default_model or self.models[0].name
 
     def model(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.name == name), None)
+        for m in self.models:  # a loop, not next(genexpr): asked several times a request
+            if m.name == name:
+                return m
+        return None
 
     def is_bare_default(self) -> bool:
         """Whether models and routing are still the schema's defaults (nothing chosen)."""
