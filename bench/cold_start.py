@@ -93,7 +93,10 @@ async def _run(url: str, rounds: int) -> dict[str, list[float]]:
         done = 0
         while done < rounds:
             await asyncio.sleep(IDLE_S + 8)  # idle long enough for Serve to remove the replica
+            sent = time.time()
             notice, cold = await _stream(http, url)
+            # To line up with the Serve controller's "Upscaling ..." log line.
+            clock = time.strftime("%H:%M:%S", time.localtime(sent)) + f"{sent % 1:.3f}"[1:]
             if notice is None:
                 print(f"  (the model was still up after {IDLE_S + 8:g} s idle: waiting longer)")
                 await asyncio.sleep(10)
@@ -104,7 +107,7 @@ async def _run(url: str, rounds: int) -> dict[str, list[float]]:
             figures["warm"].append(warm)
             done += 1
             print(
-                f"  round {done}: notice {notice * 1000:.0f} ms,"
+                f"  round {done} (sent {clock}): notice {notice * 1000:.0f} ms,"
                 f" cold TTFT {cold:.2f} s, warm TTFT {warm * 1000:.0f} ms",
                 flush=True,
             )

@@ -84,12 +84,17 @@ def test_autoscaling_maps_to_serve_autoscaling_config() -> None:
         "upscale_delay_s": 1.0,
         "downscale_delay_s": 60.0,
         "downscale_to_zero_delay_s": 300.0,
+        "metrics_interval_s": 1.0,  # at zero replicas, Serve hears of a request in ~2 s
     }
     # Ray's own validation takes them (its AutoscalingConfig, DeploymentConfig).
     deployment: Any = EngineDeployment
     configured = deployment.options(**options)._deployment_config
     assert configured.autoscaling_config.min_replicas == 0
     assert configured.autoscaling_config.max_replicas == 4
+    assert configured.autoscaling_config.metrics_interval_s == 1.0
+    # A model that never scales to zero keeps Serve's default reports (every 10 s).
+    warm = ModelConfig(name="f", engine="fake", autoscaling={"min_replicas": 1})
+    assert "metrics_interval_s" not in engine_options(warm)["autoscaling_config"]
     assert configured.max_queued_requests == 20
 
 

@@ -24,6 +24,14 @@ _IO_BOUND_ADMISSION = 1000
 _VLLM_MAX_NUM_SEQS = 256
 #: Requests the transformers engine holds beyond those it runs, so the next starts at once.
 _TRANSFORMERS_QUEUE = 2
+#: How often a scaled-to-zero model's handles sample and report their queued requests
+#: (Serve's ``metrics_interval_s``; its default is 10 s). Ray Serve 2.60 reports a first
+#: request at zero replicas at once, but with the handle's earlier samples (all zero)
+#: instead of the request (``RouterMetricsManager._get_metrics_report``), so the replica
+#: was only asked for at the next sample and report: 8-9 s of a 9-11 s cold start on
+#: bench/cold_start.py. At 1 s the controller hears of it within about 2 s; the cost is
+#: one small report a second per ingress replica and such model.
+_SCALE_FROM_ZERO_METRICS_INTERVAL_S = 1.0
 
 
 def engine_admission_default(engine: str, settings: _Model | None) -> int:
@@ -123,6 +131,10 @@ class AutoscalingConfig(_Model):
             options["initial_replicas"] = self.initial_replicas
         if self.downscale_to_zero_delay_s is not None:
             options["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        if self.min_replicas == 0:
+            # Deprecated in Serve's schema for environment variables Ray 2.60 does not
+            # read yet; its router still takes the interval from here.
+            options["metrics_interval_s"] = _SCALE_FROM_ZERO_METRICS_INTERVAL_S
         return options
 
 
