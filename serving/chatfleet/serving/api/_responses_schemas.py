@@ -33,6 +33,7 @@ from chatfleet.serving.api._tool_schemas import (
     TextFormat,
     ToolBody,
     ToolFields,
+    check_tool_choice,
 )
 from chatfleet.serving.protocol import Message, ToolCall
 
@@ -322,10 +323,8 @@ class ResponsesRequest(ClientBody):
     def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
         if "tools" in info.data:  # a field validator, so the 400 names tool_choice
             names = {t.name for t in info.data["tools"] or ()}
-            if choice not in (None, "none") and not names:
-                raise ValueError("tool_choice is only allowed when tools are specified")
-            if isinstance(choice, FunctionChoice) and choice.name not in names:
-                raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
+            named = choice.name if isinstance(choice, FunctionChoice) else None
+            check_tool_choice(choice, named, names)
         return choice
 
     def input_messages(self) -> list[Message]:

@@ -119,6 +119,15 @@ class NamedToolChoice(ClientBody):
     function: NamedFunction = Field(description="Which one.")
 
 
+def check_tool_choice(choice: Any, named: str | None, names: set[str]) -> None:
+    """As OpenAI's API: a choice needs tools, and a named one (``named``) must be among
+    them; chat completions' and the Responses API's validators both ask this."""
+    if choice not in (None, "none") and not names:
+        raise ValueError("tool_choice is only allowed when tools are specified")
+    if named is not None and named not in names:
+        raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+
+
 class ToolFields(ClientBody):
     """The tool and format fields of a request (a mixin of request bodies)."""
 
@@ -138,15 +147,11 @@ class ToolFields(ClientBody):
     @field_validator("tool_choice")
     @classmethod
     def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
-        # As OpenAI's API: a choice needs tools, and a named one must be among them (a
-        # field validator, so the 400 names tool_choice; tools that failed say so first).
+        # A field validator, so the 400 names tool_choice; tools that failed say so first.
         if "tools" in info.data:
             names = {t.function.name for t in info.data["tools"] or ()}
-            if choice not in (None, "none") and not names:
-                raise ValueError("tool_choice is only allowed when tools are specified")
             named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-            if named is not None and named not in names:
-                raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+            check_tool_choice(choice, named, names)
         return choice
 
     def tool_asks(self, messages: Sequence[ChatMessage]) -> list[Ask]:
