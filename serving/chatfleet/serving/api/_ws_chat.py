@@ -24,6 +24,7 @@ from chatfleet.serving.api._auth import (
     ws_error_frame,
 )
 from chatfleet.serving.api._gateway import Gateway
+from chatfleet.serving.api._heartbeat import Heartbeats
 from chatfleet.serving.api._loading import after_notice, opened_or_held
 from chatfleet.serving.api._schemas import parse_json
 from chatfleet.serving.api._ws_protocol import (
@@ -60,6 +61,9 @@ class _Progress:
     tokens: int = 0
 
 
+_PONG_MISSED = object()
+
+
 class _PeerGone(Exception):
     """A send failed: the client is gone (the reader sees the disconnect too)."""
 
@@ -73,7 +77,9 @@ class _Connections:
 
 
 class _ChatConnection:
-    def __init__(self, ws: WebSocket, gw: Gateway, claims: Claims | None) -> None:
+    def __init__(
+        self, ws: WebSocket, gw: Gateway, claims: Claims | None, heartbeats: Heartbeats
+    ) -> None:
         self.ws = ws
         self.gw = gw
         self.claims = claims
@@ -81,12 +87,16 @@ class _ChatConnection:
         self.owner = claims.client_id if claims is not None else LOCAL_OWNER  # of its usage
         self.session_id = uuid.uuid4().hex
         self.settings = gw.config.websocket
+        self.heartbeats = heartbeats
         # Conversation id -> its messages, least recently used first.
         self.histories: OrderedDict[str, list[Message]] = OrderedDict()
         self.generation: asyncio.Task[None] | None = None
         self.progress = _Progress(time.perf_counter(), None, self.session_id)
-        self.pong = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        # Why the connection ends: the reader ended (None), no pong (_PONG_MISSED), or
+        # the error that ended its token. Set by whichever comes first.
+        self._ended: asyncio.Future[object] | None = None
+        self._pings: set[asyncio.Task[None]] = set()
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
@@ -115,30 +125,52 @@ class _ChatConnection:
             ping_interval_s=self.settings.ping_interval_s,
             max_message_bytes=self.settings.max_message_bytes,
         )
+        # One task per socket (the reader); the heartbeat and the token's end are
+        # callbacks of this replica's `Heartbeats` and `TokenWatch`.
+        self._ended = asyncio.get_running_loop().create_future()
         reader = asyncio.create_task(self.read_frames())
-        heartbeat = asyncio.create_task(self.heartbeat())
-        token = asyncio.create_task(self.token_ends())
+        reader.add_done_callback(lambda _: self._end(None))
+        self.heartbeats.add(self)
+        auth, claims = self.gw.auth, self.claims
+        stop_watch = None
+        if claims is not None and auth is not None:
+            stop_watch = auth.when_invalid(claims, self._end)
         try:
-            done, _ = await asyncio.wait(
-                {reader, heartbeat, token}, return_when=asyncio.FIRST_COMPLETED
-            )
+            ending = await self._ended
         finally:
-            tasks = [t for t in (reader, heartbeat, token, self.generation) if t is not None]
+            self.heartbeats.remove(self)
+            if stop_watch is not None:
+                stop_watch()
+            tasks = [t for t in (reader, self.generation, *self._pings) if t is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if heartbeat in done and not heartbeat.cancelled() and heartbeat.exception() is None:
+        if ending is _PONG_MISSED:
             logger.info("ws/chat %s: no pong in time; closing", self.session_id)
             await self.close(WS_PONG_TIMEOUT, "pong timeout")
-        if token in done and not token.cancelled() and token.exception() is None:
-            ended = token.result()
-            if ended is not None:
-                with contextlib.suppress(_PeerGone):
-                    await self.send_error(ended)
-                await self.close(ws_close_code(ended), ended.message)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                logger.debug("ws/chat %s ended: %r", self.session_id, task.exception())
+        elif isinstance(ending, AuthenticationError):
+            with contextlib.suppress(_PeerGone):
+                await self.send_error(ending)
+            await self.close(ws_close_code(ending), ending.message)
+        elif not reader.cancelled() and reader.exception() is not None:
+            logger.debug("ws/chat %s ended: %r", self.session_id, reader.exception())
+
+    def _end(self, why: object) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(why)
+
+    def ping(self) -> None:
+        """`Heartbeats`: send a ping (in a task of its own: a slow peer holds no one up)."""
+        task = asyncio.create_task(self._ping())
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(_PeerGone):  # the reader sees the disconnect
+            await self.send_frame("ping", timestamp=time.time())
+
+    def pong_missed(self) -> None:
+        self._end(_PONG_MISSED)
 
     async def close(self, code: int, reason: str) -> None:
         if (
@@ -149,25 +181,6 @@ class _ChatConnection:
                 await self.ws.close(code, reason)
             except Exception:
                 logger.debug("close of a gone WebSocket failed", exc_info=True)
-
-    async def token_ends(self) -> AuthenticationError | None:
-        """Returns when the connection's token stops holding (never with auth off)."""
-        if self.claims is None or self.gw.auth is None:
-            await asyncio.Event().wait()
-            return None
-        return await self.gw.auth.until_invalid(self.claims)
-
-    async def heartbeat(self) -> None:
-        """Returns (the peer is dead) when a ping goes unanswered."""
-        while True:
-            await asyncio.sleep(self.settings.ping_interval_s)
-            self.pong.clear()
-            try:
-                async with asyncio.timeout(self.settings.pong_timeout_s):
-                    await self.send_frame("ping", timestamp=time.time())
-                    await self.pong.wait()
-            except TimeoutError:
-                return
 
     async def read_frames(self) -> None:
         limit = self.settings.max_message_bytes
@@ -191,7 +204,7 @@ class _ChatConnection:
                 continue
             kind = data.get("type")
             if kind == "pong":
-                self.pong.set()
+                self.heartbeats.pong(self)
             elif kind == "ping":
                 echoed = data.get("timestamp")
                 await self.send_frame("pong", timestamp=time.time() if echoed is None else echoed)
@@ -352,6 +365,7 @@ class _ChatConnection:
 def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
     """``WS /ws/chat`` and ``GET /ws/health``."""
     connections = _Connections()
+    heartbeats = Heartbeats(gw.config.websocket.ping_interval_s, gw.config.websocket.pong_timeout_s)
     gauge = gw.metrics.websocket_connections.labels("chat")
     settings = gw.config.websocket
 
@@ -370,7 +384,7 @@ def add_chat_ws_routes(app: FastAPI, gw: Gateway) -> None:
         try:
             await ws.accept()
             with contextlib.suppress(_PeerGone):
-                await _ChatConnection(ws, gw, request_claims(ws)).run()
+                await _ChatConnection(ws, gw, request_claims(ws), heartbeats).run()
         finally:
             connections.open -= 1
             gauge.dec()

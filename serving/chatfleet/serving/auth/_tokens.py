@@ -23,7 +23,7 @@ from chatfleet.serving.auth._guessing import GuessingGuard
 from chatfleet.serving.auth._keys import load_signing_key
 from chatfleet.serving.auth._ratelimit import RateLimiter
 from chatfleet.serving.auth._revocation import RevocationStore
-from chatfleet.serving.auth._watch import TokenWatch
+from chatfleet.serving.auth._watch import Ending, TokenWatch
 from chatfleet.serving.config import AuthConfig, ClientCredential
 from chatfleet.serving.errors import (
     AuthenticationError,
@@ -290,10 +290,16 @@ class Authenticator:
         Expiry ends it on time; a revocation through this replica at once, through
         another within ``config.socket_recheck_s``.
         """
-        ending = await self.watch.until_invalid(claims.jti, claims.expires_at)
-        if ending == "expired":
-            return TokenExpired("token has expired; refresh it and reconnect")
-        return TokenRevoked("token has been revoked")
+        return _ending_error(await self.watch.until_invalid(claims.jti, claims.expires_at))
+
+    def when_invalid(
+        self, claims: Claims, on_end: Callable[[AuthenticationError], None]
+    ) -> Callable[[], None]:
+        """`until_invalid` as a callback: ``on_end`` gets the error that ends the
+        connection; returns what stops the watch."""
+        return self.watch.notify(
+            claims.jti, claims.expires_at, lambda how: on_end(_ending_error(how))
+        )
 
     async def _is_revoked(self, claims: Claims) -> bool:
         cached = self._revocation_cache.get(claims.jti)
@@ -351,3 +357,9 @@ class _RevocationCache:
 
 def _datetime(timestamp: int) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _ending_error(how: Ending) -> AuthenticationError:
+    if how == "expired":
+        return TokenExpired("token has expired; refresh it and reconnect")
+    return TokenRevoked("token has been revoked")

@@ -39,37 +39,59 @@ class TokenWatch:
         self.revocations = revocations
         self.poll_s = poll_s
         self._clock = clock
-        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._waiting: dict[str, set[_Waiter]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._failing = False
 
     @property
     def watched(self) -> int:
         """Connections waiting now."""
-        return sum(len(events) for events in self._waiting.values())
+        return sum(len(waiters) for waiters in self._waiting.values())
+
+    def notify(
+        self, jti: str, expires_at: float, on_end: Callable[[Ending], None]
+    ) -> Callable[[], None]:
+        """Call ``on_end`` once, when the token ``jti`` expires (``expires_at``, epoch
+        seconds) or is revoked; returns what stops the watch (idempotent).
+
+        A timer and an entry in a dict per connection, no task: an idle socket costs the
+        event loop nothing until its token ends.
+        """
+        waiter = _Waiter(on_end)
+        waiters = self._waiting.setdefault(jti, set())
+        waiters.add(waiter)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(max(0.0, expires_at - self._clock()), waiter, "expired")
+        self._start_polling()
+
+        def stop() -> None:
+            waiter.ended = True
+            expiry.cancel()
+            waiters.discard(waiter)
+            if not waiters and self._waiting.get(jti) is waiters:
+                del self._waiting[jti]
+
+        waiter.stop = stop
+        return stop
 
     async def until_invalid(self, jti: str, expires_at: float) -> Ending:
         """Wait until the token ``jti`` expires (``expires_at``, epoch seconds) or is revoked."""
-        revoked = asyncio.Event()
-        self._waiting.setdefault(jti, set()).add(revoked)
-        self._start_polling()
+        ended: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
+
+        def settle(how: Ending) -> None:
+            if not ended.done():  # cancelled with the waiting task, before `stop`
+                ended.set_result(how)
+
+        stop = self.notify(jti, expires_at, settle)
         try:
-            async with asyncio.timeout(max(0.0, expires_at - self._clock())):
-                await revoked.wait()
-            return "revoked"
-        except TimeoutError:
-            return "expired"
+            return await ended
         finally:
-            events = self._waiting.get(jti)
-            if events is not None:
-                events.discard(revoked)
-                if not events:
-                    del self._waiting[jti]
+            stop()
 
     def revoked(self, jti: str) -> None:
         """A revocation (through this replica, or found by polling): wake its waiters."""
-        for event in self._waiting.get(jti, ()):
-            event.set()
+        for waiter in list(self._waiting.get(jti, ())):
+            waiter("revoked")
 
     def _start_polling(self) -> None:
         if self._poller is None or self._poller.done():
@@ -91,3 +113,19 @@ class TokenWatch:
             since = started - _CLOCK_SKEW
             for jti in found:
                 self.revoked(jti)
+
+
+class _Waiter:
+    """One watched connection: ends once, stopping its watch first."""
+
+    __slots__ = ("ended", "on_end", "stop")
+
+    def __init__(self, on_end: Callable[[Ending], None]) -> None:
+        self.on_end = on_end
+        self.ended = False
+        self.stop: Callable[[], None] = lambda: None
+
+    def __call__(self, how: Ending) -> None:
+        if not self.ended:
+            self.stop()
+            self.on_end(how)
