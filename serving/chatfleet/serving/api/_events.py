@@ -211,13 +211,20 @@ def add_events_socket(
             ),
         ]
         claims = request_claims(ws)
-        token = None
+        # The token's end: a callback of the replica's token watch, not a task per socket.
+        token: asyncio.Future[AuthenticationError] | None = None
+        stop_watch = None
         if gw.auth is not None and claims is not None:
-            token = asyncio.create_task(gw.auth.until_invalid(claims))
-            tasks.append(token)
+            token = asyncio.get_running_loop().create_future()
+            stop_watch = gw.auth.when_invalid(claims, token.set_result)
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [*tasks, token] if token is not None else tasks,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
+            if stop_watch is not None:
+                stop_watch()
             hub.unsubscribe(subscriber)
             gauge.dec()
             for task in tasks:
