@@ -1,0 +1,187 @@
+"""CPU per request start, by process: `chatfleet serve` against the naive streamer.
+
+Run from the repository root::
+
+    .venv/bin/python bench/request_cpu.py                      # 3,000 requests each
+    .venv/bin/python bench/request_cpu.py --requests 1000 --concurrency 32
+
+bench/aiperf.py's servers (the naive streamer, and ``chatfleet serve --no-auth`` with the
+fake model at its default settings: HAProxy, two ingress replicas, an engine replica),
+each sent the same requests from this process: streamed ``/v1/chat/completions`` of one
+token (what a request costs to start and finish, not to stream), ``--concurrency`` at a
+time. The figure is the CPU time (``/proc``, user and system) each of the server's
+processes used per request: its whole process tree, Ray's daemons included, the client
+excluded. CPU time, not latency, so a busy machine changes it little. When aiperf's
+streams restart together (every reply ends at the same time at a fixed pace), each
+server has this much CPU per stream to spend before the last first token goes out; with
+the client on the same two cores, that queue is most of what chatfleet adds to the time
+to first token at 256 streams. It prints figures and the ratio to the naive server; it
+asserts nothing.
+"""
+
+# ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
+from __future__ import annotations
+
+import os
+import sys
+
+# As bench/aiperf.py: bench/ holds scripts named like modules (operator.py, aiperf.py).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse
+import asyncio
+import collections
+import importlib.util
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _aiperf_bench() -> Any:
+    """bench/aiperf.py, loaded by path (its servers and their settings)."""
+    spec = importlib.util.spec_from_file_location("_aiperf_bench", os.path.join(_HERE, "aiperf.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """Every process: pid -> (parent pid, name, CPU seconds so far)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        found[int(entry)] = (
+            int(fields[1]),
+            _name(comm, cmdline),
+            (int(fields[11]) + int(fields[12])) / _TICK,
+        )
+    return found
+
+
+def _name(comm: str, cmdline: str) -> str:
+    """A process's role: Ray Serve replicas and actors by their title, HAProxy, the rest."""
+    title = re.match(r"ray::(\S+)", cmdline)
+    if title:
+        name = title.group(1).split(".")[0]  # ray::ServeReplica:app:ingress.method
+        return re.sub(r"^ServeReplica:[^:]+:", "replica ", name)
+    if "haproxy" in comm:
+        return "haproxy"
+    if "_naive_server.py" in cmdline:
+        return "naive server"
+    if "chatfleet serve" in cmdline or cmdline.endswith("/chatfleet"):
+        return "chatfleet serve (driver)"
+    return comm
+
+
+def _tree(root: int, procs: dict[int, tuple[int, str, float]]) -> set[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _, _) in procs.items():
+        children[ppid].append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children[pid]
+    return tree
+
+
+async def _send(port: int, model: str, requests: int, concurrency: int) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 1,
+        "stream": True,
+    }
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        left = requests
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                async with client.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        raise SystemExit(f"answered {r.status_code}: {await r.aread()!r}")
+                    async for _ in r.aiter_bytes():
+                        pass
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def measure(server: Any, model: str, args: argparse.Namespace) -> dict[str, float]:
+    """ms of CPU per request, by process role, over ``args.requests`` requests."""
+    asyncio.run(_send(server.port, model, args.warmup, args.concurrency))
+    time.sleep(1)  # let warm-up's tails (usage flushes, metrics) pass
+    before = _processes()
+    started = time.perf_counter()
+    asyncio.run(_send(server.port, model, args.requests, args.concurrency))
+    elapsed = time.perf_counter() - started
+    after = _processes()
+    tree = _tree(server.proc.pid, after) | _tree(server.proc.pid, before)
+    used: dict[str, float] = collections.Counter()
+    for pid in tree:
+        if pid in after:
+            _, name, cpu = after[pid]
+            used[name] += cpu - (before[pid][2] if pid in before else 0.0)
+    print(
+        f"  {server.name}: {args.requests} requests in {elapsed:.1f} s"
+        f" ({args.requests / elapsed:.0f}/s, {args.concurrency} at a time)"
+    )
+    return {name: cpu / args.requests * 1e3 for name, cpu in used.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--requests", type=int, default=3000, help="Measured requests per server.")
+    p.add_argument("--warmup", type=int, default=200, help="Requests before measuring.")
+    p.add_argument("--concurrency", type=int, default=8, help="Requests in flight at once.")
+    args = p.parse_args(argv)
+    bench = _aiperf_bench()
+    # aiperf.py's servers: the fake model at 50 tokens/s (one token: no pacing to wait).
+    settings = argparse.Namespace(tps=50.0, tokens=256, chatfleet_settings="{}")
+    figures: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="chatfleet-request-cpu-") as workdir:
+        for start in (bench.naive, lambda a: bench.chatfleet(a, Path(workdir))):
+            server = start(settings)
+            try:
+                figures[server.name] = measure(server, bench.MODEL, args)
+            finally:
+                server.stop()
+    print("\nCPU per request start (ms, /proc; one-token streamed chat completions):")
+    totals = {}
+    for name, used in figures.items():
+        totals[name] = sum(used.values())
+        print(f"  {name}: {totals[name]:.2f} ms in all")
+        for role, ms in sorted(used.items(), key=lambda kv: -kv[1]):
+            if ms >= 0.01:
+                print(f"    {ms:6.2f}  {role}")
+    if totals.get("naive"):
+        print(f"\n  chatfleet / naive: {totals['chatfleet'] / totals['naive']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
