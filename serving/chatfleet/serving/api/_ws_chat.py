@@ -130,12 +130,12 @@ class _ChatConnection:
         self._ended = asyncio.get_running_loop().create_future()
         reader = asyncio.create_task(self.read_frames())
         reader.add_done_callback(lambda _: self._end(None))
-        self.heartbeats.add(self)
         auth, claims = self.gw.auth, self.claims
         stop_watch = None
-        if claims is not None and auth is not None:
-            stop_watch = auth.when_invalid(claims, self._end)
         try:
+            self.heartbeats.add(self)
+            if claims is not None and auth is not None:
+                stop_watch = auth.when_invalid(claims, self._end)
             ending = await self._ended
         finally:
             self.heartbeats.remove(self)

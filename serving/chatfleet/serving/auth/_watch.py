@@ -57,22 +57,19 @@ class TokenWatch:
         A timer and an entry in a dict per connection, no task: an idle socket costs the
         event loop nothing until its token ends.
         """
-        waiter = _Waiter(on_end)
-        waiters = self._waiting.setdefault(jti, set())
-        waiters.add(waiter)
-        loop = asyncio.get_running_loop()
-        expiry = loop.call_later(max(0.0, expires_at - self._clock()), waiter, "expired")
+        waiter = _Waiter(self, jti, on_end)
+        self._waiting.setdefault(jti, set()).add(waiter)
+        delay = max(0.0, expires_at - self._clock())
+        waiter.expiry = asyncio.get_running_loop().call_later(delay, waiter, "expired")
         self._start_polling()
+        return waiter.stop
 
-        def stop() -> None:
-            waiter.ended = True
-            expiry.cancel()
+    def _forget(self, waiter: _Waiter) -> None:
+        waiters = self._waiting.get(waiter.jti)
+        if waiters is not None:
             waiters.discard(waiter)
-            if not waiters and self._waiting.get(jti) is waiters:
-                del self._waiting[jti]
-
-        waiter.stop = stop
-        return stop
+            if not waiters:
+                del self._waiting[waiter.jti]
 
     async def until_invalid(self, jti: str, expires_at: float) -> Ending:
         """Wait until the token ``jti`` expires (``expires_at``, epoch seconds) or is revoked."""
@@ -116,16 +113,27 @@ class TokenWatch:
 
 
 class _Waiter:
-    """One watched connection: ends once, stopping its watch first."""
+    """One watched connection: ends once, stopping its watch first (no reference
+    cycle is left behind: its timer is dropped when it stops)."""
 
-    __slots__ = ("ended", "on_end", "stop")
+    __slots__ = ("ended", "expiry", "jti", "on_end", "watch")
 
-    def __init__(self, on_end: Callable[[Ending], None]) -> None:
+    def __init__(self, watch: TokenWatch, jti: str, on_end: Callable[[Ending], None]) -> None:
+        self.watch = watch
+        self.jti = jti
         self.on_end = on_end
         self.ended = False
-        self.stop: Callable[[], None] = lambda: None
+        self.expiry: asyncio.TimerHandle | None = None
 
     def __call__(self, how: Ending) -> None:
         if not self.ended:
             self.stop()
             self.on_end(how)
+
+    def stop(self) -> None:
+        """Stop watching (idempotent)."""
+        self.ended = True
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        self.watch._forget(self)
