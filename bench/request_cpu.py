@@ -5,18 +5,21 @@ Run from the repository root::
     .venv/bin/python bench/request_cpu.py                      # 3,000 requests each
     .venv/bin/python bench/request_cpu.py --requests 1000 --concurrency 32
 
-bench/aiperf.py's servers (the naive streamer, and ``chatfleet serve --no-auth`` with the
-fake model at its default settings: HAProxy, two ingress replicas, an engine replica),
-each sent the same requests from this process: streamed ``/v1/chat/completions`` of one
-token (what a request costs to start and finish, not to stream), ``--concurrency`` at a
-time. The figure is the CPU time (``/proc``, user and system) each of the server's
-processes used per request: its whole process tree, Ray's daemons included, the client
-excluded. CPU time, not latency, so a busy machine changes it little. When aiperf's
-streams restart together (every reply ends at the same time at a fixed pace), each
-server has this much CPU per stream to spend before the last first token goes out; with
-the client on the same two cores, that queue is most of what chatfleet adds to the time
-to first token at 256 streams. It prints figures and the ratio to the naive server; it
-asserts nothing.
+Three servers: bench/aiperf.py's two (the naive streamer, and ``chatfleet serve
+--no-auth`` with the fake model at its default settings: HAProxy, two ingress replicas,
+an engine replica) and, between them, bench/_bare_serve.py: Ray Serve started as
+``chatfleet serve`` starts it, with the same topology (two ingress replicas, one
+streaming handle call to an engine replica) and none of chatfleet's code, the floor of
+Serve's own request path. Each is sent the same requests from this process: streamed
+``/v1/chat/completions`` of one token (what a request costs to start and finish, not to
+stream), ``--concurrency`` at a time. The figure is the CPU time (``/proc``, user and
+system) each of the server's processes used per request: its whole process tree, Ray's
+daemons included, the client excluded. CPU time, not latency, so a busy machine changes
+it little. When aiperf's streams restart together (every reply ends at the same time
+at a fixed pace), each server has this much CPU per stream to spend before the last
+first token goes out; with the client on the same two cores, that queue is most of
+what chatfleet adds to the time to first token at 256 streams. It prints figures and
+the ratios to the naive server; it asserts nothing.
 """
 
 # ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
@@ -163,8 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     # aiperf.py's servers: the fake model at 50 tokens/s (one token: no pacing to wait).
     settings = argparse.Namespace(tps=50.0, tokens=256, chatfleet_settings="{}")
     figures: dict[str, dict[str, float]] = {}
+
+    def bare(_: argparse.Namespace) -> Any:
+        port = bench.free_port()
+        cmd = [bench.PYTHON, "-P", os.path.join(_HERE, "_bare_serve.py"), str(port)]
+        return bench.Server("bare Ray Serve", port, cmd, "/ready", 240)
+
     with tempfile.TemporaryDirectory(prefix="chatfleet-request-cpu-") as workdir:
-        for start in (bench.naive, lambda a: bench.chatfleet(a, Path(workdir))):
+        for start in (bench.naive, bare, lambda a: bench.chatfleet(a, Path(workdir))):
             server = start(settings)
             try:
                 figures[server.name] = measure(server, bench.MODEL, args)
@@ -179,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             if ms >= 0.01:
                 print(f"    {ms:6.2f}  {role}")
     if totals.get("naive"):
-        print(f"\n  chatfleet / naive: {totals['chatfleet'] / totals['naive']:.1f}x")
+        print()
+        for name in ("bare Ray Serve", "chatfleet"):
+            print(f"  {name} / naive: {totals[name] / totals['naive']:.1f}x")
+        print(
+            f"  chatfleet - bare Ray Serve: {totals['chatfleet'] - totals['bare Ray Serve']:.2f} ms"
+            " (what chatfleet adds to Serve's own request path)"
+        )
     return 0
 
 
