@@ -6,8 +6,9 @@ gRPC between replicas, workers at normal priority) and deploys two ingress repli
 a FastAPI app whose ``POST /v1/chat/completions`` makes one streaming handle call to
 one "engine" replica that yields ``max_tokens`` tokens at 50 a second (the first at
 once, then a message per 100 ms), relayed as OpenAI chunks over SSE.
-Nothing else: no auth, store, metrics, tracing, routing, admission, relay or
-coalescing. ``GET /ready`` answers once it is up. Stops on SIGINT or SIGTERM.
+Nothing else: no auth, store, metrics, tracing, routing, admission, token relay or
+adaptive coalescing (the engine's fixed 100 ms batches stand in for it). ``GET /ready``
+answers once it is up. Stops on SIGINT or SIGTERM.
 """
 
 # No ``from __future__ import annotations``: the handlers travel to the replicas by

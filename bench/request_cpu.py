@@ -141,12 +141,11 @@ def measure(server: Any, model: str, args: argparse.Namespace) -> dict[str, floa
     asyncio.run(_send(server.port, model, args.requests, args.concurrency))
     elapsed = time.perf_counter() - started
     after = _processes()
-    tree = _tree(server.proc.pid, after) | _tree(server.proc.pid, before)
+    # The server's processes alive at the end (one that exited meanwhile is not counted).
     used: dict[str, float] = collections.Counter()
-    for pid in tree:
-        if pid in after:
-            _, name, cpu = after[pid]
-            used[name] += cpu - (before[pid][2] if pid in before else 0.0)
+    for pid in _tree(server.proc.pid, after):
+        _, name, cpu = after[pid]
+        used[name] += cpu - (before[pid][2] if pid in before else 0.0)
     print(
         f"  {server.name}: {args.requests} requests in {elapsed:.1f} s"
         f" ({args.requests / elapsed:.0f}/s, {args.concurrency} at a time)"
