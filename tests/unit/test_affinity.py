@@ -21,7 +21,7 @@ from chatfleet.serving.app._affinity import AffinityRouter, rendezvous_order
 from chatfleet.serving.app._build import engine_options
 from chatfleet.serving.config import AppConfig, ModelConfig
 from chatfleet.serving.engines.fake import FakeEngine
-from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
+from chatfleet.serving.protocol import Chunk, GenerationRequest, Message, WireRequest
 
 TWO = ModelConfig(name="f", engine="fake", num_replicas=2)
 SYSTEM = Message("system", "You are terse.")
@@ -182,7 +182,8 @@ class Routing:
         would (it reports the routing back to the router)."""
         request_id = str(next(_ids))
         pending = PendingRequest(
-            args=[GenerationRequest(model="f", messages=[], affinity_key=key)],
+            # As the ingress's handle call sends it.
+            args=[WireRequest.of(GenerationRequest(model="f", messages=[], affinity_key=key))],
             kwargs={},
             metadata=RequestMetadata(request_id=request_id, internal_request_id=request_id),
         )

@@ -6,6 +6,7 @@ engine, no Ray (the router's hook is `send_ahead`, tested at the end)."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,13 @@ from chatfleet.serving.app._early import EarlyStarts
 from chatfleet.serving.app._offers import send_ahead
 from chatfleet.serving.config import CoalesceConfig, ModelConfig
 from chatfleet.serving.errors import RelayLost
-from chatfleet.serving.protocol import Chunk, GenerationRequest, Message
+from chatfleet.serving.protocol import (
+    Chunk,
+    GenerationRequest,
+    Message,
+    ToolCall,
+    WireRequest,
+)
 from chatfleet.serving.relay import Relay, RelayAddress
 from chatfleet.serving.relay_links import Links
 
@@ -57,6 +64,31 @@ def request() -> GenerationRequest:
     return GenerationRequest("fake", [Message("user", "hello")], max_tokens=64)
 
 
+def test_a_wire_request_decodes_to_the_request_it_was_made_of() -> None:
+    call = ToolCall("call-1", "lookup", '{"q": "\\u00e9t\u00e9"}')
+    sent = GenerationRequest(
+        "fake",
+        [
+            Message("user", "hello \U0001f600"),
+            Message("assistant", "", (call,)),
+            Message("tool", "42", (), "call-1"),
+        ],
+        max_tokens=7,
+        stop=["\n\n"],
+        sampling={"top_k": 3},
+        tools=[{"type": "function", "function": {"name": "lookup", "parameters": {}}}],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+        response_format={"type": "json_object"},
+        logprobs=2,
+        trace_context={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        affinity_key="conv-9",
+    )
+    wire = WireRequest.of(sent)
+    assert wire.affinity_key == "conv-9"  # what the engine's request router reads
+    assert wire.decode() == sent  # the same request id too
+    assert pickle.loads(pickle.dumps(wire)) == wire
+
+
 def text(batches: list[list[Chunk]]) -> str:
     return "".join(c.text for batch in batches for c in batch)
 
@@ -67,7 +99,7 @@ async def call_when(
     """A handle call that reaches the engine only once ``event`` is set (Serve's slow
     gRPC leg)."""
     await event.wait()
-    async for message in engine.generate(request(), address, key):
+    async for message in engine.generate(WireRequest.of(request()), address, key):
         yield message
 
 
@@ -78,7 +110,8 @@ async def linked() -> tuple[Relay, RelayAddress, Any, str]:
     assert address is not None
     engine = await engine_replica()
     key = uuid.uuid4().hex
-    answer = [b async for b in relay.receive(key, engine.generate(request(), address, key))]
+    call = engine.generate(WireRequest.of(request()), address, key)  # as the ingress calls it
+    answer = [b async for b in relay.receive(key, call)]
     await wait_for(lambda: asyncio.sleep(0, REPLICA in relay._links))
     return relay, address, engine, text(answer)
 
@@ -87,7 +120,7 @@ async def test_the_engine_starts_on_the_copy_and_the_handle_call_joins_it() -> N
     relay, address, engine, expected = await linked()
     key, arrived = uuid.uuid4().hex, asyncio.Event()
     stream = relay.receive(key, call_when(arrived, engine, address, key))
-    assert relay.offer(REPLICA, key, request())
+    assert relay.offer(REPLICA, key, WireRequest.of(request()))  # as send_ahead offers it
     first = asyncio.ensure_future(anext(stream))
     # The first batch comes before the handle call reaches the engine.
     assert (await asyncio.wait_for(first, 10))[0].text
@@ -129,7 +162,8 @@ async def test_an_unclaimed_copy_stops_after_the_claim_window() -> None:
 async def test_a_copy_after_its_handle_call_or_to_a_full_replica_is_ignored() -> None:
     relay, address, engine, expected = await linked()
     key = uuid.uuid4().hex
-    answer = [b async for b in relay.receive(key, engine.generate(request(), address, key))]
+    call = engine.generate(WireRequest.of(request()), address, key)  # as the ingress calls it
+    answer = [b async for b in relay.receive(key, call)]
     # The copy comes after the call ran: the engine claimed the id, and ignores it.
     engine._on_link_item(None, ["start", key, {"model": "fake", "messages": []}])
     assert engine._stats["ahead"] == 1 and engine._stats["early"] == 0

@@ -7,9 +7,10 @@ message that crosses a Ray handle, and they carry no user-facing validation
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "Chunk",
@@ -24,6 +25,7 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "WireRequest",
     "request_from_json",
     "request_to_json",
 ]
@@ -205,3 +207,25 @@ def request_from_json(data: dict[str, Any]) -> GenerationRequest:
         for m in data["messages"]
     ]
     return GenerationRequest(**{**data, "messages": messages})
+
+
+class WireRequest(NamedTuple):
+    """A `GenerationRequest` as the ingress sends it to an engine replica: its JSON
+    (`request_to_json`), encoded once for both the handle call and the copy sent ahead
+    on the token relay's link, and the affinity key the engine's request router reads.
+
+    Pickled for the handle call, a string costs one step of Ray's pickler, where the
+    request's dataclasses, lists and dicts cost one (Python-level) step each; decoded
+    in the engine only when the copy sent ahead has not started it already.
+    """
+
+    text: str
+    affinity_key: str = ""
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> WireRequest:
+        text = json.dumps(request_to_json(request), separators=(",", ":"))
+        return cls(text, request.affinity_key)
+
+    def decode(self) -> GenerationRequest:
+        return request_from_json(json.loads(self.text))

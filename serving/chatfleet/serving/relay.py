@@ -51,7 +51,7 @@ from chatfleet.serving.protocol import (
     TokenLogprob,
     ToolCallDelta,
     Usage,
-    request_to_json,
+    WireRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class Relay:
         if stream is not None:
             self._withdraw(stream_id, stream)
 
-    def offer(self, replica: str, stream_id: str, request: GenerationRequest) -> bool:
+    def offer(self, replica: str, stream_id: str, request: GenerationRequest | WireRequest) -> bool:
         """Send ``request`` ahead to engine ``replica`` on its link, now that Serve's
         router chose it; False when there is no link from it (the handle call alone).
 
@@ -276,7 +276,11 @@ class Relay:
         writer = self._links.get(replica)
         if writer is None or writer.is_closing() or replica in stream.refused:
             return False
-        writer.write(frame([["start", stream_id, request_to_json(request)]]))
+        wire = request if isinstance(request, WireRequest) else WireRequest.of(request)
+        # frame([["start", stream_id, request_to_json(request)]]), the request's JSON
+        # as encoded once for both ways it goes.
+        payload = f'[["start",{json.dumps(stream_id)},{wire.text}]]'.encode()
+        writer.write(_HEADER.pack(len(payload)) + payload)
         stream.offered = replica
         self.stats["offered"] += 1
         return True

@@ -36,7 +36,7 @@ from ray.serve.request_router import (
 )
 
 from chatfleet.serving.app._offers import SendsAhead
-from chatfleet.serving.protocol import GenerationRequest
+from chatfleet.serving.protocol import GenerationRequest, WireRequest
 
 __all__ = ["AffinityRouter", "rendezvous_order"]
 
@@ -59,7 +59,7 @@ def _affinity_key(request: PendingRequest | None) -> str:
     if request is None:
         return ""
     for arg in request.args:
-        if isinstance(arg, GenerationRequest):
+        if isinstance(arg, GenerationRequest | WireRequest):
             return arg.affinity_key
     return ""
 

@@ -21,7 +21,7 @@ from chatfleet.serving.engines import (
     traced_generation,
 )
 from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
-from chatfleet.serving.protocol import Chunk, GenerationRequest, request_from_json
+from chatfleet.serving.protocol import Chunk, GenerationRequest, WireRequest, request_from_json
 from chatfleet.serving.relay import RelayAddress
 from chatfleet.serving.relay_links import LinkLost, Links, _Link, relay_batches
 
@@ -75,12 +75,14 @@ class EngineDeployment:
 
     async def generate(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | WireRequest,
         relay: RelayAddress | None = None,
         relay_key: str = "",
     ) -> AsyncGenerator[list[Chunk] | int, None]:
         """Batches of ``request``'s answer; with ``relay``, sent on the token relay
-        instead, and then only their count is yielded (see `chatfleet.serving.relay`)."""
+        instead, and then only their count is yielded (see `chatfleet.serving.relay`).
+        The ingress sends a `WireRequest`, decoded here unless the copy sent ahead
+        already runs it."""
         started = self._early.claim(relay_key) if relay_key else None
         if started is not None:  # the copy sent ahead on the link runs it: join it
             try:
@@ -89,6 +91,8 @@ class EngineDeployment:
             finally:
                 started.cancel()  # the call was cancelled (a no-op once it is done)
             return
+        if isinstance(request, WireRequest):
+            request = request.decode()
         link = await self._links.get(relay) if relay is not None else None
         async for message in self._run(request, link, relay_key):
             yield message

@@ -25,6 +25,7 @@ from chatfleet.serving.protocol import (
     Compression,
     Embeddings,
     GenerationRequest,
+    WireRequest,
 )
 from chatfleet.serving.relay import Relay
 
@@ -131,11 +132,12 @@ class HandleEngineClient:
         address = None if self._relay is None else await self._relay.start()
         key = uuid.uuid4().hex
         first: asyncio.Future[list[Chunk]] | None = None
+        wire = WireRequest.of(request)
         if self._relay is None or address is None:
-            response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(request)  # type: ignore[assignment]
+            response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(wire)  # type: ignore[assignment]
             source: AsyncIterator[list[Chunk]] = response
         else:
-            response = self._stream.generate.remote(request, address, key)  # type: ignore[assignment]
+            response = self._stream.generate.remote(wire, address, key)  # type: ignore[assignment]
             # Registered before the engine can send on the relay, so before admission.
             source = self._relay.receive(key, response)
             # Read from now on: the first batch may come in before Serve says a replica
