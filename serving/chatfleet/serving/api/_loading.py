@@ -52,23 +52,27 @@ async def opened_or_held(
     that is not streamed) the answer is awaited here, whatever the wait."""
     if not hold:
         return await open_answer(*args, **kwargs)
-    loading: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    # One future, settled by whichever comes first: the model's name when the gateway
+    # says it is loading, None when the answer opened (or failed to). Cheaper per
+    # request than asyncio.wait on the two.
+    first: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
 
-    def on_loading(model: str) -> None:
-        if not loading.done():
-            loading.set_result(model)
+    def settle(value: str | None) -> None:
+        if not first.done():
+            first.set_result(value)
 
-    opening = asyncio.ensure_future(open_answer(*args, **kwargs, on_loading=on_loading))
+    opening = asyncio.ensure_future(open_answer(*args, **kwargs, on_loading=settle))
+    opening.add_done_callback(lambda _: settle(None))
     try:
-        await asyncio.wait({opening, loading}, return_when=asyncio.FIRST_COMPLETED)
+        model = await first
     except BaseException:  # the client went away: withdraw the request
         opening.cancel()
         opening.add_done_callback(_discard)
         raise
     if opening.done():
-        loading.cancel()
         return opening.result()
-    return Held(str(loading.result()), opening)
+    assert model is not None
+    return Held(model, opening)
 
 
 def _discard(opening: asyncio.Future[Answer]) -> None:

@@ -25,6 +25,9 @@ class TracingMiddleware:
     def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
         self.app = app
         self.tracer = tracer
+        # Decided at the first request, once start-up has set any global provider:
+        # asking OpenTelemetry per request costs more than the rest of this middleware.
+        self._no_op: bool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +38,9 @@ class TracingMiddleware:
             for key, value in scope.get("headers") or []
             if key in (b"traceparent", b"tracestate")
         }
-        if not carrier and _no_op(self.tracer):
+        if self._no_op is None:
+            self._no_op = _no_op(self.tracer)
+        if not carrier and self._no_op:
             # Nothing would record the span, and no client trace to carry on: the span
             # would be the invalid one that is current anyway, and no header is added.
             # Spared, this is a tenth of the app's CPU per request (bench/ingress_cpu.py).
@@ -84,7 +89,7 @@ class TracingMiddleware:
 
 def _no_op(tracer: Tracer) -> bool:
     """Whether ``tracer``'s spans are all the invalid span: no provider of ours
-    (`telemetry.configure_tracing` found no endpoint) and no global one set since."""
+    (`telemetry.configure_tracing` found no endpoint) and no global one set."""
     if isinstance(tracer, trace.NoOpTracer):
         return True
     # A tracer from the global provider stays a proxy, and records once a real
