@@ -66,5 +66,7 @@ class EventStream(StreamingResponse):
             await self.stream_response(send)
 
     async def _stop_when_gone(self, receive: Receive, sending: asyncio.Task[None]) -> None:
-        await self.listen_for_disconnect(receive)
+        # A receive that fails says as much as a disconnect: nobody is listening.
+        with contextlib.suppress(Exception):
+            await self.listen_for_disconnect(receive)
         sending.cancel()
