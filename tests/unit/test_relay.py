@@ -274,3 +274,55 @@ async def test_a_relay_that_cannot_listen_is_off_not_an_error() -> None:
     assert await relay.start() is None
     assert await relay.start() is None  # tried once
     await relay.close()
+
+
+async def test_a_complete_stream_lets_its_call_end_rather_than_cancel_it() -> None:
+    # Cancelling the handle call of a finished generation (and withdrawing it on the
+    # link) would be work for both replicas for nothing: its end is read instead.
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links, key = Links(), uuid.uuid4().hex
+    ended: list[str] = []
+
+    async def call() -> AsyncIterator[list[Chunk] | int]:
+        try:
+            async for message in engine_call(links, address, key, source(answer(0, 3))):
+                yield message
+            await asyncio.sleep(0.05)  # the call's end comes a little after the count
+            ended.append("ended")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    withdrawn: list[str] = []
+    relay._withdraw = lambda stream_id, stream: withdrawn.append(stream_id)  # type: ignore[method-assign]
+    got = [b async for b in relay.receive(key, call())]
+    assert got == answer(0, 3)
+    await wait_for(lambda: asyncio.sleep(0, bool(ended)))
+    assert ended == ["ended"] and not withdrawn
+    assert not relay._finishing and not relay._streams
+    await relay.close()
+
+
+async def test_a_reader_that_leaves_early_withdraws_and_cancels_the_call() -> None:
+    relay = Relay("127.0.0.1")
+    address = await relay.start()
+    links, key = Links(), uuid.uuid4().hex
+    ended: list[str] = []
+
+    async def call() -> AsyncIterator[list[Chunk] | int]:
+        try:
+            async for message in engine_call(links, address, key, source(answer(0, 50))):
+                yield message
+            ended.append("ended")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    withdrawn: list[str] = []
+    relay._withdraw = lambda stream_id, stream: withdrawn.append(stream_id)  # type: ignore[method-assign]
+    stream = relay.receive(key, call())
+    assert await anext(stream) == answer(0, 50)[0]
+    await stream.aclose()
+    assert withdrawn == [key] and ended == ["cancelled"]
+    await relay.close()

@@ -6,6 +6,8 @@ engine, no Ray (the router's hook is `send_ahead`, tested at the end)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import pickle
 import uuid
 from collections.abc import AsyncIterator
@@ -84,6 +86,8 @@ def test_a_wire_request_decodes_to_the_request_it_was_made_of() -> None:
         affinity_key="conv-9",
     )
     wire = WireRequest.of(sent)
+    # Every field of the request and its messages, as dataclasses.asdict has them.
+    assert json.loads(wire.text) == json.loads(json.dumps(dataclasses.asdict(sent)))
     assert wire.affinity_key == "conv-9"  # what the engine's request router reads
     assert wire.decode() == sent  # the same request id too
     assert pickle.loads(pickle.dumps(wire)) == wire
@@ -222,4 +226,23 @@ async def test_send_ahead_from_a_router_on_another_thread_offers_on_the_relays_l
     assert engine._stats["early"] == 1
     arrived.set()
     assert text([first, *[b async for b in stream]]) == expected
+    await close(relay, engine)
+
+
+async def test_offers_of_one_event_loop_pass_share_one_write() -> None:
+    relay, address, engine, _ = await linked()
+    writer = relay._links[REPLICA]
+    writes: list[bytes] = []
+    write = writer.write
+    writer.write = lambda data: (writes.append(data), write(data))[-1]  # type: ignore[method-assign]
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    for key in keys:
+        relay.receive(key, call_when(asyncio.Event(), engine, address, key))
+        assert relay.offer(REPLICA, key, WireRequest.of(request()))
+    await wait_for(lambda: asyncio.sleep(0, engine._stats["ahead"] == 3))
+    assert len(writes) == 1  # one frame, one system call, for the burst
+    for key in keys:
+        relay.forget(key)
+    await wait_for(lambda: asyncio.sleep(0, engine._stats["active"] == 0))
+    assert len(writes) == 2  # the three withdrawals, together too
     await close(relay, engine)

@@ -158,6 +158,10 @@ class Relay:
         self._starting = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
         self._links: dict[str, asyncio.StreamWriter] = {}  # by engine replica id
+        # Watchers of complete streams reading their handle call's end (held here, as
+        # the event loop keeps only weak references to tasks).
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._unsent: dict[asyncio.StreamWriter, list[str]] = {}  # items by link, `_send`
         self._unavailable = False
         self.address: RelayAddress | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it listens on
@@ -277,10 +281,9 @@ class Relay:
         if writer is None or writer.is_closing() or replica in stream.refused:
             return False
         wire = request if isinstance(request, WireRequest) else WireRequest.of(request)
-        # frame([["start", stream_id, request_to_json(request)]]), the request's JSON
-        # as encoded once for both ways it goes.
-        payload = f'[["start",{json.dumps(stream_id)},{wire.text}]]'.encode()
-        writer.write(_HEADER.pack(len(payload)) + payload)
+        # ["start", stream_id, request_to_json(request)], with the request's JSON as
+        # encoded once for both ways it goes.
+        self._send(writer, f'["start",{json.dumps(stream_id)},{wire.text}]')
         stream.offered = replica
         self.stats["offered"] += 1
         return True
@@ -293,8 +296,27 @@ class Relay:
             return
         stream.refused.add(replica)
         writer = self._links.get(replica)
-        if writer is not None and not writer.is_closing():
-            writer.write(frame([["drop", stream_id]]))
+        if writer is not None:
+            self._send(writer, f'["drop",{json.dumps(stream_id)}]')
+
+    def _send(self, writer: asyncio.StreamWriter, item: str) -> None:
+        """Send one item (its JSON) on a link at the end of this event-loop pass, in one
+        frame with the others due on it: a burst's requests share a write (a system
+        call each, else) and a frame's decoding in the engine."""
+        unsent = self._unsent.get(writer)
+        if unsent is not None:
+            unsent.append(item)
+            return
+        self._unsent[writer] = [item]
+        if len(self._unsent) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        unsent, self._unsent = self._unsent, {}
+        for writer, items in unsent.items():
+            if not writer.is_closing():
+                payload = f"[{','.join(items)}]".encode()
+                writer.write(_HEADER.pack(len(payload)) + payload)
 
     async def _receive(
         self, stream_id: str, stream: _Stream, handle_stream: AsyncIterator[Any]
@@ -302,6 +324,7 @@ class Relay:
         watcher = asyncio.create_task(self._watch(handle_stream, stream))
         error: BaseException | None = None
         failed = False  # the engine said so on the relay: its error comes on the handle
+        complete = False  # every batch is in: the engine has finished
         try:
             while True:
                 expected = stream.expected
@@ -309,6 +332,7 @@ class Relay:
                     if error is not None:
                         raise error
                     if not failed:
+                        complete = True
                         return
                 try:
                     timeout = SETTLE_S if expected is not None else None
@@ -346,9 +370,16 @@ class Relay:
                         "the engine replica that had started the answer refused the request"
                     )
         finally:
-            if self._streams.pop(stream_id, None) is stream and not watcher.done():
+            self._streams.pop(stream_id, None)
+            if complete:
+                # The engine's call ends right after its count: let the watcher read that
+                # end rather than cancel the call (a withdrawal on the link and a gRPC
+                # cancellation, work for both replicas, for a generation that is over).
+                if not watcher.done():
+                    self._finishing.add(watcher)
+                    watcher.add_done_callback(self._finishing.discard)
+            elif not watcher.done():
                 self._withdraw(stream_id, stream)  # the client left: stop its copy too
-            if not watcher.done():
                 watcher.cancel()
                 with contextlib.suppress(BaseException):
                     await watcher
