@@ -2,7 +2,8 @@
 
 Plain slotted dataclasses, not pydantic models: they are pickled for every
 message that crosses a Ray handle, and they carry no user-facing validation
-(the ingress validates requests before it builds a `GenerationRequest`).
+(the ingress validates requests before it builds a `GenerationRequest`). A request
+crosses to an engine as a `WireRequest`, its JSON encoded once.
 """
 
 from __future__ import annotations
