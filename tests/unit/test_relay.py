@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 from tests.fakes.app_server import wait_for
@@ -276,53 +276,49 @@ async def test_a_relay_that_cannot_listen_is_off_not_an_error() -> None:
     await relay.close()
 
 
+class EndingCall:
+    """A relay, an engine's handle call of ``n`` batches on it, and how that call
+    ended ("ended" or "cancelled"); the relay's withdrawals are recorded, not sent."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.relay = Relay("127.0.0.1")
+        self.key = uuid.uuid4().hex
+        self.ended: list[str] = []
+        self.withdrawn: list[str] = []
+        self.relay._withdraw = lambda stream_id, _: self.withdrawn.append(stream_id)  # type: ignore[method-assign]
+
+    async def stream(self) -> AsyncGenerator[list[Chunk], None]:
+        address = await self.relay.start()
+        assert address is not None
+        return self.relay.receive(self.key, self._call(Links(), address))
+
+    async def _call(self, links: Links, address: RelayAddress) -> AsyncIterator[list[Chunk] | int]:
+        try:
+            async for message in engine_call(links, address, self.key, source(answer(0, self.n))):
+                yield message
+            await asyncio.sleep(0.05)  # the call's end comes a little after the count
+            self.ended.append("ended")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+
+
 async def test_a_complete_stream_lets_its_call_end_rather_than_cancel_it() -> None:
     # Cancelling the handle call of a finished generation (and withdrawing it on the
     # link) would be work for both replicas for nothing: its end is read instead.
-    relay = Relay("127.0.0.1")
-    address = await relay.start()
-    links, key = Links(), uuid.uuid4().hex
-    ended: list[str] = []
-
-    async def call() -> AsyncIterator[list[Chunk] | int]:
-        try:
-            async for message in engine_call(links, address, key, source(answer(0, 3))):
-                yield message
-            await asyncio.sleep(0.05)  # the call's end comes a little after the count
-            ended.append("ended")
-        except asyncio.CancelledError:
-            ended.append("cancelled")
-            raise
-
-    withdrawn: list[str] = []
-    relay._withdraw = lambda stream_id, stream: withdrawn.append(stream_id)  # type: ignore[method-assign]
-    got = [b async for b in relay.receive(key, call())]
-    assert got == answer(0, 3)
-    await wait_for(lambda: asyncio.sleep(0, bool(ended)))
-    assert ended == ["ended"] and not withdrawn
-    assert not relay._finishing and not relay._streams
-    await relay.close()
+    call = EndingCall(3)
+    assert [b async for b in await call.stream()] == answer(0, 3)
+    await wait_for(lambda: asyncio.sleep(0, bool(call.ended)))
+    assert call.ended == ["ended"] and not call.withdrawn
+    assert not call.relay._finishing and not call.relay._streams
+    await call.relay.close()
 
 
 async def test_a_reader_that_leaves_early_withdraws_and_cancels_the_call() -> None:
-    relay = Relay("127.0.0.1")
-    address = await relay.start()
-    links, key = Links(), uuid.uuid4().hex
-    ended: list[str] = []
-
-    async def call() -> AsyncIterator[list[Chunk] | int]:
-        try:
-            async for message in engine_call(links, address, key, source(answer(0, 50))):
-                yield message
-            ended.append("ended")
-        except asyncio.CancelledError:
-            ended.append("cancelled")
-            raise
-
-    withdrawn: list[str] = []
-    relay._withdraw = lambda stream_id, stream: withdrawn.append(stream_id)  # type: ignore[method-assign]
-    stream = relay.receive(key, call())
+    call = EndingCall(50)
+    stream = await call.stream()
     assert await anext(stream) == answer(0, 50)[0]
     await stream.aclose()
-    assert withdrawn == [key] and ended == ["cancelled"]
-    await relay.close()
+    assert call.withdrawn == [call.key] and call.ended == ["cancelled"]
+    await call.relay.close()
