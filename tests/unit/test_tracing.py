@@ -287,6 +287,8 @@ async def test_every_response_carries_the_trace_id(
 
 async def test_without_an_endpoint_nothing_is_traced() -> None:
     assert telemetry.configure_tracing(TelemetryConfig()) is None
+    assert not telemetry.records(telemetry.get_tracer(None))
+    assert telemetry.records(telemetry.get_tracer(telemetry.TracerProvider()))
     # No exporter: the engine's stream is handed through as it is, no wrapper.
     request = GenerationRequest(model="fake", messages=[Message("user", "x")])
     source = FakeEngine(fake("fake")).stream(request)
@@ -414,5 +416,6 @@ def test_the_public_surface() -> None:
         "get_tracer",
         "inject",
         "record_error",
+        "records",
         "trace_id",
     ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "get_tracer",
     "inject",
     "record_error",
+    "records",
     "trace_id",
 ]
 
@@ -127,6 +129,33 @@ def _parse_headers(raw: str) -> dict[str, str]:
 def get_tracer(provider: TracerProvider | None) -> Tracer:
     """A tracer from ``provider``, else from OpenTelemetry's global provider."""
     return trace.get_tracer(_INSTRUMENTATION, tracer_provider=provider)
+
+
+_RECORDS: weakref.WeakKeyDictionary[Tracer, bool] = weakref.WeakKeyDictionary()
+
+
+def records(tracer: Tracer) -> bool:
+    """Whether ``tracer``'s spans can be recorded: False for a no-op tracer (no provider
+    of ours, as `configure_tracing` returns without an endpoint, and no global one).
+
+    Decided once per tracer, at its first request (start-up has set any global provider
+    by then): asking OpenTelemetry per request costs more than a span-free request's
+    own tracing work. Hot paths skip building spans that would all be the invalid one.
+    """
+    known = _RECORDS.get(tracer)
+    if known is None:
+        known = _RECORDS[tracer] = not _no_op(tracer)
+    return known
+
+
+def _no_op(tracer: Tracer) -> bool:
+    if isinstance(tracer, trace.NoOpTracer):
+        return True
+    # A tracer from the global provider stays a proxy, and records once a real
+    # provider is set globally; until then the global provider is a proxy too.
+    return isinstance(tracer, trace.ProxyTracer) and isinstance(
+        trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+    )
 
 
 def inject(context: Context | None = None) -> dict[str, str]:

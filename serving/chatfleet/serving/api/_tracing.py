@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,9 +24,6 @@ class TracingMiddleware:
     def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
         self.app = app
         self.tracer = tracer
-        # Decided at the first request, once start-up has set any global provider:
-        # asking OpenTelemetry per request costs more than the rest of this middleware.
-        self._no_op: bool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,9 +34,7 @@ class TracingMiddleware:
             for key, value in scope.get("headers") or []
             if key in (b"traceparent", b"tracestate")
         }
-        if self._no_op is None:
-            self._no_op = _no_op(self.tracer)
-        if not carrier and self._no_op:
+        if not carrier and not telemetry.records(self.tracer):
             # Nothing would record the span, and no client trace to carry on: the span
             # would be the invalid one that is current anyway, and no header is added.
             # Spared, this is a tenth of the app's CPU per request (bench/ingress_cpu.py).
@@ -85,15 +79,3 @@ class TracingMiddleware:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(StatusCode.ERROR)
-
-
-def _no_op(tracer: Tracer) -> bool:
-    """Whether ``tracer``'s spans are all the invalid span: no provider of ours
-    (`telemetry.configure_tracing` found no endpoint) and no global one set."""
-    if isinstance(tracer, trace.NoOpTracer):
-        return True
-    # A tracer from the global provider stays a proxy, and records once a real
-    # provider is set globally; until then the global provider is a proxy too.
-    return isinstance(tracer, trace.ProxyTracer) and isinstance(
-        trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-    )

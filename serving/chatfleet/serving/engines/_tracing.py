@@ -21,8 +21,11 @@ def traced_generation(
 ) -> AsyncGenerator[Chunk, None]:
     """``source``'s chunks inside a ``chat {model}`` span parented on the request.
 
-    With a no-op tracer (no exporter), ``source`` itself: no extra generator layer.
+    With a no-op tracer (no exporter), ``source`` itself: no extra generator layer,
+    and no span built to find that out.
     """
+    if not telemetry.records(tracer):
+        return source
     span = tracer.start_span(
         f"chat {request.model}",
         context=telemetry.extract(request.trace_context),
