@@ -20,6 +20,13 @@ at a fixed pace), each server has this much CPU per stream to spend before the l
 first token goes out; with the client on the same two cores, that queue is most of
 what chatfleet adds to the time to first token at 256 streams. It prints figures and
 the ratios to the naive server; it asserts nothing.
+
+``--revs 50aaffe,HEAD --rounds 4`` compares chatfleet revisions instead: each is
+started from its own ``git archive`` of ``serving/`` (on ``PYTHONPATH``, as
+bench/ingress_cpu.py does), the revisions alternating round after round, and the
+medians are printed with their ranges. On this shared machine one run's figure moves
+by a third from one hour to the next; revisions measured alternately in the same run
+can be compared, single runs cannot.
 """
 
 # ruff: noqa: E402 - sys.path is trimmed before the other imports, on purpose
@@ -37,6 +44,7 @@ import asyncio
 import collections
 import importlib.util
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -160,10 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="Measured requests per server.")
     p.add_argument("--warmup", type=int, default=200, help="Requests before measuring.")
     p.add_argument("--concurrency", type=int, default=8, help="Requests in flight at once.")
+    p.add_argument(
+        "--revs",
+        default="",
+        help="Comma-separated git revisions of chatfleet to compare ('.' is the working"
+        " tree), alternating; without it: naive, bare Ray Serve and the working tree.",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="With --revs: runs per revision.")
     args = p.parse_args(argv)
     bench = _aiperf_bench()
     # aiperf.py's servers: the fake model at 50 tokens/s (one token: no pacing to wait).
     settings = argparse.Namespace(tps=50.0, tokens=256, chatfleet_settings="{}")
+    if args.revs:
+        return _compare_revisions(bench, settings, args)
     figures: dict[str, dict[str, float]] = {}
 
     def bare(_: argparse.Namespace) -> Any:
@@ -193,6 +210,52 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  chatfleet - bare Ray Serve: {totals['chatfleet'] - totals['bare Ray Serve']:.2f} ms"
             " (what chatfleet adds to Serve's own request path)"
+        )
+    return 0
+
+
+def _compare_revisions(bench: Any, settings: argparse.Namespace, args: argparse.Namespace) -> int:
+    """chatfleet at each of ``args.revs``, alternating for ``args.rounds`` rounds."""
+    spec = importlib.util.spec_from_file_location(
+        "_ingress_cpu", os.path.join(_HERE, "ingress_cpu.py")
+    )
+    assert spec is not None and spec.loader is not None
+    ingress_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ingress_cpu)
+    sources = [ingress_cpu._source(rev.strip()) for rev in args.revs.split(",") if rev.strip()]
+    figures: dict[str, list[dict[str, float]]] = {sha: [] for sha, _ in sources}
+    base = os.environ.get("PYTHONPATH")
+    try:
+        for round_ in range(args.rounds):
+            for sha, root in sources if round_ % 2 == 0 else reversed(sources):
+                os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [base])])
+                with tempfile.TemporaryDirectory(prefix="chatfleet-request-cpu-") as workdir:
+                    server = bench.chatfleet(settings, Path(workdir))
+                    server.name = f"chatfleet {sha}"
+                    try:
+                        figures[sha].append(measure(server, bench.MODEL, args))
+                    finally:
+                        server.stop()
+    finally:
+        if base is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = base
+    print(
+        f"\nCPU per request start (ms, /proc), median [min-max] of {args.rounds} alternated runs:"
+    )
+    for sha, runs in figures.items():
+        parts = {
+            "in all": [sum(run.values()) for run in runs],
+            "ingress": [sum(v for k, v in run.items() if "ingress" in k) for run in runs],
+            "engine": [sum(v for k, v in run.items() if "engine" in k) for run in runs],
+        }
+        print(
+            f"  {sha:>9}: "
+            + ", ".join(
+                f"{part} {statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+                for part, xs in parts.items()
+            )
         )
     return 0
 
