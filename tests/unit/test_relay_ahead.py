@@ -66,6 +66,11 @@ def request() -> GenerationRequest:
     return GenerationRequest("fake", [Message("user", "hello")], max_tokens=64)
 
 
+def wire() -> WireRequest:
+    """`request()` as the ingress sends it: on the handle call, and ahead on the link."""
+    return WireRequest.of(request())
+
+
 def test_a_wire_request_decodes_to_the_request_it_was_made_of() -> None:
     call = ToolCall("call-1", "lookup", '{"q": "\\u00e9t\u00e9"}')
     sent = GenerationRequest(
@@ -103,7 +108,7 @@ async def call_when(
     """A handle call that reaches the engine only once ``event`` is set (Serve's slow
     gRPC leg)."""
     await event.wait()
-    async for message in engine.generate(WireRequest.of(request()), address, key):
+    async for message in engine.generate(wire(), address, key):
         yield message
 
 
@@ -114,7 +119,7 @@ async def linked() -> tuple[Relay, RelayAddress, Any, str]:
     assert address is not None
     engine = await engine_replica()
     key = uuid.uuid4().hex
-    call = engine.generate(WireRequest.of(request()), address, key)  # as the ingress calls it
+    call = engine.generate(wire(), address, key)  # as the ingress calls it
     answer = [b async for b in relay.receive(key, call)]
     await wait_for(lambda: asyncio.sleep(0, REPLICA in relay._links))
     return relay, address, engine, text(answer)
@@ -124,7 +129,7 @@ async def test_the_engine_starts_on_the_copy_and_the_handle_call_joins_it() -> N
     relay, address, engine, expected = await linked()
     key, arrived = uuid.uuid4().hex, asyncio.Event()
     stream = relay.receive(key, call_when(arrived, engine, address, key))
-    assert relay.offer(REPLICA, key, WireRequest.of(request()))  # as send_ahead offers it
+    assert relay.offer(REPLICA, key, wire())  # as send_ahead offers it
     first = asyncio.ensure_future(anext(stream))
     # The first batch comes before the handle call reaches the engine.
     assert (await asyncio.wait_for(first, 10))[0].text
@@ -143,7 +148,7 @@ async def test_a_withdrawn_copy_stops_and_its_late_batches_are_ignored() -> None
     slow_down(engine)
     key = uuid.uuid4().hex
     relay.receive(key, call_when(asyncio.Event(), engine, address, key))
-    assert relay.offer(REPLICA, key, request())
+    assert relay.offer(REPLICA, key, wire())
     await wait_for(lambda: asyncio.sleep(0, engine._stats["early"] == 1))
     relay.forget(key)  # the client left while Serve routed its call
     await wait_for(lambda: asyncio.sleep(0, engine._stats["cancelled"] == 1))
@@ -157,7 +162,7 @@ async def test_an_unclaimed_copy_stops_after_the_claim_window() -> None:
     slow_down(engine)
     key = uuid.uuid4().hex
     relay.receive(key, call_when(asyncio.Event(), engine, address, key))
-    assert relay.offer(REPLICA, key, request())
+    assert relay.offer(REPLICA, key, wire())
     await wait_for(lambda: asyncio.sleep(0, engine._stats["cancelled"] == 1))
     assert engine._stats["early"] == 1 and engine._stats["active"] == 0
     await close(relay, engine)
@@ -166,7 +171,7 @@ async def test_an_unclaimed_copy_stops_after_the_claim_window() -> None:
 async def test_a_copy_after_its_handle_call_or_to_a_full_replica_is_ignored() -> None:
     relay, address, engine, expected = await linked()
     key = uuid.uuid4().hex
-    call = engine.generate(WireRequest.of(request()), address, key)  # as the ingress calls it
+    call = engine.generate(wire(), address, key)  # as the ingress calls it
     answer = [b async for b in relay.receive(key, call)]
     # The copy comes after the call ran: the engine claimed the id, and ignores it.
     engine._on_link_item(None, ["start", key, {"model": "fake", "messages": []}])
@@ -175,7 +180,7 @@ async def test_a_copy_after_its_handle_call_or_to_a_full_replica_is_ignored() ->
     engine._admitted = 0  # full
     other = uuid.uuid4().hex
     relay.receive(other, call_when(asyncio.Event(), engine, address, other))
-    assert relay.offer(REPLICA, other, request())
+    assert relay.offer(REPLICA, other, wire())
     await wait_for(lambda: asyncio.sleep(0, engine._stats["ahead"] == 2))
     assert engine._stats["early"] == 0 and len(engine._early) == 0
     await close(relay, engine)
@@ -185,11 +190,11 @@ async def test_a_request_moved_to_another_replica_after_its_start_fails_clearly(
     relay, address, engine, _ = await linked()
     key, arrived = uuid.uuid4().hex, asyncio.Event()
     stream = relay.receive(key, call_when(arrived, engine, address, key))
-    assert relay.offer(REPLICA, key, request())
+    assert relay.offer(REPLICA, key, wire())
     await asyncio.wait_for(anext(stream), 10)
     # Serve's call was refused by that replica (full) and goes to another: the answer
     # has started, so the stream fails rather than repeat its start.
-    assert not relay.offer("replica-2", key, request())
+    assert not relay.offer("replica-2", key, wire())
     with pytest.raises(RelayLost, match="refused"):
         async for _ in stream:
             pass
@@ -203,7 +208,7 @@ async def test_a_request_moved_before_its_start_goes_to_the_new_replica_only() -
     relay._links["replica-2"] = relay._links[REPLICA]  # a second replica (same socket)
     stream = relay._streams[key]
     stream.offered = "replica-0"  # offered to a replica without a link, then moved
-    assert relay.offer("replica-2", key, request())
+    assert relay.offer("replica-2", key, wire())
     assert stream.refused == {"replica-0"} and stream.offered == "replica-2"
     await close(relay, engine)
 
@@ -212,8 +217,8 @@ def test_send_ahead_offers_only_generate_calls_to_this_processes_relays() -> Non
     address = RelayAddress("127.0.0.1", 1, "s")
     assert not send_ahead([], REPLICA)
     assert not send_ahead(["not a request", address, "k"], REPLICA)
-    assert not send_ahead([request()], REPLICA)  # no relay: the handle alone
-    assert not send_ahead([request(), address, "k"], REPLICA)  # no relay listening there
+    assert not send_ahead([wire()], REPLICA)  # no relay: the handle alone
+    assert not send_ahead([wire(), address, "k"], REPLICA)  # no relay listening there
 
 
 async def test_send_ahead_from_a_router_on_another_thread_offers_on_the_relays_loop() -> None:
@@ -221,7 +226,7 @@ async def test_send_ahead_from_a_router_on_another_thread_offers_on_the_relays_l
     key, arrived = uuid.uuid4().hex, asyncio.Event()
     stream = relay.receive(key, call_when(arrived, engine, address, key))
     # Serve's router on a loop of its own (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1).
-    assert await asyncio.to_thread(send_ahead, [request(), address, key], REPLICA)
+    assert await asyncio.to_thread(send_ahead, [wire(), address, key], REPLICA)
     first = await asyncio.wait_for(anext(stream), 10)
     assert engine._stats["early"] == 1
     arrived.set()
@@ -238,7 +243,7 @@ async def test_offers_of_one_event_loop_pass_share_one_write() -> None:
     keys = [uuid.uuid4().hex for _ in range(3)]
     for key in keys:
         relay.receive(key, call_when(asyncio.Event(), engine, address, key))
-        assert relay.offer(REPLICA, key, WireRequest.of(request()))
+        assert relay.offer(REPLICA, key, wire())
     await wait_for(lambda: asyncio.sleep(0, engine._stats["ahead"] == 3))
     assert len(writes) == 1  # one frame, one system call, for the burst
     for key in keys:

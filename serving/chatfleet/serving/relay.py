@@ -47,7 +47,6 @@ from typing import Any
 from chatfleet.serving.errors import RelayLost
 from chatfleet.serving.protocol import (
     Chunk,
-    GenerationRequest,
     TokenLogprob,
     ToolCallDelta,
     Usage,
@@ -260,7 +259,7 @@ class Relay:
         if stream is not None:
             self._withdraw(stream_id, stream)
 
-    def offer(self, replica: str, stream_id: str, request: GenerationRequest | WireRequest) -> bool:
+    def offer(self, replica: str, stream_id: str, request: WireRequest) -> bool:
         """Send ``request`` ahead to engine ``replica`` on its link, now that Serve's
         router chose it; False when there is no link from it (the handle call alone).
 
@@ -280,10 +279,9 @@ class Relay:
         writer = self._links.get(replica)
         if writer is None or writer.is_closing() or replica in stream.refused:
             return False
-        wire = request if isinstance(request, WireRequest) else WireRequest.of(request)
         # ["start", stream_id, request_to_json(request)], with the request's JSON as
         # encoded once for both ways it goes.
-        self._send(writer, f'["start",{json.dumps(stream_id)},{wire.text}]')
+        self._send(writer, f'["start",{json.dumps(stream_id)},{request.text}]')
         stream.offered = replica
         self.stats["offered"] += 1
         return True

@@ -2,7 +2,8 @@
 request to the replica holding its conversation's KV cache.
 
 Each request carries an affinity key (``GenerationRequest.affinity_key``, set by the
-ingress: `chatfleet.serving.api`'s ``affinity_key``). Rendezvous hashing ranks the live
+ingress: `chatfleet.serving.api`'s ``affinity_key``; the `WireRequest` the handle call
+sends has it beside the request's JSON). Rendezvous hashing ranks the live
 replicas for a key: every replica scores ``hash(key, replica id)`` and the highest wins.
 It needs no shared state between ingress replicas (each ranks alike), and a replica
 that joins or leaves moves only the keys it wins or held (about 1/n of them), where
@@ -36,7 +37,7 @@ from ray.serve.request_router import (
 )
 
 from chatfleet.serving.app._offers import SendsAhead
-from chatfleet.serving.protocol import GenerationRequest, WireRequest
+from chatfleet.serving.protocol import WireRequest
 
 __all__ = ["AffinityRouter", "rendezvous_order"]
 
@@ -59,7 +60,7 @@ def _affinity_key(request: PendingRequest | None) -> str:
     if request is None:
         return ""
     for arg in request.args:
-        if isinstance(arg, GenerationRequest | WireRequest):
+        if isinstance(arg, WireRequest):
             return arg.affinity_key
     return ""
 

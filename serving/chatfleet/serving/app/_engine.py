@@ -75,14 +75,13 @@ class EngineDeployment:
 
     async def generate(
         self,
-        request: GenerationRequest | WireRequest,
+        request: WireRequest,
         relay: RelayAddress | None = None,
         relay_key: str = "",
     ) -> AsyncGenerator[list[Chunk] | int, None]:
         """Batches of ``request``'s answer; with ``relay``, sent on the token relay
         instead, and then only their count is yielded (see `chatfleet.serving.relay`).
-        The ingress sends a `WireRequest`, decoded here unless the copy sent ahead
-        already runs it."""
+        The request is decoded here unless the copy sent ahead already runs it."""
         started = self._early.claim(relay_key) if relay_key else None
         if started is not None:  # the copy sent ahead on the link runs it: join it
             try:
@@ -91,10 +90,8 @@ class EngineDeployment:
             finally:
                 started.cancel()  # the call was cancelled (a no-op once it is done)
             return
-        if isinstance(request, WireRequest):
-            request = request.decode()
         link = await self._links.get(relay) if relay is not None else None
-        async for message in self._run(request, link, relay_key):
+        async for message in self._run(request.decode(), link, relay_key):
             yield message
 
     def _on_link_item(self, link: _Link, item: list[Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from chatfleet.serving.protocol import GenerationRequest, WireRequest
+from chatfleet.serving.protocol import WireRequest
 from chatfleet.serving.relay import Relay, RelayAddress
 
 __all__ = ["DefaultRouter", "SendsAhead", "send_ahead"]
@@ -42,7 +42,7 @@ class SendsAhead:
 def send_ahead(args: list[Any], replica: str) -> bool:
     """Offer a ``generate(request, relay, key)`` call's request to ``replica`` on this
     process's relay; False for other calls, or when the replica has no link."""
-    if len(args) < 3 or not isinstance(args[0], GenerationRequest | WireRequest):
+    if len(args) < 3 or not isinstance(args[0], WireRequest):
         return False
     request, address, key = args[:3]
     relay = Relay.at(address) if isinstance(address, RelayAddress) else None
