@@ -55,9 +55,11 @@ import httpx
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _aiperf_bench() -> Any:
-    """bench/aiperf.py, loaded by path (its servers and their settings)."""
-    spec = importlib.util.spec_from_file_location("_aiperf_bench", os.path.join(_HERE, "aiperf.py"))
+def _bench_module(script: str) -> Any:
+    """A script of bench/, loaded by path: aiperf.py (its servers and their settings),
+    ingress_cpu.py (its revision sources)."""
+    name = "_bench_" + script.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, script))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=3, help="With --revs: runs per revision.")
     args = p.parse_args(argv)
-    bench = _aiperf_bench()
+    bench = _bench_module("aiperf.py")
     # aiperf.py's servers: the fake model at 50 tokens/s (one token: no pacing to wait).
     settings = argparse.Namespace(tps=50.0, tokens=256, chatfleet_settings="{}")
     if args.revs:
@@ -216,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare_revisions(bench: Any, settings: argparse.Namespace, args: argparse.Namespace) -> int:
     """chatfleet at each of ``args.revs``, alternating for ``args.rounds`` rounds."""
-    spec = importlib.util.spec_from_file_location(
-        "_ingress_cpu", os.path.join(_HERE, "ingress_cpu.py")
-    )
-    assert spec is not None and spec.loader is not None
-    ingress_cpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ingress_cpu)
+    ingress_cpu = _bench_module("ingress_cpu.py")
     sources = [ingress_cpu._source(rev.strip()) for rev in args.revs.split(",") if rev.strip()]
     figures: dict[str, list[dict[str, float]]] = {sha: [] for sha, _ in sources}
     base = os.environ.get("PYTHONPATH")
