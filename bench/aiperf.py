@@ -47,6 +47,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import resource
 import shutil
 import signal
 import socket
@@ -65,6 +66,18 @@ PYTHON = sys.executable
 AIPERF_VERSION = "0.13.0"
 _CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 MODEL = "fake50"
+
+
+def _load_procs() -> Any:
+    """bench/_procs.py (CPU by process from /proc), by path: bench/ is off sys.path."""
+    spec = importlib.util.spec_from_file_location("_bench_procs", HERE / "_procs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_procs = _load_procs()
 
 
 def free_port() -> int:
@@ -142,6 +155,13 @@ def naive(args: argparse.Namespace) -> Server:
     return Server("naive", port, cmd, "/healthz", 60)
 
 
+def bare(_: argparse.Namespace) -> Server:
+    """bench/_bare_serve.py: Serve's own path without chatfleet (50 tokens/s, fixed)."""
+    port = free_port()
+    cmd = [PYTHON, "-P", str(HERE / "_bare_serve.py"), str(port)]
+    return Server("bare", port, cmd, "/ready", 240)
+
+
 def chatfleet(args: argparse.Namespace, workdir: Path) -> Server:
     port = free_port()
     config = {
@@ -201,7 +221,20 @@ def profile(
         cmd = ["nice", "-n", str(args.client_nice), *cmd]
     # aiperf's own virtualenv: nothing of chatfleet's on its path, only the patch below.
     env = {**env, "PYTHONPATH": "" if args.stock_client else str(HERE / "_aiperf_client")}
+    # CPU of the server's process tree by role, and of aiperf's (its processes are
+    # waited for, so their time is in this process's children's usage at the end).
+    before, client_before = _procs.processes(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    client = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cores = {
+        name: cpu / elapsed
+        for name, cpu in _procs.used(server.proc.pid, before, _procs.processes()).items()
+    }
+    client_cpu = sum(
+        getattr(client, f) - getattr(client_before, f) for f in ("ru_utime", "ru_stime")
+    )
     export = out / "profile_export_aiperf.json"
     if done.returncode != 0 or not export.exists():
         raise SystemExit(f"aiperf failed ({done.returncode}):\n{done.stdout[-3000:]}")
@@ -217,7 +250,42 @@ def profile(
         "itl_p50_ms": metric("inter_token_latency", "p50"),
         "requests": metric("request_count", "avg"),
         "errors": sum(int(e.get("count", 0)) for e in data.get("error_summary") or []),
+        "server_cores": sum(cores.values()),
+        "cores_by_process": cores,
+        "client_cores": client_cpu / elapsed,
     }
+
+
+def _summarize(
+    level: int, name: str, runs: list[dict[str, Any]], naives: list[dict[str, Any]]
+) -> None:
+    """One server's line at one level: medians over its runs, each paired with the naive
+    server's run of the same round; the issue's targets against the added TTFT."""
+    pairs = list(zip(runs, naives, strict=True))
+    ratio = statistics.median(r["tok_s"] / nv["tok_s"] if nv["tok_s"] else 0.0 for r, nv in pairs)
+    addeds = [run["ttft_p50_ms"] - nv["ttft_p50_ms"] for run, nv in pairs]
+    added = statistics.median(addeds)
+
+    def median(of: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(run[key] for run in of)
+
+    limit = 15.0 if level <= 32 else 50.0
+    verdict = "met" if ratio >= 0.95 and added <= limit else "MISSED"
+    spread = f" (pairs {min(addeds):+.1f} to {max(addeds):+.1f})" if len(addeds) > 1 else ""
+    print(
+        f"{level:>7} | {name:>9} | {median(runs, 'tok_s'):6.0f} ({median(naives, 'tok_s'):.0f})"
+        f" | {ratio:4.2f} | {median(runs, 'ttft_p50_ms'):6.1f} ms"
+        f" ({median(naives, 'ttft_p50_ms'):.1f}) | {added:+6.1f} ms{spread}"
+        f" | {median(runs, 'server_cores'):.2f} ({median(naives, 'server_cores'):.2f}),"
+        f" {median(runs, 'client_cores'):.2f} ({median(naives, 'client_cores'):.2f})"
+        f"  [{verdict}: >= 0.95x, <= +{limit:g} ms]"
+    )
+
+
+def _top(cores: dict[str, float]) -> str:
+    """The processes that used a tenth of a core or more, busiest first."""
+    busy = sorted(((c, n) for n, c in cores.items() if c >= 0.1), reverse=True)
+    return ", ".join(f"{n} {c:.2f}" for c, n in busy) or "none above 0.1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,16 +324,25 @@ def main(argv: list[str] | None = None) -> int:
         help="Run aiperf as released, busy-waiting for a free slot (0.9 of the 2 cores at"
         " 256 streams); by default bench/_aiperf_client/ makes it wait for a slot's release.",
     )
+    p.add_argument(
+        "--bare",
+        action="store_true",
+        help="Also measure bench/_bare_serve.py: Ray Serve as chatfleet starts it (HAProxy,"
+        " two ingress replicas, one streaming handle call to an engine replica) with none of"
+        " chatfleet's code, the floor of Serve's own path, in the same rounds.",
+    )
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     exe = aiperf_bin()
     # Every pair of runs, by level: a shared machine's runs spread widely, so with
     # --repeat the pairs alternate their order and the summary gives medians.
     results: dict[str, dict[int, list[dict[str, Any]]]] = {"naive": {}, "chatfleet": {}}
+    if args.bare:
+        results["bare"] = {}
     with tempfile.TemporaryDirectory(prefix="chatfleet-aiperf-") as tmp, tiktoken_cache() as tk:
         work = Path(tmp)
         env = {**os.environ, "TIKTOKEN_CACHE_DIR": tk, "HF_HUB_OFFLINE": "1"}
-        servers = [naive(args), chatfleet(args, work)]
+        servers = [naive(args), chatfleet(args, work)] + ([bare(args)] if args.bare else [])
         try:
             runs = [level for _ in range(args.repeat) for level in levels]
             for i, level in enumerate(runs):
@@ -276,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"  .. {server.name:>9} c={level:<3} {r['tok_s']:8.0f} tok/s,"
                         f" TTFT p50 {r['ttft_p50_ms']:7.1f} ms p99 {r['ttft_p99_ms']:7.1f} ms,"
-                        f" errors {r['errors']}",
+                        f" errors {r['errors']}; cores: server {r['server_cores']:.2f}"
+                        f" ({_top(r['cores_by_process'])}), aiperf {r['client_cores']:.2f}",
                         flush=True,
                     )
         finally:
@@ -288,31 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         f" stream, {args.tokens} tokens"
         + (f", medians of {args.repeat} pairs:" if args.repeat > 1 else ":")
     )
-    print("streams | tok/s chatfleet / naive | ratio | TTFT p50 chatfleet / naive | added")
+    print("streams | server | tok/s (naive) | ratio | TTFT p50 (naive) | added | cores, aiperf's")
     for level in levels:
-        pairs = list(zip(results["chatfleet"][level], results["naive"][level], strict=True))
-        ratio = statistics.median(
-            cf["tok_s"] / nv["tok_s"] if nv["tok_s"] else 0.0 for cf, nv in pairs
-        )
-        addeds = [cf["ttft_p50_ms"] - nv["ttft_p50_ms"] for cf, nv in pairs]
-        added = statistics.median(addeds)
-        cf_tok, nv_tok, cf_ttft, nv_ttft = (
-            statistics.median(run[key] for run in results[name][level])
-            for name, key in (
-                ("chatfleet", "tok_s"),
-                ("naive", "tok_s"),
-                ("chatfleet", "ttft_p50_ms"),
-                ("naive", "ttft_p50_ms"),
-            )
-        )
-        limit = 15.0 if level <= 32 else 50.0
-        verdict = "met" if ratio >= 0.95 and added <= limit else "MISSED"
-        spread = f" (pairs {min(addeds):+.1f} to {max(addeds):+.1f})" if len(addeds) > 1 else ""
-        print(
-            f"{level:>7} | {cf_tok:9.0f} / {nv_tok:9.0f} | {ratio:5.2f} |"
-            f" {cf_ttft:8.1f} / {nv_ttft:6.1f} ms | {added:+7.1f} ms{spread}"
-            f"  [{verdict}: >= 0.95x, <= +{limit:g} ms]"
-        )
+        for name in [n for n in results if n != "naive"]:
+            _summarize(level, name, results[name][level], results["naive"][level])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

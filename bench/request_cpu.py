@@ -41,9 +41,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import asyncio
-import collections
 import importlib.util
-import re
 import statistics
 import tempfile
 import time
@@ -52,12 +50,10 @@ from typing import Any
 
 import httpx
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
 
 def _bench_module(script: str) -> Any:
     """A script of bench/, loaded by path: aiperf.py (its servers and their settings),
-    ingress_cpu.py (its revision sources)."""
+    ingress_cpu.py (its revision sources), _procs.py (CPU by process)."""
     name = "_bench_" + script.removesuffix(".py")
     spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, script))
     assert spec is not None and spec.loader is not None
@@ -67,54 +63,7 @@ def _bench_module(script: str) -> Any:
     return module
 
 
-def _processes() -> dict[int, tuple[int, str, float]]:
-    """Every process: pid -> (parent pid, name, CPU seconds so far)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        found[int(entry)] = (
-            int(fields[1]),
-            _name(comm, cmdline),
-            (int(fields[11]) + int(fields[12])) / _TICK,
-        )
-    return found
-
-
-def _name(comm: str, cmdline: str) -> str:
-    """A process's role: Ray Serve replicas and actors by their title, HAProxy, the rest."""
-    title = re.match(r"ray::(\S+)", cmdline)
-    if title:
-        name = title.group(1).split(".")[0]  # ray::ServeReplica:app:ingress.method
-        return re.sub(r"^ServeReplica:[^:]+:", "replica ", name)
-    if "haproxy" in comm:
-        return "haproxy"
-    if "_naive_server.py" in cmdline:
-        return "naive server"
-    if "chatfleet serve" in cmdline or cmdline.endswith("/chatfleet"):
-        return "chatfleet serve (driver)"
-    return comm
-
-
-def _tree(root: int, procs: dict[int, tuple[int, str, float]]) -> set[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for pid, (ppid, _, _) in procs.items():
-        children[ppid].append(pid)
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo += children[pid]
-    return tree
+_procs = _bench_module("_procs.py")
 
 
 async def _send(port: int, model: str, requests: int, concurrency: int) -> None:
@@ -146,16 +95,12 @@ def measure(server: Any, model: str, args: argparse.Namespace) -> dict[str, floa
     """ms of CPU per request, by process role, over ``args.requests`` requests."""
     asyncio.run(_send(server.port, model, args.warmup, args.concurrency))
     time.sleep(1)  # let warm-up's tails (usage flushes, metrics) pass
-    before = _processes()
+    before = _procs.processes()
     started = time.perf_counter()
     asyncio.run(_send(server.port, model, args.requests, args.concurrency))
     elapsed = time.perf_counter() - started
-    after = _processes()
-    # The server's processes alive at the end (one that exited meanwhile is not counted).
-    used: dict[str, float] = collections.Counter()
-    for pid in _tree(server.proc.pid, after):
-        _, name, cpu = after[pid]
-        used[name] += cpu - (before[pid][2] if pid in before else 0.0)
+    after = _procs.processes()
+    used = _procs.used(server.proc.pid, before, after)
     print(
         f"  {server.name}: {args.requests} requests in {elapsed:.1f} s"
         f" ({args.requests / elapsed:.0f}/s, {args.concurrency} at a time)"
@@ -185,13 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return _compare_revisions(bench, settings, args)
     figures: dict[str, dict[str, float]] = {}
 
-    def bare(_: argparse.Namespace) -> Any:
-        port = bench.free_port()
-        cmd = [bench.PYTHON, "-P", os.path.join(_HERE, "_bare_serve.py"), str(port)]
-        return bench.Server("bare Ray Serve", port, cmd, "/ready", 240)
-
     with tempfile.TemporaryDirectory(prefix="chatfleet-request-cpu-") as workdir:
-        for start in (bench.naive, bare, lambda a: bench.chatfleet(a, Path(workdir))):
+        for start in (bench.naive, bench.bare, lambda a: bench.chatfleet(a, Path(workdir))):
             server = start(settings)
             try:
                 figures[server.name] = measure(server, bench.MODEL, args)
@@ -207,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {ms:6.2f}  {role}")
     if totals.get("naive"):
         print()
-        for name in ("bare Ray Serve", "chatfleet"):
+        for name in ("bare", "chatfleet"):
             print(f"  {name} / naive: {totals[name] / totals['naive']:.1f}x")
         print(
-            f"  chatfleet - bare Ray Serve: {totals['chatfleet'] - totals['bare Ray Serve']:.2f} ms"
+            f"  chatfleet - bare Ray Serve: {totals['chatfleet'] - totals['bare']:.2f} ms"
             " (what chatfleet adds to Serve's own request path)"
         )
     return 0

@@ -28,6 +28,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import argparse
 import collections
 import importlib.util
+import json
 import tempfile
 from pathlib import Path
 
@@ -115,6 +116,39 @@ def report(folder: Path) -> None:
                 )
 
 
+def client_view(folder: Path, export: Path) -> None:
+    """aiperf's time to first token split where the ingress's app sees the request: the
+    way in (client, HAProxy, the replica's HTTP server and Serve's request handling up to
+    the app), the app (to its first content event), and the way back out."""
+    times, _ = read_trace(folder)
+    parts: dict[str, list[float]] = collections.defaultdict(list)
+    for line in export.read_text().splitlines():
+        record = json.loads(line)
+        meta, metrics = record["metadata"], record.get("metrics") or {}
+        stamps = times.get(meta.get("x_request_id", ""), {})
+        ttft = (metrics.get("time_to_first_token") or {}).get("value")
+        if meta.get("phase_kind") != "profiling" or ttft is None or "WX" not in stamps:
+            continue
+        start = meta["request_start_ns"] / 1e9
+        parts["in"].append((stamps["HX"] - start) * 1000)
+        parts["app"].append((stamps["WX"] - stamps["HX"]) * 1000)
+        parts["out"].append(start * 1000 + ttft - stamps["WX"] * 1000)
+        parts["ttft"].append(ttft)
+    count = len(parts["ttft"])
+    print(f"\nthe client's time to first token, split ({count} requests; ms p50 / p90)")
+    for key, what in (
+        ("in", "client -> HAProxy -> replica -> the app gets the request"),
+        ("app", "the app: request -> first content event (H -> W)"),
+        ("out", "first content event -> HAProxy -> the client has it"),
+        ("ttft", "aiperf's time to first token"),
+    ):
+        if parts[key]:
+            print(
+                f"  {key:>4}  {quantile(parts[key], 0.5):7.2f} / {quantile(parts[key], 0.9):7.2f}"
+                f"   {what}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             f" load average {load_before:.1f} -> {load_after:.1f}"
         )
         report(trace)
+        client_view(trace, work / "aiperf" / "profile_export.jsonl")
     return 0
 
 

@@ -19,7 +19,9 @@ queue; B1 (I) the ingress reads it out of ``Relay.receive``. The request sent ah
 the link: O (I) ``Relay.offer`` writes it; C (E) the engine replica starts it; S (E) its
 generation task runs (by relay key, like E1). H (I) the ingress's ASGI app got the
 HTTP request (Starlette's ``__call__``); W0 (I) the response's first body bytes go
-to the server (uvicorn), W its first with a ``"content"``.
+to the server (uvicorn), W its first with a ``"content"``. HX and WX are H and W again,
+by the client's ``X-Request-ID`` and on the wall clock (``time.time()``), to set
+against the client's own record of the request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import re
 import sys
 import time
 
@@ -120,6 +123,7 @@ _http_start = contextvars.ContextVar("stage_http_start", default=None)
 
 
 _http_request = contextvars.ContextVar("stage_http_request", default=None)
+_TEXT = re.compile(rb'"content": ?"[^"]')  # a chunk with text in it (not the role's "")
 
 
 async def starlette_call(self, scope, receive, send):
@@ -128,17 +132,29 @@ async def starlette_call(self, scope, receive, send):
     _http_start.set(time.monotonic())
     request = {}  # the request's id once it has one (relay_receive)
     _http_request.set(request)
+    # The client's own id (aiperf sends X-Request-ID), on the wall clock aiperf stamps
+    # its requests with: where the client's time to first token goes, before the app
+    # and after it.
+    client_id = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode()
+    if client_id:
+        rec("HX", client_id, at=time.time())
 
     async def traced_send(message):
         if message["type"] == "http.response.start" and "rid" in request:
             rec("X0", request["rid"])
-        if message["type"] == "http.response.body" and "rid" in request:
-            if "W0" not in request:
-                request["W0"] = True
-                rec("W0", request["rid"])
-            if "W" not in request and b'"content"' in message.get("body", b""):
-                request["W"] = True
-                rec("W", request["rid"])
+        if message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if "rid" in request:
+                if "W0" not in request:
+                    request["W0"] = True
+                    rec("W0", request["rid"])
+                if "W" not in request and b'"content"' in body:
+                    request["W"] = True
+                    rec("W", request["rid"])
+            # The first text (what aiperf counts), also from an app without the relay.
+            if client_id and "WX" not in request and _TEXT.search(body):
+                request["WX"] = True
+                rec("WX", client_id, at=time.time())
         return await send(message)
 
     return await _orig["starlette_call"](self, scope, receive, traced_send)
