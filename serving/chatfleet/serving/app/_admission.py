@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
@@ -39,15 +39,30 @@ def running_replicas(handle: DeploymentHandle[Any]) -> int | None:
     Cheap: the router's own replica set, kept current by Serve's long poll (no call to
     the controller, unlike ``serve.status()``).
     """
+    replicas = _router_replicas(handle)
+    return None if replicas is None else len(replicas)
+
+
+def sole_replica(handle: DeploymentHandle[Any]) -> str | None:
+    """The id of the one replica ``handle``'s router can send to, when it knows exactly
+    one (and so has no choice to make); None otherwise, or when unknown."""
+    replicas = _router_replicas(handle)
+    if replicas is None or len(replicas) != 1:
+        return None
+    return str(next(iter(replicas)).unique_id)
+
+
+def _router_replicas(handle: DeploymentHandle[Any]) -> Mapping[Any, Any] | None:
     # Private Ray (2.60): DeploymentHandle._router (a SingletonThreadRouter or
     # CurrentLoopRouter) -> _asyncio_router (AsyncioRouter) -> request_router
-    # (RequestRouter) -> curr_replicas. Serve has no public replica list on a handle
-    # (ray-project/ray#15312 asked for `handle.replicas()`; closed without it). When the
-    # chain moves, this answers None and a model that scales to zero is taken as
-    # loading whenever its request waits, so the notice degrades, never the request.
+    # (RequestRouter) -> curr_replicas (by ReplicaID). Serve has no public replica list
+    # on a handle (ray-project/ray#15312 asked for `handle.replicas()`; closed without
+    # it). When the chain moves, this answers None: a model that scales to zero is then
+    # taken as loading whenever its request waits, and every request makes its handle
+    # call; the notice and the shortcut degrade, never the request.
     try:
         router = handle._router._asyncio_router.request_router  # type: ignore[union-attr]
-        return len(router.curr_replicas) if router is not None else 0
+        return router.curr_replicas if router is not None else {}
     except AttributeError:
         return None
 
@@ -167,6 +182,12 @@ class EngineAdmission:
                 queued.dec()
         if self._metrics is not None:
             self._metrics.queue_wait.labels(self.model).observe(time.perf_counter() - began)
+
+    def refused_by_replica(self) -> None:
+        """A replica that Serve's router found room in was full by its own count (it
+        also runs requests sent on a link alone) and refused after the same wait."""
+        if self._metrics is not None:
+            self._metrics.rejected_requests.labels(self.model, "wait_timeout").inc()
 
     def _refuse(self, reason: str, why: str) -> ModelBusy:
         if self._metrics is not None:

@@ -34,30 +34,49 @@ class EarlyStarts:
 
     def __init__(self, claim_within_s: float = CLAIM_WITHIN_S) -> None:
         self._claim_within_s = claim_within_s
-        self._started: dict[str, tuple[asyncio.Task[Result], asyncio.TimerHandle]] = {}
+        self._started: dict[str, tuple[asyncio.Task[Result], asyncio.TimerHandle | None]] = {}
         self._claimed: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._started)
 
-    def start(self, stream_id: str, run: Callable[[], Coroutine[Any, Any, Result]]) -> bool:
+    def start(
+        self,
+        stream_id: str,
+        run: Callable[[], Coroutine[Any, Any, Result]],
+        *,
+        alone: bool = False,
+        on_end: Callable[[], object] | None = None,
+    ) -> bool:
         """Start ``run()`` for ``stream_id``, unless its handle call came first (or it
-        was started already)."""
+        was started already). ``alone``: no handle call follows (the request came on the
+        link alone); it is kept until it ends, and `drop` still stops it. ``on_end()`` is
+        called when the run ends, however (cancelled before it began too)."""
         if stream_id in self._claimed or stream_id in self._started:
             return False
         loop = asyncio.get_running_loop()
         task = loop.create_task(run())
-        timer = loop.call_later(self._claim_within_s, self.drop, stream_id)
+        timer = None if alone else loop.call_later(self._claim_within_s, self.drop, stream_id)
         self._started[stream_id] = (task, timer)
         task.add_done_callback(_consume)
+        if on_end is not None:
+            task.add_done_callback(lambda _: on_end())
+        if alone:
+            task.add_done_callback(lambda _: self._ended(stream_id, task))
         return True
+
+    def _ended(self, stream_id: str, task: asyncio.Task[Result]) -> None:
+        started = self._started.get(stream_id)
+        if started is not None and started[0] is task:
+            del self._started[stream_id]
 
     def claim(self, stream_id: str) -> asyncio.Task[Result] | None:
         """The handle call for ``stream_id`` came: its started generation, or None (the
         call runs it, and a copy coming later is ignored)."""
         started = self._started.pop(stream_id, None)
         if started is not None:
-            started[1].cancel()
+            if started[1] is not None:
+                started[1].cancel()
             return started[0]
         self._claimed[stream_id] = None
         while len(self._claimed) > _MAX_CLAIMED:
@@ -68,7 +87,8 @@ class EarlyStarts:
         """Cancel ``stream_id``'s copy if no handle call took it over."""
         started = self._started.pop(stream_id, None)
         if started is not None:
-            started[1].cancel()
+            if started[1] is not None:
+                started[1].cancel()
             started[0].cancel()
 
     def close(self) -> None:

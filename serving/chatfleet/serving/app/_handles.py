@@ -17,8 +17,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from chatfleet.serving import telemetry
-from chatfleet.serving.app._admission import EngineAdmission, running_replicas
-from chatfleet.serving.errors import ChatfleetError, EngineError, RelayLost
+from chatfleet.serving.app._admission import EngineAdmission, running_replicas, sole_replica
+from chatfleet.serving.errors import ChatfleetError, EngineError, ModelBusy, RelayLost
 from chatfleet.serving.protocol import (
     Chunk,
     Classification,
@@ -27,7 +27,7 @@ from chatfleet.serving.protocol import (
     GenerationRequest,
     WireRequest,
 )
-from chatfleet.serving.relay import Relay
+from chatfleet.serving.relay import Declined, Relay
 
 _T = TypeVar("_T")
 Handle = DeploymentHandle[Any]
@@ -120,8 +120,14 @@ class HandleEngineClient:
         admission: EngineAdmission,
         ready_timeout_s: float = 5.0,
         relay: Relay | None = None,
+        *,
+        alone: bool = False,
     ) -> None:
         handle = _local_transport(handle)
+        # Whether a request may go to the engine on the relay's link alone, without a
+        # handle call (`Relay.run`): not for a model that autoscales, whose autoscaler
+        # counts the calls Serve routes.
+        self._alone = alone
         self._stream = handle.options(stream=True)
         self._handle = handle
         self._admission = admission
@@ -133,6 +139,25 @@ class HandleEngineClient:
         key = uuid.uuid4().hex
         first: asyncio.Future[list[Chunk]] | None = None
         wire = WireRequest.of(request)
+        if self._alone and self._relay is not None and address is not None:
+            # One replica (Serve's router has no choice to make) with a link: the
+            # request goes on the link alone, and the handle call only if it is full.
+            replica = sole_replica(self._stream)
+            alone = None if replica is None else self._relay.run(replica, key, wire)
+            if alone is not None:
+                try:
+                    opening = await anext(alone)
+                except Declined:
+                    key = uuid.uuid4().hex  # the handle call below, as a new stream
+                except StopAsyncIteration:
+                    return
+                except ConnectionError as exc:
+                    message = f"lost the token relay from model {request.model}: {exc}"
+                    raise RelayLost(message) from exc
+                else:
+                    async for batch in self._after(opening, alone, request.model):
+                        yield batch
+                    return
         if self._relay is None or address is None:
             response: DeploymentResponseGenerator[Any] = self._stream.generate.remote(wire)  # type: ignore[assignment]
             source: AsyncIterator[list[Chunk]] = response
@@ -168,6 +193,8 @@ class HandleEngineClient:
             cause = exc.cause if isinstance(exc.cause, ChatfleetError) else None
             if cause is None:
                 raise EngineError(f"model {request.model} failed") from exc
+            if isinstance(cause, ModelBusy):
+                self._admission.refused_by_replica()
             raise cause from None
         except ConnectionError as exc:  # the relay's link or socket, not the model
             raise RelayLost(f"lost the token relay from model {request.model}: {exc}") from exc
@@ -177,6 +204,21 @@ class HandleEngineClient:
                 response.cancel()  # type: ignore[no-untyped-call]
                 if source is not response:
                     await source.aclose()  # type: ignore[attr-defined]
+
+    @staticmethod
+    async def _after(
+        first: list[Chunk], rest: AsyncGenerator[list[Chunk], None], model: str
+    ) -> AsyncGenerator[list[Chunk], None]:
+        """``first``, then the batches of a request run on the link alone; closed (so
+        withdrawn from the engine) if its reader leaves early."""
+        try:
+            yield first
+            async for batch in rest:
+                yield batch
+        except ConnectionError as exc:
+            raise RelayLost(f"lost the token relay from model {model}: {exc}") from exc
+        finally:
+            await rest.aclose()
 
     def _running_replicas(self) -> int | None:
         return running_replicas(self._stream)

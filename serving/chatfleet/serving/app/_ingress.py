@@ -75,7 +75,10 @@ class Ingress:
             config,
             {
                 model.name: HandleEngineClient(
-                    engines[model.name], EngineAdmission(model, metrics), relay=relay
+                    engines[model.name],
+                    EngineAdmission(model, metrics),
+                    relay=relay,
+                    alone=model.autoscaling is None,
                 )
                 for model in config.models
             },
