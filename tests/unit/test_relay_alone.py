@@ -8,6 +8,7 @@ class on loopback, the fake engine, no Ray."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -131,3 +132,20 @@ async def _all(stream: Any) -> list[Any]:
 
 async def _stop(engine: Any) -> None:
     await engine.__del__()
+
+
+def test_an_engine_error_crosses_the_link_as_its_own_class() -> None:
+    from chatfleet.serving.errors import RequestError
+    from chatfleet.serving.relay import _rebuilt, error_item
+
+    def crossed(exc: BaseException) -> Any:
+        item = json.loads(json.dumps(error_item(exc)))["error"]  # as the frame carries it
+        return _rebuilt(item)
+
+    bad = crossed(RequestError("top_k must be positive", param="top_k"))
+    assert type(bad) is RequestError and bad.param == "top_k" and bad.status_code == 400
+    busy = crossed(ModelBusy("full", retry_after=7))
+    assert type(busy) is ModelBusy and busy.retry_after == 7 and busy.status_code == 429
+    other = crossed(ValueError("a traceback's text"))
+    assert type(other) is EngineError and "traceback" not in other.message
+    assert type(_rebuilt(["NoSuchError", "odd"])) is EngineError

@@ -109,22 +109,29 @@ class Declined(Exception):
 
 
 def error_item(exc: BaseException) -> dict[str, Any]:
-    """The engine's error as the link carries it: its class name, message and param."""
+    """The engine's error as the link carries it: its class name, message, param and
+    ``Retry-After``."""
     if isinstance(exc, ChatfleetError):
-        return {_ERROR: [type(exc).__name__, exc.message, exc.param]}
-    return {_ERROR: ["EngineError", "the model failed", None]}
+        return {_ERROR: [type(exc).__name__, exc.message, exc.param, exc.retry_after]}
+    return {_ERROR: ["EngineError", "the model failed", None, None]}
 
 
 def _rebuilt(item: list[Any]) -> ChatfleetError:
     """The error `error_item` encoded, as its own class where chatfleet has it."""
-    name, message, param = [*item, None, None, None][:3]
+    name, message, param, retry_after = [*item, None, None, None, None][:4]
     cls = getattr(errors, str(name), None)
+    error: ChatfleetError = EngineError(str(message))
     if isinstance(cls, type) and issubclass(cls, ChatfleetError):
-        try:
-            return cls(str(message), param=param)
-        except TypeError:  # a class whose constructor takes more (e.g. retry_after)
-            pass
-    return EngineError(str(message))
+        for kwargs in ({"param": param}, {}):  # some take no param (e.g. ModelBusy)
+            try:
+                error = cls(str(message), **kwargs)
+                break
+            except TypeError:
+                continue
+    error.param = param
+    if isinstance(retry_after, int):
+        error.retry_after = retry_after
+    return error
 
 
 def encode_batch(batch: list[Chunk]) -> list[Any]:
@@ -266,7 +273,7 @@ class Relay:
                     carried.add(stream_id)
                     if not isinstance(item, dict):  # the end objects are not counted
                         stream.received += 1
-                    self.stats["batches"] += 1
+                        self.stats["batches"] += 1
                     if stream.queue.qsize() >= MAX_QUEUED:
                         stream.overflowed = True
                         self.stats["overflowed"] += 1
