@@ -151,11 +151,8 @@ class HandleEngineClient:
                     key = uuid.uuid4().hex  # the handle call below, as a new stream
                 except StopAsyncIteration:
                     return
-                except ConnectionError as exc:
-                    message = f"lost the token relay from model {request.model}: {exc}"
-                    raise RelayLost(message) from exc
                 else:
-                    async for batch in self._after(opening, alone, request.model):
+                    async for batch in self._after(opening, alone):
                         yield batch
                     return
         if self._relay is None or address is None:
@@ -207,16 +204,15 @@ class HandleEngineClient:
 
     @staticmethod
     async def _after(
-        first: list[Chunk], rest: AsyncGenerator[list[Chunk], None], model: str
+        first: list[Chunk], rest: AsyncGenerator[list[Chunk], None]
     ) -> AsyncGenerator[list[Chunk], None]:
-        """``first``, then the batches of a request run on the link alone; closed (so
-        withdrawn from the engine) if its reader leaves early."""
+        """``first``, then the batches of a request run on the link alone (the relay
+        raises a lost link as `RelayLost` itself); closed, so withdrawn from the engine,
+        if its reader leaves early."""
         try:
             yield first
             async for batch in rest:
                 yield batch
-        except ConnectionError as exc:
-            raise RelayLost(f"lost the token relay from model {model}: {exc}") from exc
         finally:
             await rest.aclose()
 
