@@ -140,6 +140,14 @@ def test_delay_grows_with_the_streams_a_replica_carries() -> None:
     assert delay_for_load(config, 1000) == 0.06  # never past the cap
 
 
+def test_by_default_a_loaded_replica_sends_a_batch_per_stream_every_150_ms() -> None:
+    config = CoalesceConfig()
+    assert delay_for_load(config, 1) == 0.02  # a token at most 20 ms behind
+    assert delay_for_load(config, 30) == 0.02  # 30 streams x 50 messages/s = 1500/s
+    assert delay_for_load(config, 128) == pytest.approx(128 / 1500)
+    assert delay_for_load(config, 256) == 0.15
+
+
 def test_the_delay_under_load_cannot_undercut_the_base_delay() -> None:
     with pytest.raises(ValueError, match="max_delay_under_load_ms"):
         CoalesceConfig(max_delay_ms=50, max_delay_under_load_ms=40)
