@@ -59,8 +59,14 @@ def app(texts: list[list[str]]) -> Any:
     return create_app(config, {"fake": BatchedEngine(texts)}, metrics=Metrics())
 
 
-async def post(path: str, body: dict[str, Any], texts: list[list[str]] = TEXTS) -> list[bytes]:
-    """The body messages of one POST, as the server (uvicorn, Serve) would send them."""
+async def post(
+    path: str,
+    body: dict[str, Any],
+    texts: list[list[str]] = TEXTS,
+    messages: list[tuple[bytes, bool]] | None = None,
+) -> list[bytes]:
+    """The body messages of one POST, as the server (uvicorn, Serve) would send them
+    (those with a body; ``messages`` gets every one, with its ``more_body``)."""
     raw = json.dumps(body).encode()
     scope = {
         "type": "http",
@@ -97,8 +103,11 @@ async def post(path: str, body: dict[str, Any], texts: list[list[str]] = TEXTS) 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             status.append(message["status"])
-        elif message["type"] == "http.response.body" and message.get("body"):
-            bodies.append(message["body"])
+        elif message["type"] == "http.response.body":
+            if messages is not None:
+                messages.append((message.get("body", b""), message.get("more_body", False)))
+            if message.get("body"):
+                bodies.append(message["body"])
 
     await app(texts)(scope, receive, send)
     done.set()
@@ -140,6 +149,29 @@ async def test_openai_stream_sends_a_batch_of_tokens_as_one_message() -> None:
     assert [b.count(b'"content": ') for b in bodies[:-1]] == list(BATCH_SIZES)
     assert b'"role":"assistant"' in bodies[0]
     assert bodies[-1].endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in bodies[-1]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "closing"),
+    [
+        ("/api/generate", {"model": "fake", "prompt": "hi"}, b"event: end_stream"),
+        (
+            "/v1/chat/completions",
+            {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+            b"data: [DONE]",
+        ),
+    ],
+)
+async def test_the_closing_events_end_the_response(
+    path: str, body: dict[str, Any], closing: bytes
+) -> None:
+    # No empty body message after them: the server writes the end of the chunked
+    # body with them, in one socket write instead of two.
+    messages: list[tuple[bytes, bool]] = []
+    await post(path, body, messages=messages)
+    assert [more for _, more in messages] == [True] * len(BATCH_SIZES) + [False]
+    assert closing in messages[-1][0]
+    assert all(part for part, _ in messages)
 
 
 async def test_a_stream_needs_no_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,19 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"event: {event}\ndata: {payload}\n\n" if event else f"data: {payload}\n\n"
 
 
+class Closing(str):
+    """The last part of an `EventStream`'s body: it goes out with the response's end.
+
+    A body generator yields its final events as one ``Closing`` and nothing after
+    it; the stream then sends them in the body message that ends the response,
+    instead of that message and an empty one after it. One message fewer per
+    stream: each crosses every ASGI layer, Serve's send path, a socket write and
+    HAProxy, in the burst where streams end and new ones start.
+    """
+
+    __slots__ = ()
+
+
 class EventStream(StreamingResponse):
     """An SSE response whose body generator is always closed, promptly.
 
@@ -64,6 +77,18 @@ class EventStream(StreamingResponse):
     async def _send_all(self, send: Send) -> None:
         with contextlib.suppress(OSError):
             await self.stream_response(send)
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for part in self.body_iterator:
+            body = part if isinstance(part, bytes | memoryview) else part.encode(self.charset)
+            last = isinstance(part, Closing)
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            if last:
+                return  # the generator, at its end, is closed by __call__
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stop_when_gone(self, receive: Receive, sending: asyncio.Task[None]) -> None:
         # A receive that fails says as much as a disconnect: nobody is listening.

@@ -11,7 +11,7 @@ from typing import Any
 
 from chatfleet.serving.api._answers import Answer
 from chatfleet.serving.api._gateway import ROUTE_HEADER, Gateway
-from chatfleet.serving.api._streaming import sse
+from chatfleet.serving.api._streaming import Closing, sse
 from chatfleet.serving.errors import ShuttingDown
 from chatfleet.serving.protocol import TokenLogprob, ToolCall, ToolCallDelta
 
@@ -141,7 +141,7 @@ async def openai_events(
     finally:
         await answer.aclose()
     events.append("data: [DONE]\n\n")
-    yield "".join(events)
+    yield Closing("".join(events))
 
 
 async def generate_events(
@@ -170,4 +170,4 @@ async def generate_events(
         await answer.aclose()
     end = {"finish_reason": finish or answer.finish, "usage": answer.usage_dict()}
     events.append(sse(end, "end_stream"))
-    yield "".join(events)
+    yield Closing("".join(events))
