@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from ray.serve.exceptions import BackPressureError
 
+from chatfleet.serving.api import Metrics
 from chatfleet.serving.app._admission import EngineAdmission, settled
 from chatfleet.serving.app._handles import HandleEngineClient
 from chatfleet.serving.config import ModelConfig
@@ -147,3 +148,33 @@ async def test_a_failed_start_does_not_admit() -> None:
     good: asyncio.Future[str] = loop.create_future()
     good.set_result("batch")
     assert await settled(loop.create_future(), good, GUARD_S)
+
+
+@pytest.mark.parametrize("first_batch", ["comes", "fails", "withdrawn"])
+async def test_a_request_waiting_in_the_replica_counts_as_queued_until_its_first_batch(
+    first_batch: str,
+) -> None:
+    # A request the replica declined on its link (full by its own count) goes through
+    # Serve's router, which takes it at once (it does not count the link's requests),
+    # and then waits in the replica: the ingress's gauge holds it until its first batch.
+    metrics = Metrics()
+    admission = EngineAdmission(ModelConfig(name="m", engine="fake"), metrics)
+
+    def queued() -> float | None:
+        return metrics.registry.get_sample_value("chatfleet_queued_requests", {"model": "m"})
+
+    call = HeldCall(None, RelayAddress("127.0.0.1", 1, "s"), "k")
+    first: asyncio.Future[list[Chunk]] = asyncio.get_running_loop().create_future()
+    call.assignment.set_result(None)  # the router took it at once
+    async for _ in admission.admitted(call, started=first, queued_until=first):  # type: ignore[arg-type]
+        pass
+    assert queued() == 1.0  # admitted by Serve, still waiting in the replica
+    if first_batch == "comes":
+        first.set_result(ANSWER[0])
+    elif first_batch == "fails":
+        first.set_exception(ModelBusy("model m is at capacity"))
+        first.exception()
+    else:
+        first.cancel()
+    await asyncio.sleep(0)  # done callbacks run on the loop
+    assert queued() == 0.0

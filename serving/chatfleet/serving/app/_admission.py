@@ -126,6 +126,7 @@ class EngineAdmission:
         response: DeploymentResponseGenerator[Any],
         replicas: Callable[[], int | None] = lambda: None,
         started: asyncio.Future[Any] | None = None,
+        queued_until: asyncio.Future[Any] | None = None,
     ) -> AsyncGenerator[ModelLoading, None]:
         """Return once a replica took ``response``'s request, first yielding one
         `ModelLoading` if it waits while ``replicas()`` run none; `ModelBusy` or
@@ -135,11 +136,19 @@ class EngineAdmission:
         ``started`` succeeding (the request's first batch, read from the token relay)
         also proves a replica took it: the replica accepts before user code runs. Under
         load the engine's first batch comes in before Serve's word that it accepted
-        (see `settled`), and a client should not wait for the later of the two."""
+        (see `settled`), and a client should not wait for the later of the two.
+
+        ``queued_until``: the request counts as queued until that settles rather than
+        until a replica takes it: a request the replica declined on the link (full by
+        its own count) is taken by Serve's router at once, then waits in the replica."""
         began = time.perf_counter()
         queued = None if self._metrics is None else self._metrics.queued_requests.labels(self.model)
         if queued is not None:
             queued.inc()
+            if queued_until is not None:
+                gauge = queued
+                queued_until.add_done_callback(lambda _: gauge.dec())
+                queued = None
         # Private Ray: the future a streaming handle call resolves once the router
         # assigned it to a replica. Its public iteration waits for that and then for
         # the first message, which would bound the model's time to first token too.

@@ -138,6 +138,7 @@ class HandleEngineClient:
         address = None if self._relay is None else await self._relay.start()
         key = uuid.uuid4().hex
         first: asyncio.Future[list[Chunk]] | None = None
+        declined = False
         wire = WireRequest.of(request)
         if self._alone and self._relay is not None and address is not None:
             # One replica (Serve's router has no choice to make) with a link: the
@@ -149,6 +150,7 @@ class HandleEngineClient:
                     opening = await anext(alone)
                 except Declined:
                     key = uuid.uuid4().hex  # the handle call below, as a new stream
+                    declined = True  # it waits in the replica: queued until its first batch
                 except StopAsyncIteration:
                     return
                 else:
@@ -167,7 +169,10 @@ class HandleEngineClient:
             first = asyncio.ensure_future(anext(source))
         try:
             async for notice in self._admission.admitted(
-                response, self._running_replicas, started=first
+                response,
+                self._running_replicas,
+                started=first,
+                queued_until=first if declined else None,
             ):
                 yield notice
         except BaseException:
