@@ -102,16 +102,17 @@ async def _frozen(obj: object) -> bool:
     return not any(tracked is obj for tracked in gc.get_objects())
 
 
-async def test_the_scheduled_compaction_waits_for_the_heap_to_grow(
+async def test_the_scheduled_compaction_waits_for_the_process_to_grow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A compaction unfreezes and walks the whole heap: 0.7-1.9 s at 10,000 sockets. On
-    # schedule it runs only if the frozen heap grew by a quarter since the last one.
+    # schedule it runs only if resident memory grew by a quarter since the last one (or
+    # since the first freeze): idle sockets are not stopped for nothing.
     from chatfleet.serving.api import _long_lived
 
     calls: list[str] = []
-    frozen = [1000]
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: frozen[0])
+    resident = [100 << 20]
+    monkeypatch.setattr(_long_lived, "_resident_bytes", lambda: resident[0])
     monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("compact"))
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(gc, "collect", lambda *a: 0)
@@ -121,7 +122,9 @@ async def test_the_scheduled_compaction_waits_for_the_heap_to_grow(
         return None
 
     sockets = _long_lived.LongLivedSockets(app, freeze_every=1)  # type: ignore[arg-type]
-    sockets.open = 10
+    sockets._opened()  # the first freeze: memory then is the base
+    assert sockets._refreezing is not None
+    sockets._refreezing.cancel()
 
     def intervals(n: int) -> list[str]:
         calls.clear()
@@ -131,9 +134,11 @@ async def test_the_scheduled_compaction_waits_for_the_heap_to_grow(
             sockets._refreezing.cancel()
         return [c for c in calls if c == "compact"]
 
-    assert intervals(1) == ["compact"]  # the first: nothing to compare with
-    frozen[0] = 1200  # +20 %: idle sockets, a little garbage
-    assert intervals(2) == []
-    frozen[0] = 1300  # +30 % since that compaction
+    assert intervals(2) == []  # idle: nothing grew
+    resident[0] = 120 << 20  # +20 %
+    assert intervals(1) == []
+    resident[0] = 130 << 20  # +30 % since the first freeze
     assert intervals(1) == ["compact"]
-    assert intervals(1) == []  # compared with the heap it left: 1,300
+    assert intervals(2) == []  # compared with what the compaction left: 130 MiB
+    resident[0] = 170 << 20
+    assert intervals(1) == ["compact"]
